@@ -1,0 +1,326 @@
+"""Batched replay of policies on state paths, and Monte-Carlo evaluation.
+
+``replay`` runs any line policy (see :mod:`ttamer_jax.policies`) on recorded or
+sampled per-stage observations and scores it with the *true* per-request losses
+and costs. ``monte_carlo`` samples paths from a cascade in chunks (memory bounded
+by ``chunk_size * n``) and accumulates the statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttamer_jax import validation
+from ttamer_jax._struct import pytree_dataclass
+from ttamer_jax.model import Cascade
+from ttamer_jax.policies import GraphPolicy, StageObservation
+from ttamer_jax.routing import RoutingGraph
+
+
+@pytree_dataclass
+class ReplayResult:
+  """Per-request outcome of running a policy.
+
+  Attributes:
+    stop_stage: ``[N]`` int32 last consulted stage.
+    answer_stage: ``[N]`` int32 stage whose output is returned.
+    loss: ``[N]`` true loss of the answered stage.
+    cost: ``[N]`` total cost of the consulted stages.
+  """
+
+  stop_stage: chex.Array
+  answer_stage: chex.Array
+  loss: chex.Array
+  cost: chex.Array
+
+  def objective(self, lam) -> chex.Array:
+    """``[N]`` per-request ``lam * loss + (1 - lam) * cost``."""
+    return lam * self.loss + (1 - lam) * self.cost
+
+
+# -------------------------------------------------------------- sampling
+def _cdf(probs: chex.Array) -> chex.Array:
+  """Row-wise CDF with the last entry pinned to exactly 1 (no off-the-end draws)."""
+  cdf = jnp.cumsum(probs, axis=-1)
+  cdf = cdf / cdf[..., -1:]
+  return cdf.at[..., -1].set(1.0)
+
+
+def _inverse_cdf(cdf_rows_at, u: chex.Array, num_states: int) -> chex.Array:
+  """First ``t`` with ``cdf[t] > u`` by binary search; ``cdf_rows_at(t)`` gathers
+  ``cdf[row_b, t_b]`` for the batch. Zero-probability states are never drawn."""
+  lo = jnp.zeros(u.shape, jnp.int32)
+  hi = jnp.full(u.shape, num_states - 1, jnp.int32)
+  for _ in range(max(1, math.ceil(math.log2(num_states))) if num_states > 1 else 0):
+    mid = (lo + hi) // 2
+    right = cdf_rows_at(mid) <= u
+    lo = jnp.where(right, mid + 1, lo)
+    hi = jnp.where(right, hi, mid)
+  return lo
+
+
+def sample_states(key: chex.PRNGKey, cascade: Cascade, num_paths: int) -> chex.Array:
+  """``[num_paths, n]`` int32 state paths drawn from the cascade's Markov chain."""
+  return _sample_states(key, cascade, int(num_paths))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _sample_states(key, cascade: Cascade, num_paths: int):
+  n, k = cascade.values.shape
+  keys = jax.random.split(key, n)
+  init_cdf = _cdf(cascade.init)
+  first = _inverse_cdf(lambda t: init_cdf[t], jax.random.uniform(keys[0], (num_paths,)), k)
+  trans_cdf = _cdf(cascade.trans)
+
+  def forward(prev, stage):
+    cdf, stage_key = stage
+    nxt = _inverse_cdf(lambda t: cdf[prev, t], jax.random.uniform(stage_key, (num_paths,)), k)
+    return nxt, nxt
+
+  _, rest = jax.lax.scan(forward, first, (trans_cdf, keys[1:]))
+  return jnp.concatenate([first[None], rest], axis=0).T.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- replay
+def _check_policy_stages(policy, n: int, field: str) -> None:
+  if policy.num_stages != n:
+    raise ValueError(
+        f"{field}: has {n} stages but the policy was built for {policy.num_stages} stages")
+
+
+def replay(policy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
+           preds: Any = None) -> ReplayResult:
+  """Runs ``policy`` on ``N`` requests whose every stage was observed.
+
+  Args:
+    policy: a line policy (see :mod:`ttamer_jax.policies`).
+    states: ``[N, n]`` int discretised state of every request at every stage.
+    losses: ``[N, n]`` true loss of answering request ``r`` with stage ``i``.
+    costs: ``[n]`` or ``[N, n]`` cost of consulting each stage.
+    scores: optional ``[N, n]`` float raw exit scores (for heuristics).
+    preds: optional ``[N, n]`` int exit predictions (for heuristics).
+  """
+  arrays = dict(states=states, losses=losses, costs=costs, scores=scores, preds=preds)
+  if all(validation.is_concrete(a) for a in arrays.values() if a is not None):
+    states_np = validation.as_numpy("states", states, ndim=2, kind="int")
+    num, n = states_np.shape
+    if num < 1:
+      raise ValueError("states: no requests (N = 0)")
+    _check_policy_stages(policy, n, "states")
+    losses_np = validation.as_numpy("losses", losses, ndim=2)
+    validation.check_shape("losses", losses_np, (num, n))
+    validation.check_finite("losses", losses_np)
+    costs_np = validation.as_numpy("costs", costs)
+    if costs_np.shape not in ((n,), (num, n)):
+      raise ValueError(f"costs: expected shape ({n},) or ({num}, {n}), got {costs_np.shape}")
+    validation.check_nonnegative("costs", costs_np)
+    for name, arr in (("scores", scores), ("preds", preds)):
+      if arr is not None:
+        validation.check_shape(name, validation.as_numpy(name, arr, ndim=2), (num, n))
+  num, n = jnp.shape(states)
+  scores = jnp.zeros((num, n)) if scores is None else scores
+  preds = jnp.zeros((num, n), jnp.int32) if preds is None else preds
+  return _replay(policy, jnp.asarray(states, jnp.int32), jnp.asarray(losses),
+                 jnp.asarray(costs), jnp.asarray(scores), jnp.asarray(preds, jnp.int32))
+
+
+@jax.jit
+def _replay(policy, states, losses, costs, scores, preds) -> ReplayResult:
+  num, n = states.shape
+  obs_by_stage = StageObservation(state=states.T, score=scores.T, pred=preds.T)
+
+  def forward(carry, stage_and_obs):
+    policy_carry, active, best, best_stage, stop_stage = carry
+    stage, obs = stage_and_obs
+    if policy.recall:
+      est = policy.estimate(stage, obs)
+      better = active & ((stage == 0) | (est < best))  # ties keep the earlier stage
+      best = jnp.where(better, est, best)
+      best_stage = jnp.where(better, stage, best_stage)
+    policy_carry, stop = policy.step(policy_carry, stage, obs, best)
+    stop = active & (stop | (stage == n - 1))
+    stop_stage = jnp.where(stop, stage, stop_stage)
+    return (policy_carry, active & ~stop, best, best_stage, stop_stage), None
+
+  dtype = losses.dtype
+  init = (policy.initial_carry(num), jnp.ones(num, bool), jnp.full(num, jnp.inf, dtype),
+          jnp.zeros(num, jnp.int32), jnp.zeros(num, jnp.int32))
+  (_, _, _, best_stage, stop_stage), _ = jax.lax.scan(
+      forward, init, (jnp.arange(n, dtype=jnp.int32), obs_by_stage))
+  answer = best_stage if policy.recall else stop_stage
+  rows = jnp.arange(num)
+  cum_costs = jnp.cumsum(jnp.broadcast_to(costs, (num, n)), axis=1)
+  return ReplayResult(stop_stage=stop_stage, answer_stage=answer,
+                      loss=losses[rows, answer], cost=cum_costs[rows, stop_stage])
+
+
+def replay_cascade(policy, cascade: Cascade, states: Any) -> ReplayResult:
+  """Replays ``policy`` on ``states`` scoring with the cascade's own losses and costs."""
+  states = jnp.asarray(states, jnp.int32)
+  losses = cascade.values[jnp.arange(cascade.num_stages)[None, :], states]
+  return replay(policy, states, losses, cascade.costs)
+
+
+# ----------------------------------------------------------- Monte-Carlo
+@pytree_dataclass
+class MonteCarloEstimate:
+  """Monte-Carlo statistics of a policy on a cascade.
+
+  Attributes:
+    objective: ``[]`` mean of ``lam * loss + (1 - lam) * cost``.
+    objective_se: ``[]`` its standard error.
+    loss: ``[]`` mean loss of the answered stage.
+    cost: ``[]`` mean cost.
+    stop_histogram: ``[n]`` fraction of paths stopping after each stage.
+    answer_histogram: ``[n]`` fraction of paths answered by each stage.
+    num_paths: ``[]`` number of sampled paths.
+  """
+
+  objective: chex.Array
+  objective_se: chex.Array
+  loss: chex.Array
+  cost: chex.Array
+  stop_histogram: chex.Array
+  answer_histogram: chex.Array
+  num_paths: chex.Array
+
+
+def monte_carlo(key: chex.PRNGKey, cascade: Cascade, policy, lam, num_paths: int, *,
+                chunk_size: int = 1 << 16) -> MonteCarloEstimate:
+  """Samples ``num_paths`` state paths and evaluates ``policy`` on them.
+
+  Paths are processed ``chunk_size`` at a time (``lax.map``), so memory stays
+  ``O(chunk_size * n)`` for any ``num_paths``. Sums are accumulated in float32
+  per chunk and combined in the result dtype.
+  """
+  validation.check_lam(lam)
+  num_paths = validation.check_positive_int("num_paths", num_paths)
+  chunk_size = validation.check_positive_int("chunk_size", chunk_size)
+  _check_policy_stages(policy, cascade.num_stages, "cascade")
+  chunk = min(chunk_size, num_paths)
+  return _monte_carlo(key, cascade, policy, lam, num_paths, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _monte_carlo(key, cascade, policy, lam, num_paths, chunk):
+  n = cascade.num_stages
+  num_chunks = -(-num_paths // chunk)
+  stages = jnp.arange(n)
+
+  def one_chunk(args):
+    chunk_key, offset = args
+    states = _sample_states(chunk_key, cascade, chunk)
+    losses = cascade.values[stages[None, :], states]
+    res = _replay(policy, states, losses, cascade.costs,
+                  jnp.zeros(states.shape), jnp.zeros(states.shape, jnp.int32))
+    mask = (offset + jnp.arange(chunk)) < num_paths
+    obj = jnp.where(mask, res.objective(lam), 0.0)
+    hist = lambda s: jnp.sum(jax.nn.one_hot(s, n) * mask[:, None], axis=0)
+    return (jnp.sum(obj), jnp.sum(obj * obj), jnp.sum(jnp.where(mask, res.loss, 0.0)),
+            jnp.sum(jnp.where(mask, res.cost, 0.0)), hist(res.stop_stage), hist(res.answer_stage))
+
+  keys = jax.random.split(key, num_chunks)
+  offsets = jnp.arange(num_chunks) * chunk
+  sums = jax.lax.map(one_chunk, (keys, offsets))
+  s1, s2, sl, sc, hs, ha = (jnp.sum(x, axis=0) for x in sums)
+  mean = s1 / num_paths
+  var = jnp.maximum(s2 / num_paths - mean * mean, 0.0) * num_paths / max(num_paths - 1, 1)
+  return MonteCarloEstimate(
+      objective=mean, objective_se=jnp.sqrt(var / num_paths), loss=sl / num_paths,
+      cost=sc / num_paths, stop_histogram=hs / num_paths, answer_histogram=ha / num_paths,
+      num_paths=jnp.asarray(num_paths))
+
+
+# ----------------------------------------------------------------- graphs
+def _walk_graph(policy: GraphPolicy, graph: RoutingGraph, first_state, next_state, true_loss):
+  """Follows ``policy`` from the root for a batch; ``first_state(node)`` and
+  ``next_state(step, edge, node, prev_state)`` supply states; ``true_loss(node,
+  state)`` scores answers. Returns ReplayResult with node ids as stages."""
+  num_nodes = graph.num_nodes
+  entry_nodes = jnp.asarray(graph.entry_nodes, jnp.int32)
+  entry_node = entry_nodes[policy.entry]
+  state = first_state(entry_node)
+  batch = state.shape[0]
+  node = jnp.full((batch,), entry_node, jnp.int32)
+  lookup = jnp.asarray(graph.edge_lookup())
+  best = graph.values[node, state]
+  carry = dict(node=node, state=state, best=best, best_node=node,
+               best_loss=true_loss(node, state), cost=graph.entry_costs[policy.entry] + jnp.zeros(batch),
+               active=jnp.ones(batch, bool), stop_node=node)
+  for step in range(num_nodes):
+    stop, nxt = policy.decide(carry["node"], carry["state"], carry["best"])
+    stop = carry["active"] & stop
+    carry["stop_node"] = jnp.where(stop, carry["node"], carry["stop_node"])
+    moving = carry["active"] & ~stop
+    edge = lookup[carry["node"], jnp.maximum(nxt, 0)]
+    t = next_state(step, jnp.maximum(edge, 0), nxt, carry["state"])
+    loss = graph.values[nxt, t]
+    better = moving & (loss < carry["best"])
+    carry.update(
+        active=moving,
+        cost=carry["cost"] + jnp.where(moving, graph.edge_costs[jnp.maximum(edge, 0)], 0.0),
+        best_node=jnp.where(better, nxt, carry["best_node"]),
+        best_loss=jnp.where(better, true_loss(nxt, t), carry["best_loss"]),
+        best=jnp.where(better, loss, carry["best"]),
+        node=jnp.where(moving, nxt, carry["node"]),
+        state=jnp.where(moving, t, carry["state"]))
+  return ReplayResult(stop_stage=carry["stop_node"], answer_stage=carry["best_node"],
+                      loss=carry["best_loss"], cost=carry["cost"])
+
+
+def simulate_graph(key: chex.PRNGKey, graph: RoutingGraph, policy: GraphPolicy,
+                   num_paths: int) -> ReplayResult:
+  """Samples ``num_paths`` requests routed by ``policy`` (states drawn along the way)."""
+  num_paths = validation.check_positive_int("num_paths", num_paths)
+  if policy.num_nodes != graph.num_nodes:
+    raise ValueError(f"graph: has {graph.num_nodes} nodes but the policy has {policy.num_nodes}")
+  return _simulate_graph(key, graph, policy, num_paths)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _simulate_graph(key, graph, policy, num_paths):
+  k = graph.num_states
+  keys = jax.random.split(key, graph.num_nodes + 1)
+  entry_cdf = _cdf(graph.entry_init[policy.entry])
+  edge_cdf = _cdf(graph.edge_trans)
+
+  def first_state(node):
+    u = jax.random.uniform(keys[0], (num_paths,))
+    return _inverse_cdf(lambda t: entry_cdf[t], u, k)
+
+  def next_state(step, edge, node, prev):
+    u = jax.random.uniform(keys[step + 1], (num_paths,))
+    return _inverse_cdf(lambda t: edge_cdf[edge, prev, t], u, k)
+
+  return _walk_graph(policy, graph, first_state, next_state, lambda node, s: graph.values[node, s])
+
+
+def replay_graph(policy: GraphPolicy, graph: RoutingGraph, states: Any, losses: Any = None) -> ReplayResult:
+  """Replays ``policy`` on traces that observed every node: ``states [N, num_nodes]``
+  and optional true ``losses [N, num_nodes]`` (default: the graph's values)."""
+  states_np = validation.as_numpy("states", states, ndim=2, kind="int")
+  validation.check_shape("states", states_np, (states_np.shape[0], graph.num_nodes))
+  states = jnp.asarray(states_np, jnp.int32)
+  if losses is None:
+    losses = graph.values[jnp.arange(graph.num_nodes)[None, :], states]
+  else:
+    losses_np = validation.as_numpy("losses", losses, ndim=2)
+    validation.check_shape("losses", losses_np, states_np.shape)
+    validation.check_finite("losses", losses_np)
+  return _replay_graph(policy, graph, states, jnp.asarray(losses))
+
+
+@jax.jit
+def _replay_graph(policy, graph, states, losses):
+  rows = jnp.arange(states.shape[0])
+  return _walk_graph(policy, graph,
+                     lambda node: states[:, node],
+                     lambda step, edge, node, prev: states[rows, node],
+                     lambda node, s: losses[rows, node])
