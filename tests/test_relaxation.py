@@ -1,0 +1,186 @@
+"""Soft-min DP convergence and gradients; soft threshold policies and their tuning."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+import ttamer_jax as tj
+from ttamer_jax import relaxation as rx
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_soft_dp_converges_within_stated_bound(seed):
+  c = tj.random_cascade(jax.random.PRNGKey(seed), 5, 4)
+  for lam in (0.3, 0.8):
+    exact_r = float(tj.solve_recall(c, lam).value)
+    exact_nr = float(tj.solve_no_recall(c, lam).value)
+    gaps_r = []
+    for beta in (0.3, 0.1, 0.03, 0.01, 0.001):
+      bound = rx.soft_min_error_bound(5, beta)
+      gap_r = exact_r - float(rx.soft_solve_recall(c, lam, beta))
+      gap_nr = exact_nr - float(rx.soft_solve_no_recall(c, lam, beta))
+      assert -1e-6 <= gap_r <= bound + 1e-6
+      assert -1e-6 <= gap_nr <= bound + 1e-6
+      gaps_r.append(gap_r)
+    assert all(a >= b - 1e-6 for a, b in zip(gaps_r, gaps_r[1:]))  # shrinks as beta -> 0
+    np.testing.assert_allclose(rx.soft_solve_recall(c, lam, 0.0), exact_r, rtol=1e-6)
+    np.testing.assert_allclose(rx.soft_solve_no_recall(c, lam, 0.0), exact_nr, rtol=1e-6)
+
+
+def _brute_consult_probabilities(c, lam):
+  paths, probs = ref.path_probabilities(c)
+  res = tj.replay_cascade(tj.recall_policy(c, lam), c, paths)
+  stop = np.asarray(res.stop_stage)
+  return np.array([np.sum(probs * (stop >= i)) for i in range(c.num_stages)])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cost_gradient_is_envelope_theorem_derivative(seed):
+  with jax.enable_x64(True):
+    c = ref.tiny_cascade(np.random.default_rng(seed), 4, 3)
+    for lam in (0.3, 0.7):
+      consult = _brute_consult_probabilities(c, lam)
+      np.testing.assert_allclose(rx.consult_probabilities(c, lam), consult, atol=1e-12)
+      exact_grad = jax.grad(lambda costs: tj.solve_recall(c.replace(costs=costs), lam).value)(c.costs)
+      np.testing.assert_allclose(exact_grad, (1 - lam) * consult, atol=1e-12)
+      soft_grad = jax.grad(lambda costs: rx.soft_solve_recall(c.replace(costs=costs), lam, 1e-7))(c.costs)
+      np.testing.assert_allclose(soft_grad, (1 - lam) * consult, atol=1e-6)
+
+
+def _central_difference(f, x, h=1e-6):
+  x = np.asarray(x, np.float64)
+  grad = np.zeros_like(x)
+  for idx in itertools.product(*map(range, x.shape)):
+    e = np.zeros_like(x)
+    e[idx] = h
+    grad[idx] = (float(f(jnp.asarray(x + e))) - float(f(jnp.asarray(x - e)))) / (2 * h)
+  return grad
+
+
+@pytest.mark.parametrize("solver", [rx.soft_solve_recall, rx.soft_solve_no_recall])
+def test_soft_dp_gradients_match_finite_differences(solver):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    n, k, lam, beta = 3, 3, 0.6, 0.05
+    values = jnp.asarray(rng.uniform(0, 1, (n, k)))
+    init_logits = jnp.asarray(rng.normal(size=k))
+    trans_logits = jnp.asarray(rng.normal(size=(n - 1, k, k)))
+    costs = jnp.asarray(rng.uniform(0, 0.2, n))
+
+    def value(values=values, init_logits=init_logits, trans_logits=trans_logits, costs=costs):
+      return solver(rx.cascade_from_logits(values, init_logits, trans_logits, costs), lam, beta)
+
+    for name, arg in (("values", values), ("init_logits", init_logits),
+                      ("trans_logits", trans_logits), ("costs", costs)):
+      auto = jax.grad(lambda a: value(**{name: a}))(arg)
+      numeric = _central_difference(lambda a: value(**{name: a}), arg)
+      np.testing.assert_allclose(auto, numeric, rtol=1e-5, atol=1e-8, err_msg=name)
+
+
+def _loop_threshold_objective(t, scores, losses, costs, lam, recall):
+  """Plain loop over samples: first stage with score >= t (last otherwise)."""
+  total = 0.0
+  n = scores.shape[1]
+  for s, l in zip(scores, losses):
+    stop = next((i for i in range(n) if s[i] >= t[i]), n - 1)
+    answer = int(np.argmax(s[:stop + 1])) if recall else stop
+    total += lam * l[answer] + (1 - lam) * costs[:stop + 1].sum()
+  return total / len(scores)
+
+
+@pytest.mark.parametrize("recall", [False, True])
+def test_hard_threshold_objective_matches_loop_and_soft_converges(recall):
+  rng = np.random.default_rng(3)
+  scores = rng.uniform(size=(300, 4)).astype(np.float32)
+  losses = (rng.uniform(size=(300, 4)) < 0.3).astype(np.float32)
+  costs = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
+  t = np.array([0.7, 0.5, 0.6, 0.9], np.float32)
+  hard = float(rx.threshold_objective(t, scores, losses, costs, 0.6, 0, recall=recall))
+  np.testing.assert_allclose(hard, _loop_threshold_objective(t, scores, losses, costs, 0.6, recall),
+                             rtol=1e-5)
+  soft = [float(rx.threshold_objective(t, scores, losses, costs, 0.6, tau, recall=recall,
+                                       answer_tau=tau)) for tau in (1e-3, 1e-5)]
+  assert abs(soft[-1] - hard) < 1e-3 and abs(soft[-1] - hard) <= abs(soft[0] - hard) + 1e-6
+
+
+def test_threshold_on_cascade_equals_enumeration():
+  with jax.enable_x64(True):
+    c = ref.tiny_cascade(np.random.default_rng(5), 4, 3)
+    state_scores = 1.0 - np.asarray(c.values)
+    t = np.array([0.6, 0.5, 0.7, 0.0])
+    lam = 0.7
+    paths, probs = ref.path_probabilities(c)
+    scores = state_scores[np.arange(4)[None, :], paths]
+    losses = np.asarray(c.values)[np.arange(4)[None, :], paths]
+    per_path = np.array([_loop_threshold_objective(t, s[None], l[None], np.asarray(c.costs), lam, False)
+                         for s, l in zip(scores, losses)])
+    np.testing.assert_allclose(rx.threshold_objective_on_cascade(t, state_scores, c, lam, 0),
+                               np.sum(probs * per_path), atol=1e-12)
+
+
+def _confidence_traces(key, c, num):
+  """Traces whose score is the calibrated confidence 1 - values[i, state]."""
+  states = np.asarray(tj.sample_states(key, c, num))
+  losses = np.asarray(c.values)[np.arange(c.num_stages)[None, :], states]
+  return 1.0 - losses, losses
+
+
+@pytest.mark.parametrize("alpha", [4.0, 10.0])
+def test_gap_instance_tuned_thresholds_lose_factor_alpha(alpha):
+  c = tj.gap_instance(alpha)
+  scores, losses = _confidence_traces(jax.random.PRNGKey(0), c, 20_000)
+  tuned = rx.tune_thresholds(jax.random.PRNGKey(1), scores, losses, c.costs, 1.0, steps=100, restarts=4)
+  recall_opt = float(tj.solve_recall(c, 1.0).value)
+  assert float(tuned.hard_objective) >= alpha / 2 * recall_opt
+  # ...and the recall hybrid (same thresholds, answer the most confident exit) closes the gap.
+  hybrid = rx.tune_thresholds(jax.random.PRNGKey(1), scores, losses, c.costs, 1.0, recall=True,
+                              steps=100, restarts=4)
+  assert float(hybrid.hard_objective) <= 1.05 * recall_opt + 1e-3
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_tuned_thresholds_never_beat_exact_recall_optimum(seed):
+  c = tj.random_cascade(jax.random.PRNGKey(seed), 5, 6, cost_scale=0.1)
+  lam = 0.5
+  train_s, train_l = _confidence_traces(jax.random.PRNGKey(10 + seed), c, 5_000)
+  test_s, test_l = _confidence_traces(jax.random.PRNGKey(20 + seed), c, 100_000)
+  recall_opt = float(tj.solve_recall(c, lam).value)
+  for recall in (False, True):
+    tuned = rx.tune_thresholds(jax.random.PRNGKey(seed), train_s, train_l, c.costs, lam,
+                               recall=recall, steps=150, restarts=4)
+    t = jnp.asarray(tuned.thresholds)
+    stop = jnp.asarray(test_s >= t[None, :])
+    stop = stop.at[:, -1].set(True)
+    first = jnp.argmax(stop, axis=1)
+    answer = first if not recall else jnp.asarray([np.argmax(s[:f + 1]) for s, f in zip(test_s, np.asarray(first))])
+    per = lam * test_l[np.arange(len(test_l)), np.asarray(answer)] + (1 - lam) * np.cumsum(
+        np.asarray(c.costs))[np.asarray(first)]
+    se = per.std(ddof=1) / np.sqrt(per.size)
+    assert per.mean() >= recall_opt - 4 * se
+    if not recall:  # exact, no Monte-Carlo error: a threshold rule is a no-recall policy
+      exact = float(rx.threshold_objective_on_cascade(t, 1.0 - c.values, c, lam, 0))
+      assert exact >= float(tj.solve_no_recall(c, lam).value) - 1e-6
+
+
+def test_grid_search_finds_best_single_threshold():
+  rng = np.random.default_rng(0)
+  scores = rng.uniform(size=(500, 3)).astype(np.float32)
+  losses = (rng.uniform(size=(500, 3)) < 1 - scores).astype(np.float32)
+  costs = np.array([0.1, 0.1, 0.1], np.float32)
+  t, obj = rx.grid_search_threshold(scores, losses, costs, 0.5, num_candidates=64)
+  cands = np.quantile(scores.reshape(-1), np.linspace(0, 1, 64))
+  brute = min(_loop_threshold_objective(np.full(3, c), scores, losses, costs, 0.5, False) for c in cands)
+  brute = min(brute, _loop_threshold_objective(np.full(3, np.inf), scores, losses, costs, 0.5, False))
+  np.testing.assert_allclose(obj, brute, rtol=1e-5)
+
+
+def test_bad_beta_and_lam_raise():
+  c = tj.random_cascade(jax.random.PRNGKey(0), 3, 2)
+  with pytest.raises(ValueError, match="beta"):
+    rx.soft_solve_recall(c, 0.5, -1.0)
+  with pytest.raises(ValueError, match="lam"):
+    rx.soft_solve_no_recall(c, 2.0, 0.1)

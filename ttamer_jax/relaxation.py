@@ -1,0 +1,313 @@
+"""Differentiable relaxations (DESIGN.md section 7).
+
+Two families:
+
+* **Soft-min dynamic programming.** The recall and no-recall recursions with each
+  stop-or-continue ``min`` replaced by ``softmin_beta(a, b) = -beta log(e^{-a/beta}
+  + e^{-b/beta})``. ``softmin_beta <= min <= softmin_beta + beta log 2`` and the
+  recursion is 1-Lipschitz, so for a line of ``n`` stages
+
+      0 <= J_exact - J_soft(beta) <= (n - 1) * beta * log 2      (``soft_min_error_bound``)
+
+  and ``J_soft`` is smooth in costs, losses and transition logits: the optimal
+  serving cost becomes a training signal. The bookkeeping ``min(x, lam l)`` of the
+  best-so-far is kept exact: it is not a decision.
+
+* **Soft heuristic policies.** A threshold rule "stop at stage i iff score_i >= t_i"
+  relaxed to ``P(stop at i | reached i) = sigmoid((score_i - t_i) / tau)``; the
+  expected objective over stages is exact given those probabilities, so it is
+  differentiable in the thresholds. A recall variant answers with a soft-argmax
+  (temperature ``answer_tau``) of the consulted exits' scores. ``tune_thresholds``
+  optimises thresholds with optax while annealing ``tau``, and the *hard* policy
+  with the tuned thresholds is what gets reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ttamer_jax import validation
+from ttamer_jax.model import Cascade
+from ttamer_jax.solvers import DEFAULT_PRECISION
+
+
+def softmin(a: chex.Array, b: chex.Array, beta) -> chex.Array:
+  """``-beta * log(exp(-a/beta) + exp(-b/beta))``: a smooth lower bound on ``min(a, b)``."""
+  return -beta * jnp.logaddexp(-a / beta, -b / beta)
+
+
+def soft_min_error_bound(num_stages: int, beta: float) -> float:
+  """Bound on ``J_exact - J_soft``: one softmin per stage boundary, each off by <= beta log 2."""
+  return max(num_stages - 1, 0) * beta * math.log(2.0)
+
+
+def _check(cascade, lam, beta):
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
+  validation.check_lam(lam)
+  if validation.is_concrete(beta):
+    b = np.asarray(beta)
+    if b.ndim != 0 or not np.isfinite(b) or b < 0:
+      raise ValueError(f"beta = {beta!r} must be a finite scalar >= 0")
+
+
+def _choose(a, b, beta):
+  # beta == 0 is the exact DP (jnp.minimum); keeping both under one jitted body means
+  # the exact value and its envelope-theorem gradient come from the same code.
+  return jnp.where(beta > 0, softmin(a, b, jnp.where(beta > 0, beta, 1.0)), jnp.minimum(a, b))
+
+
+def soft_solve_recall(cascade: Cascade, lam, beta, *, extra_costs: Any = None,
+                      precision=DEFAULT_PRECISION) -> chex.Array:
+  """Soft-min value of the recall recursion; ``beta = 0`` gives the exact value.
+
+  The x-grid is every ``values`` entry unsorted (``M = n K``), so each grid row
+  belongs to exactly one (stage, state) and gradients w.r.t. ``values`` land on
+  the entry they came from.
+
+  Args:
+    cascade: the line (its fields may be traced: use inside ``jax.grad``).
+    lam: trade-off weight in [0, 1].
+    beta: soft-min temperature >= 0.
+    extra_costs: optional ``[n]`` unweighted costs added when stage ``i`` is
+      consulted; ``d J / d extra_costs`` at 0 is the probability that the optimal
+      policy consults each stage (envelope theorem), see
+      :func:`consult_probabilities`.
+  """
+  _check(cascade, lam, beta)
+  n = cascade.values.shape[-2]
+  extra = jnp.zeros((n,), cascade.values.dtype) if extra_costs is None else jnp.asarray(extra_costs)
+  return _soft_recall(cascade, lam, jnp.asarray(beta, cascade.values.dtype), extra, precision)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _soft_recall(cascade, lam, beta, extra, precision):
+  values, trans, costs = cascade.values, cascade.trans, cascade.costs
+  n, k = values.shape
+  grid = values.reshape(-1)                                  # [M = nK], unsorted
+  xs = lam * grid
+  rows = jnp.arange(n * k).reshape(n, k)                     # grid row of values[i, s]
+
+  def backward(v_next, stage):
+    t_mat, l_next, r_next, c_next, e_next = stage
+    at_l = v_next[r_next, jnp.arange(k)][None, :]
+    g = jnp.where(grid[:, None] <= l_next[None, :], v_next, at_l)
+    cont = (1 - lam) * c_next + e_next + jnp.einsum("xt,st->xs", g, t_mat, precision=precision)
+    return _choose(xs[:, None], cont, beta), None
+
+  v_last = jnp.broadcast_to(xs[:, None], (n * k, k))
+  v_first, _ = jax.lax.scan(
+      backward, v_last, (trans, values[1:], rows[1:], costs[1:], extra[1:]), reverse=True)
+  v_start = v_first[rows[0], jnp.arange(k)]
+  return (1 - lam) * costs[0] + extra[0] + jnp.dot(cascade.init, v_start, precision=precision)
+
+
+def soft_solve_no_recall(cascade: Cascade, lam, beta, *, precision=DEFAULT_PRECISION) -> chex.Array:
+  """Soft-min value of the no-recall recursion; ``beta = 0`` gives the exact value."""
+  _check(cascade, lam, beta)
+  return _soft_no_recall(cascade, lam, jnp.asarray(beta, cascade.values.dtype), precision)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _soft_no_recall(cascade, lam, beta, precision):
+  values, costs = cascade.values, cascade.costs
+
+  def backward(w_next, stage):
+    t_mat, l_here, c_next = stage
+    cont = (1 - lam) * c_next + jnp.dot(t_mat, w_next, precision=precision)
+    return _choose(lam * l_here, cont, beta), None
+
+  w_first, _ = jax.lax.scan(backward, lam * values[-1], (cascade.trans, values[:-1], costs[1:]),
+                            reverse=True)
+  return (1 - lam) * costs[0] + jnp.dot(cascade.init, w_first, precision=precision)
+
+
+def consult_probabilities(cascade: Cascade, lam) -> chex.Array:
+  """``[n]`` probability that the exact recall-optimal policy consults each stage.
+
+  By the envelope theorem this is the gradient of ``J*`` w.r.t. an unweighted
+  per-stage cost at 0 -- the exact derivative the soft DP's cost gradients approach
+  (``d J* / d c_i = (1 - lam) * consult_probabilities[i]``).
+  """
+  n = cascade.num_stages
+  return jax.grad(lambda e: soft_solve_recall(cascade, lam, 0.0, extra_costs=e))(
+      jnp.zeros((n,), cascade.values.dtype))
+
+
+def cascade_from_logits(values, init_logits, trans_logits, costs) -> Cascade:
+  """A cascade whose distributions are softmaxes of logits (differentiable parameters)."""
+  return Cascade(values=values, init=jax.nn.softmax(init_logits, axis=-1),
+                 trans=jax.nn.softmax(trans_logits, axis=-1), costs=costs)
+
+
+# ------------------------------------------------------------ soft heuristics
+def stop_distribution(stop_probs: chex.Array) -> chex.Array:
+  """``[..., n]`` P(stop exactly at i) from per-stage P(stop | reached); last stage stops."""
+  p = stop_probs.at[..., -1].set(1.0)
+  reach = jnp.cumprod(1.0 - p, axis=-1)
+  reach = jnp.concatenate([jnp.ones_like(reach[..., :1]), reach[..., :-1]], axis=-1)
+  return reach * p
+
+
+def threshold_objective(thresholds: chex.Array, scores: chex.Array, losses: chex.Array,
+                        costs: chex.Array, lam, tau, *, recall: bool = False,
+                        answer_tau=None) -> chex.Array:
+  """Expected objective of "stop at the first stage with score_i >= t_i" on traces.
+
+  Args:
+    thresholds: ``[n]`` (or scalar: one threshold for every stage).
+    scores: ``[N, n]`` confidence per exit (higher = more confident; negate
+      entropies or error estimates).
+    losses: ``[N, n]`` true losses. costs: ``[n]`` or ``[N, n]``.
+    lam: trade-off weight.
+    tau: relaxation temperature; ``0`` gives the hard rule (ties stop).
+    recall: answer with the most confident consulted exit (soft-argmax with
+      temperature ``answer_tau``; hard argmax, earliest on ties, when ``tau == 0``
+      or ``answer_tau`` is None) instead of the last one.
+
+  Returns:
+    ``[]`` mean over samples of ``lam * loss_answered + (1 - lam) * cost``.
+  """
+  thresholds = jnp.broadcast_to(thresholds, scores.shape[-1:])
+  if isinstance(tau, (int, float)) and tau == 0:
+    p = (scores >= thresholds).astype(scores.dtype)
+  else:
+    p = jax.nn.sigmoid((scores - thresholds) / tau)
+  stop = stop_distribution(p)                                   # [N, n]
+  cum_cost = jnp.cumsum(jnp.broadcast_to(costs, scores.shape), axis=-1)
+  if recall:
+    answer = _recalled_loss(scores, losses, None if (isinstance(tau, (int, float)) and tau == 0)
+                            else answer_tau)
+  else:
+    answer = losses
+  return jnp.mean(jnp.sum(stop * (lam * answer + (1 - lam) * cum_cost), axis=-1))
+
+
+def _recalled_loss(scores, losses, answer_tau):
+  """``[N, n]`` loss answered when stopping at i: the most confident of exits 0..i."""
+  n = scores.shape[-1]
+  mask = jnp.tril(jnp.ones((n, n), bool))                         # [stop i, exit j<=i]
+  s = jnp.where(mask, scores[..., None, :], -jnp.inf)             # [N, n, n]
+  if answer_tau is None:
+    best = jnp.argmax(s, axis=-1)                                 # earliest on ties
+    return jnp.take_along_axis(losses, best, axis=-1)
+  w = jax.nn.softmax(s / answer_tau, axis=-1)
+  return jnp.sum(w * losses[..., None, :], axis=-1)
+
+
+def threshold_objective_on_cascade(thresholds: chex.Array, state_scores: chex.Array,
+                                   cascade: Cascade, lam, tau) -> chex.Array:
+  """Exact expected objective of a (soft) no-recall threshold rule on a cascade.
+
+  ``state_scores [n, K]`` is the confidence the rule reads in each (stage, state);
+  one forward pass of the chain with the continuing mass:
+  ``m_{i+1} = (m_i * (1 - p_i)) @ trans_i``.
+  """
+  n, _ = cascade.values.shape
+  thresholds = jnp.broadcast_to(thresholds, (n,))
+  if isinstance(tau, (int, float)) and tau == 0:
+    p = (state_scores >= thresholds[:, None]).astype(state_scores.dtype)
+  else:
+    p = jax.nn.sigmoid((state_scores - thresholds[:, None]) / tau)
+  p = p.at[-1].set(1.0)
+  cum_cost = jnp.cumsum(cascade.costs)
+  total = jnp.zeros((), cascade.values.dtype)
+  mass = cascade.init
+  for i in range(n):
+    stage_obj = lam * cascade.values[i] + (1 - lam) * cum_cost[i]
+    total = total + jnp.dot(mass * p[i], stage_obj)
+    if i < n - 1:
+      mass = jnp.dot(mass * (1 - p[i]), cascade.trans[i], precision=DEFAULT_PRECISION)
+  return total
+
+
+# ----------------------------------------------------------------- tuning
+@chex.dataclass(frozen=True)
+class TuningResult:
+  """Outcome of :func:`tune_thresholds`.
+
+  Attributes:
+    thresholds: ``[n]`` best thresholds (by the *hard* objective on the tuning data).
+    hard_objective: ``[]`` hard objective of ``thresholds`` on the tuning data.
+    restart_thresholds: ``[R, n]`` final thresholds of every restart.
+    restart_hard_objectives: ``[R]`` their hard objectives.
+    soft_curve: ``[R, steps]`` soft objective along the optimisation.
+  """
+
+  thresholds: chex.Array
+  hard_objective: chex.Array
+  restart_thresholds: chex.Array
+  restart_hard_objectives: chex.Array
+  soft_curve: chex.Array
+
+
+def tune_thresholds(key: chex.PRNGKey, scores, losses, costs, lam, *, recall: bool = False,
+                    shared: bool = False, restarts: int = 8, steps: int = 300,
+                    learning_rate: float = 0.05, tau_start: float = 0.1, tau_end: float = 1e-3,
+                    answer_tau: float = 0.02) -> TuningResult:
+  """Gradient-tunes per-stage (or one shared) thresholds on traces with optax.
+
+  Scores are standardised per stage internally so one learning rate fits any
+  scale. Each restart starts from thresholds at random per-stage quantiles of the
+  scores; Adam runs ``steps`` steps while ``tau`` anneals geometrically from
+  ``tau_start`` to ``tau_end`` (in standardised units). The hard policy of every
+  restart is then evaluated and the best kept.
+  """
+  scores = jnp.asarray(scores, jnp.float32)
+  losses = jnp.asarray(losses, jnp.float32)
+  costs = jnp.asarray(costs, jnp.float32)
+  restarts = validation.check_positive_int("restarts", restarts)
+  steps = validation.check_positive_int("steps", steps)
+  validation.check_lam(lam)
+  n = scores.shape[-1]
+  mu, sd = scores.mean(0), scores.std(0) + 1e-6
+  z = (scores - mu) / sd
+  quantiles = jax.random.uniform(key, (restarts, 1 if shared else n), minval=0.05, maxval=0.95)
+  sorted_z = jnp.sort(z, axis=0)                                   # [N, n]
+  rows = (quantiles * (z.shape[0] - 1)).astype(jnp.int32)
+  init = jnp.take_along_axis(sorted_z.T[None] if not shared else sorted_z.T[None, :1],
+                             rows[..., None], axis=-1)[..., 0]      # [R, n or 1]
+  taus = jnp.geomspace(tau_start, tau_end, steps)
+  tx = optax.adam(learning_rate)
+
+  def soft(t, tau):
+    return threshold_objective(t, z, losses, costs, lam, tau, recall=recall, answer_tau=answer_tau)
+
+  def run(t0):
+    def step(carry, tau):
+      t, opt_state = carry
+      value, grad = jax.value_and_grad(soft)(t, tau)
+      updates, opt_state = tx.update(grad, opt_state, t)
+      return (optax.apply_updates(t, updates), opt_state), value
+
+    (t, _), curve = jax.lax.scan(step, (t0, tx.init(t0)), taus)
+    return t, curve
+
+  final_z, curves = jax.jit(jax.vmap(run))(init)
+  hard = jax.vmap(lambda t: threshold_objective(t, z, losses, costs, lam, 0, recall=recall))(final_z)
+  final = jnp.broadcast_to(final_z, (restarts, n)) * sd + mu        # back to raw score units
+  best = jnp.argmin(hard)
+  return TuningResult(thresholds=final[best], hard_objective=hard[best], restart_thresholds=final,
+                      restart_hard_objectives=hard, soft_curve=curves)
+
+
+def grid_search_threshold(scores, losses, costs, lam, *, recall: bool = False,
+                          num_candidates: int = 256) -> tuple[chex.Array, chex.Array]:
+  """Best single threshold over ``num_candidates`` score quantiles (plus +inf: never
+  stop early). Returns ``(threshold, hard objective)``."""
+  scores = jnp.asarray(scores, jnp.float32)
+  candidates = jnp.quantile(scores.reshape(-1), jnp.linspace(0.0, 1.0, num_candidates))
+  candidates = jnp.concatenate([candidates, jnp.array([jnp.inf])])
+  objs = jax.vmap(lambda t: threshold_objective(t, scores, jnp.asarray(losses, jnp.float32),
+                                                jnp.asarray(costs, jnp.float32), lam, 0,
+                                                recall=recall))(candidates)
+  best = jnp.argmin(objs)
+  return candidates[best], objs[best]
