@@ -289,7 +289,7 @@ def aggregation_report(cascade: Cascade, lam, num_meta: Sequence[int] = (25, 50,
   from ttamer_jax.evaluation import policy_metrics
   from ttamer_jax.solvers import solve_recall
 
-  exact = float(solve_recall(cascade, lam).value)
+  exact = float(solve_recall(cascade, lam, aggregate_above=None).value)
   qs = list(num_meta)
   try:
     from tqdm.auto import tqdm

@@ -1,0 +1,93 @@
+"""Smoke test of scripts/bench.py: its references and correctness checks at tiny
+sizes (timings are measured but never asserted)."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import ttamer_jax as tj
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "scripts", "bench.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TINY = dict(numpy_k=[4, 6], mdp_k=[3, 4], sweep_k=[4], sweep_sizes=[1, 16], loop_cap=4,
+            mc_k=4, mc_paths=[4000], mc_numpy_cap=4000, max_round_s=0.2,
+            profile_cases=((8, True),))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_numpy_recursion_matches_solver(shared):
+  c = bench.bench_cascade(3, 5, 7, shared)
+  arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+  for lam in (0.0, 0.37, 1.0):
+    assert bench.agree(float(tj.solve_recall(c, lam).value),
+                       float(bench.numpy_solve_recall(*arrays, lam)))
+
+
+def test_explicit_mdp_generic_backward_induction_matches_solver():
+  pytest.importorskip("scipy")
+  c = bench.bench_cascade(4, 4, 3, False)
+  arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+  for lam in (0.2, 0.8):
+    p, r, start, horizon = bench.explicit_mdp(*arrays, lam)
+    v = np.zeros(r.shape[0])
+    for _ in range(horizon):  # backward induction written out, independent of mdp_solver()
+      v = np.maximum(r[:, 0] + p[0] @ v, r[:, 1] + p[1] @ v)
+    assert bench.agree(float(tj.solve_recall(c, lam).value), start(v))
+
+
+def test_pymdptoolbox_finite_horizon_matches_solver():
+  pytest.importorskip("mdptoolbox")
+  label, solve = bench.mdp_solver()
+  assert label == "pymdptoolbox FiniteHorizon"
+  c = bench.bench_cascade(5, 4, 3, True)
+  arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+  p, r, start, horizon = bench.explicit_mdp(*arrays, 0.6)
+  assert bench.agree(float(tj.solve_recall(c, 0.6).value), start(solve(p, r, horizon)))
+
+
+def test_benchmark_sections_pass_their_checks_at_tiny_sizes():
+  checks = bench.Checks()
+  rows = bench.bench_numpy(TINY, 4, 1, checks)
+  assert [r["K"] for r in rows if r["kind"] == "one solve"] == TINY["numpy_k"]
+  if importlib.util.find_spec("scipy") is not None:
+    rows, label = bench.bench_mdp(TINY, 4, 1, checks)
+    assert len(rows) == 2 and all(r["max_abs_diff"] <= 1e-5 for r in rows)
+  rows = bench.bench_sweep(TINY, 4, 1, checks)
+  assert {(r["instances"], r["lams"]) for r in rows} == {(1, 1), (1, 16), (4, 4)}
+  bench.bench_mc(TINY, 4, 1, checks)
+  bench.bench_profile(TINY, 4, checks)
+  failed = [c for c in checks.items if not c["ok"]]
+  assert not failed, failed
+  names = " ".join(c["check"] for c in checks.items)
+  for expected in ("numpy recursion agrees", "sweep agrees", "Monte-Carlo within 4 SE",
+                   "no f64 array ops", "no recompilation", "gathers fused", "donates"):
+    assert expected in names
+
+
+def test_gpu_mode_code_path_runs_on_cpu_and_writes_json(tmp_path):
+  out = tmp_path / "bench.json"
+  code = bench.main(["--gpu", "--quick", "--sections", "numpy,memory", "--repeats", "1",
+                     "--out", str(out)])
+  assert code == 0
+  results = json.loads(out.read_text())
+  assert results["mode"] == "gpu_quick" and results["checks"]
+  assert all(c["ok"] for c in results["checks"])
+  mem = results["memory"]
+  assert {r["K"] for r in mem} == {64, 256}
+  # O(M K): the temporaries are a few tables, independent of n.
+  assert all(r["temp_over_one_table"] < 6 for r in mem)
+  assert jax.default_backend() == "cpu"
+
+
+def test_require_gpu_fails_clearly_without_one(capsys):
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  assert bench.main(["--require-gpu", "--sections", "memory"]) == 2
+  assert "--require-gpu" in capsys.readouterr().err
