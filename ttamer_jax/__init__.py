@@ -1,6 +1,7 @@
 """ttamer_jax: provably optimal exit-and-routing policies for cascaded and early-exit serving."""
 
 from ttamer_jax import model, sweep  # modules; sweep.sweep is the sharded solver sweep
+from ttamer_jax import nn, profiling, serving, training, workloads
 from ttamer_jax.model import Cascade, demo_cascade, gap_instance, iid_cascade, random_cascade
 from ttamer_jax.policies import (GraphPolicy, NoRecallPolicy, RecallPolicy, StageObservation,
                                  graph_policy, no_recall_policy, recall_policy)
@@ -32,5 +33,10 @@ from ttamer_jax.frontier import (FrontierGap, SweepResult, confidence_grid, entr
 from ttamer_jax.slo import (MixturePolicy, SLOPolicy, SLOReport, evaluate_slo, least_cost_policy,
                             least_error_policy)
 from ttamer_jax.policy_io import POLICY_FORMAT_VERSION, load_policy, save_policy
+
+from ttamer_jax.nn import EarlyExitCNN, EarlyExitMLP, EarlyExitTransformer
+from ttamer_jax.training import TrainConfig, load_checkpoint, save_checkpoint, train
+from ttamer_jax.profiling import collect_traces
+from ttamer_jax.serving import ServeResult, Server, serve
 
 __version__ = "0.1.0"
