@@ -1,0 +1,79 @@
+"""The end-to-end pipeline: traces -> fitted policy -> comparison -> operating points."""
+
+import numpy as np
+import pytest
+
+import ttamer_jax as tj
+from ttamer_jax import pipeline as P
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+  return P.prepare("synthetic", seed=0, quick=True)
+
+
+def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
+  lams = np.array([0.0, 0.4, 0.9, 1.0])
+  sweep = P.hindsight_sweep(synthetic.test, lams)
+  for i, lam in enumerate(lams):
+    oracle = tj.hindsight_policy(synthetic.test.losses, synthetic.test.costs, lam)
+    res = tj.replay_traces(oracle, synthetic.test)
+    np.testing.assert_allclose(sweep.error[i], np.asarray(res.loss).mean(), rtol=1e-6)
+    np.testing.assert_allclose(sweep.cost[i], np.asarray(res.cost).mean(), rtol=1e-5)
+
+
+def test_comparison_on_the_overthinking_workload(synthetic):
+  comp = P.compare_policies(synthetic.calibration, synthetic.test, num_states=8)
+  assert set(comp.test) == {"recall", "no_recall", "confidence", "per_stage", "entropy",
+                            "patience", "fixed_exit", "hindsight"}
+  for name, res in comp.test.items():
+    assert res.param.shape == comp.calibration[name].param.shape
+  # The oracle bounds every deployable policy at every lam.
+  hind = comp.test["hindsight"]
+  rec = comp.test["recall"]
+  lam = comp.lams
+  assert np.all(hind.objective(lam) <= rec.objective(lam) + 1e-9)
+  # Recall beats no-recall where over-thinking bites (high lam), on held-out data.
+  rows = {r["lam"]: r for r in P.objectives_at(comp, [0.97])}
+  assert rows[0.97]["recall"] < rows[0.97]["no_recall"]
+  points = {r["policy"]: r for r in P.operating_points(comp, tolerance=0.01)}
+  fixed = points["fixed_exit"]
+  # Always answering with the last exit qualifies by definition and costs the full model.
+  assert fixed["frontier_cost"] is not None and fixed["frontier_cost"] <= 1.0 + 1e-6  # float32 costs
+  text = P.format_operating_points(list(points.values()), comp.full_error)
+  assert "| recall |" in text
+
+
+def test_operating_points_choose_on_calibration_and_report_test():
+  res = lambda err, cost: tj.SweepResult(param=np.array([1.0, 2.0, 3.0]), error=np.array(err),
+                                         cost=np.array(cost), cost_norm=np.array(cost),
+                                         stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
+  comp = P.PolicyComparison(fitted=None, lams=np.array([0.5]),
+                            calibration={"a": res([0.30, 0.105, 0.10], [0.2, 0.5, 1.0])},
+                            test={"a": res([0.30, 0.125, 0.09], [0.25, 0.55, 1.0])},
+                            full_error={"calibration": 0.10, "test": 0.10})
+  (row,) = P.operating_points(comp, tolerance=0.01)
+  assert row["chosen_param"] == 2.0 and row["chosen_cost"] == 0.55 and row["chosen_error"] == 0.125
+  assert row["frontier_cost"] == 1.0 and row["frontier_error"] == 0.09
+
+
+def test_prepare_and_compare_reject_bad_arguments(synthetic):
+  with pytest.raises(ValueError, match="workload"):
+    P.prepare("imagenet")
+  with pytest.raises(ValueError, match="score: traces have no signal 'nope'"):
+    P.compare_policies(synthetic.calibration, synthetic.test, score="nope")
+  with pytest.raises(ValueError, match="lam"):
+    P.hindsight_sweep(synthetic.test, [1.5])
+
+
+def test_digits_pipeline_quick(tmp_path):
+  prep = P.prepare("digits", seed=0, quick=True, cache_dir=str(tmp_path), progress=False)
+  assert prep.calibration.num_stages == 4 and prep.test.num_samples > 300
+  np.testing.assert_allclose(np.sum(prep.calibration.costs), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(prep.test.costs, prep.calibration.costs)
+  assert prep.info["checkpoint"] and (tmp_path / prep.info["checkpoint"].split("/")[-1]).exists()
+  again = P.prepare("digits", seed=0, quick=True, cache_dir=str(tmp_path), progress=False)
+  assert again.info["loaded"]
+  np.testing.assert_array_equal(again.test.preds, prep.test.preds)
+  comp = P.compare_policies(prep.calibration, prep.test, num_states=4, lams=np.linspace(0, 1, 11))
+  assert np.all(np.isfinite(comp.test["recall"].error))
