@@ -184,3 +184,84 @@ def test_bad_beta_and_lam_raise():
     rx.soft_solve_recall(c, 0.5, -1.0)
   with pytest.raises(ValueError, match="lam"):
     rx.soft_solve_no_recall(c, 2.0, 0.1)
+
+
+def test_recall_threshold_on_cascade_matches_policy_metrics_and_enumeration():
+  from ttamer_jax import evaluation
+  with jax.enable_x64(True):
+    c = ref.tiny_cascade(np.random.default_rng(8), 4, 3, ties=True)
+    scores = 1.0 - np.asarray(c.values)
+    lam = 0.6
+    for t in (np.array([0.7, 0.5, 0.6, 0.0]), np.array([2.0, 2.0, 0.1, 0.0])):
+      exact = float(rx.recall_threshold_objective_on_cascade(t, scores, c, lam, 0))
+      # The same rule as a state policy: index +inf where the rule stops, -inf elsewhere.
+      index = np.where(scores >= t[:, None], np.inf, -np.inf)
+      index[-1] = np.inf
+      policy = tj.RecallPolicy(index=jnp.asarray(index), values=c.values, lam=jnp.asarray(lam))
+      m = evaluation.policy_metrics(c, policy)
+      assert abs(exact - (lam * float(m.loss) + (1 - lam) * float(m.cost))) <= 1e-12
+      paths, probs = ref.path_probabilities(c)
+      path_scores = scores[np.arange(4)[None, :], paths]
+      losses = np.asarray(c.values)[np.arange(4)[None, :], paths]
+      per = np.array([_loop_threshold_objective(t, s[None], l[None], np.asarray(c.costs), lam, True)
+                      for s, l in zip(path_scores, losses)])
+      assert abs(exact - np.sum(probs * per)) <= 1e-12
+
+
+def test_cascade_tuning_reaches_exhaustive_optimum_and_never_beats_dp():
+  c = tj.overthinking_cascade(4, 6)
+  scores = 1.0 - np.asarray(c.values)
+  lam = 0.9
+  recall_opt = float(tj.solve_recall(c, lam).value)
+  no_recall_opt = float(tj.solve_no_recall(c, lam).value)
+  for recall, floor in ((False, no_recall_opt), (True, recall_opt)):
+    _, best = rx.exhaustive_thresholds_on_cascade(c, scores, lam, recall=recall)
+    tuned = rx.tune_thresholds_on_cascade(jax.random.PRNGKey(0), c, scores, lam, recall=recall,
+                                          steps=200, restarts=8)
+    assert float(best) >= floor - 1e-6           # thresholds are policies: never beat the DP
+    assert float(tuned.hard_objective) >= float(best) - 1e-6
+    assert float(tuned.hard_objective) <= float(best) * 1.02 + 1e-6   # tuner finds (near) the best rule
+
+
+def test_batch_serving_cost_is_smooth_and_tracks_the_hard_fit():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(256, 3, 5)) * 3.0, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 5, 256))
+  costs = jnp.asarray([0.2, 0.3, 0.5])
+  value, grad = jax.value_and_grad(lambda z: rx.batch_serving_cost(z, labels, costs, 0.7))(logits)
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+  assert float(jnp.abs(grad).sum()) > 0
+  # The soft fit is a valid cascade, and with hard memberships it equals fit_cascade's
+  # calibrated losses on uniform bins (smoothing 0 on values, shrinkage the same).
+  probs = jax.nn.softmax(logits, -1)
+  conf = probs.max(-1)
+  err = 1.0 - jnp.take_along_axis(probs, labels[:, None, None], -1)[..., 0]
+  soft = rx.soft_fitted_cascade(conf, err, costs, num_bins=4, width=1e-4, smoothing=1e-9)
+  np.testing.assert_allclose(np.asarray(soft.trans).sum(-1), 1.0, rtol=1e-5)
+  bins = np.minimum((np.asarray(conf) * 4).astype(int), 3)
+  for i in range(3):
+    for b in range(4):
+      sel = bins[:, i] == b
+      if sel.sum() > 0:
+        np.testing.assert_allclose(soft.values[i, b], np.asarray(err)[sel, i].mean(), rtol=1e-3)
+
+
+def _serving_cost(logits, labels):
+  return 2.0 * rx.batch_serving_cost(logits, labels, jnp.asarray([0.3, 0.3, 0.4]), 0.8)
+
+
+def test_training_with_the_serving_cost_as_auxiliary_loss():
+  from flax import nnx
+  from ttamer_jax import nn, training
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(128, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 10, 128).astype(np.int32)
+  config = training.TrainConfig(num_steps=6, batch_size=32, learning_rate=1e-2, warmup_steps=1)
+  make = lambda: nn.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
+  plain = training.train(make(), x, y, config, progress=False)
+  assert np.all(plain.aux_loss == 0)
+  model = make()
+  hist = training.train(model, x, y, config, progress=False, aux_loss=_serving_cost)
+  assert np.all(np.isfinite(hist.aux_loss)) and np.all(hist.aux_loss > 0)
+  # The total loss is the plain loss plus the auxiliary term at the same parameters (step 0).
+  np.testing.assert_allclose(hist.loss[0], plain.loss[0] + hist.aux_loss[0], rtol=1e-5)

@@ -1,7 +1,7 @@
 """ttamer_jax: provably optimal exit-and-routing policies for cascaded and early-exit serving."""
 
 from ttamer_jax import model, sweep  # modules; sweep.sweep is the sharded solver sweep
-from ttamer_jax import nn, profiling, serving, training, workloads
+from ttamer_jax import nn, pipeline, plotting, profiling, relaxation, serving, training, workloads
 from ttamer_jax.model import Cascade, demo_cascade, gap_instance, iid_cascade, random_cascade
 from ttamer_jax.policies import (GraphPolicy, NoRecallPolicy, RecallPolicy, StageObservation,
                                  graph_policy, no_recall_policy, recall_policy)

@@ -229,6 +229,110 @@ def threshold_objective_on_cascade(thresholds: chex.Array, state_scores: chex.Ar
   return total
 
 
+def recall_threshold_objective_on_cascade(thresholds: chex.Array, state_scores: chex.Array,
+                                          cascade: Cascade, lam, tau) -> chex.Array:
+  """Exact expected objective of the (soft) recall-threshold hybrid on a cascade.
+
+  The hybrid stops at stage ``i`` in state ``s`` with probability
+  ``sigmoid((state_scores[i, s] - t_i) / tau)`` (hard ``>=`` when ``tau == 0``) and
+  answers with the consulted stage of least modelled loss (``values``; ties keep
+  the earlier stage) -- a threshold rule that *recalls*. The forward pass carries
+  the mass of (which (stage, state) is the best so far, current state): an
+  ``[n K, K]`` table, one ``[nK, K] @ [K, K]`` product per stage.
+  """
+  values = cascade.values
+  n, k = values.shape
+  thresholds = jnp.broadcast_to(thresholds, (n,))
+  if isinstance(tau, (int, float)) and tau == 0:
+    p = (state_scores >= thresholds[:, None]).astype(values.dtype)
+  else:
+    p = jax.nn.sigmoid((state_scores - thresholds[:, None]) / tau)
+  p = p.at[-1].set(1.0)
+  grid = values.reshape(-1)                                       # row i*K+s <-> (i, s)
+  rows = jnp.arange(n * k).reshape(n, k)
+  cum_cost = jnp.cumsum(cascade.costs)
+  mass = jnp.zeros((n * k, k), values.dtype).at[rows[0], jnp.arange(k)].set(cascade.init)
+  total = jnp.zeros((), values.dtype)
+  for i in range(n):
+    total = total + jnp.sum(mass * p[i][None, :] * (lam * grid[:, None] + (1 - lam) * cum_cost[i]))
+    if i < n - 1:
+      flow = jnp.dot(mass * (1 - p[i])[None, :], cascade.trans[i], precision=DEFAULT_PRECISION)
+      keep = grid[:, None] <= values[i + 1][None, :]              # old best stays best
+      moved = jnp.sum(jnp.where(keep, 0.0, flow), axis=0)         # [K] new stage is the best
+      mass = jnp.where(keep, flow, 0.0).at[rows[i + 1], jnp.arange(k)].add(moved)
+  return total
+
+
+def tune_thresholds_on_cascade(key: chex.PRNGKey, cascade: Cascade, state_scores: Any, lam, *,
+                               recall: bool = False, restarts: int = 8, steps: int = 300,
+                               learning_rate: float = 0.05, tau_start: float = 0.1,
+                               tau_end: float = 1e-3) -> TuningResult:
+  """:func:`tune_thresholds` with the exact expectation on a cascade instead of traces.
+
+  ``state_scores [n, K]`` is the confidence a threshold rule reads in each (stage,
+  state); the objective is :func:`threshold_objective_on_cascade` (no recall) or
+  :func:`recall_threshold_objective_on_cascade` (recall hybrid), so the reported
+  hard objective has no sampling error.
+  """
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
+  validation.check_lam(lam)
+  restarts = validation.check_positive_int("restarts", restarts)
+  steps = validation.check_positive_int("steps", steps)
+  scores = jnp.asarray(state_scores, cascade.values.dtype)
+  if scores.shape != cascade.values.shape:
+    raise ValueError(f"state_scores: expected shape {cascade.values.shape}, got {scores.shape}")
+  objective = recall_threshold_objective_on_cascade if recall else threshold_objective_on_cascade
+  mu, sd = scores.mean(1), scores.std(1) + 1e-6
+  z = (scores - mu[:, None]) / sd[:, None]
+  n = z.shape[0]
+  init = jax.random.uniform(key, (restarts, n), minval=-1.5, maxval=1.5)
+  taus = jnp.geomspace(tau_start, tau_end, steps)
+  tx = optax.adam(learning_rate)
+
+  def run(t0):
+    def step(carry, tau):
+      t, opt_state = carry
+      value, grad = jax.value_and_grad(lambda t: objective(t, z, cascade, lam, tau))(t)
+      updates, opt_state = tx.update(grad, opt_state, t)
+      return (optax.apply_updates(t, updates), opt_state), value
+
+    (t, _), curve = jax.lax.scan(step, (t0, tx.init(t0)), taus)
+    return t, curve
+
+  final_z, curves = jax.jit(jax.vmap(run))(init)
+  hard = jax.vmap(lambda t: objective(t, z, cascade, lam, 0))(final_z)
+  final = final_z * sd + mu
+  best = jnp.argmin(hard)
+  return TuningResult(thresholds=final[best], hard_objective=hard[best], restart_thresholds=final,
+                      restart_hard_objectives=hard, soft_curve=curves)
+
+
+def exhaustive_thresholds_on_cascade(cascade: Cascade, state_scores: Any, lam, *,
+                                     recall: bool = False, max_candidates: int = 200_000):
+  """Best hard per-stage thresholds by enumerating every distinct rule.
+
+  A hard rule only depends on which states of each stage pass, i.e. on the rank of
+  ``t_i`` among stage ``i``'s ``K`` scores: ``(K + 1)^(n-1)`` rules (the last stage
+  always stops). Returns ``(thresholds [n], objective)`` or raises ``ValueError``
+  when there are more than ``max_candidates`` rules.
+  """
+  scores = np.asarray(state_scores, np.float64)
+  n, k = scores.shape
+  count = (k + 1) ** (n - 1)
+  if count > max_candidates:
+    raise ValueError(f"state_scores: {count} threshold rules exceed max_candidates = {max_candidates}")
+  levels = [np.concatenate([np.unique(scores[i]), [np.inf]]) for i in range(n - 1)]
+  grids = np.stack(np.meshgrid(*levels, indexing="ij"), -1).reshape(-1, n - 1) if n > 1 else np.zeros((1, 0))
+  cands = np.concatenate([grids, np.full((grids.shape[0], 1), -np.inf)], axis=1)
+  objective = recall_threshold_objective_on_cascade if recall else threshold_objective_on_cascade
+  z = jnp.asarray(scores, cascade.values.dtype)
+  objs = jax.jit(jax.vmap(lambda t: objective(t, z, cascade, lam, 0)))(
+      jnp.asarray(cands, cascade.values.dtype))
+  best = int(jnp.argmin(objs))
+  return cands[best], objs[best]
+
+
 # ----------------------------------------------------------------- tuning
 @chex.dataclass(frozen=True)
 class TuningResult:
@@ -311,3 +415,53 @@ def grid_search_threshold(scores, losses, costs, lam, *, recall: bool = False,
                                                 recall=recall))(candidates)
   best = jnp.argmin(objs)
   return candidates[best], objs[best]
+
+
+# ------------------------------------------------------- training-loop surrogate
+def soft_fitted_cascade(confidence: chex.Array, error: chex.Array, costs: chex.Array, *,
+                        num_bins: int = 8, width: float | None = None,
+                        smoothing: float = 1.0) -> Cascade:
+  """A cascade fitted to one batch with *soft* bin memberships (differentiable).
+
+  Each request's confidence at each exit is spread over ``num_bins`` bins on
+  ``[0, 1]`` with Gaussian memberships of ``width`` (default: one bin width); the
+  fit then mirrors :func:`ttamer_jax.fit_cascade`: calibrated loss per (exit, bin)
+  = membership-weighted mean ``error`` (shrunk to the exit's mean by ``smoothing``
+  pseudo-requests), and ``init``/``trans`` = Laplace-smoothed soft counts. Every
+  field is a smooth function of ``confidence`` and ``error``.
+
+  Args:
+    confidence: ``[B, n]`` per-exit confidence in ``[0, 1]`` (e.g. max-softmax).
+    error: ``[B, n]`` per-exit loss to calibrate (e.g. ``1 - p(true label)``).
+    costs: ``[n]`` per-stage costs.
+  """
+  centers = (jnp.arange(num_bins) + 0.5) / num_bins
+  width = 1.0 / num_bins if width is None else width
+  q = jax.nn.softmax(-0.5 * ((confidence[..., None] - centers) / width) ** 2, axis=-1)  # [B, n, K]
+  mass = q.sum(0)                                                                        # [n, K]
+  mean_err = error.mean(0)                                                               # [n]
+  values = ((q * error[..., None]).sum(0) + smoothing * mean_err[:, None]) / (mass + smoothing)
+  init = (mass[0] + smoothing) / (mass[0] + smoothing).sum()
+  pairs = jnp.einsum("bis,bit->ist", q[:, :-1], q[:, 1:]) + smoothing                  # [n-1, K, K]
+  trans = pairs / pairs.sum(-1, keepdims=True)
+  return Cascade(values=values, init=init, trans=trans, costs=costs)
+
+
+def batch_serving_cost(logits: chex.Array, labels: chex.Array, costs: chex.Array, lam, *,
+                       beta: float = 0.01, num_bins: int = 8, width: float | None = None,
+                       smoothing: float = 1.0) -> chex.Array:
+  """Differentiable optimal serving cost of an early-exit network on one batch.
+
+  Fits :func:`soft_fitted_cascade` to the batch's exits (confidence = max-softmax,
+  loss = ``1 - p(label)``) and returns its soft-min recall value
+  :func:`soft_solve_recall` at temperature ``beta``: the objective the optimal
+  recall policy would reach if the batch were the calibration set. Use it as an
+  auxiliary training loss. Args: ``logits [B, n, C]``, ``labels [B]``, ``costs [n]``.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)
+  confidence = probs.max(-1)
+  p_true = jnp.take_along_axis(probs, labels[:, None, None].astype(jnp.int32), axis=-1)[..., 0]
+  cascade = soft_fitted_cascade(confidence, 1.0 - p_true, costs, num_bins=num_bins, width=width,
+                                smoothing=smoothing)
+  return _soft_recall(cascade, lam, jnp.asarray(beta, cascade.values.dtype),
+                      jnp.zeros_like(cascade.costs), DEFAULT_PRECISION)

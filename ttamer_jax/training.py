@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import chex
 import jax
@@ -85,6 +85,7 @@ class TrainHistory:
     error_loss: ``[steps, n]`` BCE of each error head (zeros without error heads).
     exit_accuracy: ``[steps, n]`` batch accuracy of each exit.
     seconds: wall time of the whole run, compilation included.
+    aux_loss: ``[steps]`` the auxiliary term (zeros without ``aux_loss``).
   """
 
   loss: np.ndarray
@@ -92,6 +93,7 @@ class TrainHistory:
   error_loss: np.ndarray
   exit_accuracy: np.ndarray
   seconds: float
+  aux_loss: np.ndarray | None = None
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -108,7 +110,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def exit_loss(model: EarlyExitNet, x: chex.Array, y: chex.Array, exit_weights: chex.Array,
-              error_weight: float):
+              error_weight: float, aux_loss: Callable | None = None):
   """Joint loss of all exits on one batch; returns ``(loss, aux)``.
 
   Args:
@@ -117,9 +119,12 @@ def exit_loss(model: EarlyExitNet, x: chex.Array, y: chex.Array, exit_weights: c
     y: ``[B]`` int labels.
     exit_weights: ``[n]`` weights of the exits.
     error_weight: weight of the error-head loss.
+    aux_loss: optional ``(logits [B, n, C], labels [B]) -> []`` added to the loss
+      (e.g. a weighted :func:`ttamer_jax.relaxation.batch_serving_cost`).
 
   Returns:
-    ``loss`` ``[]`` and ``aux = {"ce": [n], "error_bce": [n], "accuracy": [n]}``.
+    ``loss`` ``[]`` and ``aux = {"ce": [n], "error_bce": [n], "accuracy": [n],
+    "aux": []}``.
   """
   out = model(x)
   logits = out.logits  # [B, n, C]
@@ -133,7 +138,8 @@ def exit_loss(model: EarlyExitNet, x: chex.Array, y: chex.Array, exit_weights: c
     bce = optax.sigmoid_binary_cross_entropy(out.error_logits, wrong.astype(out.error_logits.dtype))
     bce = bce.mean(axis=0)
     loss = loss + error_weight * jnp.sum(exit_weights * bce)
-  return loss, dict(ce=ce, error_bce=bce, accuracy=1.0 - wrong.mean(axis=0))
+  extra = jnp.zeros((), loss.dtype) if aux_loss is None else aux_loss(logits, y)
+  return loss + extra, dict(ce=ce, error_bce=bce, accuracy=1.0 - wrong.mean(axis=0), aux=extra)
 
 
 def _check_config(config: TrainConfig, n: int) -> np.ndarray:
@@ -162,11 +168,11 @@ def _cached_optimizer(config: TrainConfig) -> optax.GradientTransformation:
   return make_optimizer(config)
 
 
-@functools.partial(jax.jit, static_argnames=("graph",), donate_argnums=(1,))
-def _train_step(graph, state, x, y, idx, exit_weights, error_weight):
+@functools.partial(jax.jit, static_argnames=("graph", "aux_loss"), donate_argnums=(1,))
+def _train_step(graph, state, x, y, idx, exit_weights, error_weight, aux_loss=None):
   """One AdamW step on the batch ``idx``; ``state`` is the split (network, optimiser)."""
   net, opt = nnx.merge(graph.graphdef, state)
-  loss_fn = lambda m: exit_loss(m, x[idx], y[idx], exit_weights, error_weight)
+  loss_fn = lambda m: exit_loss(m, x[idx], y[idx], exit_weights, error_weight, aux_loss)
   (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(net)
   opt.update(net, grads)
   return nnx.state((net, opt)), (loss, aux)
@@ -193,7 +199,7 @@ def _batch_order(seed: int, num: int, batch_size: int, num_steps: int) -> np.nda
 
 
 def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig(), *,
-          progress: bool = True) -> TrainHistory:
+          progress: bool = True, aux_loss: Callable | None = None) -> TrainHistory:
   """Trains ``model`` in place on ``(x, y)``.
 
   Args:
@@ -202,6 +208,8 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
     y: ``[N]`` int labels.
     config: hyper-parameters and the batch-order seed.
     progress: show a tqdm progress bar.
+    aux_loss: optional extra term ``(logits [B, n, C], labels [B]) -> []`` (a
+      hashable function: it is a static argument of the compiled step).
 
   Returns:
     The :class:`TrainHistory`.
@@ -227,7 +235,7 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
   refresh = max(1, config.num_steps // 50)
   metrics = []
   for t in range(config.num_steps):
-    state, m = _train_step(graph, state, x_dev, y_dev, order[t], weights, error_weight)
+    state, m = _train_step(graph, state, x_dev, y_dev, order[t], weights, error_weight, aux_loss)
     metrics.append(m)
     if bar is not None:
       bar.update(1)
@@ -239,7 +247,8 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
   loss = np.asarray(jnp.stack([m[0] for m in metrics]))
   stacked = {k: np.asarray(jnp.stack([m[1][k] for m in metrics])) for k in metrics[0][1]}
   return TrainHistory(loss=loss, exit_loss=stacked["ce"], error_loss=stacked["error_bce"],
-                      exit_accuracy=stacked["accuracy"], seconds=time.perf_counter() - start)
+                      exit_accuracy=stacked["accuracy"], seconds=time.perf_counter() - start,
+                      aux_loss=stacked["aux"])
 
 
 def exit_accuracy(model: EarlyExitNet, x: Any, y: Any, *, batch_size: int = 512) -> np.ndarray:
