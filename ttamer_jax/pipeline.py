@@ -167,12 +167,13 @@ class PolicyComparison:
 
 def compare_policies(calibration: ExitTraces, test: ExitTraces, *, num_states: int = 8,
                      score: str | None = "max_softmax", confidence_score: str | None = "max_softmax",
-                     entropy_score: str | None = "entropy", lams: Any = None) -> PolicyComparison:
+                     entropy_score: str | None = "entropy", lams: Any = None,
+                     feature: str | None = None, progress: bool = False) -> PolicyComparison:
   """Fits on ``calibration`` and sweeps every policy family on both splits.
 
   Args:
     calibration, test: exit traces of the same stages.
-    num_states: score bins of the fitted cascade.
+    num_states: states of the fitted cascade (score bins, times 2 with ``feature``).
     score: signal the fitted recall / no-recall policies discretise (``None``:
       the primary ``scores``).
     confidence_score: signal the confidence-threshold heuristics compare
@@ -180,6 +181,9 @@ def compare_policies(calibration: ExitTraces, test: ExitTraces, *, num_states: i
     entropy_score: signal of the entropy heuristic (``score <= t``; ``None`` or
       absent: skipped).
     lams: ``lam`` grid (default :func:`default_lams`).
+    feature: categorical feature crossed with the score bins (``"agree_prev"``).
+    progress: a progress bar over (split, family); each family's sweep is one
+      compiled call.
   """
   lams = default_lams() if lams is None else validation.as_numpy("lams", lams, ndim=1)
   signals = dict(calibration.signals or {})
@@ -188,19 +192,35 @@ def compare_policies(calibration: ExitTraces, test: ExitTraces, *, num_states: i
       raise ValueError(f"{name}: traces have no signal {value!r} (have {sorted(signals)})")
   if entropy_score is not None and entropy_score not in signals:
     entropy_score = None
-  fitted = fit_cascade(calibration, num_states, score=score)
-  out = {}
-  for split, traces in (("calibration", calibration), ("test", test)):
-    res = {"recall": frontier.sweep_recall(fitted, traces, lams),
-           "no_recall": frontier.sweep_no_recall(fitted, traces, lams)}
-    res.update(frontier.heuristic_sweeps(calibration, traces, confidence_score=confidence_score,
-                                         entropy_score=entropy_score))
-    res["hindsight"] = hindsight_sweep(traces, lams)
-    out[split] = res
-  full = {split: float(np.asarray(t.losses)[:, -1].mean())
-          for split, t in (("calibration", calibration), ("test", test))}
+  fitted = fit_cascade(calibration, num_states, score=score, feature=feature)
+  families = [
+      ("recall", lambda tr: {"recall": frontier.sweep_recall(fitted, tr, lams)}),
+      ("no-recall", lambda tr: {"no_recall": frontier.sweep_no_recall(fitted, tr, lams)}),
+      ("heuristics", lambda tr: frontier.heuristic_sweeps(
+          calibration, tr, confidence_score=confidence_score, entropy_score=entropy_score)),
+      ("hindsight", lambda tr: {"hindsight": hindsight_sweep(tr, lams)}),
+  ]
+  splits = {"calibration": calibration, "test": test}
+  out = {split: {} for split in splits}
+  jobs = [(split, name, fn) for split in splits for name, fn in families]
+  bar = _progress_bar(jobs, enabled=progress)
+  for split, name, fn in bar:
+    if hasattr(bar, "set_postfix_str"):
+      bar.set_postfix_str(f"{split}: {name}")
+    out[split].update(fn(splits[split]))
+  full = {split: float(np.asarray(t.losses)[:, -1].mean()) for split, t in splits.items()}
   return PolicyComparison(fitted=fitted, lams=lams, calibration=out["calibration"],
                           test=out["test"], full_error=full)
+
+
+def _progress_bar(items, *, enabled: bool):
+  if not enabled:
+    return items
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:
+    return items
+  return tqdm(items, desc="sweep", leave=False)
 
 
 def operating_points(comparison: PolicyComparison, *, tolerance: float = 0.01) -> list[dict]:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from ttamer_jax._io import write_text
 from ttamer_jax import baselines, validation
 from ttamer_jax.discretise import FEATURES, DeployedPolicy, Discretiser
 from ttamer_jax.model import default_float
@@ -155,18 +155,6 @@ def _check_consistent(deployed: DeployedPolicy, where: str) -> tuple[int, int]:
   return n, deployed.discretiser.num_states
 
 
-def _atomic_text(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
 
 
 def sidecar_path(path: str | os.PathLike) -> str:
@@ -207,7 +195,7 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
                 metadata_json=np.asarray(text), edges=np.asarray(deployed.discretiser.edges))
   write_npz_atomic(path, arrays)
   if sidecar:
-    _atomic_text(sidecar_path(path), text + "\n")
+    write_text(sidecar_path(path), text + "\n")
   return meta
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass

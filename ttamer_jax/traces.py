@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from typing import Any, Mapping
 
 import chex
 import jax.numpy as jnp
 import numpy as np
 
+from ttamer_jax._io import atomic_path
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
 
@@ -209,20 +209,9 @@ def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
   payload = dict(arrays)
   payload["checksum_names"] = np.asarray(names, dtype=str)
   payload["checksums"] = np.stack([_digest(k, arrays[k]) for k in names]) if names else np.zeros((0, 32), np.uint8)
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
+  with atomic_path(path, ".npz") as tmp:
+    with open(tmp, "wb") as f:
       np.savez(f, **payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
 
 
 def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:

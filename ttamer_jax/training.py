@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ttamer_jax._io import atomic_path
 from ttamer_jax import validation
 from ttamer_jax.nn import MODELS, EarlyExitNet, StaticGraph, build_model, predict
 
@@ -304,16 +304,9 @@ def save_checkpoint(path: str | os.PathLike, model: EarlyExitNet, *,
     raise ValueError(f"metadata: not JSON-serialisable ({e})") from None
   arrays = {_PARAM_PREFIX + name: np.asarray(leaf) for name, leaf in zip(names, leaves)}
   arrays[_META_KEY] = np.asarray(meta_json)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
+  with atomic_path(path, ".npz") as tmp:
+    with open(tmp, "wb") as f:
       np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _read_checkpoint(path):

@@ -1,0 +1,407 @@
+"""The ``ttamer`` command line, driven as a user drives it.
+
+Every subcommand runs once through a subprocess (``python -m ttamer_jax``, which
+is what the ``ttamer`` console script calls), together with a few bad paths and
+malformed files; the subprocesses are launched side by side in one fixture, since
+each pays for starting Python and JAX. The wider matrix of bad inputs runs
+in-process through ``cli.main(argv)``, which is the same code path minus the
+interpreter start.
+"""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import ttamer_jax as tj
+from ttamer_jax import cli, frontier, pipeline, policy_io
+from ttamer_jax.cascade_io import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
+from ttamer_jax.fitting import fit_cascade
+from ttamer_jax.traces import load_traces, save_traces, write_npz_atomic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ files
+def _synthetic_traces():
+  cascade = frontier.overthinking_cascade(num_stages=4, num_states=8)
+  k_cal, k_test = jax.random.split(jax.random.PRNGKey(0))
+  return (frontier.workload_traces(k_cal, cascade, 1500),
+          frontier.workload_traces(k_test, cascade, 1500))
+
+
+def _flip_payload(src, dst, array):
+  """Copies ``src`` to ``dst`` with one bit flipped inside ``array``'s stored bytes
+  (always detected: zip CRC or SHA-256), so the file must be refused."""
+  raw = bytearray(open(src, "rb").read())
+  data = np.ascontiguousarray(array).tobytes()
+  pos = bytes(raw).find(data)
+  assert pos >= 0, "array bytes not found (compressed archive?)"
+  raw[pos + len(data) // 2] ^= 0x10
+  open(dst, "wb").write(bytes(raw))
+
+
+def _make_files(root):
+  cal, test = _synthetic_traces()
+  f = {k: os.path.join(root, v) for k, v in dict(
+      cal="cal.npz", test="test.npz", cascade="cascade.npz", policy="policy.npz",
+      truncated="truncated.npz", flipped_traces="flipped_traces.npz",
+      flipped_cascade="flipped_cascade.npz", flipped_policy="flipped_policy.npz",
+      text="notes.npz", empty="empty.npz", missing="missing.npz",
+      three_stages="three_stages.npz", future="future.npz", bad_rows="bad_rows.npz").items()}
+  save_traces(f["cal"], cal)
+  save_traces(f["test"], test)
+  cascade = tj.demo_cascade(4, 6)
+  save_cascade(f["cascade"], cascade)
+  fitted = fit_cascade(cal, 8, score="max_softmax")
+  policy_io.save_policy(f["policy"], fitted.recall_policy(0.9))
+  raw = open(f["test"], "rb").read()
+  open(f["truncated"], "wb").write(raw[: len(raw) // 2])
+  _flip_payload(f["test"], f["flipped_traces"], np.asarray(test.losses))
+  _flip_payload(f["cascade"], f["flipped_cascade"], np.asarray(cascade.trans))
+  _flip_payload(f["policy"], f["flipped_policy"], np.asarray(fitted.recall_policy(0.9).policy.index))
+  open(f["text"], "w").write("not an archive\n")
+  open(f["empty"], "wb").close()
+  save_traces(f["three_stages"], tj.ExitTraces(
+      scores=test.scores[:100, :3], preds=test.preds[:100, :3], losses=test.losses[:100, :3],
+      costs=test.costs[:3], signals={k: v[:100, :3] for k, v in test.signals.items()}))
+  arrays = {k: np.asarray(getattr(cascade, k)) for k in ("values", "init", "trans", "costs")}
+  write_npz_atomic(f["future"], dict(arrays, kind=np.asarray("ttamer_jax.Cascade"),
+                                     format_version=np.asarray(CASCADE_FORMAT_VERSION + 1)))
+  bad = dict(arrays)
+  bad["trans"] = bad["trans"].copy()
+  bad["trans"][1, 2, 0] += 0.5  # row no longer sums to 1
+  write_npz_atomic(f["bad_rows"], dict(bad, kind=np.asarray("ttamer_jax.Cascade"),
+                                       format_version=np.asarray(CASCADE_FORMAT_VERSION)))
+  return f
+
+
+def _env(cache):
+  env = dict(os.environ, TTAMER_CACHE=cache, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+  return env
+
+
+def _ttamer(argv, env, cwd):
+  return subprocess.run([sys.executable, "-m", "ttamer_jax", *argv], capture_output=True, text=True,
+                        env=env, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """Input files, and every subprocess run of this module (three at a time)."""
+  root = str(tmp_path_factory.mktemp("cli"))
+  f = _make_files(root)
+  out = lambda name: os.path.join(root, name)
+  runs = {
+      "demo": ["demo", "--quick", "--out", out("demo")],
+      "fit": ["fit", f["cal"], "--states", "6", "--out", out("fit.npz"), "--cascade-out",
+              out("fit_cascade.npz"), "--json"],
+      "evaluate": ["evaluate", f["policy"], f["test"], "--resamples", "200", "--json"],
+      "sweep": ["sweep", f["test"], "--calibration", f["cal"], "--lam", "0:1:21", "--plot",
+                out("sweep.png"), "--json"],
+      "solve": ["solve", f["cascade"], "--lam", "0.3", "--plot", out("index.png")],
+      "bench": ["bench", "--sections", "numpy", "--repeats", "1", "--out", out("bench.json"),
+                "--json"],
+      # bad paths and malformed files: exit 2, one line, nothing written
+      "fit_missing": ["fit", f["missing"], "--out", out("never1.npz")],
+      "evaluate_truncated": ["evaluate", f["policy"], f["truncated"], "--json"],
+      "solve_flipped": ["solve", f["flipped_cascade"], "--lam", "0.3", "--plot", out("never2.png")],
+      "sweep_bad_lam": ["sweep", f["test"], "--lam", "0:2:5", "--plot", out("never3.png")],
+  }
+  cache = tmp_path_factory.getbasetemp() / "ttamer_cache"  # shared with test_notebooks.py
+  cache.mkdir(exist_ok=True)
+  env = _env(str(cache))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+    # The demo first: it is the longest.
+    futures = {name: pool.submit(_ttamer, argv, env, root) for name, argv in runs.items()}
+    results = {name: fut.result() for name, fut in futures.items()}
+  return dict(files=f, root=root, out=out, runs=results, cache=str(cache))
+
+
+def _ok(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  return proc
+
+
+def _bad(proc, *fragments):
+  assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stdout == ""
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  return lines[0]
+
+
+def _png(path):
+  assert open(path, "rb").read(8) == PNG_MAGIC
+  import matplotlib.image
+  image = matplotlib.image.imread(path)
+  assert image.shape[0] > 200 and image.shape[1] > 300
+
+
+# ------------------------------------------------------------------ subprocess runs
+def test_demo_writes_every_artefact_and_prints_the_comparison(world):
+  proc = _ok(world["runs"]["demo"])
+  d = world["out"]("demo")
+  expected = {"pareto.png", "index_heatmap.png", "exit_histograms.png", "policy.npz", "policy.json",
+              "calibration_traces.npz", "test_traces.npz", "cascade.npz", "report.md",
+              "results.json"}
+  assert set(os.listdir(d)) == expected
+  for name in ("recall optimum (ttamer)", "no-recall optimum", "confidence threshold", "patience",
+               "hindsight oracle"):
+    assert name in proc.stdout
+  for name in expected:  # says where it wrote everything
+    assert os.path.join(d, name) in proc.stdout
+  for png in ("pareto.png", "index_heatmap.png", "exit_histograms.png"):
+    _png(os.path.join(d, png))
+  results = json.load(open(os.path.join(d, "results.json")))
+  assert results["workload"] == "digits-cnn" and results["quick"] is True
+  rows = {r["policy"]: r for r in results["operating_points"]}
+  assert set(rows) == set(pipeline.POLICIES)
+  # The saved policy is the recall optimum of the fitted cascade at the chosen lam.
+  deployed, meta = policy_io.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
+  assert meta["lam"] == pytest.approx(results["chosen_lam"])
+  cascade = load_cascade(os.path.join(d, "cascade.npz"))
+  np.testing.assert_allclose(deployed.policy.index,
+                             tj.solve_recall(cascade, results["chosen_lam"]).index, rtol=1e-6)
+  # ... and its held-out error is what the table reports for recall.
+  test = load_traces(os.path.join(d, "test_traces.npz"))
+  ev = tj.evaluate(deployed, test, results["chosen_lam"], num_resamples=10)
+  if rows["recall"]["chosen_param"] is not None:
+    assert float(ev.error) == pytest.approx(rows["recall"]["chosen_error"], abs=1e-9)
+  # The network was trained into the cache the environment named.
+  assert "digits-cnn-seed0-steps150.npz" in os.listdir(world["cache"])
+
+
+def test_fit_json_and_files(world):
+  result = json.loads(_ok(world["runs"]["fit"]).stdout)
+  out = world["out"]
+  deployed, meta = policy_io.load_policy(out("fit.npz"), with_metadata=True)
+  assert meta == result["metadata"] and meta["num_states"] == 6 and meta["score_name"] == "max_softmax"
+  assert 0 <= result["lam"] <= 1 and result["lam_choice"].startswith("auto")
+  assert os.path.exists(out("fit.json"))
+  # The policy is the recall optimum of the saved cascade at the recorded lam.
+  cascade = load_cascade(out("fit_cascade.npz"))
+  np.testing.assert_allclose(deployed.policy.index, tj.solve_recall(cascade, result["lam"]).index,
+                             rtol=1e-6)
+
+
+def test_evaluate_json_matches_library(world):
+  result = json.loads(_ok(world["runs"]["evaluate"]).stdout)
+  f = world["files"]
+  deployed = policy_io.load_policy(f["policy"])
+  expected = tj.evaluate(deployed, load_traces(f["test"]), 0.9, num_resamples=200).as_dict()
+  assert result["lam"] == pytest.approx(0.9)
+  for key in ("error", "cost_norm", "objective", "stop_histogram", "answer_histogram"):
+    np.testing.assert_allclose(result["evaluation"][key], expected[key], rtol=1e-6, atol=1e-9)
+  lo, hi = result["evaluation"]["error_ci"]
+  assert lo <= result["evaluation"]["error"] <= hi
+
+
+def test_sweep_json_and_plot(world):
+  result = json.loads(_ok(world["runs"]["sweep"]).stdout)
+  _png(world["out"]("sweep.png"))
+  assert len(result["lams"]) == 21
+  assert {r["policy"] for r in result["operating_points"]} == set(pipeline.POLICIES)
+  assert len(result["frontiers"]["recall"]) == 21
+  assert result["plot"] == world["out"]("sweep.png")
+
+
+def test_solve_text_and_heatmap(world):
+  proc = _ok(world["runs"]["solve"])
+  _png(world["out"]("index.png"))
+  cascade = load_cascade(world["files"]["cascade"])
+  recall = float(tj.solve_recall(cascade, 0.3).value)
+  assert f"{recall:10.5f}" in proc.stdout
+  assert "stop iff lam * best loss so far <= index" in proc.stdout
+  assert len([l for l in proc.stdout.splitlines() if l.strip().startswith(("0 ", "1 ", "2 ", "3 "))]) >= 4
+
+
+def test_bench_json(world):
+  proc = world["runs"]["bench"]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout)  # tables went to stderr; stdout is JSON only
+  assert result["mode"] == "quick" and "numpy" in result
+  assert all(c["ok"] for c in result["checks"])
+  assert json.load(open(world["out"]("bench.json")))["mode"] == "quick"
+
+
+def test_bad_path_exit_2(world):
+  _bad(world["runs"]["fit_missing"], "missing.npz", "no such traces file")
+  assert not os.path.exists(world["out"]("never1.npz"))
+  assert not os.path.exists(world["out"]("never1.json"))
+
+
+def test_truncated_file_exit_2(world):
+  _bad(world["runs"]["evaluate_truncated"], "truncated.npz", "not a readable traces")
+
+
+def test_flipped_bit_exit_2(world):
+  _bad(world["runs"]["solve_flipped"], "flipped_cascade.npz", "'trans'")
+  assert not os.path.exists(world["out"]("never2.png"))
+
+
+def test_bad_argument_exit_2(world):
+  _bad(world["runs"]["sweep_bad_lam"], "--lam", "[0, 1]")
+  assert not os.path.exists(world["out"]("never3.png"))
+
+
+# ------------------------------------------------------------------ in-process matrix
+def _main(capsys, argv):
+  code = cli.main(argv)
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+BAD_CASES = [
+    # (command line with {placeholders}, fragment of the message)
+    ("fit {missing} --out {new}", "no such traces file"),
+    ("fit {text} --out {new}", "not a readable traces"),
+    ("fit {empty} --out {new}", "not a readable traces"),
+    ("fit {flipped_traces} --out {new}", "'losses'"),
+    ("fit {policy} --out {new}", "not a traces file"),
+    ("fit {cal} --out {root}", "is a directory"),
+    ("fit {cal} --out {missing}/p.npz", "does not exist"),
+    ("fit {cal} --out {new} --score nope", "no signal named 'nope'"),
+    ("fit {cal} --out {new} --feature agree_prev --states 5", "must be even"),
+    ("evaluate {missing} {test}", "no such policy file"),
+    ("evaluate {policy} {missing}", "no such traces file"),
+    ("evaluate {flipped_policy} {test}", "'policy.index'"),
+    ("evaluate {test} {test}", "not a policy file"),
+    ("evaluate {policy} {cascade}", "not a traces file"),
+    ("evaluate {policy} {three_stages}", "4 stages"),
+    ("evaluate {policy} {truncated}", "not a readable traces"),
+    ("sweep {missing}", "no such traces file"),
+    ("sweep {test} --calibration {truncated}", "not a readable traces"),
+    ("sweep {test} --calibration {three_stages}", "3 stages"),
+    ("sweep {test} --plot {missing}/f.png", "does not exist"),
+    ("sweep {test} --confidence-score nope", "no signal named 'nope'"),
+    ("solve {missing}", "no such cascade file"),
+    ("solve {test}", "not a cascade file"),
+    ("solve {future}", "format_version = 2 is not supported"),
+    ("solve {bad_rows}", "trans"),
+    ("solve {text}", "not a readable cascade"),
+    ("solve {cascade} --lam 0:1:3 --plot {new}", "single --lam"),
+    ("demo --out {text}", "not a folder"),
+    ("demo --quick --out {missing}/sub/dir", "does not exist"),
+    ("bench --sections floor,nope --out {new}", "unknown ['nope']"),
+    ("bench --quick --full --out {new}", "exclude each other"),
+    ("bench --repeats 0 --out {new}", "--repeats 0"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(world):
+  return world["files"]
+
+
+@pytest.mark.parametrize("line,fragment", BAD_CASES)
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(files, tmp_path, capsys, line, fragment):
+  new = tmp_path / "new.npz"
+  argv = line.format(new=new, root=tmp_path, **files).split()
+  code, out, err = _main(capsys, argv)
+  assert code == 2, (out, err)
+  assert out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err
+  assert err.startswith(f"ttamer {argv[0]}: error: ")
+  assert os.listdir(tmp_path) == []  # nothing written, not even a temporary file
+  assert not os.path.exists(files["missing"])
+
+
+@pytest.mark.parametrize("argv", [["fit", "x.npz"], ["solve", "c.npz", "--lam", "1.5"],
+                                  ["sweep", "t.npz", "--lam", "0:1:0"], ["evaluate", "p.npz"],
+                                  ["demo", "--states", "0"], ["frobnicate"], []])
+def test_argparse_errors_exit_2_one_line(capsys, argv):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  _, err = capsys.readouterr()
+  assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "error:" in err
+
+
+@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
+def test_help_of_every_command(capsys, command):
+  with pytest.raises(SystemExit) as e:
+    cli.main(([command] if command else []) + ["--help"])
+  out, _ = capsys.readouterr()
+  assert e.value.code == 0 and "usage: ttamer" in out
+  if command is None:
+    assert all(name in out for name in cli.COMMANDS)
+  else:
+    assert "--json" in out and "ttamer " + command in out and "Exit codes" in out
+
+
+def test_demo_json_on_synthetic_workload(tmp_path, capsys):
+  out = tmp_path / "d"
+  code, stdout, err = _main(capsys, ["demo", "--workload", "synthetic", "--quick", "--no-plots",
+                                     "--out", str(out), "--json"])
+  assert code == 0, err
+  result = json.loads(stdout)
+  assert result == json.load(open(out / "results.json"))
+  assert result["workload"] == "synthetic-overthink"
+  assert "pareto_plot" not in result["files"] and os.path.exists(result["files"]["policy"])
+  assert result["policy"]["lam"] == pytest.approx(result["chosen_lam"])
+
+
+def test_compare_with_progress_bar_matches_without():
+  cal, test = _synthetic_traces()
+  lams = np.linspace(0, 1, 9)
+  a = pipeline.compare_policies(cal, test, num_states=6, lams=lams, progress=True)
+  b = pipeline.compare_policies(cal, test, num_states=6, lams=lams)
+  assert a.full_error == b.full_error
+  for split in ("calibration", "test"):
+    sa, sb = getattr(a, split), getattr(b, split)
+    assert list(sa) == list(sb)
+    for name in sa:
+      for field in ("param", "error", "cost_norm", "stop_histogram", "answer_histogram"):
+        np.testing.assert_array_equal(getattr(sa[name], field), getattr(sb[name], field))
+
+
+def test_lam_values():
+  np.testing.assert_allclose(cli.lam_values("0:1:101"), np.linspace(0, 1, 101))
+  np.testing.assert_allclose(cli.lam_values("0.1, 0.5,0.9"), [0.1, 0.5, 0.9])
+  np.testing.assert_allclose(cli.lam_values("0.3"), [0.3])
+  for bad in ("", "a", "0:1", "0:1:0", "-0.1", "0:1.5:3", "nan", "0.5:0.2:x"):
+    with pytest.raises(Exception) as e:
+      cli.lam_values(bad)
+    assert type(e.value).__name__ == "ArgumentTypeError"
+
+
+def test_bench_defaults_match_the_suite():
+  from ttamer_jax import bench
+  args = cli.build_parser().parse_args(["bench"])
+  assert args.sections.split(",") == list(bench.SECTIONS)
+  assert not args.full and args.out == "ttamer_bench.json"
+
+
+def test_jsonable_and_index_text():
+  assert cli.jsonable({"a": np.array([1.0, np.inf, -np.inf]), "b": np.float32(0.5),
+                       "c": (np.int64(3), float("nan"))}) == {"a": [1.0, "inf", "-inf"],
+                                                             "b": 0.5, "c": [3, "nan"]}
+  text = cli.format_index(np.array([[0.25, -np.inf], [np.inf, np.inf]]))
+  assert text.splitlines() == ["stage   s=0   s=1", "    0  0.25    go", "    1  stop  stop"]
+
+
+def test_cascade_file_round_trip(tmp_path):
+  c = tj.random_cascade(jax.random.PRNGKey(3), 5, 7)
+  save_cascade(tmp_path / "c.npz", c)
+  back = load_cascade(tmp_path / "c.npz")
+  for field in ("values", "init", "trans", "costs"):
+    np.testing.assert_array_equal(getattr(back, field), getattr(c, field))
+  with pytest.raises(ValueError, match="expected a ttamer_jax.Cascade"):
+    save_cascade(tmp_path / "x.npz", "not a cascade")
+  assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+
+
+def test_console_script_is_declared():
+  tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  assert project["scripts"]["ttamer"] == "ttamer_jax.cli:main"

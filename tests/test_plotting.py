@@ -1,0 +1,118 @@
+"""Plots: files written atomically, and what is drawn (labels, legend, highlight)."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from ttamer_jax import plotting  # noqa: E402
+from ttamer_jax.frontier import SweepResult  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def figures(monkeypatch):
+  """Every figure a plotting call saves (still inspectable after it is closed)."""
+  saved = []
+  real = plotting._save
+
+  def save(fig, path):
+    saved.append(fig)
+    return real(fig, path)
+
+  monkeypatch.setattr(plotting, "_save", save)
+  return saved
+
+
+def _sweep(cost, error):
+  cost, error = np.asarray(cost, float), np.asarray(error, float)
+  p = cost.size
+  hist = np.full((p, 3), 1 / 3)
+  return SweepResult(param=np.linspace(0, 1, p), error=error, cost=cost, cost_norm=cost,
+                     stop_histogram=hist, answer_histogram=hist)
+
+
+def _frontiers():
+  c = np.linspace(0.1, 1.0, 12)
+  return {"no_recall": _sweep(c, 0.3 - 0.2 * c), "confidence": _sweep(c, 0.32 - 0.2 * c),
+          "recall": _sweep(c, 0.25 - 0.2 * c), "hindsight": _sweep(c * 0.5, 0.1 - 0.09 * c)}
+
+
+def _check_png(path):
+  assert open(path, "rb").read(8) == PNG_MAGIC
+  mode = stat.S_IMODE(os.stat(path).st_mode)
+  mask = os.umask(0)
+  os.umask(mask)
+  assert mode == 0o666 & ~mask  # an ordinary file, not mkstemp's 0600
+  assert [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp-")] == []
+
+
+def test_pareto_recall_highlighted_first_in_legend(tmp_path, figures):
+  path = plotting.plot_pareto(_frontiers(), tmp_path / "sub" / "p.png", title="t", full_error=0.05,
+                              points={"recall": (0.5, 0.15), "confidence": (None, None)})
+  _check_png(path)
+  ax = figures[-1].axes[0]
+  assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "t"
+  labels = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert labels[0] == plotting.LABELS["recall"]
+  assert set(plotting.LABELS[k] for k in _frontiers()) <= set(labels)
+  assert "full model's error + 1 point" in labels
+  assert "chosen on calibration, measured here" in labels
+  lines = {l.get_label(): l for l in ax.get_lines()}
+  recall = lines[plotting.LABELS["recall"]]
+  others = [l for k, l in lines.items() if k != recall.get_label() and not k.startswith("_")]
+  assert all(recall.get_linewidth() > l.get_linewidth() for l in others)
+  assert all(recall.get_zorder() > l.get_zorder() for l in others)
+
+
+def test_pareto_staircase_is_the_front(tmp_path, figures):
+  res = _sweep([0.2, 0.4, 0.3, 0.8], [0.5, 0.3, 0.6, 0.1])  # (0.3, 0.6) is dominated
+  plotting.plot_pareto({"recall": res}, tmp_path / "p.png")
+  line = next(l for l in figures[-1].axes[0].get_lines() if l.get_label() == plotting.LABELS["recall"])
+  np.testing.assert_array_equal(line.get_xdata(), [0.2, 0.4, 0.8])
+  np.testing.assert_array_equal(line.get_ydata(), [0.5, 0.3, 0.1])
+
+
+def test_index_heatmap_marks_infinities_and_values(tmp_path, figures):
+  index = np.array([[0.1, -np.inf, 0.3], [np.inf, 0.2, 0.05]])
+  _check_png(plotting.plot_index_heatmap(index, tmp_path / "h.png", lam=0.7))
+  ax = figures[-1].axes[0]
+  texts = sorted(t.get_text() for t in ax.texts)
+  assert texts == sorted(["0.1", "go", "0.3", "stop", "0.2", "0.05"])
+  assert "lam = 0.7" in ax.get_title()
+  assert ax.get_xlabel() and ax.get_ylabel()
+  assert figures[-1].axes[1].get_ylabel().startswith("index")  # the colour bar says what it is
+  with pytest.raises(ValueError, match=r"\[n, K\]"):
+    plotting.plot_index_heatmap(np.zeros(3), tmp_path / "bad.png")
+  assert not os.path.exists(tmp_path / "bad.png")
+
+
+def test_exit_histograms_two_panels(tmp_path, figures):
+  stops = {"recall": [0.5, 0.3, 0.2], "patience": [0.1, 0.6, 0.3]}
+  answers = {"recall": [0.6, 0.3, 0.1], "patience": [0.1, 0.6, 0.3]}
+  _check_png(plotting.plot_exit_histograms(stops, tmp_path / "e.png", answers=answers))
+  top, bottom = figures[-1].axes
+  assert [p.get_height() for p in top.patches] == pytest.approx([0.5, 0.3, 0.2, 0.1, 0.6, 0.3])
+  assert [p.get_height() for p in bottom.patches] == pytest.approx([0.6, 0.3, 0.1, 0.1, 0.6, 0.3])
+  assert [t.get_text() for t in bottom.get_xticklabels()] == ["exit 0", "exit 1", "exit 2"]
+  assert [t.get_text() for t in top.get_legend().get_texts()] == [
+      plotting.LABELS["recall"], plotting.LABELS["patience"]]
+  assert top.get_ylabel() and bottom.get_ylabel()
+  plotting.plot_exit_histograms(stops, tmp_path / "one.png")
+  assert len(figures[-1].axes) == 1
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+  import matplotlib.figure
+
+  def boom(self, *a, **k):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", boom)
+  with pytest.raises(RuntimeError):
+    plotting.plot_pareto(_frontiers(), tmp_path / "p.png")
+  assert os.listdir(tmp_path) == []
