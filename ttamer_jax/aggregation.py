@@ -73,7 +73,7 @@ class AggregatedCascade:
     dtype = default_float()
     for name, arr in (("values", values), ("init", self.init), ("membership", a),
                       ("emission", b), ("costs", self.costs)):
-      object.__setattr__(self, name, jnp.asarray(arr, dtype))
+      object.__setattr__(self, name, jnp.asarray(validation.to_float(name, arr, dtype)))
 
   @property
   def num_stages(self) -> int:
@@ -105,7 +105,7 @@ def solve_recall_aggregated(agg: AggregatedCascade, lam, *, precision=DEFAULT_PR
   """
   if not isinstance(agg, AggregatedCascade):
     raise ValueError(f"agg: expected an AggregatedCascade, got {type(agg).__name__}")
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   if validation.is_concrete(lam) and np.ndim(lam) != 0:
     raise ValueError(f"lam: expected a scalar, got shape {np.shape(lam)}")
   return _solve_recall_factored(agg, lam, grid_size_for(agg.values), precision)

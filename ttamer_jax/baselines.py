@@ -85,7 +85,8 @@ class ThresholdPolicy:
 def confidence_threshold(threshold, num_stages: int) -> ThresholdPolicy:
   """One confidence threshold for every stage: exit once ``score >= threshold``."""
   n = validation.check_positive_int("num_stages", num_stages)
-  return ThresholdPolicy(thresholds=jnp.full((n,), threshold, jnp.float32), direction="above")
+  t = validation.as_float_scalar("threshold", threshold)
+  return ThresholdPolicy(thresholds=np.full((n,), t), direction="above")
 
 
 def per_stage_thresholds(thresholds, direction: str = "above") -> ThresholdPolicy:
@@ -97,7 +98,8 @@ def per_stage_thresholds(thresholds, direction: str = "above") -> ThresholdPolic
 def entropy_threshold(threshold, num_stages: int) -> ThresholdPolicy:
   """One entropy threshold: exit once the exit's entropy ``<= threshold``."""
   n = validation.check_positive_int("num_stages", num_stages)
-  return ThresholdPolicy(thresholds=jnp.full((n,), threshold, jnp.float32), direction="below")
+  t = validation.as_float_scalar("threshold", threshold)
+  return ThresholdPolicy(thresholds=np.full((n,), t), direction="below")
 
 
 @pytree_dataclass(static=("stages",))
@@ -238,12 +240,15 @@ def hindsight_policy(losses: Any, costs: Any, lam) -> HindsightPolicy:
     losses: ``[N, n]`` true losses; costs: ``[n]`` or ``[N, n]``; lam in [0, 1].
   Ties pick the earliest ``k``, so the answer is the earliest stage of least loss.
   """
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   losses = validation.as_numpy("losses", losses, ndim=2).astype(np.float64)
+  if losses.shape[0] < 1 or losses.shape[1] < 1:
+    raise ValueError(f"losses: expected [N, n] with N, n >= 1, got shape {losses.shape}")
   validation.check_finite("losses", losses)
   costs = validation.as_numpy("costs", costs).astype(np.float64)
   if costs.shape not in ((losses.shape[1],), losses.shape):
     raise ValueError(f"costs: expected shape ({losses.shape[1]},) or {losses.shape}, got {costs.shape}")
+  validation.check_nonnegative("costs", costs)
   lam = float(lam)
   totals = (lam * np.minimum.accumulate(losses, axis=1)
             + (1 - lam) * np.cumsum(np.broadcast_to(costs, losses.shape), axis=1))

@@ -45,10 +45,14 @@ def save_cascade(path: str | os.PathLike, cascade: Cascade) -> None:
   write_npz_atomic(path, arrays)
 
 
-def load_cascade(path: str | os.PathLike) -> Cascade:
-  """Reads a cascade written by :func:`save_cascade` (``ValueError`` names what is wrong)."""
+def load_cascade(path: str | os.PathLike, *, max_bytes: int | None = None) -> Cascade:
+  """Reads a cascade written by :func:`save_cascade` (``ValueError`` names what is wrong).
+
+  Files over ``max_bytes`` (default :data:`ttamer_jax._io.MAX_FILE_BYTES`) are
+  refused before they are read.
+  """
   path = os.fspath(path)
-  fields = read_npz(path, "cascade")
+  fields = read_npz(path, "cascade", max_bytes=max_bytes)
   check_format_version(path, fields, CASCADE_FORMAT_VERSION, _KIND, "cascade")
   for name in _FIELDS:
     if name not in fields:

@@ -33,6 +33,10 @@ EXIT_USAGE = 2
 OBJECTIVE_LAMS = (0.5, 0.9, 0.97, 0.99)
 # Families shown in the demo's exit histograms (the comparison).
 HISTOGRAM_POLICIES = ("recall", "no_recall", "confidence", "patience", "hindsight")
+# Upper bounds on counts given on the command line: beyond them a typo (an extra
+# zero or three) would run for hours or exhaust memory instead of failing fast.
+MAX_LAM_VALUES = 100_000
+MAX_RESAMPLES = 1_000_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,12 +58,16 @@ def lam_values(text: str) -> np.ndarray:
       start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
       if num < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: NUM must be >= 1")
+      if num > MAX_LAM_VALUES:
+        raise argparse.ArgumentTypeError(f"{text!r}: NUM must be <= {MAX_LAM_VALUES}")
       lams = np.linspace(start, stop, num)
     else:
       lams = np.asarray([float(x) for x in text.split(",")], np.float64)
   except ValueError:
     raise argparse.ArgumentTypeError(
         f"{text!r} is not a lam value, a comma-separated list or START:STOP:NUM") from None
+  if lams.size > MAX_LAM_VALUES:
+    raise argparse.ArgumentTypeError(f"{text[:40]!r}...: more than {MAX_LAM_VALUES} lam values")
   if lams.size == 0 or not np.all(np.isfinite(lams)) or lams.min() < 0 or lams.max() > 1:
     raise argparse.ArgumentTypeError(f"{text!r}: every lam must lie in [0, 1]")
   return lams
@@ -83,6 +91,23 @@ def _positive_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
   if value < 1:
     raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+  return value
+
+
+def _resamples(text: str) -> int:
+  value = _positive_int(text)
+  if value > MAX_RESAMPLES:
+    raise argparse.ArgumentTypeError(f"{text!r} must be <= {MAX_RESAMPLES}")
+  return value
+
+
+def _seconds(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not math.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
   return value
 
 
@@ -734,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("traces", metavar="TRACES.npz", help="held-out exit traces")
   ev.add_argument("--lam", type=_single_lam, default=None,
                   help="lam of the reported objective (default: the policy's)")
-  ev.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples (1000)")
+  ev.add_argument("--resamples", type=_resamples, default=1000, help="bootstrap resamples (1000)")
   ev.add_argument("--level", type=_fraction, default=0.95, help="confidence level (0.95)")
   ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
 
@@ -788,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--sections", default="floor,sweep,large,memory,numpy,mdp,mc,profile",
                   help="comma-separated subset of floor,sweep,large,memory,numpy,mdp,mc,profile")
   be.add_argument("--out", default="ttamer_bench.json", help="results JSON (./ttamer_bench.json)")
-  be.add_argument("--budget-s", type=float, default=0.0,
+  be.add_argument("--budget-s", type=_seconds, default=0.0,
                   help="skip the remaining sections after this many seconds (0: no limit)")
   return parser
 

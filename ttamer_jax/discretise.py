@@ -19,7 +19,7 @@ import numpy as np
 
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
-from ttamer_jax.policies import StageObservation
+from ttamer_jax.policies import StageObservation, num_states
 
 FEATURES = (None, "agree_prev")
 PRIMARY_SCORE = "scores"
@@ -36,7 +36,7 @@ def _validated_edges(edges) -> chex.Array:
       i, j = np.argwhere(bad)[0]
       raise ValueError(f"edges[{i}, {j + 1}] = {float(arr[i, j + 1])!r} < edges[{i}, {j}] = {float(arr[i, j])!r} "
                        "(bin edges must be non-decreasing along each stage)")
-  return jnp.asarray(arr, jnp.float32)
+  return jnp.asarray(validation.to_float("edges", arr, np.float32))
 
 
 @pytree_dataclass(static=("feature",))
@@ -143,3 +143,23 @@ class DeployedPolicy:
     """``(states, scores, preds)``, each ``[N, n]``, of recorded traces."""
     scores = trace_scores(traces, self.score_name)
     return self.discretiser(scores, traces.preds), scores, traces.preds
+
+
+def check_consistent(deployed: DeployedPolicy, where: str = "deployed") -> tuple[int, int]:
+  """``(n, K)`` of a :class:`DeployedPolicy` whose policy and discretiser agree.
+
+  Raises ``ValueError`` when they were built for different numbers of stages or
+  states: the policy would read thresholds of states the discretiser never
+  produces, or JAX would clamp states the policy has no row for.
+  """
+  if not isinstance(deployed, DeployedPolicy):
+    raise ValueError(f"{where}: expected a DeployedPolicy, got {type(deployed).__name__}")
+  n = deployed.policy.num_stages
+  if deployed.discretiser.num_stages != n:
+    raise ValueError(f"{where}: the policy has {n} stages but the discretiser "
+                     f"{deployed.discretiser.num_stages}")
+  k = num_states(deployed.policy)
+  if k is not None and k != deployed.discretiser.num_states:
+    raise ValueError(f"{where}: the policy has {k} states but the discretiser "
+                     f"{deployed.discretiser.num_states}")
+  return n, deployed.discretiser.num_states

@@ -24,9 +24,9 @@ import numpy as np
 
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
-from ttamer_jax.discretise import DeployedPolicy, trace_scores
+from ttamer_jax.discretise import DeployedPolicy, check_consistent, trace_scores
 from ttamer_jax.model import Cascade
-from ttamer_jax.policies import StageObservation
+from ttamer_jax.policies import StageObservation, num_states
 from ttamer_jax.simulation import ReplayResult, replay
 from ttamer_jax.traces import ExitTraces
 
@@ -46,6 +46,7 @@ def trace_inputs(policy, traces: ExitTraces, *, score_name: str | None = None):
     if getattr(policy.policy, "reads_true_loss", False):
       policy = policy.policy   # the oracle reads the truth, whatever the wrapper's signal
     else:
+      check_consistent(policy, "policy")
       states, scores, preds = policy.observations(traces)
       return policy.policy, states, scores, preds
   zeros = jnp.zeros(traces.scores.shape, jnp.int32)
@@ -147,7 +148,7 @@ def summarise(result: ReplayResult, full_cost: Any, lam, *, num_stages: int,
               level: float = 0.95) -> Evaluation:
   """Statistics of a :class:`ReplayResult`; ``full_cost [N]`` is each request's cost
   of running every stage."""
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   _check_level(level)
   key = jax.random.PRNGKey(0) if key is None else key
   loss = np.asarray(result.loss, np.float64)
@@ -210,7 +211,7 @@ class Comparison:
 def compare_results(a: ReplayResult, b: ReplayResult, lam, *, key=None, num_resamples: int = 1000,
                     level: float = 0.95) -> Comparison:
   """Paired comparison of two replays of the same requests."""
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   _check_level(level)
   key = jax.random.PRNGKey(0) if key is None else key
   oa = np.asarray(a.objective(lam), np.float64)
@@ -284,6 +285,9 @@ def policy_metrics(cascade: Cascade, policy) -> PolicyMetrics:
                      "Cascade does not model; evaluate it on traces instead")
   if policy.num_stages != cascade.num_stages:
     raise ValueError(f"policy: built for {policy.num_stages} stages, the cascade has {cascade.num_stages}")
+  k = num_states(policy)
+  if k is not None and k != cascade.num_states:
+    raise ValueError(f"policy: its tables have {k} states, the cascade has {cascade.num_states}")
   if jax.tree_util.tree_leaves(policy.initial_carry(1)):
     raise ValueError(f"policy: {type(policy).__name__} keeps per-request memory; exact evaluation "
                      "supports memoryless policies")

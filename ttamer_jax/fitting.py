@@ -35,6 +35,11 @@ from ttamer_jax.traces import ExitTraces
 BINNINGS = ("quantile", "uniform")
 PRIORS = ("uniform", "marginal")
 
+# Largest float64 transition tables a fit may build (``pairs x K x K x 8`` bytes):
+# beyond it a fit is refused up front with a ValueError, not a MemoryError
+# half-way (4 GiB: K = 4096 with up to 33 stages).
+MAX_FIT_TABLE_BYTES = 1 << 32
+
 
 # ------------------------------------------------------------------ discretiser
 def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
@@ -91,7 +96,17 @@ def _check_fit_args(smoothing, loss_smoothing, prior):
     raise ValueError(f"prior: must be one of {PRIORS}, got {prior!r}")
 
 
-def _discretise(traces: ExitTraces, num_states, binning, score, score_range, feature, discretiser):
+def _check_table_bytes(k: int, num_pairs: int) -> None:
+  need = max(num_pairs, 1) * k * k * 8
+  if need > MAX_FIT_TABLE_BYTES:
+    raise ValueError(f"num_states = {k}: the fitted transition tables ({max(num_pairs, 1)} x {k} x "
+                     f"{k} float64) would take {need / 2**30:.1f} GiB, over the "
+                     f"{MAX_FIT_TABLE_BYTES / 2**30:.0f} GiB limit of "
+                     "ttamer_jax.fitting.MAX_FIT_TABLE_BYTES; use fewer states")
+
+
+def _discretise(traces: ExitTraces, num_states, binning, score, score_range, feature, discretiser,
+                pairs=lambda n: n - 1):
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
   scores = np.asarray(trace_scores(traces, score))
@@ -99,6 +114,7 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
     if feature not in FEATURES:
       raise ValueError(f"feature: must be one of {FEATURES}, got {feature!r}")
     k = validation.check_positive_int("num_states", num_states)
+    _check_table_bytes(k, pairs(traces.num_stages))  # before binning K quantiles
     if feature == "agree_prev" and k % 2:
       raise ValueError(f"num_states = {k} must be even with feature='agree_prev' (K = 2 x bins)")
     bins = k // 2 if feature == "agree_prev" else k
@@ -113,6 +129,7 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
   if discretiser.num_stages != traces.num_stages:
     raise ValueError(f"discretiser: has {discretiser.num_stages} stages but the traces have "
                      f"{traces.num_stages}")
+  _check_table_bytes(discretiser.num_states, pairs(traces.num_stages))
   states = np.asarray(discretiser(scores, traces.preds))
   return discretiser, states
 
@@ -263,7 +280,8 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
   if discretiser is not None and discretiser.feature is not None:
     raise ValueError("discretiser: feature 'agree_prev' is undefined on a skip-line (the previous "
                      "exit may not have run); use feature=None")
-  disc, states = _discretise(traces, num_states, binning, score, score_range, None, discretiser)
+  disc, states = _discretise(traces, num_states, binning, score, score_range, None, discretiser,
+                             pairs=lambda n: n * (n - 1) // 2)
   k, n = disc.num_states, traces.num_stages
   stage_costs = _stage_costs(traces)
   if block_costs is None and head_costs is None:

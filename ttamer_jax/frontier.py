@@ -284,10 +284,20 @@ def frontier_gap(cost_a: Any, error_a: Any, cost_b: Any, error_b: Any, *,
   """
   ca = validation.as_numpy("cost_a", cost_a, ndim=1).astype(np.float64)
   cb = validation.as_numpy("cost_b", cost_b, ndim=1).astype(np.float64)
+  for name, c, e in (("a", ca, error_a), ("b", cb, error_b)):
+    if c.size < 1:
+      raise ValueError(f"cost_{name}: empty frontier (need at least one point)")
+    validation.check_finite(f"cost_{name}", c)
+    e = validation.as_numpy(f"error_{name}", e, ndim=1)
+    validation.check_shape(f"error_{name}", e, c.shape)
+    validation.check_finite(f"error_{name}", e)
   if cost_range is None:
     low, high = max(ca.min(), cb.min()), max(ca.max(), cb.max())
   else:
-    low, high = (float(x) for x in cost_range)
+    rng = validation.as_numpy("cost_range", cost_range, ndim=1).astype(np.float64)
+    validation.check_shape("cost_range", rng, (2,))
+    validation.check_finite("cost_range", rng)
+    low, high = float(rng[0]), float(rng[1])
     if low < max(ca.min(), cb.min()):
       raise ValueError(f"cost_range: low {low} is below the cheapest point of a frontier")
   if not high > low:
@@ -303,7 +313,7 @@ def frontier_gap(cost_a: Any, error_a: Any, cost_b: Any, error_b: Any, *,
 
 def tuned_objective(calibration: SweepResult, held_out: SweepResult, lam) -> tuple[int, float]:
   """``(index, held-out objective)`` of the grid point best on ``calibration`` at ``lam``."""
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   if np.shape(calibration.param) != np.shape(held_out.param):
     raise ValueError("calibration and held_out sweeps must share one grid")
   i = int(np.argmin(np.asarray(calibration.objective(lam))))

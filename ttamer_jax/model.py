@@ -38,7 +38,8 @@ def _validated_cascade_arrays(values, init, trans, costs):
   validation.check_stochastic("init", init)
   validation.check_stochastic("trans", trans)
   dtype = default_float()
-  return tuple(jnp.asarray(a, dtype=dtype) for a in (values, init, trans, costs))
+  return tuple(jnp.asarray(validation.to_float(name, a, dtype)) for name, a in
+               (("values", values), ("init", init), ("trans", trans), ("costs", costs)))
 
 
 @pytree_dataclass
@@ -132,7 +133,14 @@ def random_cascade(key: chex.PRNGKey, num_stages: int, num_states: int, *,
       state *is* the loss bin), so the solver's x-grid has ``M = K`` points;
       otherwise losses are i.i.d. uniform on ``[0, 1]`` and ``M = n K``.
   """
-  n, k = num_stages, num_states
+  n = validation.check_positive_int("num_stages", num_stages)
+  k = validation.check_positive_int("num_states", num_states)
+  for name, v, low in (("concentration", concentration, 0.0), ("cost_scale", cost_scale, None)):
+    if validation.is_concrete(v):
+      v = validation.as_float_scalar(name, v)
+      if not np.isfinite(v) or (v <= 0 if low is not None else v < 0):
+        raise ValueError(f"{name} = {v!r} must be a finite number "
+                         f"{'> 0' if low is not None else '>= 0'}")
   k_val, k_init, k_trans, k_cost = jax.random.split(key, 4)
   dtype = default_float()
   if shared_grid:
@@ -154,7 +162,7 @@ def gap_instance(alpha: float) -> Cascade:
   state 0 (loss ``1/alpha^2``); stage 2 is in state 0 (loss 0) w.p. ``1 - 1/alpha``
   and in state 1 (loss ``1/alpha``) otherwise.
   """
-  alpha = float(alpha)
+  alpha = validation.as_float_scalar("alpha", alpha)
   if not np.isfinite(alpha) or alpha <= 1:
     raise ValueError(f"alpha = {alpha} must be a finite number > 1")
   p_bad = 1.0 / alpha
@@ -174,7 +182,8 @@ def demo_cascade(num_stages: int = 5, num_states: int = 8) -> Cascade:
   deeper model "over-thinks" and lands in a harder bin. Costs grow 1.6x per stage
   and are normalised to sum to 1.
   """
-  n, k = num_stages, num_states
+  n = validation.check_positive_int("num_stages", num_stages)
+  k = validation.check_positive_int("num_states", num_states)
   bins = (np.arange(k) + 0.5) / k
   values = np.stack([bins * 0.75**i for i in range(n)])
   s, t = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")

@@ -69,6 +69,16 @@ class ExitHead(nnx.Module):
     return logits, self.error(inputs)[..., 0]
 
 
+def _positive_dims(name: str, dims: Any) -> tuple[int, ...]:
+  """A non-empty tuple of positive ints (``ValueError`` naming ``name`` otherwise)."""
+  if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+    raise ValueError(f"{name}: expected a sequence of positive integers, got {dims!r}")
+  out = tuple(validation.check_positive_int(f"{name}[{i}]", d) for i, d in enumerate(dims))
+  if not out:
+    raise ValueError(f"{name}: empty")
+  return out
+
+
 class EarlyExitNet(nnx.Module):
   """Base class: subclasses set the metadata and define ``embed``, ``block``, ``head``.
 
@@ -151,9 +161,9 @@ class EarlyExitMLP(EarlyExitNet):
   def __init__(self, input_shape=(64,), num_classes: int = 10, hidden: int = 128,
                num_blocks: int = 4, error_head: bool = True, *, rngs: nnx.Rngs):
     validation.check_positive_int("num_blocks", num_blocks)
-    self.input_shape = tuple(int(d) for d in input_shape)
-    self.num_classes = int(num_classes)
-    self.hidden = int(hidden)
+    self.input_shape = _positive_dims("input_shape", input_shape)
+    self.num_classes = validation.check_positive_int("num_classes", num_classes)
+    self.hidden = validation.check_positive_int("hidden", hidden)
     self.num_stages = int(num_blocks)
     self.error_head = bool(error_head)
     in_features = math.prod(self.input_shape)
@@ -191,13 +201,13 @@ class EarlyExitCNN(EarlyExitNet):
 
   def __init__(self, input_shape=(8, 8, 1), num_classes: int = 10,
                channels=(16, 32, 32, 64), error_head: bool = True, *, rngs: nnx.Rngs):
-    self.input_shape = tuple(int(d) for d in input_shape)
+    self.input_shape = _positive_dims("input_shape", input_shape)
     if len(self.input_shape) != 3:
       raise ValueError(f"input_shape: expected (height, width, channels), got {self.input_shape}")
-    self.num_classes = int(num_classes)
-    self.channels = tuple(int(c) for c in channels)
-    if not self.channels:
+    self.num_classes = validation.check_positive_int("num_classes", num_classes)
+    if isinstance(channels, (list, tuple)) and not channels:
       raise ValueError("channels: empty (need at least one block)")
+    self.channels = _positive_dims("channels", channels)
     self.num_stages = len(self.channels)
     self.error_head = bool(error_head)
     ins = (self.input_shape[-1],) + self.channels[:-1]
@@ -263,6 +273,9 @@ class EarlyExitTransformer(EarlyExitNet):
     if readout not in ("cls", "mean"):
       raise ValueError(f"readout: must be 'cls' or 'mean', got {readout!r}")
     validation.check_positive_int("num_blocks", num_blocks)
+    for name, v in (("vocab_size", vocab_size), ("seq_len", seq_len), ("num_classes", num_classes),
+                    ("dim", dim), ("num_heads", num_heads), ("mlp_dim", mlp_dim)):
+      validation.check_positive_int(name, v)
     if dim % num_heads:
       raise ValueError(f"dim = {dim} must be a multiple of num_heads = {num_heads}")
     self.readout = readout

@@ -18,8 +18,11 @@ The last stage always stops, whatever ``step`` says.
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
 import jax.numpy as jnp
+import numpy as np
 
 from ttamer_jax import solvers, validation
 from ttamer_jax._struct import pytree_dataclass
@@ -41,6 +44,38 @@ class StageObservation:
   score: chex.Array
   pred: chex.Array
 
+  def __post_init__(self):
+    leaves = (self.state, self.score, self.pred)
+    if not all(validation.is_concrete(x) for x in leaves):
+      return
+    state = validation.as_numpy("state", self.state, kind="int")
+    validation.check_shape("score", validation.as_numpy("score", self.score), state.shape)
+    validation.check_shape("pred", validation.as_numpy("pred", self.pred, kind="int"), state.shape)
+
+
+def _check_table(name: str, arr: Any, dtype_kinds: str = "biuf") -> np.ndarray:
+  arr = validation.as_numpy(name, arr)
+  if arr.ndim < 2 or arr.shape[-1] < 1 or arr.shape[-2] < 1:
+    raise ValueError(f"{name}: expected an [n, K] table (n, K >= 1), got shape {arr.shape}")
+  if arr.dtype.kind not in dtype_kinds:
+    raise ValueError(f"{name}: expected dtype kind in {dtype_kinds!r}, got {arr.dtype}")
+  return arr
+
+
+def _check_recall_arrays(index, values, lam) -> None:
+  """``index`` no NaN (``+-inf`` allowed), ``values`` finite >= 0 of the same shape,
+  ``lam`` in [0, 1]; leading batch axes are allowed (grids of policies)."""
+  index = _check_table("index", index, "iuf")
+  if np.isnan(index).any():
+    i = int(np.flatnonzero(np.isnan(index))[0])
+    raise ValueError(f"index{validation._fmt_index(i, index.shape)} is nan (the index must be "
+                     "a number or +-inf)")
+  values = _check_table("values", values, "iuf")
+  if values.shape[-2:] != index.shape[-2:]:
+    raise ValueError(f"values: shape {values.shape} does not match index {index.shape} ([n, K] each)")
+  validation.check_nonnegative("values", values)
+  validation.check_lam(lam)
+
 
 @pytree_dataclass
 class RecallPolicy:
@@ -58,6 +93,10 @@ class RecallPolicy:
   lam: chex.Array
 
   recall = True
+
+  def __post_init__(self):
+    if all(validation.is_concrete(x) for x in (self.index, self.values, self.lam)):
+      _check_recall_arrays(self.index, self.values, self.lam)
 
   @property
   def num_stages(self) -> int:
@@ -88,6 +127,15 @@ class NoRecallPolicy:
   stop: chex.Array
 
   recall = False
+
+  def __post_init__(self):
+    if validation.is_concrete(self.stop):
+      stop = _check_table("stop", self.stop)
+      if stop.dtype != bool:
+        if not np.isin(stop, (0, 1)).all():
+          raise ValueError(f"stop: must be a bool table, got dtype {stop.dtype} with values "
+                           "other than 0 and 1")
+        object.__setattr__(self, "stop", jnp.asarray(stop, bool))
 
   @property
   def num_stages(self) -> int:
@@ -140,6 +188,23 @@ class GraphPolicy:
 
   recall = True
 
+  def __post_init__(self):
+    leaves = (self.index, self.successor, self.grid, self.values, self.lam, self.entry)
+    if not all(validation.is_concrete(x) for x in leaves):
+      return
+    _check_recall_arrays(self.index, self.values, self.lam)
+    index = np.asarray(self.index)
+    num_nodes, k = index.shape[-2:]
+    grid = validation.as_numpy("grid", self.grid, ndim=1)
+    validation.check_finite("grid", grid)
+    if grid.size < 1 or np.any(np.diff(grid) < 0):
+      raise ValueError(f"grid: must be a non-empty sorted loss grid, got shape {grid.shape}")
+    succ = validation.as_numpy("successor", self.successor, ndim=3, kind="int")
+    validation.check_shape("successor", succ, (num_nodes, grid.size, k))
+    validation.check_int_range("successor", succ, -1, num_nodes)
+    validation.check_int_range("entry", validation.as_numpy("entry", self.entry, ndim=0, kind="int"),
+                               0, num_nodes)
+
   @property
   def num_nodes(self) -> int:
     return self.index.shape[-2]
@@ -158,3 +223,24 @@ def graph_policy(graph: RoutingGraph, lam, solution: GraphSolution | None = None
   return GraphPolicy(index=solution.index, successor=solution.successor, grid=solution.grid,
                      values=graph.values, lam=jnp.asarray(lam, graph.values.dtype),
                      entry=solution.entry)
+
+
+def num_states(policy) -> int | None:
+  """``K`` of a state-reading policy's tables; ``None`` for one that ignores states.
+
+  Follows wrappers: a :class:`~ttamer_jax.discretise.DeployedPolicy`'s ``policy``
+  and a mixture's components (which must agree).
+  """
+  inner = getattr(policy, "policy", None)
+  if inner is not None and hasattr(policy, "discretiser"):
+    return num_states(inner)
+  if hasattr(policy, "mixture_components"):
+    ks = {num_states(p) for _, p in policy.mixture_components()} - {None}
+    if len(ks) > 1:
+      raise ValueError(f"policy: mixture components have different numbers of states {sorted(ks)}")
+    return ks.pop() if ks else None
+  for name in ("index", "stop"):
+    arr = getattr(policy, name, None)
+    if arr is not None and len(np.shape(arr)) >= 2:
+      return int(np.shape(arr)[-1])
+  return None

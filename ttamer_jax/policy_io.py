@@ -26,7 +26,7 @@ import numpy as np
 
 from ttamer_jax._io import write_text
 from ttamer_jax import baselines, validation
-from ttamer_jax.discretise import FEATURES, DeployedPolicy, Discretiser
+from ttamer_jax.discretise import FEATURES, DeployedPolicy, Discretiser, check_consistent
 from ttamer_jax.model import default_float
 from ttamer_jax.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.slo import MixturePolicy
@@ -68,17 +68,28 @@ def _encode(policy, prefix: str, arrays: dict) -> dict:
   return dict(type=name, **{s: getattr(policy, s) for s in static})
 
 
+# dtype kinds each stored array may have (checked before any value is looked at).
+_REAL = "fiu"
+_FIELD_KINDS = {"index": _REAL, "values": _REAL, "lam": _REAL, "stop": "b", "thresholds": _REAL,
+                "patience": "iu", "exit_stage": "iu", "prob_second": _REAL, "key": "iu",
+                "edges": _REAL, "metadata_json": "U"}
+
+
 def _field(arrays, path, key, ndim=None):
   if key not in arrays:
     raise ValueError(f"{path}: field {key!r} is missing")
   arr = arrays[key]
+  kinds = _FIELD_KINDS.get(key.rsplit(".", 1)[-1])
+  if kinds is not None and arr.dtype.kind not in kinds:
+    raise ValueError(f"{path}: field {key!r} has dtype {arr.dtype} (expected "
+                     f"{'bool' if kinds == 'b' else 'a string' if kinds == 'U' else 'a real number type'})")
   if ndim is not None and arr.ndim != ndim:
     raise ValueError(f"{path}: field {key!r} must have {ndim} dimensions, got shape {arr.shape}")
   return arr
 
 
 def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
-  if not isinstance(spec, dict) or "type" not in spec:
+  if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
     raise ValueError(f"{path}: metadata 'policy' entry for {prefix!r} is malformed")
   kind = spec["type"]
   if kind == "mixture":
@@ -120,20 +131,6 @@ def _check_recall(path, prefix, index, values, lam):
     raise ValueError(f"{path}: field '{prefix}.{e}") from None
 
 
-def _policy_states(policy) -> int | None:
-  """``K`` of a state-reading policy's tables (``None`` for heuristics)."""
-  if isinstance(policy, MixturePolicy):
-    ks = {_policy_states(policy.first), _policy_states(policy.second)} - {None}
-    if len(ks) > 1:
-      raise ValueError(f"policy: mixture components have different numbers of states {sorted(ks)}")
-    return ks.pop() if ks else None
-  if isinstance(policy, RecallPolicy):
-    return int(policy.index.shape[-1])
-  if isinstance(policy, NoRecallPolicy):
-    return int(policy.stop.shape[-1])
-  return None
-
-
 def _policy_lam(policy):
   if isinstance(policy, RecallPolicy):
     return float(policy.lam)
@@ -143,18 +140,17 @@ def _policy_lam(policy):
   return None
 
 
-def _check_consistent(deployed: DeployedPolicy, where: str) -> tuple[int, int]:
-  n = deployed.policy.num_stages
-  if deployed.discretiser.num_stages != n:
-    raise ValueError(f"{where}: the policy has {n} stages but the discretiser "
-                     f"{deployed.discretiser.num_stages}")
-  k = _policy_states(deployed.policy)
-  if k is not None and k != deployed.discretiser.num_states:
-    raise ValueError(f"{where}: the policy has {k} states but the discretiser "
-                     f"{deployed.discretiser.num_states}")
-  return n, deployed.discretiser.num_states
-
-
+def default_fit_date() -> str:
+  """Now (UTC, ISO 8601), or ``$SOURCE_DATE_EPOCH`` when set (the reproducible-builds
+  convention), so that re-running a seeded job writes a bit-identical policy file."""
+  epoch = os.environ.get("SOURCE_DATE_EPOCH")
+  if epoch:
+    try:
+      return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat()
+    except (ValueError, OverflowError, OSError):
+      raise ValueError(f"$SOURCE_DATE_EPOCH = {epoch!r}: must be an integer number of seconds "
+                       "since 1970-01-01 UTC") from None
+  return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
 def sidecar_path(path: str | os.PathLike) -> str:
@@ -172,20 +168,21 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
     path: destination file.
     deployed: the policy, its discretiser and score signal.
     lam: recorded trade-off weight (default: taken from the policy when it has one).
-    fit_date: ISO-8601 date of the fit (default: now, UTC).
+    fit_date: ISO-8601 date of the fit (default: :func:`default_fit_date`, i.e. now
+      in UTC or ``$SOURCE_DATE_EPOCH``).
     metadata: extra JSON-serialisable user fields (stored under ``"user"``).
     sidecar: also write the metadata as ``<name>.json`` for humans.
   """
   if not isinstance(deployed, DeployedPolicy):
     raise ValueError(f"deployed: expected a DeployedPolicy, got {type(deployed).__name__}")
-  n, k = _check_consistent(deployed, "deployed")
+  n, k = check_consistent(deployed, "deployed")
   arrays: dict[str, np.ndarray] = {}
   spec = _encode(deployed.policy, "policy", arrays)
   from ttamer_jax import __version__
   meta = dict(format_version=POLICY_FORMAT_VERSION, kind=_KIND, policy=spec, num_stages=n,
               num_states=k, score_name=deployed.score_name, feature=deployed.discretiser.feature,
               lam=_policy_lam(deployed.policy) if lam is None else float(lam),
-              fit_date=fit_date or datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              fit_date=fit_date or default_fit_date(),
               library_version=__version__, user=dict(metadata or {}))
   try:
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
@@ -200,7 +197,7 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
 
 
 def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
-                with_metadata: bool = False):
+                with_metadata: bool = False, max_bytes: int | None = None):
   """Loads a policy saved by :func:`save_policy`.
 
   Args:
@@ -208,6 +205,8 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
     num_stages: the number of stages the caller serves; a file built for another
       number raises ``ValueError``.
     with_metadata: also return the metadata dict.
+    max_bytes: size limit (default :data:`ttamer_jax._io.MAX_FILE_BYTES`); larger
+      files are refused before they are read.
 
   Returns:
     :class:`DeployedPolicy` (or ``(DeployedPolicy, metadata)``). Corrupt files, a
@@ -215,13 +214,14 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
     ``ValueError`` naming the field.
   """
   path = os.fspath(path)
-  arrays = read_npz(path, "policy")
+  arrays = read_npz(path, "policy", max_bytes=max_bytes)
   check_format_version(path, arrays, POLICY_FORMAT_VERSION, _KIND, "policy")
   text = _field(arrays, path, "metadata_json", 0)
   try:
     meta = json.loads(str(text))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: field 'metadata_json' is not valid JSON ({e})") from None
+  except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+    raise ValueError(f"{path}: field 'metadata_json' is not valid JSON "
+                     f"({type(e).__name__}: {str(e)[:100]})") from None
   if not isinstance(meta, dict):
     raise ValueError(f"{path}: field 'metadata_json' must hold a JSON object")
   for key in ("format_version", "policy", "num_stages", "num_states", "score_name", "feature"):
@@ -247,7 +247,7 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
   except ValueError as e:
     raise ValueError(f"{path}: field '{e}") from None
   deployed = DeployedPolicy(policy=policy, discretiser=disc, score_name=meta["score_name"])
-  n, k = _check_consistent(deployed, path)
+  n, k = check_consistent(deployed, path)
   if (n, k) != (meta["num_stages"], meta["num_states"]):
     raise ValueError(f"{path}: metadata says {meta['num_stages']} stages x {meta['num_states']} "
                      f"states, the arrays hold {n} x {k}")

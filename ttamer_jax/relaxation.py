@@ -52,7 +52,7 @@ def soft_min_error_bound(num_stages: int, beta: float) -> float:
 def _check(cascade, lam, beta):
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   if validation.is_concrete(beta):
     b = np.asarray(beta)
     if b.ndim != 0 or not np.isfinite(b) or b < 0:
@@ -137,6 +137,7 @@ def consult_probabilities(cascade: Cascade, lam) -> chex.Array:
   per-stage cost at 0 -- the exact derivative the soft DP's cost gradients approach
   (``d J* / d c_i = (1 - lam) * consult_probabilities[i]``).
   """
+  validation.check_scalar_lam(lam)
   n = cascade.num_stages
   return jax.grad(lambda e: soft_solve_recall(cascade, lam, 0.0, extra_costs=e))(
       jnp.zeros((n,), cascade.values.dtype))
@@ -276,7 +277,7 @@ def tune_thresholds_on_cascade(key: chex.PRNGKey, cascade: Cascade, state_scores
   """
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   restarts = validation.check_positive_int("restarts", restarts)
   steps = validation.check_positive_int("steps", steps)
   scores = jnp.asarray(state_scores, cascade.values.dtype)
@@ -370,7 +371,7 @@ def tune_thresholds(key: chex.PRNGKey, scores, losses, costs, lam, *, recall: bo
   costs = jnp.asarray(costs, jnp.float32)
   restarts = validation.check_positive_int("restarts", restarts)
   steps = validation.check_positive_int("steps", steps)
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   n = scores.shape[-1]
   mu, sd = scores.mean(0), scores.std(0) + 1e-6
   z = (scores - mu) / sd

@@ -69,7 +69,9 @@ def _validated_graph(values, edge_trans, edge_costs, entry_init, entry_costs,
   validation.check_stochastic("edge_trans", edge_trans)
   validation.check_stochastic("entry_init", entry_init)
   dtype = default_float()
-  return tuple(jnp.asarray(a, dtype) for a in (values, edge_trans, edge_costs, entry_init, entry_costs))
+  named = (("values", values), ("edge_trans", edge_trans), ("edge_costs", edge_costs),
+           ("entry_init", entry_init), ("entry_costs", entry_costs))
+  return tuple(jnp.asarray(validation.to_float(name, a, dtype)) for name, a in named)
 
 
 @pytree_dataclass(static=("edge_src", "edge_dst", "entry_nodes"))
@@ -99,9 +101,13 @@ class RoutingGraph:
   def __post_init__(self):
     for name in ("edge_src", "edge_dst", "entry_nodes"):
       try:
-        object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-      except (TypeError, ValueError):
+        nodes = tuple(getattr(self, name))
+        ints = tuple(int(v) for v in nodes)
+      except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name}: must be a sequence of node numbers") from None
+      if any(isinstance(v, (bool, np.bool_)) or v != i for v, i in zip(nodes, ints)):
+        raise ValueError(f"{name}: must be a sequence of node numbers (integers), got {nodes}")
+      object.__setattr__(self, name, ints)
     leaves = (self.values, self.edge_trans, self.edge_costs, self.entry_init, self.entry_costs)
     if not all(validation.is_concrete(x) for x in leaves):
       return
@@ -152,7 +158,7 @@ def solve_graph_recall(graph: RoutingGraph, lam, *, precision=DEFAULT_PRECISION)
   """Exact recall-optimal routing on a DAG; see the module docstring."""
   if not isinstance(graph, RoutingGraph):
     raise ValueError(f"graph: expected a RoutingGraph, got {type(graph).__name__}")
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   return _solve_graph(graph, lam, grid_size_for(graph.values), precision)
 
 
@@ -224,6 +230,8 @@ def skip_line(cascade: Cascade, block_costs: Any = None, head_costs: Any = None,
     skip_first: also let the root enter any stage directly (stage 1 is otherwise
       always consulted, as on a line).
   """
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
   n, k = cascade.num_stages, cascade.num_states
   trans = np.asarray(cascade.trans, np.float64)
   if block_costs is None and head_costs is None:
@@ -271,8 +279,11 @@ def tree_graph(values: Any, parents: Sequence[int], edge_trans: Any, edge_costs:
   """A directed tree: node 0 is the root (always consulted); node ``u > 0`` hangs
   below ``parents[u-1] < u`` with transition ``edge_trans[u-1]`` and cost
   ``edge_costs[u-1]``. E.g. a router (node 0) choosing among specialist models."""
+  parents = validation.as_numpy("parents", parents, ndim=1, kind="int")
+  root_init = validation.as_numpy("root_init", root_init, ndim=1)
+  root_cost = validation.as_float_scalar("root_cost", root_cost)
   parents = tuple(int(p) for p in parents)
   return RoutingGraph(
       values=values, edge_trans=edge_trans, edge_costs=edge_costs,
-      entry_init=np.asarray(root_init)[None, :], entry_costs=np.asarray([root_cost]),
+      entry_init=root_init[None, :], entry_costs=np.asarray([root_cost]),
       edge_src=parents, edge_dst=tuple(range(1, len(parents) + 1)), entry_nodes=(0,))

@@ -13,7 +13,7 @@ Design notes:
   * One jitted kernel per (stage, bucket) computes the block, the head, the
     signal, the observation and the policy step; one jitted gather per
     (stage, bucket in, bucket out) compacts the survivors on device. Only the
-    ``[3, bucket]`` int32 decision (stop, answered stage, answer) crosses to the
+    ``[4, bucket]`` int32 decision (stop, answered stage, answer, state) crosses to the
     host, which must know how many requests continue to pick the next bucket.
   * :func:`compile_count` counts kernel traces (one per compilation), so tests
     can assert that nothing recompiles after :func:`warmup`.
@@ -36,6 +36,7 @@ from flax import nnx
 
 from ttamer_jax import validation
 from ttamer_jax.discretise import DeployedPolicy
+from ttamer_jax.policies import num_states
 from ttamer_jax.nn import EarlyExitNet, StaticGraph
 from ttamer_jax.profiling import check_signal_name, exit_signal
 from ttamer_jax.training import check_labels
@@ -61,12 +62,16 @@ class ServeResult:
     answered_exit: ``[B]`` int32 exit whose prediction was returned.
     stop_stage: ``[B]`` int32 last consulted stage.
     consulted: ``[B, n]`` bool, stage ``i`` was run for the request (a prefix).
+    states: ``[B, n]`` int32 discretised state the policy saw at each consulted
+      stage, ``-1`` where the stage was not run (what a drift monitor consumes:
+      :class:`ttamer_jax.drift.DriftMonitor`).
   """
 
   predictions: np.ndarray
   answered_exit: np.ndarray
   stop_stage: np.ndarray
   consulted: np.ndarray
+  states: np.ndarray | None = None
 
   @property
   def num_consulted(self) -> np.ndarray:
@@ -75,14 +80,6 @@ class ServeResult:
 
 
 # ------------------------------------------------------------ validation
-def _policy_num_states(policy) -> int | None:
-  for name in ("index", "stop", "values"):
-    arr = getattr(policy, name, None)
-    if arr is not None and hasattr(arr, "shape") and len(arr.shape) >= 2:
-      return int(arr.shape[-1])
-  return None
-
-
 def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
   """Raises ``ValueError`` unless ``deployed`` can serve ``model``."""
   if not isinstance(deployed, DeployedPolicy):
@@ -95,7 +92,7 @@ def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
   if deployed.discretiser.num_stages != n:
     raise ValueError(f"discretiser: has edges for {deployed.discretiser.num_stages} stages but "
                      f"the network has {n} exits")
-  k = _policy_num_states(deployed.policy)
+  k = num_states(deployed.policy)
   if k is not None and k != deployed.discretiser.num_states:
     raise ValueError(f"policy: has {k} states per stage but the discretiser produces "
                      f"{deployed.discretiser.num_states}")
@@ -129,8 +126,8 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
   """One stage on one bucket: ``live`` is the raw input at stage 0, else the request state.
 
   Request state: ``(h, policy_carry, best, best_stage, best_pred, prev_pred)``.
-  Returns the new request state and the ``[3, b]`` int32 decision
-  ``(stop, answered stage, answer)``.
+  Returns the new request state and the ``[4, b]`` int32 decision
+  ``(stop, answered stage, answer, observed state)``.
   """
   _TRACES["stage"] += 1
   model = nnx.merge(graph.graphdef, state)
@@ -162,7 +159,7 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
   stop = jnp.logical_or(stop, stage == num_stages - 1)
   answer_stage = best_stage if policy.recall else jnp.full_like(best_stage, stage)
   answer = best_pred if policy.recall else pred
-  decision = jnp.stack([stop.astype(jnp.int32), answer_stage, answer])
+  decision = jnp.stack([stop.astype(jnp.int32), answer_stage, answer, obs.state.astype(jnp.int32)])
   return (h, carry, best, best_stage, best_pred, pred), decision
 
 
@@ -205,7 +202,8 @@ class Server:
     num, n = x.shape[0], self.num_stages
     result = ServeResult(predictions=np.zeros(num, np.int32),
                          answered_exit=np.zeros(num, np.int32),
-                         stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool))
+                         stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
+                         states=np.full((num, n), -1, np.int32))
     for start in range(0, num, self.buckets[-1]):
       self._serve_chunk(x, np.arange(start, min(start + self.buckets[-1], num)), result)
     return result
@@ -219,6 +217,7 @@ class Server:
       decision = np.asarray(decision)[:, :live_rows.size]
       stop = decision[0].astype(bool)
       result.consulted[live_rows, stage] = True
+      result.states[live_rows, stage] = decision[3]
       done = live_rows[stop]
       result.stop_stage[done] = stage
       result.answered_exit[done] = decision[1][stop]
@@ -286,7 +285,8 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
   policy, n = deployed.policy, model.num_stages
   num = x.shape[0]
   out = ServeResult(predictions=np.zeros(num, np.int32), answered_exit=np.zeros(num, np.int32),
-                    stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool))
+                    stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
+                    states=np.full((num, n), -1, np.int32))
   for r in range(num):
     h = jnp.asarray(x[r:r + 1])
     carry = policy.initial_carry(1)
@@ -304,6 +304,7 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
           best, best_stage, best_pred = est, stage, pred
       carry, stop = policy.step(carry, stage, obs, best)
       out.consulted[r, stage] = True
+      out.states[r, stage] = int(np.asarray(obs.state)[0])
       if bool(np.asarray(stop)[0]) or stage == n - 1:
         out.stop_stage[r] = stage
         out.answered_exit[r] = best_stage if policy.recall else stage

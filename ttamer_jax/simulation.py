@@ -15,11 +15,12 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
 from ttamer_jax.model import Cascade
-from ttamer_jax.policies import GraphPolicy, StageObservation
+from ttamer_jax.policies import GraphPolicy, StageObservation, num_states
 from ttamer_jax.routing import RoutingGraph
 
 
@@ -67,7 +68,9 @@ def _inverse_cdf(cdf_rows_at, u: chex.Array, num_states: int) -> chex.Array:
 
 def sample_states(key: chex.PRNGKey, cascade: Cascade, num_paths: int) -> chex.Array:
   """``[num_paths, n]`` int32 state paths drawn from the cascade's Markov chain."""
-  return _sample_states(key, cascade, int(num_paths))
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
+  return _sample_states(key, cascade, validation.check_positive_int("num_paths", num_paths))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -94,6 +97,27 @@ def _check_policy_stages(policy, n: int, field: str) -> None:
         f"{field}: has {n} stages but the policy was built for {policy.num_stages} stages")
 
 
+def _check_states(states: Any, policy) -> np.ndarray:
+  """``[N, n]`` int states, each a valid row of the policy's tables.
+
+  JAX clamps out-of-range gathers instead of failing, so a state outside
+  ``0..K-1`` would silently read another state's threshold: refuse it here.
+  """
+  states = validation.as_numpy("states", states, ndim=2, kind="int")
+  k = num_states(policy)
+  if k is None:
+    validation.check_int32("states", states)
+  else:
+    validation.check_int_range("states", states, 0, k)
+  return states
+
+
+def _check_policy_states(policy, k: int, field: str) -> None:
+  pk = num_states(policy)
+  if pk is not None and pk != k:
+    raise ValueError(f"{field}: has {k} states but the policy's tables have {pk}")
+
+
 def replay(policy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
            preds: Any = None) -> ReplayResult:
   """Runs ``policy`` on ``N`` requests whose every stage was observed.
@@ -108,7 +132,7 @@ def replay(policy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
   """
   arrays = dict(states=states, losses=losses, costs=costs, scores=scores, preds=preds)
   if all(validation.is_concrete(a) for a in arrays.values() if a is not None):
-    states_np = validation.as_numpy("states", states, ndim=2, kind="int")
+    states_np = _check_states(states, policy)
     num, n = states_np.shape
     if num < 1:
       raise ValueError("states: no requests (N = 0)")
@@ -162,6 +186,12 @@ def _replay(policy, states, losses, costs, scores, preds) -> ReplayResult:
 
 def replay_cascade(policy, cascade: Cascade, states: Any) -> ReplayResult:
   """Replays ``policy`` on ``states`` scoring with the cascade's own losses and costs."""
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
+  if validation.is_concrete(states):
+    states_np = validation.as_numpy("states", states, ndim=2, kind="int")
+    validation.check_int_range("states", states_np, 0, cascade.num_states)
+    _check_policy_states(policy, cascade.num_states, "cascade")
   states = jnp.asarray(states, jnp.int32)
   losses = cascade.values[jnp.arange(cascade.num_stages)[None, :], states]
   return replay(policy, states, losses, cascade.costs)
@@ -199,10 +229,13 @@ def monte_carlo(key: chex.PRNGKey, cascade: Cascade, policy, lam, num_paths: int
   ``O(chunk_size * n)`` for any ``num_paths``. Sums are accumulated in float32
   per chunk and combined in the result dtype.
   """
-  validation.check_lam(lam)
+  validation.check_scalar_lam(lam)
   num_paths = validation.check_positive_int("num_paths", num_paths)
   chunk_size = validation.check_positive_int("chunk_size", chunk_size)
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
   _check_policy_stages(policy, cascade.num_stages, "cascade")
+  _check_policy_states(policy, cascade.num_states, "cascade")
   chunk = min(chunk_size, num_paths)
   return _monte_carlo(key, cascade, policy, lam, num_paths, chunk)
 
@@ -278,9 +311,20 @@ def simulate_graph(key: chex.PRNGKey, graph: RoutingGraph, policy: GraphPolicy,
                    num_paths: int) -> ReplayResult:
   """Samples ``num_paths`` requests routed by ``policy`` (states drawn along the way)."""
   num_paths = validation.check_positive_int("num_paths", num_paths)
+  _check_graph_policy(policy, graph)
+  return _simulate_graph(key, graph, policy, num_paths)
+
+
+def _check_graph_policy(policy: GraphPolicy, graph: RoutingGraph) -> None:
+  if not isinstance(graph, RoutingGraph):
+    raise ValueError(f"graph: expected a RoutingGraph, got {type(graph).__name__}")
+  if not isinstance(policy, GraphPolicy):
+    raise ValueError(f"policy: expected a GraphPolicy, got {type(policy).__name__}")
   if policy.num_nodes != graph.num_nodes:
     raise ValueError(f"graph: has {graph.num_nodes} nodes but the policy has {policy.num_nodes}")
-  return _simulate_graph(key, graph, policy, num_paths)
+  if policy.index.shape[-1] != graph.num_states:
+    raise ValueError(f"graph: has {graph.num_states} states but the policy has "
+                     f"{policy.index.shape[-1]}")
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -304,8 +348,12 @@ def _simulate_graph(key, graph, policy, num_paths):
 def replay_graph(policy: GraphPolicy, graph: RoutingGraph, states: Any, losses: Any = None) -> ReplayResult:
   """Replays ``policy`` on traces that observed every node: ``states [N, num_nodes]``
   and optional true ``losses [N, num_nodes]`` (default: the graph's values)."""
+  _check_graph_policy(policy, graph)
   states_np = validation.as_numpy("states", states, ndim=2, kind="int")
   validation.check_shape("states", states_np, (states_np.shape[0], graph.num_nodes))
+  if states_np.shape[0] < 1:
+    raise ValueError("states: no requests (N = 0)")
+  validation.check_int_range("states", states_np, 0, graph.num_states)
   states = jnp.asarray(states_np, jnp.int32)
   if losses is None:
     losses = graph.values[jnp.arange(graph.num_nodes)[None, :], states]

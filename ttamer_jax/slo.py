@@ -69,6 +69,10 @@ class MixturePolicy:
   reads_state = True
 
   def __post_init__(self):
+    for name in ("first", "second"):
+      part = getattr(self, name)
+      if not all(hasattr(part, a) for a in ("recall", "num_stages", "step", "initial_carry")):
+        raise ValueError(f"{name}: expected a line policy, got {type(part).__name__}")
     if self.first.recall != self.second.recall:
       raise ValueError("second: both policies of a mixture must share the recall flag")
     if self.first.num_stages != self.second.num_stages:
@@ -157,7 +161,7 @@ def _solve_slo(fitted, target, kind, key, calibration, max_iter) -> SLOPolicy:
     raise ValueError(f"fitted: expected a FittedCascade, got {type(fitted).__name__}")
   if kind not in KINDS:  # pragma: no cover - internal
     raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
-  target = float(target)
+  target = validation.as_float_scalar("target", target)
   if not np.isfinite(target) or target < 0:
     raise ValueError(f"target = {target} must be a finite number >= 0")
   max_iter = validation.check_positive_int("max_iter", max_iter)

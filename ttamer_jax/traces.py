@@ -17,7 +17,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 
-from ttamer_jax._io import atomic_path
+from ttamer_jax._io import atomic_path, check_expanded_size, check_file_size, fix_zip_times
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
 
@@ -46,13 +46,16 @@ def _validated_traces(scores, preds, losses, costs, signals, labels):
     sig = validation.as_numpy(f"signals[{name!r}]", sig, ndim=2)
     validation.check_shape(f"signals[{name!r}]", sig, (num, n))
     validation.check_finite(f"signals[{name!r}]", sig)
-    checked[name] = jnp.asarray(sig, jnp.float32)
+    checked[name] = jnp.asarray(validation.to_float(f"signals[{name!r}]", sig, np.float32))
+  validation.check_int32("preds", preds)
   if labels is not None:
     labels = validation.as_numpy("labels", labels, ndim=1, kind="int")
     validation.check_shape("labels", labels, (num,))
+    validation.check_int32("labels", labels)
     labels = jnp.asarray(labels, jnp.int32)
-  return (jnp.asarray(scores, jnp.float32), jnp.asarray(preds, jnp.int32),
-          jnp.asarray(losses, jnp.float32), jnp.asarray(costs, jnp.float32), checked, labels)
+  f32 = lambda name, a: jnp.asarray(validation.to_float(name, a, np.float32))
+  return (f32("scores", scores), jnp.asarray(preds, jnp.int32), f32("losses", losses),
+          f32("costs", costs), checked, labels)
 
 
 @pytree_dataclass
@@ -212,17 +215,23 @@ def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
   with atomic_path(path, ".npz") as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, **payload)
+    fix_zip_times(tmp)  # equal arrays -> bit-identical files
 
 
-def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None
+             ) -> dict[str, np.ndarray]:
   """Reads every field of an ``.npz`` written by :func:`write_npz_atomic`.
 
   Raises ``ValueError`` naming the file and the field when the archive is
-  truncated, not a zip, holds pickled objects, fails a zip CRC or a SHA-256
-  checksum. ``what`` names the kind of file in messages ("traces", "policy").
+  larger than the size limit (:func:`ttamer_jax._io.check_file_size`; also its
+  members' expanded size, so a small compressed archive cannot expand without
+  bound), truncated, not a zip, holds pickled objects, fails a zip CRC or a
+  SHA-256 checksum. ``what`` names the kind of file in messages ("traces",
+  "policy").
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:  # a missing file is FileNotFoundError, not corruption.
+  limit = check_file_size(path, what, max_bytes)  # a missing file is FileNotFoundError.
+  with open(path, "rb") as f:
     raw = f.read()
   try:
     archive = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -234,8 +243,10 @@ def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
   with archive:
     try:
       keys = list(archive.files)
+      expanded = sum(info.file_size for info in archive.zip.infolist())
     except Exception as e:
       raise ValueError(f"{path}: corrupt {what} archive directory ({e})") from None
+    check_expanded_size(path, what, expanded, limit)
     for key in keys:
       try:
         out[key] = archive[key]
@@ -298,10 +309,14 @@ def save_traces(path: str | os.PathLike, traces: ExitTraces) -> None:
   write_npz_atomic(path, arrays)
 
 
-def load_traces(path: str | os.PathLike) -> ExitTraces:
-  """Loads traces written by :func:`save_traces`; ``ValueError`` names what is wrong."""
+def load_traces(path: str | os.PathLike, *, max_bytes: int | None = None) -> ExitTraces:
+  """Loads traces written by :func:`save_traces`; ``ValueError`` names what is wrong.
+
+  Files over ``max_bytes`` (default :data:`ttamer_jax._io.MAX_FILE_BYTES`) are
+  refused before they are read.
+  """
   path = os.fspath(path)
-  fields = read_npz(path, "traces")
+  fields = read_npz(path, "traces", max_bytes=max_bytes)
   check_format_version(path, fields, TRACES_FORMAT_VERSION, _TRACES_KIND, "traces")
   for name in ("scores", "preds", "losses", "costs", "signal_names"):
     if name not in fields:
@@ -314,6 +329,9 @@ def load_traces(path: str | os.PathLike) -> ExitTraces:
   extra = sorted(set(fields) - expected)
   if extra:
     raise ValueError(f"{path}: unexpected field {extra[0]!r}")
+  if len(set(names.tolist())) != names.size:
+    dup = next(str(x) for i, x in enumerate(names.tolist()) if x in names.tolist()[:i])
+    raise ValueError(f"{path}: field 'signal_names' names signal {dup!r} twice")
   signals = {}
   for i, name in enumerate(names):
     if f"signal_{i}" not in fields:
@@ -392,20 +410,28 @@ def _from_long(df) -> ExitTraces:
   if stage.min() < 0:
     raise ValueError(f"column 'stage': value {int(stage.min())} is negative")
   n = int(stage.max()) + 1
+  if n > len(df):  # every sample needs n rows: stage numbers are corrupt
+    raise ValueError(f"column 'stage': value {n - 1} needs {n} rows per sample, the table has "
+                     f"{len(df)} rows (every sample needs stages 0..{n - 1})")
   pd = _pandas()
   sample, sample_ids = pd.factorize(df["sample"], sort=False)  # first-appearance order
   if (sample < 0).any():
     raise ValueError(f"column 'sample': missing id in row {int(np.argmax(sample < 0))}")
   sample_ids = [x.item() if hasattr(x, "item") else x for x in np.asarray(sample_ids, dtype=object)]
   num = len(sample_ids)
-  flat = sample.reshape(-1) * n + stage
-  counts = np.bincount(flat, minlength=num * n)
+  # O(rows) checks (no [num * n] table: a huge stage number in a corrupt table
+  # must not allocate one).
+  flat = sample.reshape(-1).astype(np.int64) * n + stage
+  keys, counts = np.unique(flat, return_counts=True)
   if counts.max() > 1:
-    i = int(np.argmax(counts > 1))
+    i = int(keys[np.argmax(counts > 1)])
     raise ValueError(f"table: sample {sample_ids[i // n]!r} has stage {i % n} more than once")
-  if counts.min() == 0:
-    i = int(np.argmin(counts))
-    raise ValueError(f"table: sample {sample_ids[i // n]!r} has no row for stage {i % n} "
+  if keys.size != num * n:
+    per_sample = np.bincount(keys // n, minlength=num)
+    r = int(np.argmax(per_sample < n))
+    have = set((keys[keys // n == r] % n).tolist())
+    missing = next(j for j in range(n) if j not in have)
+    raise ValueError(f"table: sample {sample_ids[r]!r} has no row for stage {missing} "
                      f"(every sample needs stages 0..{n - 1})")
 
   def grid(name, kind="float"):
@@ -482,13 +508,19 @@ def traces_to_table(traces: ExitTraces, *, form: str = "long"):
   return pd.DataFrame(cols)
 
 
-def load_traces_table(path: str | os.PathLike, *, form: str | None = None) -> ExitTraces:
-  """Reads a ``.csv`` or ``.parquet`` trace table (needs pandas; Parquet needs pyarrow)."""
+def load_traces_table(path: str | os.PathLike, *, form: str | None = None,
+                      max_bytes: int | None = None) -> ExitTraces:
+  """Reads a ``.csv`` or ``.parquet`` trace table (needs pandas; Parquet needs pyarrow).
+
+  Files over ``max_bytes`` (default :data:`ttamer_jax._io.MAX_FILE_BYTES`) are
+  refused before they are read.
+  """
   pd = _pandas()
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".csv", ".parquet", ".pq"):
     raise ValueError(f"{path}: unknown table extension {ext!r} (use .csv or .parquet)")
+  check_file_size(path, "trace table", max_bytes)
   try:
     df = pd.read_csv(path) if ext == ".csv" else pd.read_parquet(path)
   except (FileNotFoundError, ImportError):

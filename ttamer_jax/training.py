@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ttamer_jax._io import atomic_path
+from ttamer_jax._io import atomic_path, check_expanded_size, check_file_size, fix_zip_times
 from ttamer_jax import validation
 from ttamer_jax.nn import MODELS, EarlyExitNet, StaticGraph, build_model, predict
 
@@ -307,14 +307,21 @@ def save_checkpoint(path: str | os.PathLike, model: EarlyExitNet, *,
   with atomic_path(path, ".npz") as tmp:
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
+    fix_zip_times(tmp)  # equal parameters -> bit-identical files
 
 
-def _read_checkpoint(path):
+def _read_checkpoint(path, max_bytes=None):
   path = os.fspath(path)
   if not os.path.exists(path):
     raise ValueError(f"checkpoint {path!r}: no such file")
+  if os.path.isdir(path):
+    raise ValueError(f"checkpoint {path!r}: is a directory")
+  limit = check_file_size(path, "checkpoint", max_bytes)
   try:
     with np.load(path, allow_pickle=False) as data:
+      if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+      check_expanded_size(path, "checkpoint", sum(i.file_size for i in data.zip.infolist()), limit)
       files = {k: data[k] for k in data.files}
   except Exception as e:
     raise ValueError(f"checkpoint {path!r}: not a readable .npz file ({e})") from None
@@ -323,8 +330,11 @@ def _read_checkpoint(path):
                      "(not a ttamer_jax checkpoint)")
   try:
     meta = json.loads(str(files.pop(_META_KEY)))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"checkpoint {path!r}: corrupt metadata ({e})") from None
+  except (json.JSONDecodeError, RecursionError) as e:
+    raise ValueError(f"checkpoint {path!r}: corrupt metadata ({type(e).__name__}: "
+                     f"{str(e)[:100]})") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"checkpoint {path!r}: corrupt metadata (not a JSON object)")
   version = meta.get("format_version")
   if version != CHECKPOINT_FORMAT_VERSION:
     raise ValueError(f"checkpoint {path!r}: format_version {version!r} is not supported "
@@ -336,16 +346,19 @@ def _read_checkpoint(path):
   return meta, params
 
 
-def checkpoint_metadata(path: str | os.PathLike) -> dict:
+def checkpoint_metadata(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict:
   """The ``{"format_version", "model", "config", "metadata"}`` record of a checkpoint."""
-  meta, _ = _read_checkpoint(path)
+  meta, _ = _read_checkpoint(path, max_bytes)
   return meta
 
 
-def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None) -> EarlyExitNet:
+def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None, *,
+                    max_bytes: int | None = None) -> EarlyExitNet:
   """Restores parameters from ``path`` into ``model`` (in place) and returns it.
 
   With ``model=None`` the network is rebuilt from the stored class and config.
+  Files over ``max_bytes`` (default :data:`ttamer_jax._io.MAX_FILE_BYTES`) are
+  refused before they are read.
 
   Raises:
     ValueError: missing or corrupt file, unsupported ``format_version``, a
@@ -353,9 +366,9 @@ def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None) 
       parameter with the wrong shape, dtype or non-finite entries.
   """
   path = os.fspath(path)
-  meta, params = _read_checkpoint(path)
+  meta, params = _read_checkpoint(path, max_bytes)
   if model is None:
-    if meta["model"] not in MODELS:
+    if not isinstance(meta["model"], str) or meta["model"] not in MODELS:
       raise ValueError(f"checkpoint {path!r}: unknown network {meta['model']!r}")
     model = build_model(meta["model"], meta["config"])
   if type(model).__name__ != meta["model"]:

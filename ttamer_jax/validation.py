@@ -96,6 +96,59 @@ def check_lam(lam: Any) -> None:
     raise ValueError(f"lam{_fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} is outside [0, 1]")
 
 
+def check_scalar_lam(lam: Any) -> None:
+  """``lam`` must be one number in [0, 1] (functions that return one policy or value)."""
+  check_lam(lam)
+  if is_concrete(lam) and np.ndim(lam) != 0:
+    raise ValueError(f"lam: expected one number, got shape {np.shape(lam)} "
+                     "(use ttamer_jax.sweep for many lam values)")
+
+
+def to_float(name: str, arr: np.ndarray, dtype: Any) -> np.ndarray:
+  """``arr`` converted to the float ``dtype``, refusing values the conversion overflows.
+
+  Finite float64 input can overflow float32 (``1e39 -> inf``); that would turn a
+  validated, finite field into ``inf`` (and later NaN) behind the caller's back.
+  """
+  with np.errstate(over="ignore", invalid="ignore"):
+    out = np.asarray(arr).astype(dtype)
+  if out.dtype.kind == "f" and np.asarray(arr).size:
+    bad = ~np.isfinite(out) & np.isfinite(np.asarray(arr, np.float64))
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      raise ValueError(f"{name}{_fmt_index(i, out.shape)} = {np.asarray(arr).flat[i].item()!r} "
+                       f"overflows {np.dtype(dtype).name} (|value| must be <= "
+                       f"{float(np.finfo(dtype).max):.4g})")
+  return out
+
+
+def check_int_range(name: str, arr: np.ndarray, low: int, high: int) -> None:
+  """Integer entries in ``[low, high)`` (e.g. state ids, or values that fit int32)."""
+  if not arr.size:
+    return
+  bad = (arr < low) | (arr >= high)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{name}{_fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} is outside "
+                     f"[{low}, {high - 1}]")
+
+
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+
+
+def check_int32(name: str, arr: np.ndarray) -> None:
+  """Entries representable as int32 (the dtype states and predictions are stored in)."""
+  check_int_range(name, arr, INT32_MIN, INT32_MAX + 1)
+
+
+def as_float_scalar(name: str, value: Any) -> float:
+  """A real scalar as a Python float (``ValueError`` naming ``name`` otherwise)."""
+  arr = as_numpy(name, value)
+  if arr.ndim != 0:
+    raise ValueError(f"{name}: expected a number, got shape {arr.shape}")
+  return float(arr)
+
+
 def check_positive_int(name: str, value: Any) -> int:
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name}: must be an integer, got {value!r}")
