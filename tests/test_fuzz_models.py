@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings, strategies as st
 
-import reference as ref
 import ttamer_jax as tj
 from fuzzing import expect_error, record
 from ttamer_jax import aggregation, baselines, evaluation, relaxation, sweep
@@ -91,7 +90,7 @@ def _continuations(values, init, trans, costs, lam):
   return grid, conts
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(cascade_arrays(), LAMS)
 def test_random_valid_cascades_solve_and_keep_orderings(arrays, lam):
   values, init, trans, costs = arrays
@@ -115,7 +114,7 @@ def test_random_valid_cascades_solve_and_keep_orderings(arrays, lam):
   record("cascade.valid")
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(st.integers(0, 2**31 - 1), st.floats(0.05, 0.95), st.sampled_from([0.2, 1.0, 5.0]))
 def test_monte_carlo_replay_matches_dp_values(seed, lam, conc):
   key = jax.random.PRNGKey(seed)

@@ -38,5 +38,7 @@ from ttamer_jax.nn import EarlyExitCNN, EarlyExitMLP, EarlyExitTransformer
 from ttamer_jax.training import TrainConfig, load_checkpoint, save_checkpoint, train
 from ttamer_jax.profiling import collect_traces
 from ttamer_jax.serving import ServeResult, Server, serve
+from ttamer_jax import drift
+from ttamer_jax.drift import DriftMonitor, DriftReport, drift_test
 
 __version__ = "0.1.0"

@@ -37,12 +37,16 @@ HISTOGRAM_POLICIES = ("recall", "no_recall", "confidence", "patience", "hindsigh
 # zero or three) would run for hours or exhaust memory instead of failing fast.
 MAX_LAM_VALUES = 100_000
 MAX_RESAMPLES = 1_000_000
+# Seeds become jax.random.PRNGKey(seed): larger ones overflow (or, above 2**32, alias
+# smaller seeds' keys without x64).
+MAX_SEED = 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
   """Bad arguments: one line on stderr and exit code 2, no traceback."""
 
   def error(self, message):
+    message = " ".join(message.split())  # an argument may hold a newline: still one line
     self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
@@ -98,6 +102,16 @@ def _resamples(text: str) -> int:
   value = _positive_int(text)
   if value > MAX_RESAMPLES:
     raise argparse.ArgumentTypeError(f"{text!r} must be <= {MAX_RESAMPLES}")
+  return value
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if not 0 <= value <= MAX_SEED:
+    raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, {MAX_SEED}]")
   return value
 
 
@@ -557,8 +571,9 @@ def _sweep(args) -> int:
   score, conf, entropy = resolve_signals(calibration, args.score, args.confidence_score)
   resolve_signals(test, score, conf)
   lams = args.lam if args.lam is not None else None
-  comp = pipeline.compare_policies(calibration, test, num_states=args.states, score=score,
-                               confidence_score=conf, entropy_score=entropy, lams=lams,
+  primary = lambda name: None if name == "scores" else name  # compare_policies: None = primary
+  comp = pipeline.compare_policies(calibration, test, num_states=args.states, score=primary(score),
+                               confidence_score=primary(conf), entropy_score=entropy, lams=lams,
                                feature=args.feature, progress=_show_progress(args))
   result = _comparison_result(comp, args.tolerance)
   result.update(traces=args.traces, calibration=args.calibration, how=how,
@@ -718,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score bins per exit of the fitted cascade (default 8)")
   demo.add_argument("--tolerance", type=_fraction, default=0.01,
                     help="accuracy tolerance of the operating points (default 0.01 = 1 point)")
-  demo.add_argument("--seed", type=int, default=0, help="seed of the split and training (default 0)")
+  demo.add_argument("--seed", type=_seed, default=0, help="seed of the split and training (default 0)")
   demo.add_argument("--cache-dir", default=None,
                     help="checkpoint cache (default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
@@ -761,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="lam of the reported objective (default: the policy's)")
   ev.add_argument("--resamples", type=_resamples, default=1000, help="bootstrap resamples (1000)")
   ev.add_argument("--level", type=_fraction, default=0.95, help="confidence level (0.95)")
-  ev.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+  ev.add_argument("--seed", type=_seed, default=0, help="bootstrap seed (0)")
 
   sw = add("sweep", "frontiers of the recall optimum vs every heuristic on traces",
            "Fits a cascade on calibration traces (--calibration, or a random split of\n"
@@ -784,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
   sw.add_argument("--feature", default=None, choices=("agree_prev",), help="see `ttamer fit`")
   sw.add_argument("--tolerance", type=_fraction, default=0.01,
                   help="accuracy tolerance of the operating points (0.01)")
-  sw.add_argument("--seed", type=int, default=0, help="seed of the split (0)")
+  sw.add_argument("--seed", type=_seed, default=0, help="seed of the split (0)")
   sw.add_argument("--plot", default=None, metavar="OUT.png", help="write the Pareto plot here")
   sw.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -108,7 +108,7 @@ def trace_scores(traces, name: str | None) -> chex.Array:
   if name is None or name == PRIMARY_SCORE:
     return traces.scores
   signals = dict(traces.signals or {})
-  if name not in signals:
+  if not isinstance(name, str) or name not in signals:
     raise ValueError(f"signals: the traces have no signal named {name!r} "
                      f"(have {sorted(signals)}; 'scores' is the primary score)")
   return signals[name]

@@ -47,6 +47,11 @@ from ttamer_jax.discretise import DeployedPolicy, check_consistent
 from ttamer_jax.traces import ExitTraces
 
 TESTS = ("g", "chi2")
+TEST_KWARGS = ("alpha", "test", "min_expected", "min_count", "min_distance")
+# Counts must lie below this: float64 holds every integer up to 2**53 exactly.
+MAX_COUNT = 2**53
+# Largest array this module allocates: a [n, K] count table or a monitor's ring buffers.
+MAX_BUFFER_BYTES = 1 << 30
 
 
 # ------------------------------------------------------------------ counts
@@ -61,6 +66,10 @@ def state_counts(states: Any, num_states: int) -> np.ndarray:
   states = validation.as_numpy("states", states, ndim=2, kind="int").astype(np.int64)
   validation.check_int_range("states", states, -1, k)
   n = states.shape[1]
+  if n * k * 8 > MAX_BUFFER_BYTES:
+    raise ValueError(f"num_states = {k}: a [{n}, {k}] count table would take "
+                     f"{n * k * 8 / 2**30:.1f} GiB, over the {MAX_BUFFER_BYTES / 2**30:.0f} GiB "
+                     "limit of MAX_BUFFER_BYTES")
   counts = np.zeros((n, k), np.int64)
   for i in range(n):
     col = states[:, i]
@@ -77,6 +86,8 @@ def reference_states(deployed: DeployedPolicy, traces: ExitTraces, *,
   """
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
+  if not isinstance(consulted_only, (bool, np.bool_)):
+    raise ValueError(f"consulted_only: must be True or False, got {consulted_only!r}")
   check_consistent(deployed, "deployed")
   if deployed.num_stages != traces.num_stages:
     raise ValueError(f"traces: have {traces.num_stages} stages, the policy {deployed.num_stages}")
@@ -146,10 +157,11 @@ class DriftReport:
 
 
 def _check_counts(name: str, counts: Any) -> np.ndarray:
-  arr = validation.as_numpy(name, counts, ndim=2)
+  arr = validation.as_numpy(name, counts, ndim=2, kind="int")  # counts: whole numbers
   if arr.shape[0] < 1 or arr.shape[1] < 1:
     raise ValueError(f"{name}: expected [n, K] counts with n, K >= 1, got shape {arr.shape}")
   validation.check_nonnegative(name, arr)
+  validation.check_int_range(name, arr, 0, MAX_COUNT)
   return arr.astype(np.float64)
 
 
@@ -182,6 +194,10 @@ def holm(p_values: Any) -> np.ndarray:
   """Holm's step-down adjusted p-values (``adjusted <= alpha`` rejects at family-wise level
   ``alpha`` under any dependence)."""
   p = validation.as_numpy("p_values", p_values, ndim=1).astype(np.float64)
+  validation.check_finite("p_values", p)
+  if p.size and (p.min() < 0 or p.max() > 1):
+    bad = float(p.min() if p.min() < 0 else p.max())
+    raise ValueError(f"p_values: must lie in [0, 1], got {bad!r}")
   m = p.size
   order = np.argsort(p, kind="stable")
   adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
@@ -282,10 +298,18 @@ class DriftMonitor:
   def __init__(self, reference: Any, *, window: int = 2000, **test_kwargs):
     self.reference = _check_counts("reference", reference)
     self.window = validation.check_positive_int("window", window)
+    unknown = sorted(set(test_kwargs) - set(TEST_KWARGS))
+    if unknown:
+      raise ValueError(f"{unknown[0]}: not an option of the drift test (options: window, "
+                       f"{', '.join(TEST_KWARGS)})")
     self.test_kwargs = dict(test_kwargs)
     two_sample_test(self.reference, np.zeros_like(self.reference), **self.test_kwargs)  # validate
     n, k = self.reference.shape
-    self._buffer = np.full((n, self.window), -1, np.int64)
+    if n * self.window * 4 > MAX_BUFFER_BYTES:
+      raise ValueError(f"window = {self.window}: {n} ring buffers of that many int32 states would "
+                       f"take {n * self.window * 4 / 2**30:.1f} GiB, over the "
+                       f"{MAX_BUFFER_BYTES / 2**30:.0f} GiB limit of MAX_BUFFER_BYTES")
+    self._buffer = np.full((n, self.window), -1, np.int32)
     self._pos = np.zeros(n, np.int64)
     self._counts = np.zeros((n, k), np.int64)
 

@@ -27,7 +27,7 @@ from ttamer_jax._struct import pytree_dataclass
 from ttamer_jax.discretise import DeployedPolicy, check_consistent, trace_scores
 from ttamer_jax.model import Cascade
 from ttamer_jax.policies import StageObservation, num_states
-from ttamer_jax.simulation import ReplayResult, replay
+from ttamer_jax.simulation import ReplayResult, check_key, check_line_policy, replay
 from ttamer_jax.traces import ExitTraces
 
 
@@ -65,6 +65,9 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
 
 
 # ------------------------------------------------------------------ bootstrap
+MAX_BOOTSTRAP_BYTES = 1 << 30  # largest [num_resamples, C] result bootstrap_means allocates
+
+
 def _percentile_ci(samples: np.ndarray, level: float) -> np.ndarray:
   alpha = (1 - level) / 2
   return np.quantile(samples, [alpha, 1 - alpha], axis=0).T
@@ -88,6 +91,11 @@ def bootstrap_means(key: chex.PRNGKey, columns: Any, num_resamples: int = 1000) 
   """``[R, C]`` bootstrap resample means of the per-request ``columns [N, C]``."""
   num_resamples = validation.check_positive_int("num_resamples", num_resamples)
   columns = jnp.asarray(columns, jnp.float32)
+  need = num_resamples * max(columns.shape[-1], 1) * 8   # the [R, C] float64 result
+  if need > MAX_BOOTSTRAP_BYTES:
+    raise ValueError(f"num_resamples = {num_resamples}: the resample means would take "
+                     f"{need / 2**30:.1f} GiB, over the {MAX_BOOTSTRAP_BYTES / 2**30:.0f} GiB limit "
+                     "of ttamer_jax.evaluation.MAX_BOOTSTRAP_BYTES")
   chunk = max(1, min(num_resamples, (1 << 22) // max(columns.size, 1)))
   return np.asarray(_bootstrap_means(key, columns, num_resamples, chunk), np.float64)
 
@@ -150,7 +158,7 @@ def summarise(result: ReplayResult, full_cost: Any, lam, *, num_stages: int,
   of running every stage."""
   validation.check_scalar_lam(lam)
   _check_level(level)
-  key = jax.random.PRNGKey(0) if key is None else key
+  key = jax.random.PRNGKey(0) if key is None else check_key(key)
   loss = np.asarray(result.loss, np.float64)
   cost = np.asarray(result.cost, np.float64)
   full = np.broadcast_to(np.asarray(full_cost, np.float64), loss.shape)
@@ -213,7 +221,7 @@ def compare_results(a: ReplayResult, b: ReplayResult, lam, *, key=None, num_resa
   """Paired comparison of two replays of the same requests."""
   validation.check_scalar_lam(lam)
   _check_level(level)
-  key = jax.random.PRNGKey(0) if key is None else key
+  key = jax.random.PRNGKey(0) if key is None else check_key(key)
   oa = np.asarray(a.objective(lam), np.float64)
   ob = np.asarray(b.objective(lam), np.float64)
   if oa.shape != ob.shape:
@@ -280,6 +288,7 @@ def policy_metrics(cascade: Cascade, policy) -> PolicyMetrics:
   if components is not None:
     parts = [(w, policy_metrics(cascade, p)) for w, p in components()]
     return _combine(parts)
+  check_line_policy(policy)
   if getattr(policy, "reads_signals", False):
     raise ValueError(f"policy: {type(policy).__name__} reads raw scores or predictions, which a "
                      "Cascade does not model; evaluate it on traces instead")

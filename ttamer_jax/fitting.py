@@ -29,7 +29,7 @@ from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
 from ttamer_jax.discretise import FEATURES, PRIMARY_SCORE, DeployedPolicy, Discretiser, trace_scores
 from ttamer_jax.model import Cascade
-from ttamer_jax.routing import RoutingGraph
+from ttamer_jax.routing import RoutingGraph, skip_costs
 from ttamer_jax.traces import ExitTraces
 
 BINNINGS = ("quantile", "uniform")
@@ -59,8 +59,15 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
     raise ValueError(f"binning: must be one of {BINNINGS}, got {binning!r}")
   scores = validation.as_numpy("scores", scores, ndim=2).astype(np.float64)
   validation.check_finite("scores", scores)
+  validation.to_float("scores", scores, np.float32)  # the edges are stored in float32
   if scores.shape[0] < 1:
     raise ValueError("scores: no samples (N = 0)")
+  if scores.shape[1] < 1:
+    raise ValueError("scores: no stages (n = 0)")
+  if scores.shape[1] * (b - 1) * 4 > MAX_FIT_TABLE_BYTES:  # float32 edges [n, B-1]
+    raise ValueError(f"num_bins = {b}: the bin edges of {scores.shape[1]} stages would exceed the "
+                     f"{MAX_FIT_TABLE_BYTES / 2**30:.0f} GiB limit of "
+                     "ttamer_jax.fitting.MAX_FIT_TABLE_BYTES")
   levels = np.arange(1, b) / b
   if binning == "quantile":
     edges = np.quantile(scores, levels, axis=0).T if b > 1 else np.zeros((scores.shape[1], 0))
@@ -71,6 +78,7 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
       rng = validation.as_numpy("score_range", score_range, ndim=1).astype(np.float64)
       validation.check_shape("score_range", rng, (2,))
       validation.check_finite("score_range", rng)
+      validation.to_float("score_range", rng, np.float32)
       if not rng[0] < rng[1]:
         raise ValueError(f"score_range: low {rng[0]} must be < high {rng[1]}")
       low, high = np.full(scores.shape[1], rng[0]), np.full(scores.shape[1], rng[1])
@@ -90,6 +98,7 @@ def _smoothed_rows(counts: np.ndarray, smoothing: float, prior: np.ndarray) -> n
 
 def _check_fit_args(smoothing, loss_smoothing, prior):
   for name, v in (("smoothing", smoothing), ("loss_smoothing", loss_smoothing)):
+    v = validation.as_float_scalar(name, v)
     if not np.isfinite(v) or v < 0:
       raise ValueError(f"{name} = {v} must be a finite number >= 0")
   if prior not in PRIORS:
@@ -277,6 +286,8 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
   is not defined when exits are skipped, so it is rejected here.
   """
   _check_fit_args(smoothing, loss_smoothing, prior)
+  if discretiser is not None and not isinstance(discretiser, Discretiser):
+    raise ValueError(f"discretiser: expected a Discretiser, got {type(discretiser).__name__}")
   if discretiser is not None and discretiser.feature is not None:
     raise ValueError("discretiser: feature 'agree_prev' is undefined on a skip-line (the previous "
                      "exit may not have run); use feature=None")
@@ -284,15 +295,7 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
                              pairs=lambda n: n * (n - 1) // 2)
   k, n = disc.num_states, traces.num_stages
   stage_costs = _stage_costs(traces)
-  if block_costs is None and head_costs is None:
-    block, head = stage_costs, np.zeros(n)
-  else:
-    block = validation.as_numpy("block_costs", np.zeros(n) if block_costs is None else block_costs, ndim=1)
-    head = validation.as_numpy("head_costs", np.zeros(n) if head_costs is None else head_costs, ndim=1)
-    validation.check_shape("block_costs", block, (n,))
-    validation.check_shape("head_costs", head, (n,))
-    validation.check_nonnegative("block_costs", block)
-    validation.check_nonnegative("head_costs", head)
+  block, head = skip_costs(block_costs, head_costs, np.asarray(stage_costs, np.float64))
   cum = np.concatenate([[0.0], np.cumsum(block)])
   values, counts = _calibrated_values(states, np.asarray(traces.losses, np.float64), k, loss_smoothing)
   src, dst, edge_trans, edge_costs = [], [], [], []

@@ -147,7 +147,7 @@ class EarlyExitNet(nnx.Module):
                          f"[0, {self.vocab_size})")
       return arr.astype(np.int32)
     validation.check_finite(name, arr)
-    return arr.astype(np.float32)
+    return validation.to_float(name, arr, np.float32)  # 1e300 must not become inf
 
 
 # ------------------------------------------------------------------- MLP

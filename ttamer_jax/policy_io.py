@@ -96,9 +96,13 @@ def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
     used.update({f"{prefix}.prob_second", f"{prefix}.key"})
     first = _decode(spec.get("first"), f"{prefix}.first", arrays, path, used)
     second = _decode(spec.get("second"), f"{prefix}.second", arrays, path, used)
-    return MixturePolicy(first=first, second=second,
-                         prob_second=_field(arrays, path, f"{prefix}.prob_second", 0).astype(default_float()),
-                         key=_field(arrays, path, f"{prefix}.key", 1))
+    prob_second = _field(arrays, path, f"{prefix}.prob_second", 0)
+    key = _field(arrays, path, f"{prefix}.key", 1)
+    try:
+      return MixturePolicy(first=first, second=second, prob_second=prob_second.astype(default_float()),
+                           key=key)
+    except ValueError as e:  # "key: ..." -> "field 'policy.key: ..."
+      raise ValueError(f"{path}: field '{prefix}.{e}") from None
   if kind not in _LEAF_TYPES:
     raise ValueError(f"{path}: unknown policy type {kind!r} in the metadata")
   cls, fields, static = _LEAF_TYPES[kind]
@@ -113,7 +117,10 @@ def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
     if values["stop"].dtype != bool or values["stop"].ndim != 2:
       raise ValueError(f"{path}: field '{prefix}.stop' must be a 2-d bool table, got "
                        f"{values['stop'].dtype}{values['stop'].shape}")
-  return cls(**values, **kwargs)
+  try:
+    return cls(**values, **kwargs)
+  except ValueError as e:  # "thresholds: ..." -> "field 'policy.thresholds: ..."
+    raise ValueError(f"{path}: field '{prefix}.{e}") from None
 
 
 def _check_recall(path, prefix, index, values, lam):
@@ -176,6 +183,13 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
   if not isinstance(deployed, DeployedPolicy):
     raise ValueError(f"deployed: expected a DeployedPolicy, got {type(deployed).__name__}")
   n, k = check_consistent(deployed, "deployed")
+  if metadata is not None and not isinstance(metadata, dict):
+    raise ValueError(f"metadata: expected a dict of JSON-serialisable user fields, got "
+                     f"{type(metadata).__name__}")
+  if fit_date is not None and not isinstance(fit_date, str):
+    raise ValueError(f"fit_date: expected an ISO-8601 string, got {type(fit_date).__name__}")
+  if lam is not None:
+    validation.check_scalar_lam(lam)
   arrays: dict[str, np.ndarray] = {}
   spec = _encode(deployed.policy, "policy", arrays)
   from ttamer_jax import __version__
@@ -186,7 +200,7 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
               library_version=__version__, user=dict(metadata or {}))
   try:
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, RecursionError) as e:
     raise ValueError(f"metadata: not JSON-serialisable ({e})") from None
   arrays.update(format_version=np.asarray(POLICY_FORMAT_VERSION, np.int64), kind=np.asarray(_KIND),
                 metadata_json=np.asarray(text), edges=np.asarray(deployed.discretiser.edges))
@@ -227,7 +241,7 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
   for key in ("format_version", "policy", "num_stages", "num_states", "score_name", "feature"):
     if key not in meta:
       raise ValueError(f"{path}: metadata field {key!r} is missing")
-  if meta["format_version"] != int(arrays["format_version"]):
+  if isinstance(meta["format_version"], bool) or meta["format_version"] != int(arrays["format_version"]):
     raise ValueError(f"{path}: metadata format_version {meta['format_version']!r} disagrees with "
                      f"field 'format_version' = {int(arrays['format_version'])}")
   if meta["feature"] not in FEATURES:
@@ -242,8 +256,9 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
   extra = sorted(set(arrays) - used)
   if extra:
     raise ValueError(f"{path}: unexpected field {extra[0]!r}")
+  edges = _field(arrays, path, "edges", 2)
   try:
-    disc = Discretiser(edges=_field(arrays, path, "edges", 2), feature=meta["feature"])
+    disc = Discretiser(edges=edges, feature=meta["feature"])
   except ValueError as e:
     raise ValueError(f"{path}: field '{e}") from None
   deployed = DeployedPolicy(policy=policy, discretiser=disc, score_name=meta["score_name"])

@@ -214,6 +214,25 @@ def line_graph(cascade: Cascade) -> RoutingGraph:
       edge_src=tuple(range(n - 1)), edge_dst=tuple(range(1, n)), entry_nodes=(0,))
 
 
+def skip_costs(block_costs: Any, head_costs: Any, default_block: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """``(block [n], head [n])`` float64 costs of a skip-line's backbone blocks and exit heads.
+
+  Both ``None``: ``default_block`` (the stage costs) and free heads. Otherwise a
+  missing one is zero; each must be ``[n]``, finite and non-negative.
+  """
+  n = default_block.shape[0]
+  if block_costs is None and head_costs is None:
+    return np.asarray(default_block, np.float64), np.zeros(n)
+  out = []
+  for name, arr in (("block_costs", block_costs), ("head_costs", head_costs)):
+    arr = validation.as_numpy(name, np.zeros(n) if arr is None else arr, ndim=1)
+    validation.check_shape(name, arr, (n,))
+    validation.check_nonnegative(name, arr)
+    out.append(arr.astype(np.float64))
+  return out[0], out[1]
+
+
 def skip_line(cascade: Cascade, block_costs: Any = None, head_costs: Any = None, *,
               skip_first: bool = False) -> RoutingGraph:
   """Transitive closure of a line: from stage ``i`` any later ``j`` may be next.
@@ -234,16 +253,7 @@ def skip_line(cascade: Cascade, block_costs: Any = None, head_costs: Any = None,
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
   n, k = cascade.num_stages, cascade.num_states
   trans = np.asarray(cascade.trans, np.float64)
-  if block_costs is None and head_costs is None:
-    block = np.asarray(cascade.costs, np.float64)
-    head = np.zeros(n)
-  else:
-    block = validation.as_numpy("block_costs", np.zeros(n) if block_costs is None else block_costs, ndim=1)
-    head = validation.as_numpy("head_costs", np.zeros(n) if head_costs is None else head_costs, ndim=1)
-    validation.check_shape("block_costs", block, (n,))
-    validation.check_shape("head_costs", head, (n,))
-    validation.check_nonnegative("block_costs", block)
-    validation.check_nonnegative("head_costs", head)
+  block, head = skip_costs(block_costs, head_costs, np.asarray(cascade.costs, np.float64))
   cum_block = np.concatenate([[0.0], np.cumsum(block)])
   src, dst, edge_trans, edge_costs = [], [], [], []
   for i in range(n):

@@ -35,10 +35,11 @@ import numpy as np
 from flax import nnx
 
 from ttamer_jax import validation
-from ttamer_jax.discretise import DeployedPolicy
+from ttamer_jax.discretise import DeployedPolicy, Discretiser
 from ttamer_jax.policies import num_states
 from ttamer_jax.nn import EarlyExitNet, StaticGraph
 from ttamer_jax.profiling import check_signal_name, exit_signal
+from ttamer_jax.simulation import check_line_policy
 from ttamer_jax.training import check_labels
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -82,9 +83,17 @@ class ServeResult:
 # ------------------------------------------------------------ validation
 def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
   """Raises ``ValueError`` unless ``deployed`` can serve ``model``."""
+  if not isinstance(model, EarlyExitNet):
+    raise ValueError(f"model: expected an EarlyExitNet (ttamer_jax.nn), got {type(model).__name__}")
   if not isinstance(deployed, DeployedPolicy):
     raise ValueError(f"policy: expected a DeployedPolicy (policy + discretiser + score name), "
                      f"got {type(deployed).__name__}")
+  check_line_policy(deployed.policy)
+  if not isinstance(deployed.discretiser, Discretiser):
+    raise ValueError(f"discretiser: expected a Discretiser, got {type(deployed.discretiser).__name__}")
+  if getattr(deployed.policy, "reads_true_loss", False):
+    raise ValueError(f"policy: {type(deployed.policy).__name__} reads the true losses (an oracle "
+                     "for offline evaluation); it cannot serve")
   n = model.num_stages
   if deployed.policy.num_stages != n:
     raise ValueError(f"policy: built for {deployed.policy.num_stages} stages but the network "

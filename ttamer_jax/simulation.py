@@ -19,7 +19,7 @@ import numpy as np
 
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
-from ttamer_jax.model import Cascade
+from ttamer_jax.model import Cascade, default_float
 from ttamer_jax.policies import GraphPolicy, StageObservation, num_states
 from ttamer_jax.routing import RoutingGraph
 
@@ -91,6 +91,38 @@ def _sample_states(key, cascade: Cascade, num_paths: int):
 
 
 # ---------------------------------------------------------------- replay
+def check_key(key: Any, name: str = "key"):
+  """A PRNG key (typed, or raw ``[2]`` uint32 data); ``ValueError`` naming ``name`` otherwise."""
+  if not validation.is_concrete(key):
+    return key
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"{name}: expected one PRNG key, got a key array of shape {key.shape}")
+    return key
+  arr = validation.as_numpy(name, key, kind="int")
+  if arr.shape != (2,) or arr.dtype.kind == "b":
+    raise ValueError(f"{name}: expected a PRNG key (jax.random.PRNGKey: shape (2,) uint32), got "
+                     f"dtype {arr.dtype} shape {arr.shape}")
+  validation.check_int_range(name, arr, 0, 2**32)
+  return jnp.asarray(arr, jnp.uint32)
+
+
+def check_line_policy(policy: Any, name: str = "policy") -> None:
+  """``policy`` implements the line-policy protocol (:mod:`ttamer_jax.policies`)."""
+  if not all(hasattr(policy, a) for a in ("recall", "num_stages", "estimate", "initial_carry",
+                                           "step")):
+    raise ValueError(f"{name}: expected a line policy (see ttamer_jax.policies), got "
+                     f"{type(policy).__name__}")
+
+
+def _check_num_paths(num_paths: Any) -> int:
+  num_paths = validation.check_positive_int("num_paths", num_paths)
+  if num_paths > validation.INT32_MAX:  # path counters and offsets are int32 on device
+    raise ValueError(f"num_paths = {num_paths} exceeds {validation.INT32_MAX}; average several "
+                     "calls with different keys")
+  return num_paths
+
+
 def _check_policy_stages(policy, n: int, field: str) -> None:
   if policy.num_stages != n:
     raise ValueError(
@@ -130,6 +162,7 @@ def replay(policy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
     scores: optional ``[N, n]`` float raw exit scores (for heuristics).
     preds: optional ``[N, n]`` int exit predictions (for heuristics).
   """
+  check_line_policy(policy)
   arrays = dict(states=states, losses=losses, costs=costs, scores=scores, preds=preds)
   if all(validation.is_concrete(a) for a in arrays.values() if a is not None):
     states_np = _check_states(states, policy)
@@ -140,13 +173,21 @@ def replay(policy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
     losses_np = validation.as_numpy("losses", losses, ndim=2)
     validation.check_shape("losses", losses_np, (num, n))
     validation.check_finite("losses", losses_np)
+    validation.to_float("losses", losses_np, default_float())  # float32 overflow -> inf
     costs_np = validation.as_numpy("costs", costs)
     if costs_np.shape not in ((n,), (num, n)):
       raise ValueError(f"costs: expected shape ({n},) or ({num}, {n}), got {costs_np.shape}")
     validation.check_nonnegative("costs", costs_np)
-    for name, arr in (("scores", scores), ("preds", preds)):
-      if arr is not None:
-        validation.check_shape(name, validation.as_numpy(name, arr, ndim=2), (num, n))
+    validation.to_float("costs", costs_np, default_float())
+    if scores is not None:  # a NaN score never crosses a threshold: refuse it
+      scores_np = validation.as_numpy("scores", scores, ndim=2)
+      validation.check_shape("scores", scores_np, (num, n))
+      validation.check_finite("scores", scores_np)
+      validation.to_float("scores", scores_np, default_float())
+    if preds is not None:
+      preds_np = validation.as_numpy("preds", preds, ndim=2, kind="int")
+      validation.check_shape("preds", preds_np, (num, n))
+      validation.check_int32("preds", preds_np)
   num, n = jnp.shape(states)
   scores = jnp.zeros((num, n)) if scores is None else scores
   preds = jnp.zeros((num, n), jnp.int32) if preds is None else preds
@@ -190,7 +231,11 @@ def replay_cascade(policy, cascade: Cascade, states: Any) -> ReplayResult:
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
   if validation.is_concrete(states):
     states_np = validation.as_numpy("states", states, ndim=2, kind="int")
+    if states_np.shape[1] != cascade.num_stages:
+      raise ValueError(f"states: has {states_np.shape[1]} stages but the cascade has "
+                       f"{cascade.num_stages}")
     validation.check_int_range("states", states_np, 0, cascade.num_states)
+    check_line_policy(policy)
     _check_policy_states(policy, cascade.num_states, "cascade")
   states = jnp.asarray(states, jnp.int32)
   losses = cascade.values[jnp.arange(cascade.num_stages)[None, :], states]
@@ -230,10 +275,12 @@ def monte_carlo(key: chex.PRNGKey, cascade: Cascade, policy, lam, num_paths: int
   per chunk and combined in the result dtype.
   """
   validation.check_scalar_lam(lam)
-  num_paths = validation.check_positive_int("num_paths", num_paths)
+  num_paths = _check_num_paths(num_paths)
   chunk_size = validation.check_positive_int("chunk_size", chunk_size)
+  key = check_key(key)
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
+  check_line_policy(policy)
   _check_policy_stages(policy, cascade.num_stages, "cascade")
   _check_policy_states(policy, cascade.num_states, "cascade")
   chunk = min(chunk_size, num_paths)
@@ -310,7 +357,8 @@ def _walk_graph(policy: GraphPolicy, graph: RoutingGraph, first_state, next_stat
 def simulate_graph(key: chex.PRNGKey, graph: RoutingGraph, policy: GraphPolicy,
                    num_paths: int) -> ReplayResult:
   """Samples ``num_paths`` requests routed by ``policy`` (states drawn along the way)."""
-  num_paths = validation.check_positive_int("num_paths", num_paths)
+  num_paths = _check_num_paths(num_paths)
+  key = check_key(key)
   _check_graph_policy(policy, graph)
   return _simulate_graph(key, graph, policy, num_paths)
 
@@ -361,6 +409,7 @@ def replay_graph(policy: GraphPolicy, graph: RoutingGraph, states: Any, losses: 
     losses_np = validation.as_numpy("losses", losses, ndim=2)
     validation.check_shape("losses", losses_np, states_np.shape)
     validation.check_finite("losses", losses_np)
+    validation.to_float("losses", losses_np, default_float())
   return _replay_graph(policy, graph, states, jnp.asarray(losses))
 
 

@@ -40,6 +40,8 @@ def _validated_traces(scores, preds, losses, costs, signals, labels):
     raise ValueError(f"costs: expected shape ({n},) or ({num}, {n}), got {costs.shape}")
   validation.check_nonnegative("costs", costs)
   checked = {}
+  if signals is not None and not isinstance(signals, Mapping):
+    raise ValueError(f"signals: expected a mapping {{name: [N, n] array}}, got {type(signals).__name__}")
   for name, sig in dict(signals or {}).items():
     if not isinstance(name, str) or not name:
       raise ValueError(f"signals: keys must be non-empty strings, got {name!r}")
@@ -83,7 +85,8 @@ class ExitTraces:
   labels: Any = None
 
   def __post_init__(self):
-    leaves = [self.scores, self.preds, self.losses, self.costs, *dict(self.signals or {}).values()]
+    signals = self.signals if isinstance(self.signals, Mapping) else {}  # else refused below
+    leaves = [self.scores, self.preds, self.losses, self.costs, *dict(signals).values()]
     if self.labels is not None:
       leaves.append(self.labels)
     if not all(validation.is_concrete(x) for x in leaves):
@@ -107,7 +110,7 @@ class ExitTraces:
 
   def with_score(self, name: str) -> "ExitTraces":
     """A copy whose ``scores`` are the named signal (the old scores stay in ``signals``)."""
-    if name not in self.signals:
+    if not isinstance(name, str) or name not in self.signals:
       raise ValueError(f"signals: no signal named {name!r} (have {sorted(self.signals)})")
     return self.replace(scores=self.signals[name])
 
@@ -147,6 +150,9 @@ def sample_traces(key: chex.PRNGKey, cascade, num_samples: int, *, loss: str = "
   from ttamer_jax.simulation import sample_states  # simulation imports policies only.
   import jax
 
+  from ttamer_jax.model import Cascade
+  if not isinstance(cascade, Cascade):
+    raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
   if loss not in ("bernoulli", "expected"):
     raise ValueError(f"loss: must be 'bernoulli' or 'expected', got {loss!r}")
   num_samples = validation.check_positive_int("num_samples", num_samples)
@@ -174,7 +180,11 @@ def split_traces(key: chex.PRNGKey, traces: ExitTraces, fraction: float = 0.5
   """A random ``(first, second)`` split; ``first`` holds ``round(fraction * N)`` samples."""
   import jax
 
-  fraction = float(fraction)
+  if not isinstance(traces, ExitTraces):
+    raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
+  fraction = validation.as_float_scalar("fraction", fraction)
+  if not np.isfinite(fraction):
+    raise ValueError(f"fraction = {fraction} must be finite")
   num = traces.num_samples
   size = int(round(fraction * num))
   if not 0 < size < num:
@@ -246,6 +256,9 @@ def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None
       expanded = sum(info.file_size for info in archive.zip.infolist())
     except Exception as e:
       raise ValueError(f"{path}: corrupt {what} archive directory ({e})") from None
+    if len(set(keys)) != len(keys):  # zip readers disagree on which copy they return
+      dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+      raise ValueError(f"{path}: field {dup!r} appears more than once in the archive")
     check_expanded_size(path, what, expanded, limit)
     for key in keys:
       try:
@@ -321,6 +334,11 @@ def load_traces(path: str | os.PathLike, *, max_bytes: int | None = None) -> Exi
   for name in ("scores", "preds", "losses", "costs", "signal_names"):
     if name not in fields:
       raise ValueError(f"{path}: field {name!r} is missing")
+  for name, arr in fields.items():  # save_traces writes real numbers and integers only
+    kinds = "iu" if name in ("preds", "labels", "format_version") else "fiu"
+    if name not in ("kind", "signal_names") and arr.dtype.kind not in kinds:
+      raise ValueError(f"{path}: field {name!r} has dtype {arr.dtype} (expected "
+                       f"{'an integer' if kinds == 'iu' else 'a real number'} type)")
   names = fields["signal_names"]
   if names.ndim != 1 or (names.size and names.dtype.kind != "U"):
     raise ValueError(f"{path}: field 'signal_names' must be a 1-d array of strings")
@@ -367,7 +385,14 @@ def _column(df, name: str, kind: str = "float") -> np.ndarray:
   if values.dtype.kind == "f" and np.isnan(values).any():
     row = int(np.flatnonzero(np.isnan(values))[0])
     raise ValueError(f"column {name!r}: missing value (NaN) in row {row}")
-  return validation.as_numpy(f"column {name!r}", values, kind=kind)
+  values = validation.as_numpy(f"column {name!r}", values, kind=kind)
+  if kind == "int":  # before any cast: 1e30 would wrap to a garbage int64
+    bad = (values < validation.INT32_MIN) | (values > validation.INT32_MAX)
+    if bad.any():
+      row = int(np.flatnonzero(bad)[0])
+      raise ValueError(f"column {name!r}: value {values[row].item()!r} in row {row} does not fit "
+                       "int32")
+  return values
 
 
 def _collapse_costs(costs: np.ndarray) -> np.ndarray:
@@ -460,7 +485,9 @@ def _from_wide(df) -> ExitTraces:
   for c in df.columns:
     base, sep, idx = str(c).rpartition("_")
     if sep and base and idx.isdigit():
-      groups.setdefault(base, {})[int(idx)] = c
+      other = groups.setdefault(base, {}).setdefault(int(idx), c)
+      if other is not c:
+        raise ValueError(f"column {str(c)!r}: same stage {int(idx)} as column {str(other)!r}")
   if "score" not in groups:
     raise ValueError("column 'score_0': missing from the wide-form table (need score_i, pred_i, "
                      "loss_i, cost_i for every stage i)")
@@ -508,6 +535,20 @@ def traces_to_table(traces: ExitTraces, *, form: str = "long"):
   return pd.DataFrame(cols)
 
 
+def _parquet_size(path: str) -> int:
+  """Bytes a Parquet table expands to in memory (from its footer; >= 8 per cell)."""
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ImportError("reading Parquet trace tables needs pyarrow (pip install pyarrow)") from None
+  try:
+    meta = pq.read_metadata(path)
+    return max(meta.num_rows * meta.num_columns * 8,
+               sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)))
+  except Exception as e:  # corrupt footer (ArrowInvalid, OSError)
+    raise ValueError(f"{path}: cannot be read as a trace table ({type(e).__name__}: {e})") from None
+
+
 def load_traces_table(path: str | os.PathLike, *, form: str | None = None,
                       max_bytes: int | None = None) -> ExitTraces:
   """Reads a ``.csv`` or ``.parquet`` trace table (needs pandas; Parquet needs pyarrow).
@@ -520,7 +561,9 @@ def load_traces_table(path: str | os.PathLike, *, form: str | None = None,
   ext = os.path.splitext(path)[1].lower()
   if ext not in (".csv", ".parquet", ".pq"):
     raise ValueError(f"{path}: unknown table extension {ext!r} (use .csv or .parquet)")
-  check_file_size(path, "trace table", max_bytes)
+  limit = check_file_size(path, "trace table", max_bytes)
+  if ext != ".csv":  # compressed columns: refuse a table that would expand past the limit
+    check_expanded_size(path, "trace table", _parquet_size(path), limit)
   try:
     df = pd.read_csv(path) if ext == ".csv" else pd.read_parquet(path)
   except (FileNotFoundError, ImportError):

@@ -300,7 +300,7 @@ def save_checkpoint(path: str | os.PathLike, model: EarlyExitNet, *,
               config=_jsonable(model.config()), metadata=metadata or {})
   try:
     meta_json = json.dumps(meta)
-  except TypeError as e:
+  except (TypeError, ValueError, RecursionError) as e:  # ValueError: circular reference
     raise ValueError(f"metadata: not JSON-serialisable ({e})") from None
   arrays = {_PARAM_PREFIX + name: np.asarray(leaf) for name, leaf in zip(names, leaves)}
   arrays[_META_KEY] = np.asarray(meta_json)
@@ -318,10 +318,14 @@ def _read_checkpoint(path, max_bytes=None):
     raise ValueError(f"checkpoint {path!r}: is a directory")
   limit = check_file_size(path, "checkpoint", max_bytes)
   try:
-    with np.load(path, allow_pickle=False) as data:
-      if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError("a single .npy array, not an .npz archive")
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):  # (an ndarray is no context manager)
+      raise ValueError("a single .npy array, not an .npz archive")
+    with data:
       check_expanded_size(path, "checkpoint", sum(i.file_size for i in data.zip.infolist()), limit)
+      if len(set(data.files)) != len(data.files):  # zip readers disagree on which copy wins
+        raise ValueError(f"entry {next(k for i, k in enumerate(data.files) if k in data.files[:i])!r} "
+                         "appears more than once")
       files = {k: data[k] for k in data.files}
   except Exception as e:
     raise ValueError(f"checkpoint {path!r}: not a readable .npz file ({e})") from None
@@ -336,12 +340,16 @@ def _read_checkpoint(path, max_bytes=None):
   if not isinstance(meta, dict):
     raise ValueError(f"checkpoint {path!r}: corrupt metadata (not a JSON object)")
   version = meta.get("format_version")
-  if version != CHECKPOINT_FORMAT_VERSION:
+  if type(version) is not int or version != CHECKPOINT_FORMAT_VERSION:  # not True, not 1.0
     raise ValueError(f"checkpoint {path!r}: format_version {version!r} is not supported "
                      f"(expected {CHECKPOINT_FORMAT_VERSION})")
   for field in ("model", "config"):
     if field not in meta:
       raise ValueError(f"checkpoint {path!r}: metadata lacks {field!r}")
+  other = sorted(k for k in files if not k.startswith(_PARAM_PREFIX))
+  if other:
+    raise ValueError(f"checkpoint {path!r}: unexpected entry {other[0]!r} (neither "
+                     f"{_META_KEY!r} nor a {_PARAM_PREFIX!r} parameter)")
   params = {k[len(_PARAM_PREFIX):]: v for k, v in files.items() if k.startswith(_PARAM_PREFIX)}
   return meta, params
 
@@ -369,7 +377,15 @@ def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None, 
   meta, params = _read_checkpoint(path, max_bytes)
   if model is None:
     if not isinstance(meta["model"], str) or meta["model"] not in MODELS:
-      raise ValueError(f"checkpoint {path!r}: unknown network {meta['model']!r}")
+      raise ValueError(f"checkpoint {path!r}: unknown network {meta['model']!r} (metadata 'model')")
+    # Parameter shapes first, without allocating: a hand-edited config (hidden = 10**9)
+    # must be refused, not built.
+    try:
+      abstract = nnx.eval_shape(lambda: build_model(meta["model"], meta["config"]))
+    except ValueError as e:
+      raise ValueError(f"checkpoint {path!r}: metadata 'config' does not build a "
+                       f"{meta['model']} ({e})") from None
+    _match_params(path, abstract, params)
     model = build_model(meta["model"], meta["config"])
   if type(model).__name__ != meta["model"]:
     raise ValueError(f"checkpoint {path!r}: holds a {meta['model']}, cannot load into a "
@@ -377,13 +393,25 @@ def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None, 
   if _jsonable(model.config()) != meta["config"]:
     raise ValueError(f"checkpoint {path!r}: config {meta['config']} differs from the model's "
                      f"{_jsonable(model.config())}")
+  names, treedef = _match_params(path, model, params)
+  new = []
+  for name in names:
+    arr = params[name]
+    validation.check_finite(f"checkpoint parameter {name!r}", arr)
+    new.append(jnp.asarray(arr))
+  nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
+  return model
+
+
+def _match_params(path, model, params):
+  """``(names, treedef)`` of ``model``'s parameters once ``params`` match them in name,
+  shape and dtype (``model`` may be abstract, from ``nnx.eval_shape``)."""
   names, leaves, treedef = _param_arrays(model)
   missing = sorted(set(names) - set(params))
   unexpected = sorted(set(params) - set(names))
   if missing or unexpected:
     raise ValueError(f"checkpoint {path!r}: parameters do not match the model "
                      f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-  new = []
   for name, leaf in zip(names, leaves):
     arr = params[name]
     if arr.shape != leaf.shape:
@@ -392,7 +420,4 @@ def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None, 
     if arr.dtype != leaf.dtype:
       raise ValueError(f"checkpoint {path!r}: parameter {name!r} has dtype {arr.dtype}, "
                        f"model expects {leaf.dtype}")
-    validation.check_finite(f"checkpoint parameter {name!r}", arr)
-    new.append(jnp.asarray(arr))
-  nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
-  return model
+  return names, treedef
