@@ -77,3 +77,14 @@ def test_digits_pipeline_quick(tmp_path):
   np.testing.assert_array_equal(again.test.preds, prep.test.preds)
   comp = P.compare_policies(prep.calibration, prep.test, num_states=4, lams=np.linspace(0, 1, 11))
   assert np.all(np.isfinite(comp.test["recall"].error))
+
+
+def test_the_primary_signal_may_be_named_scores(synthetic):
+  lams = np.array([0.5, 0.97])
+  named = P.compare_policies(synthetic.calibration, synthetic.test, num_states=4, lams=lams,
+                             score="scores", confidence_score="scores")
+  default = P.compare_policies(synthetic.calibration, synthetic.test, num_states=4, lams=lams,
+                               score=None, confidence_score=None)
+  for family in ("recall", "confidence"):
+    np.testing.assert_array_equal(named.test[family].error, default.test[family].error)
+    np.testing.assert_array_equal(named.test[family].cost, default.test[family].cost)

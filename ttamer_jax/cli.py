@@ -571,10 +571,9 @@ def _sweep(args) -> int:
   score, conf, entropy = resolve_signals(calibration, args.score, args.confidence_score)
   resolve_signals(test, score, conf)
   lams = args.lam if args.lam is not None else None
-  primary = lambda name: None if name == "scores" else name  # compare_policies: None = primary
-  comp = pipeline.compare_policies(calibration, test, num_states=args.states, score=primary(score),
-                               confidence_score=primary(conf), entropy_score=entropy, lams=lams,
-                               feature=args.feature, progress=_show_progress(args))
+  comp = pipeline.compare_policies(calibration, test, num_states=args.states, score=score,
+                                   confidence_score=conf, entropy_score=entropy, lams=lams,
+                                   feature=args.feature, progress=_show_progress(args))
   result = _comparison_result(comp, args.tolerance)
   result.update(traces=args.traces, calibration=args.calibration, how=how,
                 lams=np.asarray(comp.lams))

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from ttamer_jax import frontier, validation
+from ttamer_jax.discretise import PRIMARY_SCORE
 from ttamer_jax.fitting import FittedCascade, fit_cascade
 from ttamer_jax.frontier import SweepResult
 from ttamer_jax.traces import ExitTraces
@@ -174,8 +175,8 @@ def compare_policies(calibration: ExitTraces, test: ExitTraces, *, num_states: i
   Args:
     calibration, test: exit traces of the same stages.
     num_states: states of the fitted cascade (score bins, times 2 with ``feature``).
-    score: signal the fitted recall / no-recall policies discretise (``None``:
-      the primary ``scores``).
+    score: signal the fitted recall / no-recall policies discretise (``None`` or
+      ``"scores"``: the primary ``scores``).
     confidence_score: signal the confidence-threshold heuristics compare
       (``score >= t``; higher = more confident).
     entropy_score: signal of the entropy heuristic (``score <= t``; ``None`` or
@@ -187,6 +188,9 @@ def compare_policies(calibration: ExitTraces, test: ExitTraces, *, num_states: i
   """
   lams = default_lams() if lams is None else validation.as_numpy("lams", lams, ndim=1)
   signals = dict(calibration.signals or {})
+  # The primary signal may be named like everywhere else ("scores") or left as None.
+  score = None if score == PRIMARY_SCORE else score
+  confidence_score = None if confidence_score == PRIMARY_SCORE else confidence_score
   for name, value in (("score", score), ("confidence_score", confidence_score)):
     if value is not None and value not in signals:
       raise ValueError(f"{name}: traces have no signal {value!r} (have {sorted(signals)})")

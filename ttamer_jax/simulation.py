@@ -191,8 +191,32 @@ def replay(policy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
   num, n = jnp.shape(states)
   scores = jnp.zeros((num, n)) if scores is None else scores
   preds = jnp.zeros((num, n), jnp.int32) if preds is None else preds
-  return _replay(policy, jnp.asarray(states, jnp.int32), jnp.asarray(losses),
-                 jnp.asarray(costs), jnp.asarray(scores), jnp.asarray(preds, jnp.int32))
+  args = (policy, jnp.asarray(states, jnp.int32), jnp.asarray(losses), jnp.asarray(costs),
+          jnp.asarray(scores), jnp.asarray(preds, jnp.int32))
+  if all(validation.is_concrete(a) for a in args[1:]):
+    _check_single_policy(args, num)
+  return _replay(*args)
+
+
+def _check_single_policy(args, num: int) -> None:
+  """A batch of policies (fields with leading grid axes) must not reach the scan:
+  it fails there with a broadcasting error that names nothing, or replays a
+  grid silently mixed with the requests. Tracing only (no compute)."""
+  policy = args[0]
+  try:
+    out = jax.eval_shape(_replay, *args)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"policy: this {type(policy).__name__} does not run on a batch of {num} "
+                     f"requests ({_first_line(e)}); is it a grid of policies? Replay one at a "
+                     "time or jax.vmap over the grid") from None
+  if out.stop_stage.shape != (num,):
+    raise ValueError(f"policy: this {type(policy).__name__} returns decisions of shape "
+                     f"{out.stop_stage.shape} for {num} requests; is it a grid of policies? "
+                     "Replay one at a time or jax.vmap over the grid")
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
 @jax.jit
