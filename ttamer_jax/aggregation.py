@@ -106,8 +106,6 @@ def solve_recall_aggregated(agg: AggregatedCascade, lam, *, precision=DEFAULT_PR
   if not isinstance(agg, AggregatedCascade):
     raise ValueError(f"agg: expected an AggregatedCascade, got {type(agg).__name__}")
   validation.check_scalar_lam(lam)
-  if validation.is_concrete(lam) and np.ndim(lam) != 0:
-    raise ValueError(f"lam: expected a scalar, got shape {np.shape(lam)}")
   return _solve_recall_factored(agg, lam, grid_size_for(agg.values), precision)
 
 

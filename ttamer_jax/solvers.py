@@ -115,9 +115,7 @@ def default_x_chunk(grid_size: int, num_states: int, itemsize: int = 4) -> int |
 def _check_inputs(cascade: Cascade, lam: Any) -> None:
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
-  validation.check_lam(lam)
-  if validation.is_concrete(lam) and np.ndim(lam) != 0:
-    raise ValueError(f"lam: expected a scalar, got shape {np.shape(lam)} (vmap over lam for a sweep)")
+  validation.check_scalar_lam(lam)
 
 
 # Above this many states ``solve_recall`` solves a soft state aggregation of the

@@ -101,7 +101,7 @@ def check_scalar_lam(lam: Any) -> None:
   check_lam(lam)
   if is_concrete(lam) and np.ndim(lam) != 0:
     raise ValueError(f"lam: expected one number, got shape {np.shape(lam)} "
-                     "(use ttamer_jax.sweep for many lam values)")
+                     "(jax.vmap over lam, or ttamer_jax.sweep, for many lam values)")
 
 
 def to_float(name: str, arr: np.ndarray, dtype: Any) -> np.ndarray:
