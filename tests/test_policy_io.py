@@ -194,7 +194,7 @@ def test_unsupported_and_atomic(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(np, "savez", boom)
+  monkeypatch.setattr(np.lib.format, "write_array", boom)
   with pytest.raises(OSError, match="disk full"):
     P.save_policy(path, _deployed("no_recall"))
   assert path.read_bytes() == before

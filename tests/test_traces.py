@@ -156,7 +156,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
   def boom(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(np, "savez", boom)
+  monkeypatch.setattr(np.lib.format, "write_array", boom)
   with pytest.raises(OSError, match="disk full"):
     T.save_traces(path, _traces(seed=1))
   assert path.read_bytes() == before

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import tempfile
 import zipfile
-from typing import Iterator
+from typing import Iterator, Mapping
+
+import numpy as np
 
 
 # Default size limit of every loader: 1 GiB (about 40 million requests x 4 stages
@@ -100,35 +101,17 @@ def write_text(path: str | os.PathLike, text: str) -> None:
       f.write(text)
 
 
-# 1980-01-01 00:00 as MS-DOS (time, date): the earliest time a zip can record.
-_ZIP_EPOCH = struct.pack("<HH", 0, (0 << 9) | (1 << 5) | 1)
+# The earliest time a zip can record: every member gets it, so equal arrays give
+# bit-identical files (np.savez stamps the current time; hashable artefacts and
+# reproducible runs need a constant).
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def fix_zip_times(path: str | os.PathLike) -> None:
-  """Sets every member's modification time in the zip ``path`` to 1980-01-01, in place.
-
-  ``np.savez`` stamps each member with the current time, so two saves of equal
-  arrays differ in a few header bytes. With the stamps fixed, equal contents give
-  bit-identical files (hashable artefacts, reproducible runs). Only the time and
-  date fields of the local and central headers change; no CRC covers them.
-  """
-  with zipfile.ZipFile(path) as z:
-    offsets = [info.header_offset for info in z.infolist()]
-    start_dir = z.start_dir
-  with open(path, "r+b") as f:
-    for offset in offsets:
-      f.seek(offset)
-      if f.read(4) != b"PK\x03\x04":
-        raise ValueError(f"{os.fspath(path)}: unexpected zip layout (local header)")
-      f.seek(offset + 10)
-      f.write(_ZIP_EPOCH)
-    pos = start_dir
-    for _ in offsets:
-      f.seek(pos)
-      head = f.read(46)
-      if head[:4] != b"PK\x01\x02":
-        raise ValueError(f"{os.fspath(path)}: unexpected zip layout (central directory)")
-      name_len, extra_len, comment_len = struct.unpack("<HHH", head[28:34])
-      f.seek(pos + 12)
-      f.write(_ZIP_EPOCH)
-      pos += 46 + name_len + extra_len + comment_len
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+  """Writes ``arrays`` as an uncompressed ``.npz`` (``np.load`` reads it) with fixed
+  member timestamps; object arrays are refused (never pickled)."""
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    for name, arr in arrays.items():
+      info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+      with archive.open(info, "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)

@@ -17,7 +17,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 
-from ttamer_jax._io import atomic_path, check_expanded_size, check_file_size, fix_zip_times
+from ttamer_jax._io import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax import validation
 from ttamer_jax._struct import pytree_dataclass
 
@@ -223,9 +223,7 @@ def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
   payload["checksum_names"] = np.asarray(names, dtype=str)
   payload["checksums"] = np.stack([_digest(k, arrays[k]) for k in names]) if names else np.zeros((0, 32), np.uint8)
   with atomic_path(path, ".npz") as tmp:
-    with open(tmp, "wb") as f:
-      np.savez(f, **payload)
-    fix_zip_times(tmp)  # equal arrays -> bit-identical files
+    write_npz(tmp, payload)
 
 
 def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None

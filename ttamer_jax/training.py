@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ttamer_jax._io import atomic_path, check_expanded_size, check_file_size, fix_zip_times
+from ttamer_jax._io import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax import validation
 from ttamer_jax.nn import MODELS, EarlyExitNet, StaticGraph, build_model, predict
 
@@ -305,9 +305,7 @@ def save_checkpoint(path: str | os.PathLike, model: EarlyExitNet, *,
   arrays = {_PARAM_PREFIX + name: np.asarray(leaf) for name, leaf in zip(names, leaves)}
   arrays[_META_KEY] = np.asarray(meta_json)
   with atomic_path(path, ".npz") as tmp:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    fix_zip_times(tmp)  # equal parameters -> bit-identical files
+    write_npz(tmp, arrays)
 
 
 def _read_checkpoint(path, max_bytes=None):
