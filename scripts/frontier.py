@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Accuracy/cost frontiers of recall-optimal policies vs the deployed heuristics.
 
-Built-in workload: exit traces sampled from :func:`ttamer_jax.frontier.overthinking_cascade`
+Built-in workload: exit traces sampled from :func:`ttamer_jax.overthinking_cascade`
 (a cascade whose deeper models sometimes "over-think") with correlated mistakes and
 max-softmax / entropy / learned-error signals. The traces are split in two: the
 policies are fitted (and the heuristics' grids built and tuned) on the calibration
@@ -54,12 +54,12 @@ def _parse(argv):
 
 
 def _hindsight_sweep(traces, lams):
-  from ttamer_jax import baselines, evaluation
-  from ttamer_jax.frontier import SweepResult
+  import ttamer_jax as tj
+  from ttamer_jax import ReplaySweep as SweepResult
   full = float(np.asarray(traces.cost_matrix(), np.float64).sum(1).mean())
   err, cost = [], []
   for lam in _progress(lams, "hindsight"):
-    res = evaluation.replay_traces(baselines.hindsight_policy(traces.losses, traces.costs, lam), traces)
+    res = tj.replay_traces(tj.hindsight_policy(traces.losses, traces.costs, lam), traces)
     err.append(float(np.mean(res.loss)))
     cost.append(float(np.mean(res.cost)))
   n = traces.num_stages
@@ -98,34 +98,34 @@ def main(argv=None) -> int:
   import jax
 
   import ttamer_jax  # noqa: F401  (version)
-  from ttamer_jax import evaluation, fitting, frontier, slo, traces as tr_mod
+  import ttamer_jax as tj
 
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
   key = jax.random.PRNGKey(args.seed)
   k_tr, k_split, k_slo, k_pert = jax.random.split(key, 4)
-  cascade = frontier.overthinking_cascade(args.stages, args.true_states)
-  traces = frontier.workload_traces(k_tr, cascade, args.samples)
-  calib, held = tr_mod.split_traces(k_split, traces, 0.5)
+  cascade = tj.overthinking_cascade(args.stages, args.true_states)
+  traces = tj.workload_traces(k_tr, cascade, args.samples)
+  calib, held = tj.split_traces(k_split, traces, 0.5)
   print(f"Workload: over-thinking cascade, {args.stages} stages, true resolution {args.true_states}; "
         f"{calib.num_samples} calibration + {held.num_samples} held-out traces (0/1 loss).")
-  fit = fitting.fit_cascade(calib, args.bins, score="error_prob")
-  fit_agree = fitting.fit_cascade(calib, 2 * args.bins, score="error_prob", feature="agree_prev")
+  fit = tj.fit_cascade(calib, args.bins, score="error_prob")
+  fit_agree = tj.fit_cascade(calib, 2 * args.bins, score="error_prob", feature="agree_prev")
   print(f"Fitted: {args.bins} quantile bins of 'error_prob' (recall, no-recall); "
         f"x agree-with-previous-exit ({2 * args.bins} states) for recall+agree.\n")
 
   lams = np.linspace(0.0, 1.0, args.lams + 1)[1:]
-  sweeps = {"recall": frontier.sweep_recall(fit, held, lams),
-            "recall+agree": frontier.sweep_recall(fit_agree, held, lams),
-            "no-recall": frontier.sweep_no_recall(fit, held, lams)}
-  heur_held = frontier.heuristic_sweeps(calib, held, confidence_score="max_softmax", entropy_score="entropy")
-  heur_cal = frontier.heuristic_sweeps(calib, calib, confidence_score="max_softmax", entropy_score="entropy")
+  sweeps = {"recall": tj.sweep_recall(fit, held, lams),
+            "recall+agree": tj.sweep_recall(fit_agree, held, lams),
+            "no-recall": tj.sweep_no_recall(fit, held, lams)}
+  heur_held = tj.heuristic_sweeps(calib, held, confidence_score="max_softmax", entropy_score="entropy")
+  heur_cal = tj.heuristic_sweeps(calib, calib, confidence_score="max_softmax", entropy_score="entropy")
   names = {"confidence": "confidence", "per_stage": "per-stage", "entropy": "entropy",
            "patience": "patience", "fixed_exit": "fixed-exit"}
   for k, v in names.items():
     sweeps[v] = heur_held[k]
   sweeps["hindsight"] = _hindsight_sweep(held, lams)
-  fronts = {name: frontier.pareto_front(sw.cost_norm, sw.error) for name, sw in sweeps.items()}
+  fronts = {name: tj.pareto_front(sw.cost_norm, sw.error) for name, sw in sweeps.items()}
 
   # ---- table 1: frontiers
   ref = sweeps["recall"]
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
   print(f"{'method':>13} {'points':>6} {'pareto':>6} {'min cost':>9} {'min error':>10} {'gap vs recall':>14}")
   table1 = []
   for name, sw in sweeps.items():
-    gap = frontier.frontier_gap(ref.cost_norm, ref.error, sw.cost_norm, sw.error)
+    gap = tj.frontier_gap(ref.cost_norm, ref.error, sw.cost_norm, sw.error)
     row = dict(method=name, points=int(np.size(sw.param)), pareto=int(fronts[name].size),
                min_cost=float(np.min(sw.cost_norm)), min_error=float(np.min(sw.error)),
                gap_vs_recall=float(gap.mean_gap), gap_range=[float(gap.low), float(gap.high)])
@@ -150,15 +150,15 @@ def main(argv=None) -> int:
   print(f"{'lam':>4} " + " ".join(f"{c:>13}" for c in cols))
   table2 = []
   for lam in lam_points:
-    ev = evaluation.evaluate(fit.recall_policy(lam), held, lam)
-    ev_agree = evaluation.evaluate(fit_agree.recall_policy(lam), held, lam)
-    ev_nr = evaluation.evaluate(fit.no_recall_policy(lam), held, lam)
+    ev = tj.evaluate(fit.recall_policy(lam), held, lam)
+    ev_agree = tj.evaluate(fit_agree.recall_policy(lam), held, lam)
+    ev_nr = tj.evaluate(fit.no_recall_policy(lam), held, lam)
     row = {"lam": lam, "recall": float(ev.objective), "recall_se": float(ev.objective_se),
            "recall+agree": float(ev_agree.objective), "no-recall": float(ev_nr.objective)}
     for k, v in names.items():
-      row[v] = frontier.tuned_objective(heur_cal[k], heur_held[k], lam)[1]
-    from ttamer_jax import baselines
-    row["hindsight"] = float(evaluation.evaluate(baselines.hindsight_policy(held.losses, held.costs, lam),
+      row[v] = tj.tuned_objective(heur_cal[k], heur_held[k], lam)[1]
+    import ttamer_jax as tj
+    row["hindsight"] = float(tj.evaluate(tj.hindsight_policy(held.losses, held.costs, lam),
                                                  held, lam).objective)
     table2.append(row)
     cells = [f"{row['recall']:.4f}+-{row['recall_se']:.4f}"] + [f"{row[c]:13.4f}" for c in cols[1:]]
@@ -173,9 +173,9 @@ def main(argv=None) -> int:
   table3 = []
   for kind, target in (("error", err_lo + 0.25 * (err_hi - err_lo)), ("error", err_lo + 0.5 * (err_hi - err_lo)),
                        ("cost", 0.35 * full_cost), ("cost", 0.6 * full_cost)):
-    make = slo.least_cost_policy if kind == "error" else slo.least_error_policy
+    make = tj.least_cost_policy if kind == "error" else tj.least_error_policy
     pol = make(fit, target, key=k_slo, calibration=calib)
-    rep = slo.evaluate_slo(pol, held)
+    rep = tj.evaluate_slo(pol, held)
     ev = rep.evaluation
     row = dict(kind=kind, target=target, lam_low=float(pol.lam_low), lam_high=float(pol.lam_high),
                prob_high=float(pol.prob_high), achieved=float(rep.achieved),
@@ -191,14 +191,14 @@ def main(argv=None) -> int:
   # ---- table 4: robustness
   print("\nRobustness at lam = 0.7 (objective; degradation = original - refitted, 95% interval):")
   lam = 0.7
-  refit = fitting.fit_cascade(held, discretiser=fit.discretiser, score="error_prob")
-  rob = evaluation.split_robustness(fit.recall_policy(lam), refit.recall_policy(lam), held, lam)
+  refit = tj.fit_cascade(held, discretiser=fit.discretiser, score="error_prob")
+  rob = tj.split_robustness(fit.recall_policy(lam), refit.recall_policy(lam), held, lam)
   table4 = [dict(setting="other split (fit on calibration, refit on held-out)", objective=float(rob.objective),
                  refit=float(rob.refit_objective), degradation=float(rob.degradation),
                  ci=[float(x) for x in rob.degradation_ci])]
   for strength in (0.1, 0.3):
-    pert = evaluation.perturb_cascade(k_pert, fit.cascade, strength)
-    mr = evaluation.model_robustness(fit.recall_policy(lam).policy, pert, lam)
+    pert = tj.perturb_cascade(k_pert, fit.cascade, strength)
+    mr = tj.model_robustness(fit.recall_policy(lam).policy, pert, lam)
     table4.append(dict(setting=f"model transitions perturbed {strength:.0%} (exact)", objective=float(mr.objective),
                        refit=float(mr.refit_objective), degradation=float(mr.degradation),
                        ci=[float(x) for x in mr.degradation_ci]))
@@ -209,12 +209,12 @@ def main(argv=None) -> int:
   # ---- optional: aggregation
   table5 = []
   if args.aggregation:
-    from ttamer_jax import aggregation, model
+    import ttamer_jax as tj
     print(f"\nSoft state aggregation at K = {args.agg_states}, lam = 0.5, float64: the policy solved on "
           "the q-meta-state model, evaluated exactly on the true model, vs the exact optimum.")
     with jax.enable_x64(True):
-      cases = {"over-thinking (smooth)": frontier.overthinking_cascade(args.stages, args.agg_states),
-               "random sparse rows, Dirichlet(0.05)": model.random_cascade(
+      cases = {"over-thinking (smooth)": tj.overthinking_cascade(args.stages, args.agg_states),
+               "random sparse rows, Dirichlet(0.05)": tj.random_cascade(
                    jax.random.PRNGKey(args.seed), args.stages, args.agg_states, concentration=0.05,
                    cost_scale=0.2)}
       for label, big in cases.items():
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         exact = float(jax.block_until_ready(ttamer_jax.solve_recall(big, 0.5)).value)
         t_exact = time.perf_counter() - t_exact
         print(f"  {label}: exact optimum {exact:.8f} (dense O(M K^2) solve {t_exact:.3f} s)")
-        for r in aggregation.aggregation_report(big, 0.5, (25, 50, 100, 200), progress=sys.stderr.isatty()):
+        for r in tj.aggregation_report(big, 0.5, (25, 50, 100, 200), progress=sys.stderr.isatty()):
           row = {k: float(getattr(r, k)) for k in r.__dataclass_fields__}
           row["cascade"], row["exact_solve_seconds"] = label, t_exact
           table5.append(row)

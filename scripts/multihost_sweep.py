@@ -78,7 +78,7 @@ def run(args) -> int:
   from jax.experimental import multihost_utils
 
   import ttamer_jax as tj
-  from ttamer_jax.sweep import sweep
+  from ttamer_jax import sweep
 
   # Same seed on every process: identical inputs, as multi-controller JAX needs.
   keys = jax.random.split(jax.random.PRNGKey(0), args.instances)

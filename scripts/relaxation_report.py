@@ -32,8 +32,7 @@ import jax
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax import pipeline
-from ttamer_jax import relaxation as rx
+from ttamer_jax.app import pipeline
 
 LAMS = (0.5, 0.7, 0.9, 0.97)
 
@@ -48,18 +47,18 @@ def cascade_rows(name, cascade, lams, tuning):
   for lam in lams:
     recall = float(tj.solve_recall(cascade, lam).value)
     no_recall = float(tj.solve_no_recall(cascade, lam).value)
-    single = min(float(rx.threshold_objective_on_cascade(t, scores, cascade, lam, 0))
+    single = min(float(tj.threshold_objective_on_cascade(t, scores, cascade, lam, 0))
                  for t in np.concatenate([np.unique(scores), [np.inf]]))
     key = jax.random.PRNGKey(0)
-    tuned = float(rx.tune_thresholds_on_cascade(key, cascade, scores, lam, **tuning).hard_objective)
-    hybrid = float(rx.tune_thresholds_on_cascade(key, cascade, scores, lam, recall=True,
+    tuned = float(tj.tune_thresholds_on_cascade(key, cascade, scores, lam, **tuning).hard_objective)
+    hybrid = float(tj.tune_thresholds_on_cascade(key, cascade, scores, lam, recall=True,
                                                  **tuning).hard_objective)
     row = dict(instance=name, lam=lam, recall=recall, no_recall=no_recall, single=single,
                tuned=tuned, hybrid=hybrid)
     try:
-      row["exhaustive"] = float(rx.exhaustive_thresholds_on_cascade(cascade, scores, lam)[1])
+      row["exhaustive"] = float(tj.exhaustive_thresholds_on_cascade(cascade, scores, lam)[1])
       row["exhaustive_hybrid"] = float(
-          rx.exhaustive_thresholds_on_cascade(cascade, scores, lam, recall=True)[1])
+          tj.exhaustive_thresholds_on_cascade(cascade, scores, lam, recall=True)[1])
     except ValueError:
       row["exhaustive"] = row["exhaustive_hybrid"] = None
     rows.append(row)
@@ -75,14 +74,14 @@ def workload_rows(name, lams, tuning, cache_dir):
   costs = np.asarray(cal.costs)
   rows = []
   for lam in lams:
-    held = lambda t, recall: float(rx.threshold_objective(np.asarray(t), s_test, l_test, costs, lam, 0,
+    held = lambda t, recall: float(tj.threshold_objective(np.asarray(t), s_test, l_test, costs, lam, 0,
                                                           recall=recall))
     recall = tj.evaluate(fitted.recall_policy(lam), test, lam).objective
     no_recall = tj.evaluate(fitted.no_recall_policy(lam), test, lam).objective
-    t_single, _ = rx.grid_search_threshold(s_cal, l_cal, costs, lam)
+    t_single, _ = tj.grid_search_threshold(s_cal, l_cal, costs, lam)
     key = jax.random.PRNGKey(0)
-    tuned = rx.tune_thresholds(key, s_cal, l_cal, costs, lam, **tuning)
-    hybrid = rx.tune_thresholds(key, s_cal, l_cal, costs, lam, recall=True, **tuning)
+    tuned = tj.tune_thresholds(key, s_cal, l_cal, costs, lam, **tuning)
+    hybrid = tj.tune_thresholds(key, s_cal, l_cal, costs, lam, recall=True, **tuning)
     rows.append(dict(instance=prep.name, lam=lam, recall=float(recall), no_recall=float(no_recall),
                      single=held(np.full(cal.num_stages, float(t_single)), False),
                      tuned=held(tuned.thresholds, False), hybrid=held(hybrid.thresholds, True),

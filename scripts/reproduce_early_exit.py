@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from ttamer_jax import pipeline, plotting
+from ttamer_jax.app import pipeline, plotting
 
 
 def _jsonable(x):
@@ -70,7 +70,7 @@ def run_workload(name: str, args) -> tuple[str, dict]:
             "better): " + ", ".join(f"{k} {v:+.4f}" for k, v in gaps.items()) + ".", ""]
   serving_result = None
   if prep.model is not None:
-    from ttamer_jax import serving
+    from ttamer_jax.networks import serving
     chosen = next(r for r in points if r["policy"] == "recall")
     if chosen["chosen_param"] is not None:
       deployed = comp.fitted.recall_policy(chosen["chosen_param"])

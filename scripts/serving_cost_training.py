@@ -7,10 +7,10 @@ For each seed, the digits early-exit CNN is trained twice from the same
 initialisation and batch order: once with the usual joint exit loss, once with
 ``aux_weight * batch_serving_cost`` added -- the soft-min optimal recall value of a
 cascade fitted (with soft bins) to each training batch's exits, at ``lam`` and the
-measured per-stage latency shares (ttamer_jax.relaxation.batch_serving_cost). Both
+measured per-stage latency shares (ttamer_jax.batch_serving_cost). Both
 networks are then profiled on the calibration split, a cascade is fitted there, and
 the recall optimum is swept over lam and scored on the held-out test split
-(ttamer_jax.pipeline). Reported per seed: final-exit accuracy, the mean error gap
+(ttamer_jax.app.pipeline). Reported per seed: final-exit accuracy, the mean error gap
 between the two held-out recall frontiers (positive: the auxiliary loss helped),
 the latency to stay within 1 point of the full network, and the held-out
 objective at ``lam``.
@@ -27,7 +27,9 @@ import time
 
 import numpy as np
 
-from ttamer_jax import frontier, pipeline, profiling, relaxation, training, workloads
+import ttamer_jax as tj
+from ttamer_jax.networks import profiling, training, workloads
+from ttamer_jax.app import pipeline
 
 
 def evaluate_network(model, wl, costs):
@@ -70,9 +72,9 @@ def main(argv=None):
     for name, w, model in variants:
       comp = comps[name]
       rec = comp.test["recall"]
-      gap = float(frontier.frontier_gap(rec.cost_norm, rec.error, ref.cost_norm, ref.error).mean_gap)
+      gap = float(tj.frontier_gap(rec.cost_norm, rec.error, ref.cost_norm, ref.error).mean_gap)
       point = next(r for r in pipeline.operating_points(comp) if r["policy"] == "recall")
-      _, obj = frontier.tuned_objective(comp.calibration["recall"], rec, args.lam)
+      _, obj = tj.tuned_objective(comp.calibration["recall"], rec, args.lam)
       rows.append(dict(seed=seed, variant=name, aux_weight=w,
                        final_exit_accuracy=float(training.exit_accuracy(model, wl.test.x, wl.test.y)[-1]),
                        frontier_gain_vs_baseline=gap, latency_within_1pt=point["chosen_cost"],
@@ -100,7 +102,7 @@ def main(argv=None):
 
 def _weighted_cost(logits, labels, *, weight, costs, lam, beta):
   import jax.numpy as jnp
-  return weight * relaxation.batch_serving_cost(logits, labels, jnp.asarray(costs), lam, beta=beta)
+  return weight * tj.batch_serving_cost(logits, labels, jnp.asarray(costs), lam, beta=beta)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,15 @@ def path_probabilities(cascade):
 
 
 # ------------------------------------------------------------- NumPy DP
+def stage_marginals(cascade):
+  """``[n, K]`` distribution of each stage's state: the forward pass of the chain."""
+  _, init, trans, _ = _arrays(cascade)
+  dist = [init]
+  for t in trans:
+    dist.append(dist[-1] @ t)
+  return np.stack(dist)
+
+
 def numpy_recall(cascade, lam):
   """Returns (value, stop_table[n][x_value] -> bool[K]) by DP over (x, s)."""
   values, init, trans, costs = _arrays(cascade)
@@ -166,7 +175,7 @@ def brute_graph_recall(graph, lam):
 
 def tiny_cascade(rng, n, k, *, zero_prob=False, ties=False, zero_costs=False):
   """A random float64 instance with the corner cases the brute force must cover."""
-  from ttamer_jax import Cascade
+  import ttamer_jax as tj
   values = rng.uniform(0, 1, (n, k))
   if ties:
     values = np.round(values * 2) / 2  # few distinct values, many ties
@@ -178,4 +187,4 @@ def tiny_cascade(rng, n, k, *, zero_prob=False, ties=False, zero_costs=False):
     trans[:, :, 0] = 0.0  # state 0 is unreachable after stage 1
     trans /= trans.sum(-1, keepdims=True)
   costs = np.zeros(n) if zero_costs else rng.uniform(0, 0.2, n)
-  return Cascade.from_arrays(values, init, trans, costs)
+  return tj.Cascade.from_arrays(values, init, trans, costs)

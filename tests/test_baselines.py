@@ -6,10 +6,6 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax import baselines as B
-from ttamer_jax import evaluation as E
-from ttamer_jax import traces as T
-from ttamer_jax.discretise import DeployedPolicy, Discretiser
 
 NUM, N = 400, 4
 
@@ -18,7 +14,7 @@ def _traces(seed=0, per_sample_costs=False):
   rng = np.random.default_rng(seed)
   # Few prediction values so that runs of agreeing exits are common.
   costs = rng.uniform(0.1, 1, (NUM, N)) if per_sample_costs else np.array([0.1, 0.2, 0.3, 0.4])
-  return T.ExitTraces(scores=rng.uniform(size=(NUM, N)), preds=rng.integers(0, 3, (NUM, N)),
+  return tj.ExitTraces(scores=rng.uniform(size=(NUM, N)), preds=rng.integers(0, 3, (NUM, N)),
                       losses=rng.uniform(size=(NUM, N)), costs=costs,
                       signals={"entropy": rng.uniform(0, 2, (NUM, N))})
 
@@ -49,12 +45,12 @@ def test_thresholds_match_numpy(per_sample_costs):
   tr = _traces(1, per_sample_costs)
   s, e = np.asarray(tr.scores), np.asarray(tr.signals["entropy"])
   stop = _first_true(s >= 0.7)
-  _check(E.replay_traces(B.confidence_threshold(0.7, N), tr), _outcome(stop, stop, tr))
+  _check(tj.replay_traces(tj.confidence_threshold(0.7, N), tr), _outcome(stop, stop, tr))
   t = np.array([0.9, 0.6, 0.3, 0.5])
   stop = _first_true(s >= t)
-  _check(E.replay_traces(B.per_stage_thresholds(t), tr), _outcome(stop, stop, tr))
+  _check(tj.replay_traces(tj.per_stage_thresholds(t), tr), _outcome(stop, stop, tr))
   stop = _first_true(e <= 0.5)
-  _check(E.replay_traces(B.entropy_threshold(0.5, N), tr, score_name="entropy"), _outcome(stop, stop, tr))
+  _check(tj.replay_traces(tj.entropy_threshold(0.5, N), tr, score_name="entropy"), _outcome(stop, stop, tr))
 
 
 def test_patience_matches_numpy():
@@ -65,30 +61,30 @@ def test_patience_matches_numpy():
     run[:, i] = np.where(preds[:, i] == preds[:, i - 1], run[:, i - 1] + 1, 1)
   for p in (1, 2, 3, 4):
     stop = _first_true(run >= p)
-    _check(E.replay_traces(B.patience_policy(p, N), tr), _outcome(stop, stop, tr))
+    _check(tj.replay_traces(tj.patience_policy(p, N), tr), _outcome(stop, stop, tr))
   # Patience 1 is the first exit; patience 2 by hand on one request.
-  one = T.ExitTraces(scores=np.zeros((1, 4)), preds=[[5, 6, 6, 6]], losses=np.zeros((1, 4)), costs=np.ones(4))
-  assert int(E.replay_traces(B.patience_policy(2, 4), one).stop_stage[0]) == 2
-  assert int(E.replay_traces(B.patience_policy(3, 4), one).stop_stage[0]) == 3
+  one = tj.ExitTraces(scores=np.zeros((1, 4)), preds=[[5, 6, 6, 6]], losses=np.zeros((1, 4)), costs=np.ones(4))
+  assert int(tj.replay_traces(tj.patience_policy(2, 4), one).stop_stage[0]) == 2
+  assert int(tj.replay_traces(tj.patience_policy(3, 4), one).stop_stage[0]) == 3
 
 
 def test_fixed_exit_and_hindsight_match_numpy():
   tr = _traces(3, per_sample_costs=True)
   for k in range(N):
     stop = np.full(NUM, k)
-    _check(E.replay_traces(B.fixed_exit(k, N), tr), _outcome(stop, stop, tr))
+    _check(tj.replay_traces(tj.fixed_exit(k, N), tr), _outcome(stop, stop, tr))
   losses = np.asarray(tr.losses, np.float64)
   cum = np.cumsum(np.asarray(tr.costs, np.float64), axis=1)
   for lam in (0.0, 0.4, 1.0):
     totals = lam * np.minimum.accumulate(losses, axis=1) + (1 - lam) * cum
     stop = np.argmin(totals, axis=1)
     answer = np.array([np.argmin(losses[r, :stop[r] + 1]) for r in range(NUM)])
-    res = E.replay_traces(B.hindsight_policy(tr.losses, tr.costs, lam), tr)
+    res = tj.replay_traces(tj.hindsight_policy(tr.losses, tr.costs, lam), tr)
     _check(res, _outcome(stop, answer, tr))
     # The oracle's per-request objective is the per-request minimum over every policy.
     np.testing.assert_allclose(res.objective(lam), totals.min(axis=1), rtol=1e-5, atol=1e-6)
-    for other in (B.confidence_threshold(0.5, N), B.patience_policy(2, N), B.fixed_exit(1, N)):
-      assert np.all(np.asarray(E.replay_traces(other, tr).objective(lam)) >= np.asarray(res.objective(lam)) - 1e-6)
+    for other in (tj.confidence_threshold(0.5, N), tj.patience_policy(2, N), tj.fixed_exit(1, N)):
+      assert np.all(np.asarray(tj.replay_traces(other, tr).objective(lam)) >= np.asarray(res.objective(lam)) - 1e-6)
 
 
 # ------------------------------------------------------------------ serving protocol
@@ -119,19 +115,18 @@ def _serve(deployed, tr, score_name):
 @pytest.mark.parametrize("name", ["confidence", "entropy", "patience", "fixed", "recall"])
 def test_deployed_policies_serve_like_replay(name):
   tr = _traces(4)
-  single = Discretiser.single_bin(N)
+  single = tj.Discretiser.single_bin(N)
   if name == "recall":
-    from ttamer_jax.fitting import fit_cascade
-    fit = fit_cascade(tr, 6, feature="agree_prev")
+    fit = tj.fit_cascade(tr, 6, feature="agree_prev")
     deployed, score = fit.recall_policy(0.6), "scores"
   else:
-    policy, score = {"confidence": (B.confidence_threshold(0.6, N), "scores"),
-                     "entropy": (B.entropy_threshold(0.7, N), "entropy"),
-                     "patience": (B.patience_policy(2, N), "scores"),
-                     "fixed": (B.fixed_exit(2, N), "scores")}[name]
-    deployed = DeployedPolicy(policy=policy, discretiser=single, score_name=score)
+    policy, score = {"confidence": (tj.confidence_threshold(0.6, N), "scores"),
+                     "entropy": (tj.entropy_threshold(0.7, N), "entropy"),
+                     "patience": (tj.patience_policy(2, N), "scores"),
+                     "fixed": (tj.fixed_exit(2, N), "scores")}[name]
+    deployed = tj.DeployedPolicy(policy=policy, discretiser=single, score_name=score)
   stop, answer = _serve(deployed, tr, score)
-  res = E.replay_traces(deployed, tr)
+  res = tj.replay_traces(deployed, tr)
   np.testing.assert_array_equal(res.stop_stage, stop)
   np.testing.assert_array_equal(res.answer_stage, answer)
   step = jax.jit(lambda c, i, o, b: deployed.policy.step(c, i, o, b))  # usable inside jit
@@ -142,40 +137,39 @@ def test_deployed_policies_serve_like_replay(name):
 
 def test_grid_replay_is_the_batch_of_single_replays():
   tr = _traces(5)
-  from ttamer_jax.simulation import _replay
-  grid = B.ThresholdPolicy(thresholds=np.array([[0.2] * N, [0.5] * N, [0.9] * N]))
+  grid = tj.ThresholdPolicy(thresholds=np.array([[0.2] * N, [0.5] * N, [0.9] * N]))
   states = jnp.zeros((NUM, N), jnp.int32)
-  batched = jax.vmap(lambda p: _replay(p, states, tr.losses, tr.costs, tr.scores, tr.preds))(grid)
+  batched = jax.vmap(lambda p: tj.replay(p, states, tr.losses, tr.costs, scores=tr.scores, preds=tr.preds))(grid)
   for j, t in enumerate((0.2, 0.5, 0.9)):
-    single = E.replay_traces(B.confidence_threshold(t, N), tr)
+    single = tj.replay_traces(tj.confidence_threshold(t, N), tr)
     np.testing.assert_array_equal(batched.stop_stage[j], single.stop_stage)
-  pat = B.PatiencePolicy(patience=np.array([1, 2, 3]), stages=N)
-  batched = jax.vmap(lambda p: _replay(p, states, tr.losses, tr.costs, tr.scores, tr.preds))(pat)
+  pat = tj.PatiencePolicy(patience=np.array([1, 2, 3]), stages=N)
+  batched = jax.vmap(lambda p: tj.replay(p, states, tr.losses, tr.costs, scores=tr.scores, preds=tr.preds))(pat)
   for j, p in enumerate((1, 2, 3)):
-    np.testing.assert_array_equal(batched.stop_stage[j], E.replay_traces(B.patience_policy(p, N), tr).stop_stage)
+    np.testing.assert_array_equal(batched.stop_stage[j], tj.replay_traces(tj.patience_policy(p, N), tr).stop_stage)
 
 
 def test_bad_parameters_raise():
   with pytest.raises(ValueError, match="direction: must be one of"):
-    B.ThresholdPolicy(thresholds=np.zeros(3), direction="up")
+    tj.ThresholdPolicy(thresholds=np.zeros(3), direction="up")
   with pytest.raises(ValueError, match=r"thresholds\[1\] is nan"):
-    B.per_stage_thresholds([0.1, np.nan])
+    tj.per_stage_thresholds([0.1, np.nan])
   with pytest.raises(ValueError, match="patience = 0 must be >= 1"):
-    B.patience_policy(0, 3)
+    tj.patience_policy(0, 3)
   with pytest.raises(ValueError, match="exit_stage = 3 outside 0..2"):
-    B.fixed_exit(3, 3)
+    tj.fixed_exit(3, 3)
   with pytest.raises(ValueError, match="num_stages = 0 must be >= 1"):
-    B.confidence_threshold(0.5, 0)
+    tj.confidence_threshold(0.5, 0)
   with pytest.raises(ValueError, match=r"costs: expected shape \(3,\)"):
-    B.hindsight_policy(np.zeros((2, 3)), np.zeros(4), 0.5)
+    tj.hindsight_policy(np.zeros((2, 3)), np.zeros(4), 0.5)
   with pytest.raises(ValueError, match="lam = 2.0 is outside"):
-    B.hindsight_policy(np.zeros((2, 3)), np.zeros(3), 2.0)
+    tj.hindsight_policy(np.zeros((2, 3)), np.zeros(3), 2.0)
   tr = _traces(6)
   with pytest.raises(ValueError, match="built for 3 requests, replayed on 400"):
-    E.replay_traces(B.hindsight_policy(np.zeros((3, N)), np.zeros(N), 0.5), tr)
-  with pytest.raises(ValueError, match="states: has 4 stages but the policy was built for 3"):
-    E.replay_traces(B.fixed_exit(1, 3), tr)
+    tj.replay_traces(tj.hindsight_policy(np.zeros((3, N)), np.zeros(N), 0.5), tr)
+  with pytest.raises(ValueError, match="traces: have 4 stages but the policy was built for 3"):
+    tj.replay_traces(tj.fixed_exit(1, 3), tr)
   with pytest.raises(ValueError, match="RecallPolicy reads discretised states"):
-    E.replay_traces(tj.RecallPolicy(index=np.zeros((N, 2)), values=np.zeros((N, 2)), lam=0.5), tr)
+    tj.replay_traces(tj.RecallPolicy(index=np.zeros((N, 2)), values=np.zeros((N, 2)), lam=0.5), tr)
   with pytest.raises(ValueError, match="no signal named 'max_softmax'"):
-    E.replay_traces(B.confidence_threshold(0.5, N), tr, score_name="max_softmax")
+    tj.replay_traces(tj.confidence_threshold(0.5, N), tr, score_name="max_softmax")

@@ -1,5 +1,6 @@
-"""Smoke test of scripts/bench.py: its references and correctness checks at tiny
-sizes (timings are measured but never asserted)."""
+"""Smoke test of the benchmark suite (``ttamer_jax.app.bench``, run by ``ttamer bench``
+and ``scripts/bench.py``): its references and correctness checks at tiny sizes (timings
+are measured but never asserted)."""
 
 import importlib.util
 import json
@@ -10,11 +11,9 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+from ttamer_jax.app import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "scripts", "bench.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 TINY = dict(numpy_k=[4, 6], mdp_k=[3, 4], sweep_k=[4], sweep_sizes=[1, 16], loop_cap=4,
             mc_k=4, mc_paths=[4000], mc_numpy_cap=4000, max_round_s=0.2,
@@ -91,3 +90,10 @@ def test_require_gpu_fails_clearly_without_one(capsys):
     pytest.skip("a GPU is present")
   assert bench.main(["--require-gpu", "--sections", "memory"]) == 2
   assert "--require-gpu" in capsys.readouterr().err
+
+
+def test_the_script_runs_the_same_suite():
+  spec = importlib.util.spec_from_file_location("bench_script", os.path.join(REPO, "scripts", "bench.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert script.main is bench.main and script.SECTIONS == bench.SECTIONS

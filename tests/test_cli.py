@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax import cli, frontier, pipeline, policy_io
-from ttamer_jax.cascade_io import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
-from ttamer_jax.fitting import fit_cascade
-from ttamer_jax.traces import load_traces, save_traces, write_npz_atomic
+from ttamer_jax.app import cli, pipeline, reports
+from ttamer_jax import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
+from ttamer_jax import fit_cascade
+from ttamer_jax import load_traces, save_traces
+from ttamer_jax.data.archive import write_npz_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,10 +31,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ------------------------------------------------------------------ files
 def _synthetic_traces():
-  cascade = frontier.overthinking_cascade(num_stages=4, num_states=8)
+  cascade = tj.overthinking_cascade(num_stages=4, num_states=8)
   k_cal, k_test = jax.random.split(jax.random.PRNGKey(0))
-  return (frontier.workload_traces(k_cal, cascade, 1500),
-          frontier.workload_traces(k_test, cascade, 1500))
+  return (tj.workload_traces(k_cal, cascade, 1500),
+          tj.workload_traces(k_test, cascade, 1500))
 
 
 def _flip_payload(src, dst, array):
@@ -60,7 +61,7 @@ def _make_files(root):
   cascade = tj.demo_cascade(4, 6)
   save_cascade(f["cascade"], cascade)
   fitted = fit_cascade(cal, 8, score="max_softmax")
-  policy_io.save_policy(f["policy"], fitted.recall_policy(0.9))
+  tj.save_policy(f["policy"], fitted.recall_policy(0.9))
   raw = open(f["test"], "rb").read()
   open(f["truncated"], "wb").write(raw[: len(raw) // 2])
   _flip_payload(f["test"], f["flipped_traces"], np.asarray(test.losses))
@@ -168,7 +169,7 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   rows = {r["policy"]: r for r in results["operating_points"]}
   assert set(rows) == set(pipeline.POLICIES)
   # The saved policy is the recall optimum of the fitted cascade at the chosen lam.
-  deployed, meta = policy_io.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
+  deployed, meta = tj.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
   assert meta["lam"] == pytest.approx(results["chosen_lam"])
   cascade = load_cascade(os.path.join(d, "cascade.npz"))
   np.testing.assert_allclose(deployed.policy.index,
@@ -185,7 +186,7 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
 def test_fit_json_and_files(world):
   result = json.loads(_ok(world["runs"]["fit"]).stdout)
   out = world["out"]
-  deployed, meta = policy_io.load_policy(out("fit.npz"), with_metadata=True)
+  deployed, meta = tj.load_policy(out("fit.npz"), with_metadata=True)
   assert meta == result["metadata"] and meta["num_states"] == 6 and meta["score_name"] == "max_softmax"
   assert 0 <= result["lam"] <= 1 and result["lam_choice"].startswith("auto")
   assert os.path.exists(out("fit.json"))
@@ -198,7 +199,7 @@ def test_fit_json_and_files(world):
 def test_evaluate_json_matches_library(world):
   result = json.loads(_ok(world["runs"]["evaluate"]).stdout)
   f = world["files"]
-  deployed = policy_io.load_policy(f["policy"])
+  deployed = tj.load_policy(f["policy"])
   expected = tj.evaluate(deployed, load_traces(f["test"]), 0.9, num_resamples=200).as_dict()
   assert result["lam"] == pytest.approx(0.9)
   for key in ("error", "cost_norm", "objective", "stop_histogram", "answer_histogram"):
@@ -375,17 +376,17 @@ def test_lam_values():
 
 
 def test_bench_defaults_match_the_suite():
-  from ttamer_jax import bench
+  from ttamer_jax.app import bench
   args = cli.build_parser().parse_args(["bench"])
   assert args.sections.split(",") == list(bench.SECTIONS)
   assert not args.full and args.out == "ttamer_bench.json"
 
 
 def test_jsonable_and_index_text():
-  assert cli.jsonable({"a": np.array([1.0, np.inf, -np.inf]), "b": np.float32(0.5),
-                       "c": (np.int64(3), float("nan"))}) == {"a": [1.0, "inf", "-inf"],
-                                                             "b": 0.5, "c": [3, "nan"]}
-  text = cli.format_index(np.array([[0.25, -np.inf], [np.inf, np.inf]]))
+  assert reports.jsonable({"a": np.array([1.0, np.inf, -np.inf]), "b": np.float32(0.5),
+                           "c": (np.int64(3), float("nan"))}) == {"a": [1.0, "inf", "-inf"],
+                                                                 "b": 0.5, "c": [3, "nan"]}
+  text = reports.format_index(np.array([[0.25, -np.inf], [np.inf, np.inf]]))
   assert text.splitlines() == ["stage   s=0   s=1", "    0  0.25    go", "    1  stop  stop"]
 
 
@@ -404,4 +405,4 @@ def test_console_script_is_declared():
   tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
     project = tomllib.load(f)["project"]
-  assert project["scripts"]["ttamer"] == "ttamer_jax.cli:main"
+  assert project["scripts"]["ttamer"] == "ttamer_jax.app.cli:main"

@@ -1,4 +1,4 @@
-"""Degradation under drift and the re-fit trigger (ttamer_jax.drift, docs/drift.md).
+"""Degradation under drift and the re-fit trigger (tj.DriftMonitor, tj.drift_test, docs/drift.md).
 
 * the building blocks against independent recounts: state counts, Holm's
   step-down adjustment, the monitor's sliding window, and the G / Pearson
@@ -21,20 +21,14 @@ from flax import nnx
 from scipy import stats
 
 import ttamer_jax as tj
-from ttamer_jax import drift as D
-from ttamer_jax import evaluation as E
-from ttamer_jax import fitting as F
-from ttamer_jax import serving, workloads
-from ttamer_jax import traces as T
-from ttamer_jax.discretise import DeployedPolicy, Discretiser
-from ttamer_jax.profiling import exit_signal
+from ttamer_jax.networks import profiling
 
 
 # ------------------------------------------------------------------ building blocks
 def test_state_counts_match_a_loop_recount():
   rng = np.random.default_rng(0)
   states = rng.integers(-1, 5, size=(300, 4))
-  counts = D.state_counts(states, 5)
+  counts = tj.state_counts(states, 5)
   assert counts.shape == (4, 5) and counts.dtype == np.int64
   for i in range(4):
     for s in range(5):
@@ -59,10 +53,10 @@ def test_holm_matches_the_step_down_definition():
     m = int(rng.integers(1, 9))
     p = rng.choice([0.0, 0.001, 0.01, 0.02, 0.04, 0.3, 1.0], size=m) if rng.random() < 0.5 \
         else rng.uniform(0, 0.2, m)  # ties and exact 0 / 1 half of the time
-    np.testing.assert_allclose(D.holm(p), _holm_by_definition(list(p)), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(tj.holm(p), _holm_by_definition(list(p)), rtol=0, atol=1e-15)
   # Holm rejects H_(k) iff every p_(j), j <= k, is <= alpha / (m - j + 1).
   p = np.array([0.01, 0.04, 0.03, 0.005])
-  assert list(D.holm(p) <= 0.05) == [True, False, False, True]
+  assert list(tj.holm(p) <= 0.05) == [True, False, False, True]
 
 
 def test_g_and_chi2_statistics_match_scipy():
@@ -75,7 +69,7 @@ def test_g_and_chi2_statistics_match_scipy():
     shifted = 0.8 * probs + 0.2 * rng.dirichlet(np.full(k, 5.0), size=n)
     obs = np.stack([rng.multinomial(int(rng.integers(300, 3000)), p) for p in shifted])
     for test, lambda_ in (("g", "log-likelihood"), ("chi2", None)):
-      rep = D.two_sample_test(ref, obs, test=test, alpha=0.05, min_count=1)
+      rep = tj.two_sample_test(ref, obs, test=test, alpha=0.05, min_count=1)
       for i in range(n):
         table = np.stack([ref[i], obs[i]])
         if stats.contingency.expected_freq(table).min() < 5:
@@ -93,7 +87,7 @@ def test_g_and_chi2_statistics_match_scipy():
 def test_sparse_states_are_pooled_and_small_stages_not_tested():
   ref = np.array([[500, 400, 3, 1, 0], [10, 10, 10, 10, 10]])
   obs = np.array([[480, 420, 2, 4, 0], [10, 10, 10, 10, 10]])
-  rep = D.two_sample_test(ref, obs, min_count=60)
+  rep = tj.two_sample_test(ref, obs, min_count=60)
   pooled = np.array([[500, 400, 4], [480, 420, 6]])  # states 2 and 3 pooled, empty state 4 dropped
   stat, p, dof, _ = stats.chi2_contingency(pooled, correction=False, lambda_="log-likelihood")
   np.testing.assert_allclose([rep.statistic[0], rep.p_value[0]], [stat, p], rtol=1e-9)
@@ -106,7 +100,7 @@ def test_sparse_states_are_pooled_and_small_stages_not_tested():
 def test_monitor_window_counts_match_a_recount():
   rng = np.random.default_rng(3)
   n, k, window = 3, 4, 25
-  mon = D.DriftMonitor(np.ones((n, k), np.int64), window=window, min_count=1)
+  mon = tj.DriftMonitor(np.ones((n, k), np.int64), window=window, min_count=1)
   seen = [[] for _ in range(n)]
   for step in range(40):
     if step == 30:
@@ -143,7 +137,7 @@ def _null_refits(rng, n, test, n_ref=2000, n_obs=1000, k=6):
     probs = rng.dirichlet(np.full(k, 2.0), size=n)
     ref = np.stack([rng.multinomial(n_ref, p) for p in probs])
     obs = np.stack([rng.multinomial(n_obs, p) for p in probs])
-    fired += D.two_sample_test(ref, obs, alpha=ALPHA, test=test).refit
+    fired += tj.two_sample_test(ref, obs, alpha=ALPHA, test=test).refit
   return fired
 
 
@@ -179,13 +173,13 @@ def _harder_entry(cascade):
   return cascade.replace(init=cascade.init[::-1])
 
 
-C0 = workloads.synthetic_cascade(1, N_STAGES, K, regime="improving")
+C0 = tj.synthetic_cascade(1, N_STAGES, K, regime="improving")
 C1 = _harder_later(C0)
 C2 = _harder_entry(C0)
 
 
 def _traces(cascade, seed):
-  return T.sample_traces(jax.random.PRNGKey(seed), cascade, NUM)
+  return tj.sample_traces(jax.random.PRNGKey(seed), cascade, NUM)
 
 
 def _halves(traces):
@@ -196,11 +190,11 @@ def _halves(traces):
 def _fit(calibration):
   # K uniform bins on [0, 1] recover the true states of sample_traces exactly, so
   # exact metrics on the true cascades apply to the fitted policies.
-  return F.fit_cascade(calibration, K, binning="uniform", score_range=(0.0, 1.0)).recall_policy(LAM)
+  return tj.fit_cascade(calibration, K, binning="uniform", score_range=(0.0, 1.0)).recall_policy(LAM)
 
 
 def _exact(cascade, deployed):
-  return float(E.policy_metrics(cascade, deployed.policy).objective(LAM))
+  return float(tj.policy_metrics(cascade, deployed.policy).objective(LAM))
 
 
 def _optimum(cascade):
@@ -215,11 +209,11 @@ def test_null_traffic_from_the_calibration_process_does_not_trigger():
   """Three fresh 2000-request samples of the calibration process (alpha = 0.01 each,
   so P(two or more false alarms) <= 3e-4) and the same through the monitor."""
   fresh = _traces(C0, 20)
-  fired = [D.drift_test(P0, CAL0, fresh.subset(np.arange(j * 2000, (j + 1) * 2000))).refit
+  fired = [tj.drift_test(P0, CAL0, fresh.subset(np.arange(j * 2000, (j + 1) * 2000))).refit
            for j in range(3)]
   assert sum(fired) <= 1, fired
-  mon = D.DriftMonitor.from_traces(P0, CAL0, window=2000)
-  states = D.reference_states(P0, TRAFFIC0)
+  mon = tj.DriftMonitor.from_traces(P0, CAL0, window=2000)
+  states = tj.reference_states(P0, TRAFFIC0)
   alarms = 0
   for start in range(0, 4000, 250):     # served in batches of 250, checked after each
     report = mon.update(states[start:start + 250]).check()
@@ -231,11 +225,11 @@ def test_null_traffic_from_the_calibration_process_does_not_trigger():
 # ------------------------------------------------------------------ (b) drift
 def test_drift_triggers_on_the_stages_that_moved():
   _, traffic1 = _halves(_traces(C1, 12))
-  rep = D.drift_test(P0, CAL0, traffic1)
+  rep = tj.drift_test(P0, CAL0, traffic1)
   assert rep.refit
   assert not rep.drifted[0] and rep.drifted[1]  # the entry is unchanged; stage 1 moved
   _, traffic2 = _halves(_traces(C2, 14))
-  rep2 = D.drift_test(P0, CAL0, traffic2)
+  rep2 = tj.drift_test(P0, CAL0, traffic2)
   assert rep2.refit and rep2.drifted[0]
   # An entry shift with unchanged dynamics leaves the fitted policy (near-)optimal:
   # the index does not depend on ``init``. The test sees the shift, not the regret.
@@ -255,8 +249,8 @@ def test_procedure_detects_degradation_and_refit_recovers():
   j01, opt1 = _exact(C1, P0), _optimum(C1)
   assert j01 - opt1 >= 0.02
   # 3. The monitor, fed by batches of served states, flags it.
-  mon = D.DriftMonitor.from_traces(P0, CAL0, window=1000)
-  served = D.reference_states(P0, traffic1)
+  mon = tj.DriftMonitor.from_traces(P0, CAL0, window=1000)
+  served = tj.reference_states(P0, traffic1)
   first_alarm = None
   for b, start in enumerate(range(0, 4000, 250)):
     mon.update(served[start:start + 250])
@@ -267,14 +261,14 @@ def test_procedure_detects_degradation_and_refit_recovers():
   p1 = _fit(cal1)
   j11 = _exact(C1, p1)
   assert j11 - opt1 <= 0.2 * (j01 - opt1)
-  stale = E.compare(P0, p1, traffic1, LAM, num_resamples=200)
+  stale = tj.compare(P0, p1, traffic1, LAM, num_resamples=200)
   assert float(stale.diff) >= 3 * float(stale.diff_se)  # the refit is significantly better
   oracle = p1.replace(policy=tj.recall_policy(C1, LAM))
-  gap = E.compare(p1, oracle, traffic1, LAM, num_resamples=200)
+  gap = tj.compare(p1, oracle, traffic1, LAM, num_resamples=200)
   assert float(gap.diff) <= 3 * float(gap.diff_se) + 0.005  # and within noise of the optimum
   # 5. The new policy and its calibration traces re-arm the monitor: no alarm.
-  mon2 = D.DriftMonitor.from_traces(p1, cal1, window=1000)
-  mon2.update(D.reference_states(p1, traffic1)[-1000:])
+  mon2 = tj.DriftMonitor.from_traces(p1, cal1, window=1000)
+  mon2.update(tj.reference_states(p1, traffic1)[-1000:])
   assert not mon2.check().refit
   print(f"\nprocedure (lam {LAM}): exact objective on the calibration process {j00:.4f} "
         f"(optimum {opt0:.4f}); on drifted traffic stale {j01:.4f}, re-fitted {j11:.4f}, "
@@ -286,21 +280,21 @@ def test_procedure_detects_degradation_and_refit_recovers():
 # ------------------------------------------------------------------ serving feeds the monitor
 def test_served_states_equal_the_offline_reference_states():
   """``ServeResult.states`` (what the monitor consumes online) = the states that
-  :func:`drift.reference_states` computes offline from the same requests' traces."""
+  :func:`tj.reference_states` computes offline from the same requests' traces."""
   model = tj.EarlyExitMLP((4,), 3, hidden=8, num_blocks=3, rngs=nnx.Rngs(0))
   x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
   logits = np.asarray(model(x).logits)                        # [B, n, C]
-  scores = np.stack([np.asarray(exit_signal("max_softmax", logits[:, i], None))
+  scores = np.stack([np.asarray(profiling.exit_signal("max_softmax", logits[:, i], None))
                      for i in range(3)], axis=1)
   preds = logits.argmax(-1)
   edges = np.quantile(scores, [0.25, 0.5, 0.75], axis=0).T     # 4 bins per stage
-  cascade = workloads.synthetic_cascade(0, 3, 4, regime="random")
-  deployed = DeployedPolicy(tj.recall_policy(cascade, 0.8), Discretiser(edges), "max_softmax")
-  traces = T.ExitTraces(scores=scores, preds=preds, losses=np.zeros((64, 3)),
+  cascade = tj.synthetic_cascade(0, 3, 4, regime="random")
+  deployed = tj.DeployedPolicy(tj.recall_policy(cascade, 0.8), tj.Discretiser(edges), "max_softmax")
+  traces = tj.ExitTraces(scores=scores, preds=preds, losses=np.zeros((64, 3)),
                         costs=np.ones(3), signals={"max_softmax": scores})
-  result = serving.Server(model, deployed, buckets=(64,))(x)
-  want = np.asarray(D.reference_states(deployed, traces))
+  result = tj.Server(model, deployed, buckets=(64,))(x)
+  want = np.asarray(tj.reference_states(deployed, traces))
   assert len(np.unique(result.stop_stage)) >= 2  # requests stop at different stages
   np.testing.assert_array_equal(result.states, want)
-  mon = D.DriftMonitor(D.reference_counts(deployed, traces), window=100, min_count=1)
-  np.testing.assert_array_equal(mon.update(result.states).counts, D.state_counts(want, 4))
+  mon = tj.DriftMonitor(tj.reference_counts(deployed, traces), window=100, min_count=1)
+  np.testing.assert_array_equal(mon.update(result.states).counts, tj.state_counts(want, 4))

@@ -8,12 +8,8 @@ import pytest
 
 import reference as ref
 import ttamer_jax as tj
-from ttamer_jax import baselines as B
-from ttamer_jax import evaluation as E
-from ttamer_jax import fitting as F
-from ttamer_jax import traces as T
-from ttamer_jax.discretise import DeployedPolicy
-from ttamer_jax.slo import MixturePolicy
+# Internal: the paired comparison of two replays (tj.compare replays the policies itself).
+from ttamer_jax.evaluation.metrics import compare_results
 
 
 # ------------------------------------------------------------------ exact metrics
@@ -37,31 +33,31 @@ def test_policy_metrics_match_enumeration(seed, flags):
     other = ref.tiny_cascade(rng, 4, 3, ties=True)       # a policy fitted to a different model
     for lam in (0.2, 0.6, 1.0):
       policies = [tj.recall_policy(c, lam), tj.no_recall_policy(c, lam), tj.recall_policy(other, lam),
-                  tj.no_recall_policy(other, lam), B.fixed_exit(2, 4)]
+                  tj.no_recall_policy(other, lam), tj.fixed_exit(2, 4)]
       for policy in policies:
-        m = E.policy_metrics(c, policy)
+        m = tj.policy_metrics(c, policy)
         loss, cost, stop_h, ans_h = _enumerate(c, policy)
         assert abs(float(m.loss) - loss) <= 1e-12 and abs(float(m.cost) - cost) <= 1e-12
         np.testing.assert_allclose(m.stop_histogram, stop_h, atol=1e-12)
         np.testing.assert_allclose(m.answer_histogram, ans_h, atol=1e-12)
-      assert abs(float(E.policy_metrics(c, policies[0]).objective(lam)) - ref.brute_recall(c, lam)) <= 1e-12
-      assert abs(float(E.policy_metrics(c, policies[1]).objective(lam)) - ref.brute_no_recall(c, lam)) <= 1e-12
-      mix = MixturePolicy(first=policies[0], second=policies[2], prob_second=0.3, key=jax.random.PRNGKey(0))
-      m = E.policy_metrics(c, mix)
-      m0, m2 = E.policy_metrics(c, policies[0]), E.policy_metrics(c, policies[2])
+      assert abs(float(tj.policy_metrics(c, policies[0]).objective(lam)) - ref.brute_recall(c, lam)) <= 1e-12
+      assert abs(float(tj.policy_metrics(c, policies[1]).objective(lam)) - ref.brute_no_recall(c, lam)) <= 1e-12
+      mix = tj.MixturePolicy(first=policies[0], second=policies[2], prob_second=0.3, key=jax.random.PRNGKey(0))
+      m = tj.policy_metrics(c, mix)
+      m0, m2 = tj.policy_metrics(c, policies[0]), tj.policy_metrics(c, policies[2])
       assert abs(float(m.loss) - (0.7 * float(m0.loss) + 0.3 * float(m2.loss))) <= 1e-12
 
 
 def test_policy_metrics_rejects_what_a_cascade_cannot_model():
   c = ref.tiny_cascade(np.random.default_rng(0), 3, 4)
   with pytest.raises(ValueError, match="ThresholdPolicy reads raw scores"):
-    E.policy_metrics(c, B.confidence_threshold(0.5, 3))
+    tj.policy_metrics(c, tj.confidence_threshold(0.5, 3))
   with pytest.raises(ValueError, match="PatiencePolicy reads raw scores"):
-    E.policy_metrics(c, B.patience_policy(2, 3))
+    tj.policy_metrics(c, tj.patience_policy(2, 3))
   with pytest.raises(ValueError, match="built for 4 stages, the cascade has 3"):
-    E.policy_metrics(c, B.fixed_exit(0, 4))
+    tj.policy_metrics(c, tj.fixed_exit(0, 4))
   with pytest.raises(ValueError, match="expected a Cascade"):
-    E.policy_metrics(np.zeros(3), B.fixed_exit(0, 3))
+    tj.policy_metrics(np.zeros(3), tj.fixed_exit(0, 3))
 
 
 # ------------------------------------------------------------------ held-out evaluation
@@ -72,17 +68,17 @@ NUM = 20_000
 def _known_setup():
   # Shapes shared with test_frontier / test_slo (4 stages, 4 states, 2 x 20000 samples).
   c = tj.random_cascade(jax.random.PRNGKey(7), 4, 4, concentration=1.5)
-  tr = T.sample_traces(jax.random.PRNGKey(8), c, 2 * NUM, loss="expected").subset(np.arange(NUM))
-  disc = F.fit_discretiser(tr.scores, 4, binning="uniform", score_range=(0, 1))
+  tr = tj.sample_traces(jax.random.PRNGKey(8), c, 2 * NUM, loss="expected").subset(np.arange(NUM))
+  disc = tj.fit_discretiser(tr.scores, 4, binning="uniform", score_range=(0, 1))
   return c, tr, disc
 
 
 def test_evaluate_statistics_match_numpy_and_the_exact_value():
   c, tr, disc = _known_setup()
   lam = 0.6
-  deployed = DeployedPolicy(policy=tj.recall_policy(c, lam), discretiser=disc, score_name="scores")
-  ev = E.evaluate(deployed, tr, lam, num_resamples=1000)
-  res = E.replay_traces(deployed, tr)
+  deployed = tj.DeployedPolicy(policy=tj.recall_policy(c, lam), discretiser=disc, score_name="scores")
+  ev = tj.evaluate(deployed, tr, lam, num_resamples=1000)
+  res = tj.replay_traces(deployed, tr)
   loss, cost = np.asarray(res.loss, np.float64), np.asarray(res.cost, np.float64)
   full = float(np.sum(np.asarray(c.costs, np.float64)))
   assert float(ev.error) == pytest.approx(loss.mean(), rel=1e-9)
@@ -100,15 +96,15 @@ def test_evaluate_statistics_match_numpy_and_the_exact_value():
   assert float(ev.objective_se) == pytest.approx(se, rel=1e-6)
   assert (ev.objective_ci[1] - ev.objective_ci[0]) == pytest.approx(2 * 1.96 * se, rel=0.1)
   # Monte-Carlo agreement with the exact value on the true model (traces sampled from it).
-  exact = E.policy_metrics(c, deployed.policy)
+  exact = tj.policy_metrics(c, deployed.policy)
   assert abs(float(ev.objective) - float(tj.solve_recall(c, lam).value)) <= 4 * se
   assert abs(float(ev.error) - float(exact.loss)) <= 4 * float(ev.error_se)
   cost_se = cost.std(ddof=1) / np.sqrt(NUM)
   assert abs(float(ev.cost) - float(exact.cost)) <= 4 * cost_se
   # Reproducible with the default key; a wider level gives a wider interval.
-  again = E.evaluate(deployed, tr, lam, num_resamples=1000)
+  again = tj.evaluate(deployed, tr, lam, num_resamples=1000)
   np.testing.assert_array_equal(again.objective_ci, ev.objective_ci)
-  wide = E.evaluate(deployed, tr, lam, num_resamples=1000, level=0.99)
+  wide = tj.evaluate(deployed, tr, lam, num_resamples=1000, level=0.99)
   assert wide.objective_ci[0] < ev.objective_ci[0] and wide.objective_ci[1] > ev.objective_ci[1]
   d = ev.as_dict()
   assert d["num_samples"] == NUM and len(d["stop_histogram"]) == 4
@@ -117,26 +113,26 @@ def test_evaluate_statistics_match_numpy_and_the_exact_value():
 def test_compare_and_split_robustness():
   c, tr, disc = _known_setup()
   lam = 0.6
-  a = DeployedPolicy(policy=tj.recall_policy(c, lam), discretiser=disc, score_name="scores")
-  b = B.fixed_exit(3, 4)
-  cmp = E.compare(a, b, tr, lam)
-  ra, rb = E.replay_traces(a, tr), E.replay_traces(b, tr)
+  a = tj.DeployedPolicy(policy=tj.recall_policy(c, lam), discretiser=disc, score_name="scores")
+  b = tj.fixed_exit(3, 4)
+  cmp = tj.compare(a, b, tr, lam)
+  ra, rb = tj.replay_traces(a, tr), tj.replay_traces(b, tr)
   d = np.asarray(ra.objective(lam), np.float64) - np.asarray(rb.objective(lam), np.float64)
   assert float(cmp.diff) == pytest.approx(d.mean(), rel=1e-9)
   assert float(cmp.diff_se) == pytest.approx(d.std(ddof=1) / np.sqrt(NUM), rel=1e-6)
   assert cmp.diff_ci[0] <= float(cmp.diff) <= cmp.diff_ci[1]
   assert float(cmp.diff) < 0  # the optimum beats always running 4 stages here
-  same = E.split_robustness(a, a, tr, lam)
+  same = tj.split_robustness(a, a, tr, lam)
   assert float(same.degradation) == 0.0 and list(same.degradation_ci) == [0.0, 0.0]
   # A policy fitted on one split, re-fitted on another: small, measured degradation.
-  first, second = T.split_traces(jax.random.PRNGKey(9), tr, 0.5)
-  fit1 = F.fit_cascade(first, discretiser=disc)
-  fit2 = F.fit_cascade(second, discretiser=disc)
-  rob = E.split_robustness(fit1.recall_policy(lam), fit2.recall_policy(lam), second, lam)
+  first, second = tj.split_traces(jax.random.PRNGKey(9), tr, 0.5)
+  fit1 = tj.fit_cascade(first, discretiser=disc)
+  fit2 = tj.fit_cascade(second, discretiser=disc)
+  rob = tj.split_robustness(fit1.recall_policy(lam), fit2.recall_policy(lam), second, lam)
   assert rob.degradation_ci[0] <= float(rob.degradation) <= rob.degradation_ci[1]
   assert abs(float(rob.degradation)) < 0.01
   with pytest.raises(ValueError, match="replayed on different numbers of requests"):
-    E.compare_results(ra, E.replay_traces(b, first), lam)
+    compare_results(ra, tj.replay_traces(b, first), lam)
 
 
 def test_model_robustness():
@@ -144,32 +140,32 @@ def test_model_robustness():
     c = ref.tiny_cascade(np.random.default_rng(3), 4, 6)
     lam = 0.5
     policy = tj.recall_policy(c, lam)
-    same = E.model_robustness(policy, c, lam)
+    same = tj.model_robustness(policy, c, lam)
     assert abs(float(same.degradation)) <= 1e-12
-    assert E.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans.shape == c.trans.shape
-    np.testing.assert_allclose(E.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans, c.trans, atol=1e-15)
+    assert tj.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans.shape == c.trans.shape
+    np.testing.assert_allclose(tj.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans, c.trans, atol=1e-15)
     degr = []
     for seed, strength in ((1, 0.1), (1, 0.5), (1, 1.0), (2, 1.0), (3, 1.0)):
-      p = E.perturb_cascade(jax.random.PRNGKey(seed), c, strength)
+      p = tj.perturb_cascade(jax.random.PRNGKey(seed), c, strength)
       np.testing.assert_allclose(np.asarray(p.trans).sum(-1), 1.0, atol=1e-12)
-      r = E.model_robustness(policy, p, lam)
+      r = tj.model_robustness(policy, p, lam)
       # The re-solved policy is optimal on the perturbed model: never worse.
       assert float(r.degradation) >= -1e-12
-      assert float(r.objective) == pytest.approx(float(E.policy_metrics(p, policy).objective(lam)))
+      assert float(r.objective) == pytest.approx(float(tj.policy_metrics(p, policy).objective(lam)))
       assert float(r.refit_objective) == pytest.approx(float(tj.solve_recall(p, lam).value))
       degr.append(float(r.degradation))
     assert max(degr) > 1e-4  # a policy solved for another model does lose somewhere
     with pytest.raises(ValueError, match="strength = 1.5 must lie in"):
-      E.perturb_cascade(jax.random.PRNGKey(1), c, 1.5)
+      tj.perturb_cascade(jax.random.PRNGKey(1), c, 1.5)
 
 
 def test_evaluate_argument_errors():
   c, tr, disc = _known_setup()
   with pytest.raises(ValueError, match="lam = -0.1 is outside"):
-    E.evaluate(B.fixed_exit(0, 4), tr, -0.1)
+    tj.evaluate(tj.fixed_exit(0, 4), tr, -0.1)
   with pytest.raises(ValueError, match="level = 1.0 must lie in"):
-    E.evaluate(B.fixed_exit(0, 4), tr, 0.5, level=1.0)
+    tj.evaluate(tj.fixed_exit(0, 4), tr, 0.5, level=1.0)
   with pytest.raises(ValueError, match="num_resamples = 0 must be"):
-    E.evaluate(B.fixed_exit(0, 4), tr, 0.5, num_resamples=0)
+    tj.evaluate(tj.fixed_exit(0, 4), tr, 0.5, num_resamples=0)
   with pytest.raises(ValueError, match="traces: expected ExitTraces"):
-    E.evaluate(B.fixed_exit(0, 4), np.zeros((3, 4)), 0.5)
+    tj.evaluate(tj.fixed_exit(0, 4), np.zeros((3, 4)), 0.5)

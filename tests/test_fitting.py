@@ -5,15 +5,12 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax import fitting as F
-from ttamer_jax import traces as T
-from ttamer_jax.discretise import Discretiser
 
 
 def _hand_traces(scores, preds=None, losses=None, costs=None):
   scores = np.asarray(scores, float)
   num, n = scores.shape
-  return T.ExitTraces(scores=scores, preds=np.zeros((num, n), int) if preds is None else preds,
+  return tj.ExitTraces(scores=scores, preds=np.zeros((num, n), int) if preds is None else preds,
                       losses=np.zeros((num, n)) if losses is None else losses,
                       costs=np.ones(n) if costs is None else costs)
 
@@ -22,33 +19,33 @@ def _hand_traces(scores, preds=None, losses=None, costs=None):
 def test_quantile_and_uniform_edges():
   rng = np.random.default_rng(0)
   scores = rng.normal(size=(1000, 3)) * [1.0, 2.0, 0.5]
-  d = F.fit_discretiser(scores, 5)
+  d = tj.fit_discretiser(scores, 5)
   np.testing.assert_allclose(d.edges, np.quantile(scores, [0.2, 0.4, 0.6, 0.8], axis=0).T.astype(np.float32))
   states = np.asarray(d(scores))
   for i in range(3):  # quantile bins hold N / B samples each
     np.testing.assert_allclose(np.bincount(states[:, i], minlength=5), 200, atol=1)
-  u = F.fit_discretiser(scores, 4, binning="uniform")
+  u = tj.fit_discretiser(scores, 4, binning="uniform")
   lo, hi = scores.min(0), scores.max(0)
   np.testing.assert_allclose(u.edges, (lo[:, None] + (hi - lo)[:, None] * [0.25, 0.5, 0.75]), rtol=1e-6)
-  r = F.fit_discretiser(scores, 4, binning="uniform", score_range=(0, 1))
+  r = tj.fit_discretiser(scores, 4, binning="uniform", score_range=(0, 1))
   np.testing.assert_allclose(r.edges, np.tile([0.25, 0.5, 0.75], (3, 1)))
-  one = F.fit_discretiser(scores, 1)
+  one = tj.fit_discretiser(scores, 1)
   assert one.edges.shape == (3, 0) and np.all(np.asarray(one(scores)) == 0)
 
 
 def test_discretiser_validation():
   with pytest.raises(ValueError, match="binning: must be one of"):
-    F.fit_discretiser(np.zeros((3, 2)), 2, binning="log")
+    tj.fit_discretiser(np.zeros((3, 2)), 2, binning="log")
   with pytest.raises(ValueError, match="num_bins = 0 must be >= 1"):
-    F.fit_discretiser(np.zeros((3, 2)), 0)
+    tj.fit_discretiser(np.zeros((3, 2)), 0)
   with pytest.raises(ValueError, match=r"scores\[1, 0\] is nan"):
-    F.fit_discretiser([[0.0, 1.0], [np.nan, 1.0]], 2)
+    tj.fit_discretiser([[0.0, 1.0], [np.nan, 1.0]], 2)
   with pytest.raises(ValueError, match="score_range: low 1.0 must be < high 0.0"):
-    F.fit_discretiser(np.zeros((3, 2)), 2, binning="uniform", score_range=(1, 0))
+    tj.fit_discretiser(np.zeros((3, 2)), 2, binning="uniform", score_range=(1, 0))
   with pytest.raises(ValueError, match=r"edges\[0, 1\] = 0.0 < edges\[0, 0\] = 1.0"):
-    Discretiser(edges=np.array([[1.0, 0.0]]))
+    tj.Discretiser(edges=np.array([[1.0, 0.0]]))
   with pytest.raises(ValueError, match="feature: must be one of"):
-    F.fit_discretiser(np.zeros((3, 2)), 2, feature="agree")
+    tj.fit_discretiser(np.zeros((3, 2)), 2, feature="agree")
 
 
 # ------------------------------------------------------------------ smoothing by hand
@@ -56,7 +53,7 @@ def test_laplace_smoothing_by_hand():
   # Uniform bins on [0, 1] with K = 3: states [[0, 1], [0, 1], [1, 1]]; state 2 never seen.
   tr = _hand_traces([[0.1, 0.5], [0.2, 0.6], [0.5, 0.4]], losses=[[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]],
                     costs=[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-  fit = F.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), smoothing=1.0, loss_smoothing=1.0)
+  fit = tj.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), smoothing=1.0, loss_smoothing=1.0)
   c = fit.cascade
   np.testing.assert_allclose(c.init, np.array([2 + 1, 1 + 1, 0 + 1]) / 6, rtol=1e-6)
   np.testing.assert_allclose(c.trans[0], [[1 / 5, 3 / 5, 1 / 5], [1 / 4, 2 / 4, 1 / 4], [1 / 3] * 3], rtol=1e-6)
@@ -64,18 +61,18 @@ def test_laplace_smoothing_by_hand():
   np.testing.assert_allclose(c.values, [[(1 + m0) / 3, (1 + m0) / 2, m0], [m1, (1 + m1) / 4, m1]], rtol=1e-6)
   np.testing.assert_allclose(c.costs, [3.0, 4.0])
   np.testing.assert_array_equal(fit.counts, [[2, 1, 0], [0, 3, 0]])
-  mle = F.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), smoothing=0.0, loss_smoothing=0.0)
+  mle = tj.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), smoothing=0.0, loss_smoothing=0.0)
   np.testing.assert_allclose(mle.cascade.init, [2 / 3, 1 / 3, 0])
   np.testing.assert_allclose(mle.cascade.trans[0], [[0, 1, 0], [0, 1, 0], [1 / 3] * 3], rtol=1e-6)
   np.testing.assert_allclose(mle.cascade.values, [[0.5, 1.0, m0], [m1, 1 / 3, m1]], rtol=1e-6)
   # Marginal prior: pseudo-counts K * a * (next stage's state frequencies) = [0, 3, 0].
-  marg = F.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), prior="marginal")
+  marg = tj.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), prior="marginal")
   np.testing.assert_allclose(marg.cascade.trans[0], [[0, 1, 0], [0, 1, 0], [0, 1, 0]], atol=1e-7)
 
 
 def test_agree_prev_states_by_hand():
   tr = _hand_traces([[0.1, 0.9, 0.9], [0.9, 0.1, 0.1]], preds=[[4, 4, 5], [1, 2, 2]])
-  fit = F.fit_cascade(tr, 4, binning="uniform", score_range=(0, 1), feature="agree_prev", smoothing=1.0)
+  fit = tj.fit_cascade(tr, 4, binning="uniform", score_range=(0, 1), feature="agree_prev", smoothing=1.0)
   states = np.asarray(fit.discretiser(tr.scores, tr.preds))
   # state = 2 * bin + agree-with-previous; the first stage never agrees.
   np.testing.assert_array_equal(states, [[0, 3, 2], [2, 0, 1]])
@@ -86,33 +83,33 @@ def test_agree_prev_states_by_hand():
   obs = deployed.observe(1, np.asarray([0.9, 0.1]), np.asarray([4, 2]), np.asarray([4, 1]))
   np.testing.assert_array_equal(obs.state, [3, 0])
   with pytest.raises(ValueError, match="num_states = 5 must be even"):
-    F.fit_cascade(tr, 5, feature="agree_prev")
+    tj.fit_cascade(tr, 5, feature="agree_prev")
 
 
 def test_fit_argument_errors():
   tr = _hand_traces([[0.1, 0.5], [0.2, 0.6]])
   with pytest.raises(ValueError, match="smoothing = -1.0 must be"):
-    F.fit_cascade(tr, 2, smoothing=-1.0)
+    tj.fit_cascade(tr, 2, smoothing=-1.0)
   with pytest.raises(ValueError, match="prior: must be one of"):
-    F.fit_cascade(tr, 2, prior="jeffreys")
+    tj.fit_cascade(tr, 2, prior="jeffreys")
   with pytest.raises(ValueError, match="no signal named 'entropy'"):
-    F.fit_cascade(tr, 2, score="entropy")
+    tj.fit_cascade(tr, 2, score="entropy")
   with pytest.raises(ValueError, match="traces: expected ExitTraces"):
-    F.fit_cascade(np.zeros((2, 2)), 2)
-  d3 = F.fit_discretiser(np.zeros((2, 3)), 2)
+    tj.fit_cascade(np.zeros((2, 2)), 2)
+  d3 = tj.fit_discretiser(np.zeros((2, 3)), 2)
   with pytest.raises(ValueError, match="discretiser: has 3 stages but the traces have 2"):
-    F.fit_cascade(tr, discretiser=d3)
-  d2 = F.fit_discretiser(np.zeros((2, 2)), 2)
+    tj.fit_cascade(tr, discretiser=d3)
+  d2 = tj.fit_discretiser(np.zeros((2, 2)), 2)
   with pytest.raises(ValueError, match="num_states = 3 but the given discretiser has 2"):
-    F.fit_cascade(tr, 3, discretiser=d2)
-  refit = F.fit_cascade(tr, discretiser=d2)
+    tj.fit_cascade(tr, 3, discretiser=d2)
+  refit = tj.fit_cascade(tr, discretiser=d2)
   assert refit.discretiser is d2
 
 
 # ------------------------------------------------------------------ recovery
 def _recovery_errors(cascade, num, seed):
-  tr = T.sample_traces(jax.random.PRNGKey(seed), cascade, num)
-  fit = F.fit_cascade(tr, cascade.num_states, binning="uniform", score_range=(0, 1), smoothing=1.0,
+  tr = tj.sample_traces(jax.random.PRNGKey(seed), cascade, num)
+  fit = tj.fit_cascade(tr, cascade.num_states, binning="uniform", score_range=(0, 1), smoothing=1.0,
                       loss_smoothing=1.0)
   states = np.asarray(fit.discretiser(tr.scores))
   np.testing.assert_array_equal(states, np.floor(np.asarray(tr.scores) * cascade.num_states))
@@ -153,8 +150,8 @@ def test_fitting_recovers_a_known_cascade_with_error_shrinking_in_n():
 # ------------------------------------------------------------------ skip line
 def test_skip_line_direct_estimates_match_products_on_markov_data():
   c = _known()
-  tr = T.sample_traces(jax.random.PRNGKey(6), c, _N)
-  g = F.fit_skip_line(tr, 4, binning="uniform", score_range=(0, 1), smoothing=0.0)
+  tr = tj.sample_traces(jax.random.PRNGKey(6), c, _N)
+  g = tj.fit_skip_line(tr, 4, binning="uniform", score_range=(0, 1), smoothing=0.0)
   graph = g.graph
   assert graph.edge_src == (0, 0, 1) and graph.edge_dst == (1, 2, 2)
   true = np.asarray(c.trans, np.float64)
@@ -166,7 +163,7 @@ def test_skip_line_direct_estimates_match_products_on_markov_data():
   costs = np.asarray(c.costs, np.float64)
   np.testing.assert_allclose(graph.edge_costs, [costs[1], costs[1] + costs[2], costs[2]], rtol=1e-6)
   np.testing.assert_allclose(graph.entry_costs, [costs[0]], rtol=1e-6)
-  heads = F.fit_skip_line(tr, 4, block_costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.2, 0.4], skip_first=True)
+  heads = tj.fit_skip_line(tr, 4, block_costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.2, 0.4], skip_first=True)
   np.testing.assert_allclose(heads.graph.edge_costs, [2.2, 6.4, 4.4], rtol=1e-6)
   np.testing.assert_allclose(heads.graph.entry_costs, [1.1, 3.2, 7.4], rtol=1e-6)
   assert heads.graph.entry_nodes == (0, 1, 2)
@@ -182,11 +179,11 @@ def test_skip_line_direct_estimates_are_right_when_the_chain_is_not_markov():
   s0, s1 = rng.integers(0, 3, num), rng.integers(0, 3, num)
   states = np.stack([s0, s1, s0], axis=1)
   tr = _hand_traces((states + rng.uniform(size=states.shape)) / 3)
-  g = F.fit_skip_line(tr, 3, binning="uniform", score_range=(0, 1), smoothing=1.0)
+  g = tj.fit_skip_line(tr, 3, binning="uniform", score_range=(0, 1), smoothing=1.0)
   direct = np.asarray(g.graph.edge_trans[1])            # edge 0 -> 2
   assert np.all(np.diag(direct) > 0.99)
-  line = F.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1))
+  line = tj.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1))
   product = np.asarray(line.cascade.trans[0] @ line.cascade.trans[1])
   np.testing.assert_allclose(product, 1 / 3, atol=0.03)
   with pytest.raises(ValueError, match="'agree_prev' is undefined on a skip-line"):
-    F.fit_skip_line(tr, discretiser=F.fit_discretiser(tr.scores, 2, feature="agree_prev"))
+    tj.fit_skip_line(tr, discretiser=tj.fit_discretiser(tr.scores, 2, feature="agree_prev"))

@@ -8,11 +8,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import ttamer_jax as tj
-from ttamer_jax import baselines as B
-from ttamer_jax import evaluation as E
-from ttamer_jax import fitting as F
-from ttamer_jax import frontier as Fr
-from ttamer_jax import traces as T
+# Internal: the paired comparison of two replays (tj.compare replays the policies itself).
+from ttamer_jax.evaluation.metrics import compare_results
 
 N_SPLIT = 20_000
 
@@ -21,13 +18,13 @@ N_SPLIT = 20_000
 def _setup(seed):
   """A random cascade, a calibration split and a held-out split sampled from it."""
   if seed == "workload":   # monotone scores: thresholds are sensible heuristics here
-    c = Fr.overthinking_cascade(4, 4)
+    c = tj.overthinking_cascade(4, 4)
   else:
     c = tj.random_cascade(jax.random.PRNGKey(100 + seed), 4, 4, concentration=0.7)
   seed = 9 if seed == "workload" else seed
-  tr = T.sample_traces(jax.random.PRNGKey(200 + seed), c, 2 * N_SPLIT, loss="expected")
+  tr = tj.sample_traces(jax.random.PRNGKey(200 + seed), c, 2 * N_SPLIT, loss="expected")
   cal, held = tr.subset(np.arange(N_SPLIT)), tr.subset(np.arange(N_SPLIT, 2 * N_SPLIT))
-  fit = F.fit_cascade(cal, 4, binning="uniform", score_range=(0, 1))
+  fit = tj.fit_cascade(cal, 4, binning="uniform", score_range=(0, 1))
   return c, cal, held, fit
 
 
@@ -35,12 +32,12 @@ def _setup(seed):
 def test_sweeps_equal_one_policy_at_a_time():
   c, cal, held, fit = _setup(0)
   lams = np.array([0.15, 0.45, 0.7, 0.95])
-  sweep = Fr.sweep_recall(fit, held, lams)
-  no = Fr.sweep_no_recall(fit, held, lams)
+  sweep = tj.sweep_recall(fit, held, lams)
+  no = tj.sweep_no_recall(fit, held, lams)
   full = float(np.sum(np.asarray(held.costs, np.float64)))
   for j, lam in enumerate(lams):
     for sw, deployed in ((sweep, fit.recall_policy(lam)), (no, fit.no_recall_policy(lam))):
-      res = E.replay_traces(deployed, held)
+      res = tj.replay_traces(deployed, held)
       assert float(sw.error[j]) == pytest.approx(float(np.mean(res.loss)), rel=1e-5, abs=1e-7)
       assert float(sw.cost[j]) == pytest.approx(float(np.mean(res.cost)), rel=1e-5)
       assert float(sw.cost_norm[j]) == pytest.approx(float(np.mean(res.cost)) / full, rel=1e-5)
@@ -49,34 +46,34 @@ def test_sweeps_equal_one_policy_at_a_time():
   np.testing.assert_allclose(sweep.objective(0.3), 0.3 * sweep.error + 0.7 * sweep.cost)
   assert len(sweep.rows()) == 4
   with pytest.raises(ValueError, match=r"lam\[1\] = 1.5 is outside"):
-    Fr.sweep_recall(fit, held, [0.5, 1.5])
+    tj.sweep_recall(fit, held, [0.5, 1.5])
   with pytest.raises(ValueError, match="expected a FittedCascade"):
-    Fr.sweep_recall(c, held, [0.5])
+    tj.sweep_recall(c, held, [0.5])
 
 
 def test_heuristic_grids_equal_single_replays():
   _, cal, held, _ = _setup(0)
   for (policy, params), make in (
-      (Fr.confidence_grid(cal, num=8), lambda t: B.confidence_threshold(t, 4)),
-      (Fr.entropy_grid(cal, "scores", num=8), lambda t: B.entropy_threshold(t, 4)),
-      (Fr.patience_grid(4), lambda p: B.patience_policy(int(p), 4)),
-      (Fr.fixed_exit_grid(4), lambda k: B.fixed_exit(int(k), 4))):
-    sweep = Fr.sweep_policies(policy, params, held)
+      (tj.confidence_grid(cal, num=8), lambda t: tj.confidence_threshold(t, 4)),
+      (tj.entropy_grid(cal, "scores", num=8), lambda t: tj.entropy_threshold(t, 4)),
+      (tj.patience_grid(4), lambda p: tj.patience_policy(int(p), 4)),
+      (tj.fixed_exit_grid(4), lambda k: tj.fixed_exit(int(k), 4))):
+    sweep = tj.sweep_policies(policy, params, held)
     for j, p in enumerate(params):
-      res = E.replay_traces(make(p), held)
+      res = tj.replay_traces(make(p), held)
       assert float(sweep.error[j]) == pytest.approx(float(np.mean(res.loss)), rel=1e-5, abs=1e-7)
       assert float(sweep.cost[j]) == pytest.approx(float(np.mean(res.cost)), rel=1e-5)
-  per, levels = Fr.per_stage_grid(cal, num=5)
+  per, levels = tj.per_stage_grid(cal, num=5)
   t = np.asarray(per.thresholds)
   np.testing.assert_allclose(t[1:-1], np.quantile(np.asarray(cal.scores, np.float64), levels[1:-1], axis=0),
                              rtol=1e-6)
   assert np.all(np.isneginf(t[0])) and np.all(np.isposinf(t[-1]))
-  sweeps = Fr.heuristic_sweeps(cal, held, num=8)
+  sweeps = tj.heuristic_sweeps(cal, held, num=8)
   assert set(sweeps) == {"confidence", "per_stage", "patience", "fixed_exit"}
   with pytest.raises(ValueError, match="leading grid axes"):
-    Fr.sweep_policies(policy, params[:2], held)
+    tj.sweep_policies(policy, params[:2], held)
   with pytest.raises(ValueError, match="not a score-reading heuristic"):
-    Fr.sweep_policies(B.hindsight_policy(held.losses, held.costs, 0.5), np.zeros(N_SPLIT), held)
+    tj.sweep_policies(tj.hindsight_policy(held.losses, held.costs, 0.5), np.zeros(N_SPLIT), held)
 
 
 # ------------------------------------------------------------------ fronts and areas
@@ -94,44 +91,44 @@ def _brute_front(cost, error):
 def test_pareto_front_matches_brute_force(points):
   cost = np.array([p[0] for p in points], float)
   error = np.array([p[1] for p in points], float)
-  assert list(Fr.pareto_front(cost, error)) == _brute_front(cost, error)
+  assert list(tj.pareto_front(cost, error)) == _brute_front(cost, error)
 
 
 def test_frontier_gap_matches_numerical_integration():
   rng = np.random.default_rng(0)
   ca, ea = rng.uniform(0, 1, 12), rng.uniform(0, 1, 12)
   cb, eb = rng.uniform(0, 1, 9), rng.uniform(0, 1, 9)
-  gap = Fr.frontier_gap(ca, ea, cb, eb)
+  gap = tj.frontier_gap(ca, ea, cb, eb)
   low, high = max(ca.min(), cb.min()), max(ca.max(), cb.max())
   assert float(gap.low) == low and float(gap.high) == high
   grid = np.linspace(low, high, 400_001)[:-1] + (high - low) / 800_000   # midpoints
-  num = np.mean(Fr.staircase(cb, eb, grid) - Fr.staircase(ca, ea, grid)) * (high - low)
+  num = np.mean(tj.staircase(cb, eb, grid) - tj.staircase(ca, ea, grid)) * (high - low)
   assert float(gap.area) == pytest.approx(num, abs=1e-4)
   assert float(gap.mean_gap) == pytest.approx(float(gap.area) / (high - low))
-  back = Fr.frontier_gap(cb, eb, ca, ea)
+  back = tj.frontier_gap(cb, eb, ca, ea)
   assert float(back.area) == pytest.approx(-float(gap.area))
-  assert float(Fr.frontier_gap(ca, ea, ca, ea).area) == 0.0
+  assert float(tj.frontier_gap(ca, ea, ca, ea).area) == 0.0
   # By hand: a = {(0, 1), (1, 0)}, b = {(0, 1), (2, 0)}: b is worse by 1 on [1, 2).
-  by_hand = Fr.frontier_gap([0, 1], [1, 0], [0, 2], [1, 0])
+  by_hand = tj.frontier_gap([0, 1], [1, 0], [0, 2], [1, 0])
   assert float(by_hand.area) == 1.0 and float(by_hand.mean_gap) == 0.5
-  np.testing.assert_array_equal(Fr.staircase([0, 1], [1, 0], [-1, 0, 0.5, 1, 3]), [np.inf, 1, 1, 0, 0])
+  np.testing.assert_array_equal(tj.staircase([0, 1], [1, 0], [-1, 0, 0.5, 1, 3]), [np.inf, 1, 1, 0, 0])
   with pytest.raises(ValueError, match=r"error: expected shape \(2,\)"):
-    Fr.pareto_front([0, 1], [0, 1, 2])
+    tj.pareto_front([0, 1], [0, 1, 2])
 
 
 def test_tuned_objective_picks_on_calibration_and_scores_on_held_out():
-  cal = Fr.SweepResult(param=np.arange(3), error=np.array([0.3, 0.2, 0.1]), cost=np.array([0.1, 0.15, 0.9]),
+  cal = tj.ReplaySweep(param=np.arange(3), error=np.array([0.3, 0.2, 0.1]), cost=np.array([0.1, 0.15, 0.9]),
                        cost_norm=np.zeros(3), stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
   held = cal.replace(error=np.array([0.5, 0.4, 0.0]))
-  assert Fr.tuned_objective(cal, held, 0.5) == (1, pytest.approx(0.5 * 0.4 + 0.5 * 0.15))
+  assert tj.tuned_objective(cal, held, 0.5) == (1, pytest.approx(0.5 * 0.4 + 0.5 * 0.15))
 
 
 # ------------------------------------------------------------------ the acceptance claim
 def _tuned_replay(grid, params, cal, held, lam, score_name=None):
-  i, _ = Fr.tuned_objective(Fr.sweep_policies(grid, params, cal, score_name=score_name),
-                            Fr.sweep_policies(grid, params, held, score_name=score_name), lam)
+  i, _ = tj.tuned_objective(tj.sweep_policies(grid, params, cal, score_name=score_name),
+                            tj.sweep_policies(grid, params, held, score_name=score_name), lam)
   chosen = jax.tree_util.tree_map(lambda x: x[i], grid)
-  return E.replay_traces(chosen, held, score_name=score_name)
+  return tj.replay_traces(chosen, held, score_name=score_name)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, "workload"])
@@ -145,20 +142,20 @@ def test_fitted_recall_beats_every_baseline_on_held_out_traces(seed):
   which the recall optimum dominates every non-anticipating policy.
   """
   c, cal, held, fit = _setup(seed)
-  grids = {"confidence": Fr.confidence_grid(cal, num=32), "entropy": Fr.entropy_grid(cal, "scores", num=32),
-           "per_stage": Fr.per_stage_grid(cal, num=32),
-           "per_stage_below": Fr.per_stage_grid(cal, num=32, direction="below"), "patience": Fr.patience_grid(4),
-           "fixed_exit": Fr.fixed_exit_grid(4)}
+  grids = {"confidence": tj.confidence_grid(cal, num=32), "entropy": tj.entropy_grid(cal, "scores", num=32),
+           "per_stage": tj.per_stage_grid(cal, num=32),
+           "per_stage_below": tj.per_stage_grid(cal, num=32, direction="below"), "patience": tj.patience_grid(4),
+           "fixed_exit": tj.fixed_exit_grid(4)}
   strict = 0
   for lam in (0.3, 0.6, 0.9):
-    recall = E.replay_traces(fit.recall_policy(lam), held)
+    recall = tj.replay_traces(fit.recall_policy(lam), held)
     others = {name: _tuned_replay(g, p, cal, held, lam) for name, (g, p) in grids.items()}
-    others["no_recall"] = E.replay_traces(fit.no_recall_policy(lam), held)
+    others["no_recall"] = tj.replay_traces(fit.no_recall_policy(lam), held)
     for name, res in others.items():
-      cmp = E.compare_results(recall, res, lam, num_resamples=10)
+      cmp = compare_results(recall, res, lam, num_resamples=10)
       assert float(cmp.diff) <= 4 * float(cmp.diff_se), (seed, lam, name, float(cmp.diff), float(cmp.diff_se))
       strict += float(cmp.diff) < -4 * float(cmp.diff_se)
-    hindsight = E.replay_traces(B.hindsight_policy(held.losses, held.costs, lam), held)
+    hindsight = tj.replay_traces(tj.hindsight_policy(held.losses, held.costs, lam), held)
     assert float(np.mean(hindsight.objective(lam))) <= float(np.mean(recall.objective(lam)))
   assert strict >= 4  # recall is significantly better in most comparisons, not merely tied
 
@@ -166,11 +163,11 @@ def test_fitted_recall_beats_every_baseline_on_held_out_traces(seed):
 # ------------------------------------------------------------------ workload
 def test_workload_cascade_and_traces():
   demo = tj.demo_cascade()
-  mine = Fr.overthinking_cascade(5, 8)
+  mine = tj.overthinking_cascade(5, 8)
   for name in ("values", "init", "trans", "costs"):
     np.testing.assert_allclose(getattr(mine, name), getattr(demo, name), rtol=1e-5, atol=1e-7)
-  c = Fr.overthinking_cascade(4, 16)
-  tr = Fr.workload_traces(jax.random.PRNGKey(0), c, 20_000)
+  c = tj.overthinking_cascade(4, 16)
+  tr = tj.workload_traces(jax.random.PRNGKey(0), c, 20_000)
   assert set(tr.signals) == {"error_prob", "max_softmax", "entropy"}
   conf = np.asarray(tr.signals["max_softmax"])
   assert conf.min() >= 0.1 and conf.max() <= 1.0

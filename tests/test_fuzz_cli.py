@@ -8,7 +8,7 @@ write files that load back. Random bad arguments and broken input files
 file (the output folder's listing is unchanged: not even a temporary file). A bit
 flip the loaders cannot see (a zip timestamp) must give the unbroken file's result.
 
-The commands run in-process through :func:`ttamer_jax.cli.main`, which is what
+The commands run in-process through :func:`ttamer_jax.app.cli.main`, which is what
 the ``ttamer`` console script and ``python -m ttamer_jax`` call (argparse errors
 leave ``main`` as ``SystemExit(2)``, exactly as they leave the process); a few
 cases run through the real ``python -m ttamer_jax``. ``demo`` and ``bench`` are
@@ -35,10 +35,11 @@ from hypothesis import given, settings, strategies as st
 
 import ttamer_jax as tj
 from fuzzing import record
-from ttamer_jax import cli, pipeline, policy_io
-from ttamer_jax.cascade_io import load_cascade, save_cascade
-from ttamer_jax.fitting import fit_cascade
-from ttamer_jax.traces import load_traces, save_traces
+from ttamer_jax.app import cli, pipeline
+from ttamer_jax.data import policy_io
+from ttamer_jax import load_cascade, save_cascade
+from ttamer_jax import fit_cascade
+from ttamer_jax import load_traces, save_traces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -211,7 +212,7 @@ def test_valid_fit(n, data):
     assert_ok(code, stdout, err)
     expected = {"p.npz", "p.json"} | ({"c.npz"} if cascade_out else set())
     assert listing(os.path.dirname(out)) == sorted(expected)
-    deployed, meta = policy_io.load_policy(out, with_metadata=True)
+    deployed, meta = tj.load_policy(out, with_metadata=True)
     assert json.load(open(policy_io.sidecar_path(out))) == meta
     assert meta["num_stages"] == traces.num_stages and meta["num_states"] == k
     default_score = "max_softmax" if "max_softmax" in traces.signals else "scores"
@@ -251,7 +252,7 @@ def test_valid_evaluate(n, data):
   deployed = fitted.recall_policy(lam) if recall else fitted.no_recall_policy(lam)
   with workdir() as d:
     ppath, tpath = os.path.join(d, "p.npz"), os.path.join(d, "t.npz")
-    policy_io.save_policy(ppath, deployed, lam=lam)
+    tj.save_policy(ppath, deployed, lam=lam)
     save_traces(tpath, traces)
     before = listing(d)
     resamples = data.draw(st.sampled_from([1, 20]), "resamples")
@@ -366,7 +367,7 @@ def test_valid_sweep(n, data):
     families = set(pipeline.POLICIES) - ({"entropy"} if "entropy" not in names else set())
     assert {r["policy"] for r in result["operating_points"]} == families
     assert len(result["frontiers"]["recall"]) == num
-    assert [o["lam"] for o in result["objectives"]] == pytest.approx(list(cli.OBJECTIVE_LAMS))
+    assert [o["lam"] for o in result["objectives"]] == pytest.approx(list(pipeline.OBJECTIVE_LAMS))
     assert result["fitted"]["num_states"] == k and result["fitted"]["num_stages"] == n
     for row in result["frontiers"]["recall"]:
       assert -1e-9 <= row["cost_norm"] <= 1 + 1e-6
@@ -388,7 +389,7 @@ def inputs(tmp_path_factory):
   f = {k: os.path.join(root, k + ".npz") for k in ("traces", "policy", "cascade", "two_stages")}
   save_traces(f["traces"], traces)
   deployed = fit_cascade(traces, 4, score="max_softmax").recall_policy(0.8)
-  policy_io.save_policy(f["policy"], deployed, lam=0.8)
+  tj.save_policy(f["policy"], deployed, lam=0.8)
   save_cascade(f["cascade"], tj.demo_cascade(3, 4))
   save_traces(f["two_stages"], traces.replace(
       scores=traces.scores[:, :2], preds=traces.preds[:, :2], losses=traces.losses[:, :2],
@@ -413,12 +414,12 @@ def _base_argv(command, f, out):
 
 # option -> the parser's type (a value it accepts is not a bad value) or its choices
 OPTION_TYPES = {
-    "fit": {"--states": cli._positive_int, "--lam": cli._lam_or_auto, "--tolerance": cli._fraction,
+    "fit": {"--states": cli.positive_int, "--lam": cli.lam_or_auto, "--tolerance": cli.fraction,
             "--binning": ("quantile", "uniform"), "--feature": ("agree_prev",)},
-    "evaluate": {"--lam": cli._single_lam, "--resamples": cli._resamples, "--level": cli._fraction,
-                 "--seed": cli._seed},
-    "sweep": {"--lam": cli.lam_values, "--split": cli._fraction, "--states": cli._positive_int,
-              "--tolerance": cli._fraction, "--seed": cli._seed, "--feature": ("agree_prev",)},
+    "evaluate": {"--lam": cli.single_lam, "--resamples": cli.resample_count, "--level": cli.fraction,
+                 "--seed": cli.seed_value},
+    "sweep": {"--lam": cli.lam_values, "--split": cli.fraction, "--states": cli.positive_int,
+              "--tolerance": cli.fraction, "--seed": cli.seed_value, "--feature": ("agree_prev",)},
     "solve": {"--lam": cli.lam_values},
 }
 
@@ -532,7 +533,7 @@ PATH_FIELDS = {"fit": ("policy", "cascade", "metadata"), "evaluate": ("policy", 
                "sweep": ("traces", "calibration", "how", "plot"), "solve": ("cascade", "plot")}
 WRONG_KIND = {"traces": ["policy", "cascade", "sidecar"], "policy": ["traces", "cascade", "sidecar"],
               "cascade": ["traces", "policy", "sidecar"]}
-LOADERS = {"traces": load_traces, "policy": policy_io.load_policy, "cascade": load_cascade}
+LOADERS = {"traces": load_traces, "policy": tj.load_policy, "cascade": load_cascade}
 MUTATIONS = ["truncated", "bitflip", "bitflip", "bitflip", "empty", "text", "bytes", "zip_junk",
              "directory", "missing", "dangling_link", "foreign_npz", "npy", "wrong_kind"]
 
@@ -647,7 +648,7 @@ def test_bad_files_exit_2_one_line_nothing_written(inputs, baselines, data):
     assert _comparable(command, json.loads(stdout)) == _comparable(command, expected)
     for name in outputs:
       if name.endswith(".npz"):
-        load = policy_io.load_policy if name == "p.npz" else load_cascade
+        load = tj.load_policy if name == "p.npz" else load_cascade
         assert _same(load(os.path.join(out, name)), load(os.path.join(expected_out, name)))
   record("cli.bad_files", "exit 0 (flip left the content intact)")
 

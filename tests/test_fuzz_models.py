@@ -16,8 +16,6 @@ from hypothesis import given, settings, strategies as st
 
 import ttamer_jax as tj
 from fuzzing import expect_error, record
-from ttamer_jax import aggregation, baselines, evaluation, relaxation, sweep
-from ttamer_jax.discretise import Discretiser
 
 EPS32 = float(np.finfo(np.float32).eps)
 # |J_float32 - J_float64| <= C32 * n * eps32 * (max values + sum costs): docs/formulation.md
@@ -122,7 +120,7 @@ def test_monte_carlo_replay_matches_dp_values(seed, lam, conc):
   for policy, value in ((tj.recall_policy(c, lam), tj.solve_recall(c, lam).value),
                         (tj.no_recall_policy(c, lam), tj.solve_no_recall(c, lam).value)):
     mc = tj.monte_carlo(jax.random.fold_in(key, 1), c, policy, lam, 20000)
-    exact = float(evaluation.policy_metrics(c, policy).objective(lam))
+    exact = float(tj.policy_metrics(c, policy).objective(lam))
     assert abs(exact - float(value)) <= 1e-5
     assert abs(float(mc.objective) - float(value)) <= 4 * float(mc.objective_se) + 1e-6
     record("mc.replay_equals_dp")
@@ -231,7 +229,7 @@ def test_invalid_builder_arguments_raise(data):
     args[sub] = {"root_init": 0.5, "root_cost": "x", "parents": [1.5]}[sub]
     expect_error("builders.bad_args", lambda: tj.tree_graph(**args), sub)
   else:
-    expect_error("builders.bad_args", lambda: tj.frontier.overthinking_cascade(data.draw(bad_int), 4),
+    expect_error("builders.bad_args", lambda: tj.overthinking_cascade(data.draw(bad_int), 4),
                  "num_stages")
 
 
@@ -293,7 +291,7 @@ def test_invalid_aggregated_cascades_raise(data):
   good[field] = arr
   # A shape mismatch may be reported against the field it disagrees with.
   names = (field,) if how != "shape" else ("membership", "emission", "values", "init")
-  expect_error("aggregated.invalid", lambda: aggregation.AggregatedCascade(**good), *names)
+  expect_error("aggregated.invalid", lambda: tj.AggregatedCascade(**good), *names)
 
 
 @settings(max_examples=80)
@@ -323,22 +321,22 @@ def test_invalid_policy_constructors_raise(data):
     expect_error("policy_ctor.invalid", lambda: tj.NoRecallPolicy(stop=bad), "stop")
   elif case == "threshold":
     bad = data.draw(st.sampled_from([[np.nan, 0.5], [], "x", [[]]]))
-    expect_error("policy_ctor.invalid", lambda: baselines.ThresholdPolicy(thresholds=bad), "thresholds")
+    expect_error("policy_ctor.invalid", lambda: tj.ThresholdPolicy(thresholds=bad), "thresholds")
   elif case == "patience":
     bad = data.draw(st.sampled_from([0, -3, 1.5, "x"]))
-    expect_error("policy_ctor.invalid", lambda: baselines.patience_policy(bad, 3), "patience")
+    expect_error("policy_ctor.invalid", lambda: tj.patience_policy(bad, 3), "patience")
   elif case == "fixed":
     bad = data.draw(st.sampled_from([-1, 3, 7, 0.5]))
-    expect_error("policy_ctor.invalid", lambda: baselines.fixed_exit(bad, 3), "exit_stage")
+    expect_error("policy_ctor.invalid", lambda: tj.fixed_exit(bad, 3), "exit_stage")
   elif case == "mixture":
     first = data.draw(st.sampled_from([None, "policy", 3]))
-    expect_error("policy_ctor.invalid", lambda: tj.slo.MixturePolicy(
-        first=first, second=baselines.fixed_exit(0, 3), prob_second=0.5,
+    expect_error("policy_ctor.invalid", lambda: tj.MixturePolicy(
+        first=first, second=tj.fixed_exit(0, 3), prob_second=0.5,
         key=jax.random.PRNGKey(0)), "first")
   elif case == "discretiser":
     bad = data.draw(st.sampled_from([np.array([[0.5, 0.1]]), np.array([[np.nan]]),
                                      np.zeros((0, 2)), np.array([[1e39]]), np.zeros(3)]))
-    expect_error("policy_ctor.invalid", lambda: Discretiser(edges=bad), "edges")
+    expect_error("policy_ctor.invalid", lambda: tj.Discretiser(edges=bad), "edges")
   elif case == "graph_policy":
     g = tj.line_graph(tj.demo_cascade(3, 2))
     sol = tj.solve_graph_recall(g, 0.5)
@@ -353,7 +351,7 @@ def test_invalid_policy_constructors_raise(data):
         state=np.zeros(3, np.int32), score=np.zeros(4), pred=np.zeros(3, np.int32)), "score")
   else:
     bad = data.draw(st.sampled_from(["x", None, [0.5, 0.6]]))
-    expect_error("policy_ctor.invalid", lambda: baselines.confidence_threshold(bad, 3), "threshold")
+    expect_error("policy_ctor.invalid", lambda: tj.confidence_threshold(bad, 3), "threshold")
 
 
 @settings(max_examples=40)
@@ -401,12 +399,12 @@ def test_invalid_lam_raises_everywhere(lam, fn):
       "recall_policy": lambda: tj.recall_policy(c, lam),
       "no_recall_policy": lambda: tj.no_recall_policy(c, lam),
       "monte_carlo": lambda: tj.monte_carlo(key, c, tj.recall_policy(c, 0.5), lam, 10),
-      "sweep": lambda: sweep.sweep(c, [0.5, lam] if not isinstance(lam, np.ndarray) else lam[:, None, None]),
-      "soft": lambda: relaxation.soft_solve_recall(c, lam, 0.1),
+      "sweep": lambda: tj.sweep(c, [0.5, lam] if not isinstance(lam, np.ndarray) else lam[:, None, None]),
+      "soft": lambda: tj.soft_solve_recall(c, lam, 0.1),
       "graph": lambda: tj.solve_recall(tj.line_graph(c), lam),
-      "consult": lambda: relaxation.consult_probabilities(c, lam),
-      "hindsight": lambda: baselines.hindsight_policy(np.zeros((2, 3)), np.zeros(3), lam),
-      "aggregated": lambda: aggregation.solve_recall_aggregated(aggregation.aggregate_cascade(c, 3)[0], lam),
+      "consult": lambda: tj.consult_probabilities(c, lam),
+      "hindsight": lambda: tj.hindsight_policy(np.zeros((2, 3)), np.zeros(3), lam),
+      "aggregated": lambda: tj.solve_recall_aggregated(tj.aggregate_cascade(c, 3)[0], lam),
   }
   expect_error("lam.invalid", calls[fn], "lam")
 
@@ -424,10 +422,10 @@ def test_solvers_refuse_non_cascades(obj, fn):
       "prophet_value": lambda: tj.prophet_value(obj, 0.5),
       "monte_carlo": lambda: tj.monte_carlo(key, obj, p, 0.5, 10),
       "sample_states": lambda: tj.sample_states(key, obj, 10),
-      "sweep": lambda: sweep.sweep(obj, [0.5]),
-      "soft": lambda: relaxation.soft_solve_recall(obj, 0.5, 0.1),
-      "aggregate": lambda: aggregation.aggregate_cascade(obj, 2),
-      "policy_metrics": lambda: evaluation.policy_metrics(obj, p),
+      "sweep": lambda: tj.sweep(obj, [0.5]),
+      "soft": lambda: tj.soft_solve_recall(obj, 0.5, 0.1),
+      "aggregate": lambda: tj.aggregate_cascade(obj, 2),
+      "policy_metrics": lambda: tj.policy_metrics(obj, p),
       "replay_cascade": lambda: tj.replay_cascade(p, obj, np.zeros((2, 3), np.int32)),
   }
   expect_error("solver.non_cascade", calls[fn], "cascade", "graph", "agg")
@@ -445,6 +443,6 @@ def test_invalid_prophet_and_soft_options_raise():
   for bad in (0, -1, 2.5):
     expect_error("solver.non_cascade", lambda: tj.prophet_value(c, 0.5, chunk_size=bad), "chunk_size")
   for beta in (-1.0, np.nan, np.inf, [0.1]):
-    expect_error("solver.non_cascade", lambda: relaxation.soft_solve_recall(c, 0.5, beta), "beta")
+    expect_error("solver.non_cascade", lambda: tj.soft_solve_recall(c, 0.5, beta), "beta")
   for q in (0, 4, 1.5):
-    expect_error("solver.non_cascade", lambda: aggregation.aggregate_cascade(c, q), "num_meta")
+    expect_error("solver.non_cascade", lambda: tj.aggregate_cascade(c, q), "num_meta")

@@ -6,7 +6,7 @@ to the drift tests must raise ``ValueError`` naming the field, before any kernel
 runs (JAX would otherwise clamp an out-of-range state or overflow a float32
 silently). Random deployable policies of every kind must survive a save / load
 round trip bit for bit and replay identically; random update sequences of a
-:class:`~ttamer_jax.drift.DriftMonitor` must keep exactly the counts of the last
+:class:`~ttamer_jax.DriftMonitor` must keep exactly the counts of the last
 ``window`` observations. Every case is counted (tests/fuzzing.py).
 """
 
@@ -21,29 +21,23 @@ from hypothesis import given, settings, strategies as st
 
 import ttamer_jax as tj
 from fuzzing import expect_error, record
-from ttamer_jax import baselines as B
-from ttamer_jax import drift as D
-from ttamer_jax import evaluation as E
-from ttamer_jax import policy_io as P
-from ttamer_jax import serving, workloads
-from ttamer_jax import traces as T
-from ttamer_jax.discretise import DeployedPolicy, Discretiser
-from ttamer_jax.slo import MixturePolicy
+# Internal: the inputs tj.replay_traces hands to tj.replay, to replay op by op.
+from ttamer_jax.evaluation.metrics import trace_inputs
 
 N, K, R = 3, 4, 32   # stages, states, requests
-CASCADE = workloads.synthetic_cascade(0, N, K, regime="random")
+CASCADE = tj.synthetic_cascade(0, N, K, regime="random")
 RECALL = tj.recall_policy(CASCADE, 0.5)
 NO_RECALL = tj.no_recall_policy(CASCADE, 0.5)
-LINE = (RECALL, NO_RECALL, B.fixed_exit(1, N), B.patience_policy(2, N))
+LINE = (RECALL, NO_RECALL, tj.fixed_exit(1, N), tj.patience_policy(2, N))
 STATES = np.asarray(tj.sample_states(jax.random.PRNGKey(0), CASCADE, R))
 LOSSES = np.asarray(CASCADE.values)[np.arange(N)[None, :], STATES]
 COSTS = np.asarray(CASCADE.costs)
 SCORES = np.random.default_rng(0).uniform(size=(R, N))
 PREDS = np.zeros((R, N), np.int32)
-DISC = Discretiser(edges=np.tile([0.25, 0.5, 0.75], (N, 1)))
-DEPLOYED = DeployedPolicy(RECALL, DISC, "state_score")
-TRACES = T.sample_traces(jax.random.PRNGKey(1), CASCADE, R)
-OTHER = {(n, k): workloads.synthetic_cascade(1, n, k, regime="random")
+DISC = tj.Discretiser(edges=np.tile([0.25, 0.5, 0.75], (N, 1)))
+DEPLOYED = tj.DeployedPolicy(RECALL, DISC, "state_score")
+TRACES = tj.sample_traces(jax.random.PRNGKey(1), CASCADE, R)
+OTHER = {(n, k): tj.synthetic_cascade(1, n, k, regime="random")
          for n, k in ((N + 1, K), (N, K + 1), (N - 1, K))}
 GRAPH = tj.skip_line(CASCADE)
 GPOLICY = tj.graph_policy(GRAPH, 0.5)
@@ -163,14 +157,14 @@ def _monte_carlo_case(draw):
 def _policy_metrics_case(draw):
   what = draw(st.sampled_from(["mismatch", "policy", "deployed", "signals", "cascade"]))
   if what == "mismatch":
-    return lambda: E.policy_metrics(draw(st.sampled_from(list(OTHER.values()))),
+    return lambda: tj.policy_metrics(draw(st.sampled_from(list(OTHER.values()))),
                                     draw(st.sampled_from([RECALL, NO_RECALL]))), ("policy",)
   if what == "cascade":
-    return lambda: E.policy_metrics(draw(st.sampled_from(["c", None, GRAPH])), RECALL), ("cascade",)
+    return lambda: tj.policy_metrics(draw(st.sampled_from(["c", None, GRAPH])), RECALL), ("cascade",)
   policy = {"policy": lambda: draw(NOT_POLICIES), "deployed": lambda: DEPLOYED,
-            "signals": lambda: draw(st.sampled_from([B.patience_policy(2, N),
-                                                     B.confidence_threshold(0.5, N)]))}[what]()
-  return lambda: E.policy_metrics(CASCADE, policy), ("policy",)
+            "signals": lambda: draw(st.sampled_from([tj.patience_policy(2, N),
+                                                     tj.confidence_threshold(0.5, N)]))}[what]()
+  return lambda: tj.policy_metrics(CASCADE, policy), ("policy",)
 
 
 def _evaluate_case(draw):
@@ -189,23 +183,23 @@ def _evaluate_case(draw):
   elif what == "traces":
     kw["traces"] = draw(st.sampled_from(["traces", None, STATES]))
   elif what == "stages":  # traces with another number of stages than the policy
-    kw["traces"] = T.sample_traces(KEY, OTHER[(N + 1, K)], 8)
+    kw["traces"] = tj.sample_traces(KEY, OTHER[(N + 1, K)], 8)
     names = ("stages",)
   elif what == "inconsistent":  # policy for K states, discretiser for 2
-    kw["policy"] = DEPLOYED.replace(discretiser=Discretiser(edges=np.full((N, 1), 0.5)))
+    kw["policy"] = DEPLOYED.replace(discretiser=tj.Discretiser(edges=np.full((N, 1), 0.5)))
     names = ("policy",)
   elif what == "signal":
     kw["policy"] = DEPLOYED.replace(score_name=draw(st.sampled_from(["nope", "max_softmax", ""])))
     names = ("signal",)
   else:
-    kw["policy"] = draw(st.sampled_from([B.fixed_exit(0, N + 1), B.patience_policy(2, N - 1)]))
+    kw["policy"] = draw(st.sampled_from([tj.fixed_exit(0, N + 1), tj.patience_policy(2, N - 1)]))
     names = ("policy",)
   fn = draw(st.sampled_from(["evaluate", "compare"]))
   if fn == "compare":
-    kw["policy_b"] = B.fixed_exit(N - 1, N)
+    kw["policy_b"] = tj.fixed_exit(N - 1, N)
     kw["policy_a"] = kw.pop("policy")
-    return lambda: E.compare(**kw), names
-  return lambda: E.evaluate(**kw), names
+    return lambda: tj.compare(**kw), names
+  return lambda: tj.evaluate(**kw), names
 
 
 def _graph_case(draw):
@@ -262,7 +256,7 @@ def deployables(draw):
   edges = np.sort(rng.uniform(0, 1, (N, bins - 1)), axis=1)
   if bins > 1 and draw(st.booleans()):
     edges[:, 1] = edges[:, 0]  # duplicate edges: an empty bin
-  disc = Discretiser(edges=edges, feature=feature)
+  disc = tj.Discretiser(edges=edges, feature=feature)
   k = disc.num_states
   values = rng.uniform(0, 1, (N, k)).astype(np.float32)
   if draw(st.booleans()):
@@ -281,10 +275,10 @@ def deployables(draw):
     if kind == "threshold":
       t = rng.uniform(0, 1, N)
       t[rng.random(N) < 0.2] = draw(st.sampled_from([np.inf, -np.inf]))
-      return B.per_stage_thresholds(t, direction=draw(st.sampled_from(B.DIRECTIONS)))
+      return tj.per_stage_thresholds(t, direction=draw(st.sampled_from(["above", "below"])))
     if kind == "patience":
-      return B.patience_policy(draw(st.integers(1, N + 1)), N)
-    return B.fixed_exit(draw(st.integers(0, N - 1)), N)
+      return tj.patience_policy(draw(st.integers(1, N + 1)), N)
+    return tj.fixed_exit(draw(st.integers(0, N - 1)), N)
 
   def policy(depth):
     recall = draw(st.booleans())
@@ -293,12 +287,12 @@ def deployables(draw):
       second = leaf(first.recall) if draw(st.booleans()) else policy(depth + 1)
       if second.recall != first.recall:
         second = leaf(first.recall)
-      return MixturePolicy(first=first, second=second,
-                           prob_second=np.asarray(draw(st.floats(0, 1)), np.float32),
-                           key=jax.random.PRNGKey(draw(st.integers(0, 2**31 - 1))))
+      return tj.MixturePolicy(first=first, second=second,
+                              prob_second=np.asarray(draw(st.floats(0, 1)), np.float32),
+                              key=jax.random.PRNGKey(draw(st.integers(0, 2**31 - 1))))
     return leaf(recall)
 
-  return DeployedPolicy(policy=policy(0), discretiser=disc, score_name=draw(st.sampled_from(SIGNALS)))
+  return tj.DeployedPolicy(policy=policy(0), discretiser=disc, score_name=draw(st.sampled_from(SIGNALS)))
 
 
 JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63),
@@ -333,19 +327,19 @@ def test_random_policies_round_trip_bit_identically_and_replay_identically(deplo
   epoch, fit_date = (date, None) if isinstance(date, int) else (None, date)
   with tempfile.TemporaryDirectory() as d, _source_date_epoch(epoch):
     paths = [os.path.join(d, f"p{j}.npz") for j in range(2)]
-    metas = [P.save_policy(p, deployed, lam=lam, fit_date=fit_date, metadata=user) for p in paths]
+    metas = [tj.save_policy(p, deployed, lam=lam, fit_date=fit_date, metadata=user) for p in paths]
     assert metas[0] == metas[1]
     assert _read(paths[0]) == _read(paths[1])                          # bit-identical
-    assert _read(P.sidecar_path(paths[0])) == _read(P.sidecar_path(paths[1]))
-    loaded, meta = P.load_policy(paths[1], num_stages=N, with_metadata=True)
+    assert _read(os.path.join(d, "p0.json")) == _read(os.path.join(d, "p1.json"))  # sidecars
+    loaded, meta = tj.load_policy(paths[1], num_stages=N, with_metadata=True)
   assert meta == metas[0] and meta["user"] == user
   assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(deployed)
   for a, b in zip(jax.tree_util.tree_leaves(deployed), jax.tree_util.tree_leaves(loaded)):
     b = np.asarray(b)
     np.testing.assert_array_equal(np.asarray(a).astype(b.dtype), b)
-  # E.replay_traces = trace_inputs + replay; the replay runs op by op (no compilation
+  # tj.replay_traces = trace_inputs + replay; the replay runs op by op (no compilation
   # per random policy structure).
-  inputs = [E.trace_inputs(p, RT_TRACES) for p in (deployed, loaded)]
+  inputs = [trace_inputs(p, RT_TRACES) for p in (deployed, loaded)]
   for a, b in zip(inputs[0][1:], inputs[1][1:]):
     np.testing.assert_array_equal(a, b)                               # states, scores, preds
   with jax.disable_jit():
@@ -358,8 +352,8 @@ def test_random_policies_round_trip_bit_identically_and_replay_identically(deplo
 
 # ------------------------------------------------------------------ serve.invalid
 MODEL = tj.EarlyExitMLP((4,), 3, hidden=8, num_blocks=N, rngs=nnx.Rngs(0))
-SERVE_POLICY = DeployedPolicy(RECALL, DISC, "max_softmax")
-SERVER = serving.Server(MODEL, SERVE_POLICY, buckets=(8,))
+SERVE_POLICY = tj.DeployedPolicy(RECALL, DISC, "max_softmax")
+SERVER = tj.Server(MODEL, SERVE_POLICY, buckets=(8,))
 X = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
 
 
@@ -385,17 +379,20 @@ def _serve_case(draw):
     n = draw(st.sampled_from([N - 1, N + 1]))
     deployed = SERVE_POLICY.replace(policy=draw(st.sampled_from([
         tj.recall_policy(OTHER[(N + 1, K)], 0.5) if n > N else tj.recall_policy(OTHER[(N - 1, K)], 0.5),
-        B.fixed_exit(0, n), B.confidence_threshold(0.5, n)])))
+        tj.fixed_exit(0, n), tj.confidence_threshold(0.5, n)])))
     names = ("policy",)
   elif what == "policy_states":
-    deployed = SERVE_POLICY.replace(policy=draw(st.sampled_from([
-        tj.no_recall_policy(OTHER[(N, K + 1)], 0.5),
-        MixturePolicy(RECALL, tj.recall_policy(OTHER[(N, K + 1)], 0.5), 0.5, KEY)])))
-    names = ("policy",)
+    if draw(st.booleans()):
+      deployed = SERVE_POLICY.replace(policy=tj.no_recall_policy(OTHER[(N, K + 1)], 0.5))
+      names = ("policy",)
+    else:  # a mixture of policies over different state counts is refused when built
+      other = tj.recall_policy(OTHER[(N, K + 1)], 0.5)
+      return lambda: tj.serve(model, SERVE_POLICY.replace(
+          policy=tj.MixturePolicy(RECALL, other, 0.5, KEY)), x, buckets=buckets), ("second",)
   elif what == "discretiser":
     deployed = SERVE_POLICY.replace(discretiser=draw(st.sampled_from([
-        Discretiser(edges=np.zeros((N + 1, K - 1))), Discretiser(edges=np.zeros((N, K))),
-        Discretiser(edges=np.zeros((N, 2)), feature="agree_prev")])))
+        tj.Discretiser(edges=np.zeros((N + 1, K - 1))), tj.Discretiser(edges=np.zeros((N, K))),
+        tj.Discretiser(edges=np.zeros((N, 2)), feature="agree_prev")])))
     names = ("discretiser", "policy")
   elif what == "score":
     deployed = SERVE_POLICY.replace(score_name=draw(st.sampled_from(
@@ -407,7 +404,7 @@ def _serve_case(draw):
     deployed = SERVE_POLICY.replace(policy=draw(NOT_POLICIES))
     names = ("policy",)
   elif what == "oracle":
-    deployed = SERVE_POLICY.replace(policy=B.hindsight_policy(LOSSES, COSTS, 0.5))
+    deployed = SERVE_POLICY.replace(policy=tj.hindsight_policy(LOSSES, COSTS, 0.5))
     names = ("policy",)
   elif what == "model":
     model, names = draw(st.sampled_from([None, "mlp", CASCADE])), ("model",)
@@ -416,7 +413,7 @@ def _serve_case(draw):
     names = ("buckets",)
   if what in ("nan", "shape", "ndim", "empty", "dtype") and draw(st.booleans()):
     return lambda: SERVER(x), names  # the long-lived server
-  return lambda: serving.serve(model, deployed, x, buckets=buckets), names
+  return lambda: tj.serve(model, deployed, x, buckets=buckets), names
 
 
 @settings(max_examples=80)
@@ -428,7 +425,7 @@ def test_invalid_serving_inputs_raise_naming_the_field(data):
 
 # ------------------------------------------------------------------ drift.invalid
 REF = np.array([[300, 200, 100, 50], [100, 100, 100, 100], [10, 0, 5, 60]])
-MONITOR = D.DriftMonitor(REF, window=16)
+MONITOR = tj.DriftMonitor(REF, window=16)
 DRIFT_OPTIONS = dict(
     alpha=[0.0, 1.0, -0.1, 1.5, np.nan, np.inf, "0.1", None, [0.05]],
     test=["G", "pearson", "", None, ["g"], 1],
@@ -451,32 +448,32 @@ def _drift_case(draw):
     args[which] = bad
     names = (which,) if which == "observed" else ("reference", "observed")  # a shape mismatch
     if which == "reference" and draw(st.booleans()):
-      return lambda: D.DriftMonitor(bad), ("reference",)
-    return lambda: D.two_sample_test(**args), names
+      return lambda: tj.DriftMonitor(bad), ("reference",)
+    return lambda: tj.two_sample_test(**args), names
   if what == "option":
     opt = draw(st.sampled_from(sorted(DRIFT_OPTIONS)))
     bad = draw(st.sampled_from(DRIFT_OPTIONS[opt]))
     if draw(st.booleans()):
-      return lambda: D.DriftMonitor(REF, **{opt: bad}), (opt,)
-    return lambda: D.two_sample_test(REF, REF, **{opt: bad}), (opt,)
+      return lambda: tj.DriftMonitor(REF, **{opt: bad}), (opt,)
+    return lambda: tj.two_sample_test(REF, REF, **{opt: bad}), (opt,)
   if what == "state_counts":
     states = _poke(np.zeros((6, N), np.int64), draw, draw(st.one_of(
         st.integers(K, 2**62), st.integers(-2**62, -2))))
     if draw(st.booleans()):
       states = draw(st.sampled_from([np.full((6, N), 0.5), np.full((6, N), np.nan), np.zeros(6),
                                      np.full((6, N), "0")]))
-    return lambda: D.state_counts(states, K), ("states",)
+    return lambda: tj.state_counts(states, K), ("states",)
   if what == "num_states":
-    return lambda: D.state_counts(np.zeros((6, N), int), draw(BAD_COUNTS)), ("num_states",)
+    return lambda: tj.state_counts(np.zeros((6, N), int), draw(BAD_COUNTS)), ("num_states",)
   if what == "holm":
     p = draw(st.sampled_from([[0.1, np.nan], [0.1, 1.5], [-0.01], [np.inf], [[0.1]], ["a"], None]))
-    return lambda: D.holm(p), ("p_values",)
+    return lambda: tj.holm(p), ("p_values",)
   if what == "window":
-    return lambda: D.DriftMonitor(REF, window=draw(st.one_of(BAD_COUNTS, st.integers(2**28, 2**40)))), \
+    return lambda: tj.DriftMonitor(REF, window=draw(st.one_of(BAD_COUNTS, st.integers(2**28, 2**40)))), \
         ("window",)
   if what == "monitor_kw":
     kw = draw(st.sampled_from(["alpah", "windw", "consulted_only", "foo"]))
-    return lambda: D.DriftMonitor(REF, **{kw: 0.05}), (kw,)
+    return lambda: tj.DriftMonitor(REF, **{kw: 0.05}), (kw,)
   if what == "update":
     bad = draw(st.sampled_from([
         _poke(np.zeros((4, N), np.int64), draw, draw(st.one_of(st.integers(K, 2**62),
@@ -494,16 +491,16 @@ def _drift_case(draw):
     return lambda: MONITOR.observe(0, bad), ("states",)
   if what == "traces":
     args = draw(st.sampled_from([
-        (DEPLOYED, TRACES, T.sample_traces(KEY, OTHER[(N + 1, K)], 8), "stages"),
+        (DEPLOYED, TRACES, tj.sample_traces(KEY, OTHER[(N + 1, K)], 8), "stages"),
         (DEPLOYED, "traces", TRACES, "traces"), (DEPLOYED, TRACES, None, "traces"),
         (RECALL, TRACES, TRACES, "deployed"),
-        (DEPLOYED.replace(discretiser=Discretiser(edges=np.full((N, 1), 0.5))), TRACES, TRACES,
+        (DEPLOYED.replace(discretiser=tj.Discretiser(edges=np.full((N, 1), 0.5))), TRACES, TRACES,
          "deployed")]))
     if draw(st.booleans()) and args[2] is TRACES:
-      return lambda: D.DriftMonitor.from_traces(args[0], args[1]), (args[3],)
-    return lambda: D.drift_test(*args[:3]), (args[3],)
+      return lambda: tj.DriftMonitor.from_traces(args[0], args[1]), (args[3],)
+    return lambda: tj.drift_test(*args[:3]), (args[3],)
   bad = draw(st.sampled_from(["yes", 1, None, 0.0, np.array([True])]))
-  return lambda: D.drift_test(DEPLOYED, TRACES, TRACES, consulted_only=bad), ("consulted_only",)
+  return lambda: tj.drift_test(DEPLOYED, TRACES, TRACES, consulted_only=bad), ("consulted_only",)
 
 
 @settings(max_examples=120)
@@ -519,7 +516,7 @@ def test_invalid_drift_inputs_raise_naming_the_argument(data):
        st.lists(st.sampled_from(["update", "observe", "reset", "check"]), min_size=1, max_size=25))
 def test_monitor_window_keeps_the_last_window_observations(n, k, window, seed, ops):
   rng = np.random.default_rng(seed)
-  mon = D.DriftMonitor(rng.integers(0, 100, (n, k)), window=window, min_count=1)
+  mon = tj.DriftMonitor(rng.integers(0, 100, (n, k)), window=window, min_count=1)
   seen = [[] for _ in range(n)]
   for op in ops:
     if op == "update":

@@ -22,12 +22,8 @@ from hypothesis import given, settings, strategies as st
 
 import ttamer_jax as tj
 from fuzzing import expect_error, record
-from ttamer_jax import cascade_io, evaluation, nn, training
-from ttamer_jax import fitting as F
-from ttamer_jax import policy_io as P
-from ttamer_jax import traces as T
-from ttamer_jax.discretise import Discretiser
-from ttamer_jax.slo import MixturePolicy
+# Internal: the checksummed .npz reader / atomic writer, to hand-edit archives.
+from ttamer_jax.data import archive
 
 TOL32 = 1e-5
 
@@ -104,7 +100,7 @@ def valid_traces(draw):
   costs = rng.uniform(0, 1, (num, n)) if draw(st.booleans(), label="per_sample_costs") \
       else rng.uniform(0, 1, n)
   preds = rng.integers(0, 3, (num, n))
-  return T.ExitTraces(scores=scores, preds=preds, losses=losses, costs=costs,
+  return tj.ExitTraces(scores=scores, preds=preds, losses=losses, costs=costs,
                       signals={"other": rng.uniform(size=(num, n))}, labels=rng.integers(0, 3, num))
 
 
@@ -115,7 +111,8 @@ def _check_stochastic(name, arr):
 
 
 @settings(max_examples=20)
-@given(valid_traces(), st.integers(1, 6), st.sampled_from(F.BINNINGS), st.sampled_from(F.PRIORS),
+@given(valid_traces(), st.integers(1, 6), st.sampled_from(["quantile", "uniform"]),
+       st.sampled_from(["uniform", "marginal"]),
        st.sampled_from([None, "agree_prev"]), st.sampled_from([0.0, 0.5, 1.0]),
        st.sampled_from([0.0, 1.0, 5.0]), st.floats(0, 1))
 def test_random_valid_traces_fit_and_replay(tr, k, binning, prior, feature, smoothing,
@@ -123,7 +120,7 @@ def test_random_valid_traces_fit_and_replay(tr, k, binning, prior, feature, smoo
   if feature == "agree_prev":
     k = 2 * ((k + 1) // 2)
   num, n = tr.num_samples, tr.num_stages
-  fit = F.fit_cascade(tr, k, binning=binning, prior=prior, feature=feature, smoothing=smoothing,
+  fit = tj.fit_cascade(tr, k, binning=binning, prior=prior, feature=feature, smoothing=smoothing,
                       loss_smoothing=loss_smoothing)
   c = fit.cascade
   assert (c.num_stages, c.num_states) == (n, k)
@@ -142,14 +139,14 @@ def test_random_valid_traces_fit_and_replay(tr, k, binning, prior, feature, smoo
   states, _, _ = deployed.observations(tr)
   states = np.asarray(states)
   assert states.shape == (num, n) and states.min() >= 0 and states.max() < k
-  res = evaluation.replay_traces(deployed, tr)
+  res = tj.replay_traces(deployed, tr)
   stop, answer = np.asarray(res.stop_stage), np.asarray(res.answer_stage)
   assert np.all((0 <= answer) & (answer <= stop) & (stop < n))
   np.testing.assert_allclose(np.asarray(res.loss), losses[np.arange(num), answer], rtol=1e-6)
   cum = np.cumsum(np.asarray(tr.cost_matrix(), np.float64), axis=1)
   np.testing.assert_allclose(np.asarray(res.cost), cum[np.arange(num), stop], rtol=1e-5, atol=1e-6)
   if feature is None:  # the skip-line fit of the same traces
-    g = F.fit_skip_line(tr, k, binning=binning, prior=prior, smoothing=smoothing,
+    g = tj.fit_skip_line(tr, k, binning=binning, prior=prior, smoothing=smoothing,
                         loss_smoothing=loss_smoothing).graph
     _check_stochastic("edge_trans", g.edge_trans)
     _check_stochastic("entry_init", g.entry_init)
@@ -221,14 +218,14 @@ def test_invalid_traces_raise_naming_the_field(data):
     f["signals"] = {"entropy": arr}
   else:
     f[field] = arr
-  expect_error("traces.invalid", lambda: T.ExitTraces(**f), field)
+  expect_error("traces.invalid", lambda: tj.ExitTraces(**f), field)
 
 
 # ------------------------------------------------------------------ fit.invalid
 @pytest.fixture(scope="module")
 def fit_cases():
   rng = np.random.default_rng(5)
-  tr = T.ExitTraces(scores=rng.uniform(size=(40, 3)), preds=rng.integers(0, 3, (40, 3)),
+  tr = tj.ExitTraces(scores=rng.uniform(size=(40, 3)), preds=rng.integers(0, 3, (40, 3)),
                     losses=rng.integers(0, 2, (40, 3)).astype(float), costs=np.array([0.1, 0.2, 0.4]),
                     signals={"entropy": rng.uniform(size=(40, 3))})
   return _fit_cases(tr, _cascade(rng))
@@ -241,9 +238,9 @@ _NOT_NAMES = ["quantiles", "", None, 3, ["quantile"], {"a": 1}, 1.5]
 
 def _fit_cases(tr, c):
   key = jax.random.PRNGKey(0)
-  other = Discretiser(edges=np.zeros((2, 3), np.float32))
-  agree = Discretiser(edges=np.zeros((3, 1), np.float32), feature="agree_prev")
-  fit, skip, disc = F.fit_cascade, F.fit_skip_line, F.fit_discretiser
+  other = tj.Discretiser(edges=np.zeros((2, 3), np.float32))
+  agree = tj.Discretiser(edges=np.zeros((3, 1), np.float32), feature="agree_prev")
+  fit, skip, disc = tj.fit_cascade, tj.fit_skip_line, tj.fit_discretiser
   scores = np.asarray(tr.scores)
   return {
       "num_states": [
@@ -251,7 +248,7 @@ def _fit_cases(tr, c):
            ("num_states",)),
           (lambda v: lambda: fit(tr, v, feature="agree_prev"), [1, 3, 5], ("num_states",)),
           (lambda v: lambda: skip(tr, v), [0, 2**20, "2"], ("num_states",)),
-          (lambda v: lambda: fit(tr, v, discretiser=Discretiser(edges=np.zeros((3, 2), np.float32))),
+          (lambda v: lambda: fit(tr, v, discretiser=tj.Discretiser(edges=np.zeros((3, 2), np.float32))),
            [2, 4], ("num_states",))],
       "smoothing": [(lambda v: lambda: fit(tr, 2, smoothing=v), _NOT_NUMBERS, ("smoothing",)),
                     (lambda v: lambda: fit(tr, 2, loss_smoothing=v), _NOT_NUMBERS, ("loss_smoothing",)),
@@ -279,16 +276,16 @@ def _fit_cases(tr, c):
                                                           np.full((4, 2), np.nan), "abc", None], ("scores",))],
       "traces": [(lambda v: lambda: fit(v, 2), ["abc", None, scores], ("traces",)),
                  (lambda v: lambda: skip(v, 2), ["abc", {"scores": scores}], ("traces",)),
-                 (lambda v: lambda: T.split_traces(key, v, 0.5), ["abc", None], ("traces",))],
-      "fraction": [(lambda v: lambda: T.split_traces(key, tr, v),
+                 (lambda v: lambda: tj.split_traces(key, v, 0.5), ["abc", None], ("traces",))],
+      "fraction": [(lambda v: lambda: tj.split_traces(key, tr, v),
                     [0.0, 1.0, -0.5, 1.5, 1e-9, float("nan"), float("inf"), "half", None, [0.5], 1j],
                     ("fraction",))],
       "sample_traces": [
-          (lambda v: lambda: T.sample_traces(key, v, 10), ["abc", None, tr, np.zeros((3, 4))], ("cascade",)),
-          (lambda v: lambda: T.sample_traces(key, c, v), [0, -1, 1.5, "10", None], ("num_samples",)),
-          (lambda v: lambda: T.sample_traces(key, c, 10, loss=v), ["mse", None, ["bernoulli"]], ("loss",)),
-          (lambda v: lambda: T.sample_traces(key, c, 10, num_classes=v), [0, 2.0, "3"], ("num_classes",)),
-          (lambda v: lambda: T.sample_traces(key, c.replace(values=c.values + v), 10), [1.5, 1e6],
+          (lambda v: lambda: tj.sample_traces(key, v, 10), ["abc", None, tr, np.zeros((3, 4))], ("cascade",)),
+          (lambda v: lambda: tj.sample_traces(key, c, v), [0, -1, 1.5, "10", None], ("num_samples",)),
+          (lambda v: lambda: tj.sample_traces(key, c, 10, loss=v), ["mse", None, ["bernoulli"]], ("loss",)),
+          (lambda v: lambda: tj.sample_traces(key, c, 10, num_classes=v), [0, 2.0, "3"], ("num_classes",)),
+          (lambda v: lambda: tj.sample_traces(key, c.replace(values=c.values + v), 10), [1.5, 1e6],
            ("values",))],
   }
 
@@ -305,7 +302,7 @@ def test_invalid_fit_arguments_raise_naming_the_argument(fit_cases, data):
 
 # ------------------------------------------------------------------ table.invalid
 def _table_traces(rng, num, n):
-  return T.ExitTraces(scores=rng.uniform(size=(num, n)), preds=rng.integers(0, 5, (num, n)),
+  return tj.ExitTraces(scores=rng.uniform(size=(num, n)), preds=rng.integers(0, 5, (num, n)),
                       losses=rng.integers(0, 2, (num, n)).astype(float), costs=rng.uniform(size=n),
                       signals={"entropy": rng.uniform(size=(num, n))}, labels=rng.integers(0, 5, num))
 
@@ -317,7 +314,7 @@ def test_invalid_tables_raise_naming_the_column_or_row(tmp_path_factory, data):
   rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
   num, n = data.draw(st.integers(2, 6), label="N"), data.draw(st.integers(1, 3), label="n")
   form = data.draw(st.sampled_from(["long", "wide"]), label="form")
-  df = T.traces_to_table(_table_traces(rng, num, n), form=form)
+  df = tj.traces_to_table(_table_traces(rng, num, n), form=form)
   kind = data.draw(st.sampled_from(["missing", "duplicate", "huge_stage", "negative_stage", "nan_cell",
                                     "non_numeric", "garbage"]), label="kind")
   row = int(rng.integers(len(df)))
@@ -366,7 +363,7 @@ def test_invalid_tables_raise_naming_the_column_or_row(tmp_path_factory, data):
     names = ("column", "table")
   else:
     df.to_csv(path, index=False)
-  msg = expect_error("table.invalid", lambda: T.load_traces_table(path), *names)
+  msg = expect_error("table.invalid", lambda: tj.load_traces_table(path), *names)
   assert str(path) in msg
 
 
@@ -377,24 +374,24 @@ def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("fuzz_files")
   rng = np.random.default_rng(0)
   cascade = _cascade(rng)
-  tr = T.ExitTraces(scores=rng.uniform(size=(60, 3)), preds=rng.integers(0, 5, (60, 3)),
+  tr = tj.ExitTraces(scores=rng.uniform(size=(60, 3)), preds=rng.integers(0, 5, (60, 3)),
                     losses=rng.integers(0, 2, (60, 3)).astype(float), costs=np.asarray(cascade.costs),
                     signals={"entropy": rng.uniform(size=(60, 3)), "max_softmax": rng.uniform(size=(60, 3))},
                     labels=rng.integers(0, 5, 60))
-  fit = F.fit_cascade(tr, 4)
+  fit = tj.fit_cascade(tr, 4)
   a, b = fit.recall_policy(0.3), fit.recall_policy(0.7)
-  mixture = a.replace(policy=MixturePolicy(first=a.policy, second=b.policy,
-                                           prob_second=np.float32(0.25), key=jax.random.PRNGKey(3)))
-  model = nn.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
+  mixture = a.replace(policy=tj.MixturePolicy(first=a.policy, second=b.policy,
+                                              prob_second=np.float32(0.25), key=jax.random.PRNGKey(3)))
+  model = tj.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
   out = {}
-  T.save_traces(d / "traces.npz", tr)
-  out["traces"] = (d / "traces.npz", tr, T.load_traces, _same_traces)
-  cascade_io.save_cascade(d / "cascade.npz", cascade)
-  out["cascade"] = (d / "cascade.npz", cascade, cascade_io.load_cascade, _same_leaves)
-  P.save_policy(d / "policy.npz", mixture, sidecar=False, fit_date="2024-01-01T00:00:00+00:00")
-  out["policy"] = (d / "policy.npz", mixture, P.load_policy, _same_policy)
-  training.save_checkpoint(d / "model.npz", model, metadata={"note": "fuzz"})
-  out["checkpoint"] = (d / "model.npz", model, training.load_checkpoint, _same_model)
+  tj.save_traces(d / "traces.npz", tr)
+  out["traces"] = (d / "traces.npz", tr, tj.load_traces, _same_traces)
+  tj.save_cascade(d / "cascade.npz", cascade)
+  out["cascade"] = (d / "cascade.npz", cascade, tj.load_cascade, _same_leaves)
+  tj.save_policy(d / "policy.npz", mixture, sidecar=False, fit_date="2024-01-01T00:00:00+00:00")
+  out["policy"] = (d / "policy.npz", mixture, tj.load_policy, _same_policy)
+  tj.save_checkpoint(d / "model.npz", model, metadata={"note": "fuzz"})
+  out["checkpoint"] = (d / "model.npz", model, tj.load_checkpoint, _same_model)
   return out
 
 
@@ -441,7 +438,7 @@ def _read_fields(kind, path):
   if kind == "checkpoint":
     with np.load(path, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
-  return T.read_npz(path, kind)
+  return archive.read_npz(path, kind)
 
 
 def _write_fields(kind, path, fields, duplicate=None):
@@ -449,7 +446,7 @@ def _write_fields(kind, path, fields, duplicate=None):
     with open(path, "wb") as f:
       np.savez(f, **fields)
   else:
-    T.write_npz_atomic(path, fields)
+    archive.write_npz_atomic(path, fields)
   if duplicate is not None:  # append a second member of the same name
     buf = io.BytesIO()
     np.save(buf, fields[duplicate])

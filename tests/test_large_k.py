@@ -9,7 +9,7 @@ import pytest
 
 import reference as ref
 import ttamer_jax as tj
-from ttamer_jax import solvers
+from ttamer_jax.core import kernel  # the grid helpers are internal: tested here directly
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -26,26 +26,25 @@ def test_x_chunking_matches_unchunked_and_numpy_reference(shared):
 
 
 def test_default_chunk_only_above_the_table_size_limit():
-  assert solvers.default_x_chunk(1024, 1024) is None
-  rows = solvers.default_x_chunk(12 * 8192, 8192)
-  assert rows is not None and rows * 8192 * 4 <= solvers.CHUNK_TABLE_BYTES
+  assert kernel.default_x_chunk(1024, 1024) is None
+  rows = kernel.default_x_chunk(12 * 8192, 8192)
+  assert rows is not None and rows * 8192 * 4 <= kernel.CHUNK_TABLE_BYTES
 
 
 def test_grid_and_positions():
   values = np.array([[0.5, 0.1], [0.1, 0.9]], np.float32)
-  grid, pos = solvers.grid_and_positions(values)
+  grid, pos = kernel.prepare_grid(values)
   np.testing.assert_array_equal(grid, np.array([0.1, 0.5, 0.9], np.float32))
   np.testing.assert_array_equal(pos, [[1, 0], [0, 2]])
   assert pos.dtype == np.int32 and grid.dtype == np.float32
 
 
 def test_aggregation_switch_warns_and_solves_the_factorised_model():
-  aggregation = pytest.importorskip("ttamer_jax.aggregation")
   c = tj.random_cascade(jax.random.PRNGKey(5), 4, 12, concentration=0.3)
   with pytest.warns(UserWarning, match=r"K = 12 states > aggregate_above = 8: .*rank-3 product"):
     approx = tj.solve_recall(c, 0.5, aggregate_above=8, num_meta=3)
-  agg, _ = aggregation.aggregate_cascade(c, 3)
-  direct = aggregation.solve_recall_aggregated(agg, 0.5)
+  agg, _ = tj.aggregate_cascade(c, 3)
+  direct = tj.solve_recall_aggregated(agg, 0.5)
   assert abs(float(approx.value) - float(direct.value)) <= 1e-6
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # exact below the threshold, or when disabled

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax import pipeline as P
+from ttamer_jax.app import pipeline as P
+from ttamer_jax.app import reports
+from ttamer_jax.evaluation import frontier
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +16,7 @@ def synthetic():
 
 def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
   lams = np.array([0.0, 0.4, 0.9, 1.0])
-  sweep = P.hindsight_sweep(synthetic.test, lams)
+  sweep = tj.hindsight_sweep(synthetic.test, lams)
   for i, lam in enumerate(lams):
     oracle = tj.hindsight_policy(synthetic.test.losses, synthetic.test.costs, lam)
     res = tj.replay_traces(oracle, synthetic.test)
@@ -40,12 +42,12 @@ def test_comparison_on_the_overthinking_workload(synthetic):
   fixed = points["fixed_exit"]
   # Always answering with the last exit qualifies by definition and costs the full model.
   assert fixed["frontier_cost"] is not None and fixed["frontier_cost"] <= 1.0 + 1e-6  # float32 costs
-  text = P.format_operating_points(list(points.values()), comp.full_error)
+  text = reports.format_operating_points(list(points.values()), comp.full_error)
   assert "| recall |" in text
 
 
 def test_operating_points_choose_on_calibration_and_report_test():
-  res = lambda err, cost: tj.SweepResult(param=np.array([1.0, 2.0, 3.0]), error=np.array(err),
+  res = lambda err, cost: tj.ReplaySweep(param=np.array([1.0, 2.0, 3.0]), error=np.array(err),
                                          cost=np.array(cost), cost_norm=np.array(cost),
                                          stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
   comp = P.PolicyComparison(fitted=None, lams=np.array([0.5]),
@@ -63,7 +65,7 @@ def test_prepare_and_compare_reject_bad_arguments(synthetic):
   with pytest.raises(ValueError, match="score: traces have no signal 'nope'"):
     P.compare_policies(synthetic.calibration, synthetic.test, score="nope")
   with pytest.raises(ValueError, match="lam"):
-    P.hindsight_sweep(synthetic.test, [1.5])
+    tj.hindsight_sweep(synthetic.test, [1.5])
 
 
 def test_digits_pipeline_quick(tmp_path):
@@ -88,3 +90,56 @@ def test_the_primary_signal_may_be_named_scores(synthetic):
   for family in ("recall", "confidence"):
     np.testing.assert_array_equal(named.test[family].error, default.test[family].error)
     np.testing.assert_array_equal(named.test[family].cost, default.test[family].cost)
+
+
+def test_cheapest_within_one_rule():
+  cost, error = np.array([0.2, 0.5, 0.5, 1.0]), np.array([0.30, 0.105, 0.104, 0.10])
+  assert frontier.cheapest_within(cost, error, 0.10, 0.01) == (1, True)  # ties: the first
+  assert frontier.cheapest_within(cost, error, 0.10, 0.0) == (3, True)
+  assert frontier.cheapest_within(cost, error, 0.05, 0.01) == (3, False)  # none: least error
+  assert frontier.cheapest_within(cost, error, 0.10, 0.30) == (0, True)
+  # Compared in the arrays' dtype, as the sweeps are (float32 error vs a float reference).
+  err32 = np.array([0.11], np.float32)
+  assert frontier.cheapest_within([1.0], err32, 0.1, 0.01) == (0, bool(err32[0] <= 0.1 + 0.01))
+  with pytest.raises(ValueError, match="error"):
+    frontier.cheapest_within([0.1, 0.2], [0.1], 0.1, 0.01)
+  with pytest.raises(ValueError, match="empty"):
+    frontier.cheapest_within([], [], 0.1, 0.01)
+
+
+def _comparison(cal_err, cal_cost):
+  res = lambda err, cost: tj.ReplaySweep(param=np.array([0.2, 0.5, 0.9]), error=np.array(err),
+                                         cost=np.array(cost), cost_norm=np.array(cost),
+                                         stop_histogram=np.zeros((3, 2)),
+                                         answer_histogram=np.zeros((3, 2)))
+  return P.PolicyComparison(fitted=None, lams=np.array([0.2, 0.5, 0.9]),
+                            calibration={"recall": res(cal_err, cal_cost)},
+                            test={"recall": res(cal_err, cal_cost)},
+                            full_error={"calibration": 0.10, "test": 0.10})
+
+
+def test_deployed_lam_is_the_operating_point_else_least_error():
+  comp = _comparison([0.30, 0.105, 0.10], [0.2, 0.5, 1.0])
+  (row,) = P.operating_points(comp, tolerance=0.01)
+  assert P.recall_lam(comp, 0.01) == row["chosen_param"] == 0.5
+  comp = _comparison([0.30, 0.125, 0.12], [0.2, 0.5, 1.0])  # nothing within one point
+  (row,) = P.operating_points(comp, tolerance=0.01)
+  assert row["chosen_param"] is None and P.recall_lam(comp, 0.01) == 0.9
+
+
+def test_fit_and_save_chooses_lam_by_the_same_rule(synthetic, tmp_path):
+  traces = synthetic.calibration
+  path, out = str(tmp_path / "t.npz"), str(tmp_path / "p.npz")
+  tj.save_traces(path, traces)
+  run = P.fit_and_save(path, out, states=4, tolerance=0.02)
+  fitted = tj.fit_cascade(traces, 4, score="max_softmax")
+  sweep = tj.sweep_recall(fitted, traces, P.default_lams())
+  full = float(np.asarray(traces.losses)[:, -1].mean())
+  i, met = frontier.cheapest_within(sweep.cost_norm, sweep.error, full, 0.02)
+  assert met and run.result["lam"] == float(np.asarray(sweep.param)[i])
+  assert run.result["lam_choice"].startswith("auto: cheapest lam within 2 points")
+  assert run.notes["sidecar"] == str(tmp_path / "p.json")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.npz", "t.npz"]
+  with pytest.raises(ValueError, match="must be even"):
+    P.fit_and_save(path, str(tmp_path / "q.npz"), states=3, feature="agree_prev")
+  assert not (tmp_path / "q.npz").exists()

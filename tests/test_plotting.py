@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ttamer_jax import plotting  # noqa: E402
-from ttamer_jax.frontier import SweepResult  # noqa: E402
+from ttamer_jax.app import plotting  # noqa: E402
+from ttamer_jax import ReplaySweep as SweepResult  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttamer_jax import nn, profiling
+import ttamer_jax as tj
+from ttamer_jax.networks import profiling
 
 N = 24
 
@@ -16,7 +17,7 @@ def _digits_like(num, seed=0):
 
 
 # The tiny networks of test_nn.py (same shapes: their compilations are shared).
-MLP = nn.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
+MLP = tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
 X, Y = _digits_like(N)
 
 
@@ -26,7 +27,7 @@ def _softmax(z):
 
 
 def test_signals_and_losses_match_numpy():
-  traces = profiling.collect_traces(MLP, X, Y, cost="flops")
+  traces = tj.collect_traces(MLP, X, Y, cost="flops")
   out = MLP(jnp.asarray(X))
   logits = np.asarray(out.logits, np.float64)
   p = _softmax(logits)
@@ -48,8 +49,8 @@ def test_signals_and_losses_match_numpy():
 
 
 def test_score_and_loss_options():
-  traces = profiling.collect_traces(MLP, X, Y, cost="flops", score="entropy",
-                                    loss="cross_entropy")
+  traces = tj.collect_traces(MLP, X, Y, cost="flops", score="entropy",
+                             loss="cross_entropy")
   np.testing.assert_array_equal(traces.scores, traces.signals["entropy"])
   np.testing.assert_array_equal(traces.losses, traces.signals["cross_entropy"])
   np.testing.assert_array_equal(traces.with_score("error_prob").scores,
@@ -65,8 +66,8 @@ def test_flops_follow_the_layer_sizes():
   assert (costs.flops >= matmul).all(), (costs.flops, matmul)
   assert (costs.flops <= 1.35 * matmul).all(), (costs.flops, matmul)
   assert np.isnan(costs.seconds).all()
-  traces = profiling.collect_traces(MLP, X, Y, cost="flops", normalize_costs=False,
-                                    timing_batch_size=8)
+  traces = tj.collect_traces(MLP, X, Y, cost="flops", normalize_costs=False,
+                             timing_batch_size=8)
   np.testing.assert_allclose(traces.costs, costs.flops, rtol=1e-6)
 
 
@@ -76,32 +77,32 @@ def test_measured_costs():
   assert np.isfinite(costs.seconds).all() and (costs.seconds > 0).all()
   assert (costs.seconds_iqr >= 0).all()
   np.testing.assert_allclose(costs.per_sample_seconds, costs.seconds / 16)
-  traces = profiling.collect_traces(MLP, X, Y, repeats=3, timing_batch_size=16)
+  traces = tj.collect_traces(MLP, X, Y, repeats=3, timing_batch_size=16)
   np.testing.assert_allclose(float(np.sum(traces.costs)), 1.0, rtol=1e-5)
   assert (np.asarray(traces.costs) > 0).all()
 
 
 def test_traces_of_a_network_without_error_heads():
-  net = nn.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, error_head=False,
+  net = tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, error_head=False,
                         rngs=nnx.Rngs(0))
-  traces = profiling.collect_traces(net, X, Y, cost="flops")
+  traces = tj.collect_traces(net, X, Y, cost="flops")
   assert "error_prob" not in traces.signals
   with pytest.raises(ValueError, match="without error heads"):
-    profiling.collect_traces(net, X, Y, score="error_prob", cost="flops")
+    tj.collect_traces(net, X, Y, score="error_prob", cost="flops")
 
 
 def test_bad_input_raises_value_error():
   with pytest.raises(ValueError, match=r"expected shape \[batch, 8, 8, 1\]"):
-    profiling.collect_traces(MLP, X[..., 0], Y)
+    tj.collect_traces(MLP, X[..., 0], Y)
   with pytest.raises(ValueError, match="y: expected shape"):
-    profiling.collect_traces(MLP, X, Y[:-1])
+    tj.collect_traces(MLP, X, Y[:-1])
   with pytest.raises(ValueError, match=r"y\[0\] = 10 is not a class"):
-    profiling.collect_traces(MLP, X, np.full(N, 10))
+    tj.collect_traces(MLP, X, np.full(N, 10))
   with pytest.raises(ValueError, match="score"):
-    profiling.collect_traces(MLP, X, Y, score="confidence")
+    tj.collect_traces(MLP, X, Y, score="confidence")
   with pytest.raises(ValueError, match="loss"):
-    profiling.collect_traces(MLP, X, Y, loss="hinge")
+    tj.collect_traces(MLP, X, Y, loss="hinge")
   with pytest.raises(ValueError, match="cost"):
-    profiling.collect_traces(MLP, X, Y, cost="dollars")
+    tj.collect_traces(MLP, X, Y, cost="dollars")
   with pytest.raises(ValueError, match="repeats"):
     profiling.measure_stage_costs(MLP, X, repeats=0)

@@ -9,7 +9,6 @@ import pytest
 
 import reference as ref
 import ttamer_jax as tj
-from ttamer_jax import relaxation as rx
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -20,15 +19,15 @@ def test_soft_dp_converges_within_stated_bound(seed):
     exact_nr = float(tj.solve_no_recall(c, lam).value)
     gaps_r = []
     for beta in (0.3, 0.1, 0.03, 0.01, 0.001):
-      bound = rx.soft_min_error_bound(5, beta)
-      gap_r = exact_r - float(rx.soft_solve_recall(c, lam, beta))
-      gap_nr = exact_nr - float(rx.soft_solve_no_recall(c, lam, beta))
+      bound = tj.soft_min_error_bound(5, beta)
+      gap_r = exact_r - float(tj.soft_solve_recall(c, lam, beta))
+      gap_nr = exact_nr - float(tj.soft_solve_no_recall(c, lam, beta))
       assert -1e-6 <= gap_r <= bound + 1e-6
       assert -1e-6 <= gap_nr <= bound + 1e-6
       gaps_r.append(gap_r)
     assert all(a >= b - 1e-6 for a, b in zip(gaps_r, gaps_r[1:]))  # shrinks as beta -> 0
-    np.testing.assert_allclose(rx.soft_solve_recall(c, lam, 0.0), exact_r, rtol=1e-6)
-    np.testing.assert_allclose(rx.soft_solve_no_recall(c, lam, 0.0), exact_nr, rtol=1e-6)
+    np.testing.assert_allclose(tj.soft_solve_recall(c, lam, 0.0), exact_r, rtol=1e-6)
+    np.testing.assert_allclose(tj.soft_solve_no_recall(c, lam, 0.0), exact_nr, rtol=1e-6)
 
 
 def _brute_consult_probabilities(c, lam):
@@ -44,10 +43,10 @@ def test_cost_gradient_is_envelope_theorem_derivative(seed):
     c = ref.tiny_cascade(np.random.default_rng(seed), 4, 3)
     for lam in (0.3, 0.7):
       consult = _brute_consult_probabilities(c, lam)
-      np.testing.assert_allclose(rx.consult_probabilities(c, lam), consult, atol=1e-12)
+      np.testing.assert_allclose(tj.consult_probabilities(c, lam), consult, atol=1e-12)
       exact_grad = jax.grad(lambda costs: tj.solve_recall(c.replace(costs=costs), lam).value)(c.costs)
       np.testing.assert_allclose(exact_grad, (1 - lam) * consult, atol=1e-12)
-      soft_grad = jax.grad(lambda costs: rx.soft_solve_recall(c.replace(costs=costs), lam, 1e-7))(c.costs)
+      soft_grad = jax.grad(lambda costs: tj.soft_solve_recall(c.replace(costs=costs), lam, 1e-7))(c.costs)
       np.testing.assert_allclose(soft_grad, (1 - lam) * consult, atol=1e-6)
 
 
@@ -61,7 +60,7 @@ def _central_difference(f, x, h=1e-6):
   return grad
 
 
-@pytest.mark.parametrize("solver", [rx.soft_solve_recall, rx.soft_solve_no_recall])
+@pytest.mark.parametrize("solver", [tj.soft_solve_recall, tj.soft_solve_no_recall])
 def test_soft_dp_gradients_match_finite_differences(solver):
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
@@ -72,7 +71,7 @@ def test_soft_dp_gradients_match_finite_differences(solver):
     costs = jnp.asarray(rng.uniform(0, 0.2, n))
 
     def value(values=values, init_logits=init_logits, trans_logits=trans_logits, costs=costs):
-      return solver(rx.cascade_from_logits(values, init_logits, trans_logits, costs), lam, beta)
+      return solver(tj.cascade_from_logits(values, init_logits, trans_logits, costs), lam, beta)
 
     for name, arg in (("values", values), ("init_logits", init_logits),
                       ("trans_logits", trans_logits), ("costs", costs)):
@@ -99,10 +98,10 @@ def test_hard_threshold_objective_matches_loop_and_soft_converges(recall):
   losses = (rng.uniform(size=(300, 4)) < 0.3).astype(np.float32)
   costs = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
   t = np.array([0.7, 0.5, 0.6, 0.9], np.float32)
-  hard = float(rx.threshold_objective(t, scores, losses, costs, 0.6, 0, recall=recall))
+  hard = float(tj.threshold_objective(t, scores, losses, costs, 0.6, 0, recall=recall))
   np.testing.assert_allclose(hard, _loop_threshold_objective(t, scores, losses, costs, 0.6, recall),
                              rtol=1e-5)
-  soft = [float(rx.threshold_objective(t, scores, losses, costs, 0.6, tau, recall=recall,
+  soft = [float(tj.threshold_objective(t, scores, losses, costs, 0.6, tau, recall=recall,
                                        answer_tau=tau)) for tau in (1e-3, 1e-5)]
   assert abs(soft[-1] - hard) < 1e-3 and abs(soft[-1] - hard) <= abs(soft[0] - hard) + 1e-6
 
@@ -118,7 +117,7 @@ def test_threshold_on_cascade_equals_enumeration():
     losses = np.asarray(c.values)[np.arange(4)[None, :], paths]
     per_path = np.array([_loop_threshold_objective(t, s[None], l[None], np.asarray(c.costs), lam, False)
                          for s, l in zip(scores, losses)])
-    np.testing.assert_allclose(rx.threshold_objective_on_cascade(t, state_scores, c, lam, 0),
+    np.testing.assert_allclose(tj.threshold_objective_on_cascade(t, state_scores, c, lam, 0),
                                np.sum(probs * per_path), atol=1e-12)
 
 
@@ -133,11 +132,11 @@ def _confidence_traces(key, c, num):
 def test_gap_instance_tuned_thresholds_lose_factor_alpha(alpha):
   c = tj.gap_instance(alpha)
   scores, losses = _confidence_traces(jax.random.PRNGKey(0), c, 20_000)
-  tuned = rx.tune_thresholds(jax.random.PRNGKey(1), scores, losses, c.costs, 1.0, steps=100, restarts=4)
+  tuned = tj.tune_thresholds(jax.random.PRNGKey(1), scores, losses, c.costs, 1.0, steps=100, restarts=4)
   recall_opt = float(tj.solve_recall(c, 1.0).value)
   assert float(tuned.hard_objective) >= alpha / 2 * recall_opt
   # ...and the recall hybrid (same thresholds, answer the most confident exit) closes the gap.
-  hybrid = rx.tune_thresholds(jax.random.PRNGKey(1), scores, losses, c.costs, 1.0, recall=True,
+  hybrid = tj.tune_thresholds(jax.random.PRNGKey(1), scores, losses, c.costs, 1.0, recall=True,
                               steps=100, restarts=4)
   assert float(hybrid.hard_objective) <= 1.05 * recall_opt + 1e-3
 
@@ -150,7 +149,7 @@ def test_tuned_thresholds_never_beat_exact_recall_optimum(seed):
   test_s, test_l = _confidence_traces(jax.random.PRNGKey(20 + seed), c, 100_000)
   recall_opt = float(tj.solve_recall(c, lam).value)
   for recall in (False, True):
-    tuned = rx.tune_thresholds(jax.random.PRNGKey(seed), train_s, train_l, c.costs, lam,
+    tuned = tj.tune_thresholds(jax.random.PRNGKey(seed), train_s, train_l, c.costs, lam,
                                recall=recall, steps=150, restarts=4)
     t = jnp.asarray(tuned.thresholds)
     stop = jnp.asarray(test_s >= t[None, :])
@@ -162,7 +161,7 @@ def test_tuned_thresholds_never_beat_exact_recall_optimum(seed):
     se = per.std(ddof=1) / np.sqrt(per.size)
     assert per.mean() >= recall_opt - 4 * se
     if not recall:  # exact, no Monte-Carlo error: a threshold rule is a no-recall policy
-      exact = float(rx.threshold_objective_on_cascade(t, 1.0 - c.values, c, lam, 0))
+      exact = float(tj.threshold_objective_on_cascade(t, 1.0 - c.values, c, lam, 0))
       assert exact >= float(tj.solve_no_recall(c, lam).value) - 1e-6
 
 
@@ -171,7 +170,7 @@ def test_grid_search_finds_best_single_threshold():
   scores = rng.uniform(size=(500, 3)).astype(np.float32)
   losses = (rng.uniform(size=(500, 3)) < 1 - scores).astype(np.float32)
   costs = np.array([0.1, 0.1, 0.1], np.float32)
-  t, obj = rx.grid_search_threshold(scores, losses, costs, 0.5, num_candidates=64)
+  t, obj = tj.grid_search_threshold(scores, losses, costs, 0.5, num_candidates=64)
   cands = np.quantile(scores.reshape(-1), np.linspace(0, 1, 64))
   brute = min(_loop_threshold_objective(np.full(3, c), scores, losses, costs, 0.5, False) for c in cands)
   brute = min(brute, _loop_threshold_objective(np.full(3, np.inf), scores, losses, costs, 0.5, False))
@@ -181,24 +180,24 @@ def test_grid_search_finds_best_single_threshold():
 def test_bad_beta_and_lam_raise():
   c = tj.random_cascade(jax.random.PRNGKey(0), 3, 2)
   with pytest.raises(ValueError, match="beta"):
-    rx.soft_solve_recall(c, 0.5, -1.0)
+    tj.soft_solve_recall(c, 0.5, -1.0)
   with pytest.raises(ValueError, match="lam"):
-    rx.soft_solve_no_recall(c, 2.0, 0.1)
+    tj.soft_solve_no_recall(c, 2.0, 0.1)
 
 
 def test_recall_threshold_on_cascade_matches_policy_metrics_and_enumeration():
-  from ttamer_jax import evaluation
+  import ttamer_jax as tj
   with jax.enable_x64(True):
     c = ref.tiny_cascade(np.random.default_rng(8), 4, 3, ties=True)
     scores = 1.0 - np.asarray(c.values)
     lam = 0.6
     for t in (np.array([0.7, 0.5, 0.6, 0.0]), np.array([2.0, 2.0, 0.1, 0.0])):
-      exact = float(rx.recall_threshold_objective_on_cascade(t, scores, c, lam, 0))
+      exact = float(tj.recall_threshold_objective_on_cascade(t, scores, c, lam, 0))
       # The same rule as a state policy: index +inf where the rule stops, -inf elsewhere.
       index = np.where(scores >= t[:, None], np.inf, -np.inf)
       index[-1] = np.inf
       policy = tj.RecallPolicy(index=jnp.asarray(index), values=c.values, lam=jnp.asarray(lam))
-      m = evaluation.policy_metrics(c, policy)
+      m = tj.policy_metrics(c, policy)
       assert abs(exact - (lam * float(m.loss) + (1 - lam) * float(m.cost))) <= 1e-12
       paths, probs = ref.path_probabilities(c)
       path_scores = scores[np.arange(4)[None, :], paths]
@@ -215,8 +214,8 @@ def test_cascade_tuning_reaches_exhaustive_optimum_and_never_beats_dp():
   recall_opt = float(tj.solve_recall(c, lam).value)
   no_recall_opt = float(tj.solve_no_recall(c, lam).value)
   for recall, floor in ((False, no_recall_opt), (True, recall_opt)):
-    _, best = rx.exhaustive_thresholds_on_cascade(c, scores, lam, recall=recall)
-    tuned = rx.tune_thresholds_on_cascade(jax.random.PRNGKey(0), c, scores, lam, recall=recall,
+    _, best = tj.exhaustive_thresholds_on_cascade(c, scores, lam, recall=recall)
+    tuned = tj.tune_thresholds_on_cascade(jax.random.PRNGKey(0), c, scores, lam, recall=recall,
                                           steps=200, restarts=8)
     assert float(best) >= floor - 1e-6           # thresholds are policies: never beat the DP
     assert float(tuned.hard_objective) >= float(best) - 1e-6
@@ -228,7 +227,7 @@ def test_batch_serving_cost_is_smooth_and_tracks_the_hard_fit():
   logits = jnp.asarray(rng.normal(size=(256, 3, 5)) * 3.0, jnp.float32)
   labels = jnp.asarray(rng.integers(0, 5, 256))
   costs = jnp.asarray([0.2, 0.3, 0.5])
-  value, grad = jax.value_and_grad(lambda z: rx.batch_serving_cost(z, labels, costs, 0.7))(logits)
+  value, grad = jax.value_and_grad(lambda z: tj.batch_serving_cost(z, labels, costs, 0.7))(logits)
   assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
   assert float(jnp.abs(grad).sum()) > 0
   # The soft fit is a valid cascade, and with hard memberships it equals fit_cascade's
@@ -236,7 +235,7 @@ def test_batch_serving_cost_is_smooth_and_tracks_the_hard_fit():
   probs = jax.nn.softmax(logits, -1)
   conf = probs.max(-1)
   err = 1.0 - jnp.take_along_axis(probs, labels[:, None, None], -1)[..., 0]
-  soft = rx.soft_fitted_cascade(conf, err, costs, num_bins=4, width=1e-4, smoothing=1e-9)
+  soft = tj.soft_fitted_cascade(conf, err, costs, num_bins=4, width=1e-4, smoothing=1e-9)
   np.testing.assert_allclose(np.asarray(soft.trans).sum(-1), 1.0, rtol=1e-5)
   bins = np.minimum((np.asarray(conf) * 4).astype(int), 3)
   for i in range(3):
@@ -247,21 +246,20 @@ def test_batch_serving_cost_is_smooth_and_tracks_the_hard_fit():
 
 
 def _serving_cost(logits, labels):
-  return 2.0 * rx.batch_serving_cost(logits, labels, jnp.asarray([0.3, 0.3, 0.4]), 0.8)
+  return 2.0 * tj.batch_serving_cost(logits, labels, jnp.asarray([0.3, 0.3, 0.4]), 0.8)
 
 
 def test_training_with_the_serving_cost_as_auxiliary_loss():
   from flax import nnx
-  from ttamer_jax import nn, training
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(128, 8, 8, 1)).astype(np.float32)
   y = rng.integers(0, 10, 128).astype(np.int32)
-  config = training.TrainConfig(num_steps=6, batch_size=32, learning_rate=1e-2, warmup_steps=1)
-  make = lambda: nn.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
-  plain = training.train(make(), x, y, config, progress=False)
+  config = tj.TrainConfig(num_steps=6, batch_size=32, learning_rate=1e-2, warmup_steps=1)
+  make = lambda: tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
+  plain = tj.train(make(), x, y, config, progress=False)
   assert np.all(plain.aux_loss == 0)
   model = make()
-  hist = training.train(model, x, y, config, progress=False, aux_loss=_serving_cost)
+  hist = tj.train(model, x, y, config, progress=False, aux_loss=_serving_cost)
   assert np.all(np.isfinite(hist.aux_loss)) and np.all(hist.aux_loss > 0)
   # The total loss is the plain loss plus the auxiliary term at the same parameters (step 0).
   np.testing.assert_allclose(hist.loss[0], plain.loss[0] + hist.aux_loss[0], rtol=1e-5)

@@ -15,11 +15,7 @@ from flax import nnx
 
 import ttamer_jax as tj
 from fuzzing import record
-from ttamer_jax import cli, evaluation, frontier, policy_io, profiling, training
-from ttamer_jax.cascade_io import save_cascade
-from ttamer_jax.discretise import DeployedPolicy
-from ttamer_jax.fitting import fit_cascade
-from ttamer_jax.traces import save_traces
+from ttamer_jax.app import cli
 
 
 def sha(path):
@@ -38,14 +34,14 @@ def assert_trees_identical(a, b):
 
 
 def _traces(seed):
-  cascade = frontier.overthinking_cascade(num_stages=4, num_states=8)
-  return frontier.workload_traces(jax.random.PRNGKey(seed), cascade, 800)
+  cascade = tj.overthinking_cascade(num_stages=4, num_states=8)
+  return tj.workload_traces(jax.random.PRNGKey(seed), cascade, 800)
 
 
 def _deployed(traces, lam=0.9):
-  fitted = fit_cascade(traces, 6)
-  return fitted, DeployedPolicy(policy=tj.recall_policy(fitted.cascade, lam),
-                                discretiser=fitted.discretiser, score_name="scores")
+  fitted = tj.fit_cascade(traces, 6)
+  return fitted, tj.DeployedPolicy(policy=tj.recall_policy(fitted.cascade, lam),
+                                   discretiser=fitted.discretiser, score_name="scores")
 
 
 def test_sampled_traces_fits_and_policies_are_bit_identical():
@@ -56,7 +52,7 @@ def test_sampled_traces_fits_and_policies_are_bit_identical():
   assert_trees_identical(fa.cascade, fb.cascade)
   assert_trees_identical(da, db)
   assert_trees_identical(tj.solve_recall(fa.cascade, 0.7), tj.solve_recall(fb.cascade, 0.7))
-  assert_trees_identical(evaluation.replay_traces(da, a), evaluation.replay_traces(db, b))
+  assert_trees_identical(tj.replay_traces(da, a), tj.replay_traces(db, b))
   # A different seed really changes the data (the comparison above is not vacuous).
   assert not np.array_equal(np.asarray(_traces(4).scores), np.asarray(a.scores))
   record("repro.bit_identical", "identical")
@@ -67,7 +63,7 @@ def test_monte_carlo_and_sweeps_are_bit_identical():
   p = tj.recall_policy(c, 0.6)
   runs = [tj.monte_carlo(jax.random.PRNGKey(9), c, p, 0.6, 5000) for _ in range(2)]
   assert_trees_identical(runs[0], runs[1])
-  sweeps = [tj.sweep.sweep(c, np.linspace(0, 1, 17)) for _ in range(2)]
+  sweeps = [tj.sweep(c, np.linspace(0, 1, 17)) for _ in range(2)]
   assert_trees_identical(sweeps[0], sweeps[1])
   record("repro.bit_identical", "identical")
 
@@ -80,12 +76,12 @@ def test_files_are_bit_identical(tmp_path, monkeypatch):
   for run in ("a", "b"):
     d = tmp_path / run
     d.mkdir()
-    save_traces(d / "t.npz", _traces(5))
-    save_cascade(d / "c.npz", fit_cascade(traces, 6).cascade)
-    policy_io.save_policy(d / "p.npz", deployed)
+    tj.save_traces(d / "t.npz", _traces(5))
+    tj.save_cascade(d / "c.npz", tj.fit_cascade(traces, 6).cascade)
+    tj.save_policy(d / "p.npz", deployed)
     digests.append([sha(d / name) for name in ("t.npz", "c.npz", "p.npz")])
   assert digests[0] == digests[1]
-  _, meta = policy_io.load_policy(tmp_path / "a" / "p.npz", with_metadata=True)
+  _, meta = tj.load_policy(tmp_path / "a" / "p.npz", with_metadata=True)
   assert meta["fit_date"].startswith("2026-01-01")
   record("repro.bit_identical", "identical")
 
@@ -97,11 +93,11 @@ def test_training_profiling_and_checkpoints_are_bit_identical(tmp_path):
   digests, traces = [], []
   for run in range(2):
     model = tj.EarlyExitMLP((16,), 2, hidden=16, num_blocks=3, rngs=nnx.Rngs(7))
-    training.train(model, x, y, training.TrainConfig(num_steps=20, batch_size=32, seed=7), progress=False)
+    tj.train(model, x, y, tj.TrainConfig(num_steps=20, batch_size=32, seed=7), progress=False)
     path = tmp_path / f"m{run}.npz"
-    training.save_checkpoint(path, model)
+    tj.save_checkpoint(path, model)
     digests.append(sha(path))
-    traces.append(profiling.collect_traces(model, x, y, cost="flops"))
+    traces.append(tj.collect_traces(model, x, y, cost="flops"))
   assert digests[0] == digests[1]
   assert_trees_identical(traces[0], traces[1])
   record("repro.bit_identical", "identical")
@@ -116,8 +112,8 @@ def _cli_json(argv):
 
 def test_cli_reports_and_policy_files_are_bit_identical(tmp_path, monkeypatch):
   monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")
-  save_traces(tmp_path / "cal.npz", _traces(6))
-  save_traces(tmp_path / "test.npz", _traces(7))
+  tj.save_traces(tmp_path / "cal.npz", _traces(6))
+  tj.save_traces(tmp_path / "test.npz", _traces(7))
   reports = []
   for run in ("a", "b"):
     policy = str(tmp_path / f"{run}.npz")

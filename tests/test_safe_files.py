@@ -21,14 +21,13 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
-from ttamer_jax import _io, cascade_io, nn, training
-from ttamer_jax import fitting as F
-from ttamer_jax import policy_io as P
-from ttamer_jax import traces as T
+# Internal: the atomic .npz writer (to write hand-made and tampered archives) and the
+# module default of the size limit (patched to a small value).
+from ttamer_jax.data import archive, files
 
 pd = pytest.importorskip("pandas")
 
-ENV = _io.MAX_FILE_BYTES_ENV
+ENV = "TTAMER_MAX_FILE_BYTES"   # documented in docs/cli.md
 KINDS = ["traces", "cascade", "policy", "checkpoint"]
 TABLES = ["csv", "parquet"]
 
@@ -40,25 +39,25 @@ def objects():
   n, k, num = 3, 4, 40
   cascade = tj.Cascade(values=rng.uniform(size=(n, k)), init=rng.dirichlet(np.ones(k)),
                        trans=rng.dirichlet(np.ones(k), size=(n - 1, k)), costs=rng.uniform(size=n))
-  tr = T.ExitTraces(scores=rng.uniform(size=(num, n)), preds=rng.integers(0, 5, (num, n)),
+  tr = tj.ExitTraces(scores=rng.uniform(size=(num, n)), preds=rng.integers(0, 5, (num, n)),
                     losses=rng.integers(0, 2, (num, n)).astype(float), costs=np.asarray(cascade.costs),
                     signals={"entropy": rng.uniform(size=(num, n))}, labels=rng.integers(0, 5, num))
-  policy = F.fit_cascade(tr, k).recall_policy(0.5)
-  model = nn.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
+  policy = tj.fit_cascade(tr, k).recall_policy(0.5)
+  model = tj.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
   return dict(traces=tr, cascade=cascade, policy=policy, checkpoint=model)
 
 
-SAVE = {"traces": T.save_traces, "cascade": cascade_io.save_cascade,
-        "policy": lambda p, obj, **kw: P.save_policy(p, obj, sidecar=False, **kw),
-        "checkpoint": training.save_checkpoint}
-LOAD = {"traces": T.load_traces, "cascade": cascade_io.load_cascade, "policy": P.load_policy,
-        "checkpoint": training.load_checkpoint, "csv": T.load_traces_table,
-        "parquet": T.load_traces_table}
+SAVE = {"traces": tj.save_traces, "cascade": tj.save_cascade,
+        "policy": lambda p, obj, **kw: tj.save_policy(p, obj, sidecar=False, **kw),
+        "checkpoint": tj.save_checkpoint}
+LOAD = {"traces": tj.load_traces, "cascade": tj.load_cascade, "policy": tj.load_policy,
+        "checkpoint": tj.load_checkpoint, "csv": tj.load_traces_table,
+        "parquet": tj.load_traces_table}
 
 
 def _save(kind, objects, path):
   if kind in TABLES:
-    df = T.traces_to_table(objects["traces"], form="long")
+    df = tj.traces_to_table(objects["traces"], form="long")
     df.to_csv(path, index=False) if kind == "csv" else df.to_parquet(path)
   else:
     SAVE[kind](path, objects[kind])
@@ -114,7 +113,7 @@ def test_files_over_the_limit_are_refused_before_reading(tmp_path, monkeypatch, 
     with pytest.raises(ValueError, match=f"the limit is {size - 1} bytes"):
       load(path)
     m.delenv(ENV)
-    m.setattr(_io, "MAX_FILE_BYTES", 100)   # the module default
+    m.setattr(files, "MAX_FILE_BYTES", 100)   # the module default
     with pytest.raises(ValueError, match="the limit is 100 bytes"):
       load(path)
   monkeypatch.setenv(ENV, "10")
@@ -153,7 +152,7 @@ def test_zip_bombs_are_refused_before_expanding(tmp_path, monkeypatch, objects, 
   assert size < (1 << 20)  # a small file ...
   with pytest.raises(ValueError, match=r"expands to \d+ bytes, too large \(the limit is 1048576 bytes"):
     LOAD[kind](path, max_bytes=1 << 20)   # ... that expands to 8 MiB
-  monkeypatch.setattr(_io, "MAX_FILE_BYTES", 1 << 20)
+  monkeypatch.setattr(files, "MAX_FILE_BYTES", 1 << 20)
   with pytest.raises(ValueError, match="expands to"):
     LOAD[kind](path)
 
@@ -203,15 +202,15 @@ def test_table_bombs_are_refused(tmp_path, monkeypatch, kind):
   if kind == "parquet":  # a few KB of Parquet hold 4 MiB of float64 columns
     assert size < (1 << 16)
     with pytest.raises(ValueError, match=r"expands to \d+ bytes, too large \(the limit is 1048576"):
-      T.load_traces_table(path, max_bytes=1 << 20)
+      tj.load_traces_table(path, max_bytes=1 << 20)
   else:  # CSV: at least 2 bytes per cell, so the file itself is over the limit
     assert size > (1 << 20)
     with pytest.raises(ValueError, match="too large"):
-      T.load_traces_table(path, max_bytes=1 << 20)
-  assert T.load_traces_table(path).num_samples == num
+      tj.load_traces_table(path, max_bytes=1 << 20)
+  assert tj.load_traces_table(path).num_samples == num
   (tmp_path / "bad.parquet").write_bytes(b"PAR1" + b"\0" * 100 + b"PAR1")
   with pytest.raises(ValueError, match="cannot be read as a trace table"):
-    T.load_traces_table(tmp_path / "bad.parquet")
+    tj.load_traces_table(tmp_path / "bad.parquet")
 
 
 # ------------------------------------------------------------------ pickles
@@ -264,7 +263,7 @@ def test_pickled_objects_are_refused_and_never_executed(tmp_path, objects, kind)
       LOAD[kind](path)
     assert not marker.exists(), path
   with pytest.raises(ValueError, match="object arrays cannot be saved"):
-    T.write_npz_atomic(tmp_path / "obj.npz", {"x": np.array([{}], dtype=object)})
+    archive.write_npz_atomic(tmp_path / "obj.npz", {"x": np.array([{}], dtype=object)})
   assert not (tmp_path / "obj.npz").exists()
 
 
@@ -295,7 +294,7 @@ def test_files_hold_no_pickles_and_metadata_is_json(tmp_path, objects, kind):
     assert meta.dtype.kind == "U" and meta.shape == ()
     assert isinstance(json.loads(str(meta)), dict)
   if kind == "policy":  # the sidecar is the same JSON
-    meta = P.save_policy(tmp_path / "side.npz", objects["policy"])
+    meta = tj.save_policy(tmp_path / "side.npz", objects["policy"])
     assert json.loads((tmp_path / "side.json").read_text()) == meta
 
 
@@ -313,9 +312,9 @@ def test_other_format_versions_are_refused(tmp_path, objects, kind, version):
     with open(path, "wb") as f:
       np.savez(f, **fields)
   else:
-    fields = T.read_npz(path, kind)
+    fields = archive.read_npz(path, kind)
     fields["format_version"] = np.asarray(version, np.int64)
-    T.write_npz_atomic(path, fields)
+    archive.write_npz_atomic(path, fields)
   with pytest.raises(ValueError, match=f"format_version.*{version}.*not supported"):
     LOAD[kind](path)
 
@@ -340,7 +339,7 @@ def _interrupt(*args, **kwargs):
 
 FAILURES = {"half_write": (lambda m: m.setattr(np.lib.format, "write_array",
                                                _half_write(np.lib.format.write_array)), OSError),
-            "replace": (lambda m: m.setattr(_io.os, "replace", _fail_replace), OSError),
+            "replace": (lambda m: m.setattr(os, "replace", _fail_replace), OSError),
             "interrupt": (lambda m: m.setattr(np.lib.format, "write_array", _interrupt),
                           KeyboardInterrupt)}
 
@@ -403,11 +402,11 @@ def test_bad_policy_metadata_arguments_write_nothing(tmp_path, objects):
                         (dict(lam=float("nan")), "lam"), (dict(lam=1.5), "lam"),
                         (dict(lam=[0.1, 0.2]), "lam")]:
     with pytest.raises(ValueError, match=field):
-      P.save_policy(path, deployed, **kwargs)
+      tj.save_policy(path, deployed, **kwargs)
   with pytest.raises(ValueError, match="metadata"):  # json itself failing
     import unittest.mock as mock
     with mock.patch.object(json, "dumps", side_effect=TypeError("boom")):
-      P.save_policy(path, deployed)
+      tj.save_policy(path, deployed)
   assert os.listdir(tmp_path) == []
 
 

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
-from ttamer_jax import nn, profiling, serving, training, workloads
-from ttamer_jax._struct import pytree_dataclass
-from ttamer_jax.discretise import DeployedPolicy, Discretiser
+from ttamer_jax.networks import serving, workloads
+# Internal: the frozen-dataclass pytree decorator, to write policies as a user would.
+from ttamer_jax.core.struct import pytree_dataclass
 
 
 @pytree_dataclass
@@ -17,7 +17,10 @@ class ThresholdPolicy:
   """Stop at the first stage whose score reaches ``thresholds[stage]`` (no recall)."""
 
   thresholds: chex.Array
-  recall = False
+  recall = False          # the ttamer_jax.LinePolicy protocol, written out by a user
+  observes = "signals"
+  num_states = None
+  batch_shape = ()
 
   @property
   def num_stages(self):
@@ -40,6 +43,9 @@ class PatiencePolicy:
   patience: chex.Array
   stages: chex.Array  # [n] placeholder that fixes num_stages.
   recall = False
+  observes = "signals"
+  num_states = None
+  batch_shape = ()
 
   @property
   def num_stages(self):
@@ -57,16 +63,21 @@ class PatiencePolicy:
     return (count, obs.pred), count >= self.patience
 
 
+def test_user_policies_implement_the_protocol():
+  assert isinstance(ThresholdPolicy(jnp.zeros(3)), tj.LinePolicy)
+  assert isinstance(PatiencePolicy(jnp.asarray(1), jnp.zeros(3)), tj.LinePolicy)
+
+
 # The tiny CNN of test_nn.py (same shapes: compilations are shared), 3 stages.
-MODEL = nn.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), rngs=nnx.Rngs(1))
+MODEL = tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), rngs=nnx.Rngs(1))
 N_STAGES = MODEL.num_stages
 # A few training steps on the digits, so that exits agree and disagree as real ones do.
 _DIGITS = workloads.digits(seed=0)
-training.train(MODEL, _DIGITS.train.x, _DIGITS.train.y,
-               training.TrainConfig(num_steps=40, batch_size=64, learning_rate=1e-2,
-                                    warmup_steps=5), progress=False)
+tj.train(MODEL, _DIGITS.train.x, _DIGITS.train.y,
+         tj.TrainConfig(num_steps=40, batch_size=64, learning_rate=1e-2,
+                        warmup_steps=5), progress=False)
 X, Y = _DIGITS.test.x[:120], _DIGITS.test.y[:120]
-TRACES = profiling.collect_traces(MODEL, X, Y, cost="flops")
+TRACES = tj.collect_traces(MODEL, X, Y, cost="flops")
 
 
 def _edges(score_name, bins):
@@ -80,19 +91,19 @@ def _deployed(kind):
   if kind in ("recall", "no_recall", "recall_agree", "recall_error"):
     feature = "agree_prev" if kind == "recall_agree" else None
     score = "error_prob" if kind == "recall_error" else "max_softmax"
-    disc = Discretiser(edges=_edges(score, 4), feature=feature)
-    cascade = workloads.synthetic_cascade(7, N_STAGES, disc.num_states, regime="random")
+    disc = tj.Discretiser(edges=_edges(score, 4), feature=feature)
+    cascade = tj.synthetic_cascade(7, N_STAGES, disc.num_states, regime="random")
     policy = (tj.no_recall_policy(cascade, 0.9) if kind == "no_recall" else
               tj.recall_policy(cascade, 0.9))
-    return DeployedPolicy(policy=policy, discretiser=disc, score_name=score)
-  disc = Discretiser(edges=_edges("max_softmax", 2))
+    return tj.DeployedPolicy(policy=policy, discretiser=disc, score_name=score)
+  disc = tj.Discretiser(edges=_edges("max_softmax", 2))
   if kind == "threshold":
     mid = np.median(np.asarray(TRACES.signals["max_softmax"]), axis=0)
-    return DeployedPolicy(policy=ThresholdPolicy(jnp.asarray(mid, jnp.float32)),
-                          discretiser=disc, score_name="max_softmax")
+    return tj.DeployedPolicy(policy=ThresholdPolicy(jnp.asarray(mid, jnp.float32)),
+                             discretiser=disc, score_name="max_softmax")
   assert kind == "patience"
-  return DeployedPolicy(policy=PatiencePolicy(jnp.asarray(1), jnp.zeros(N_STAGES)),
-                        discretiser=disc, score_name="entropy")
+  return tj.DeployedPolicy(policy=PatiencePolicy(jnp.asarray(1), jnp.zeros(N_STAGES)),
+                           discretiser=disc, score_name="entropy")
 
 
 KINDS = ("recall", "recall_agree", "recall_error", "no_recall", "threshold", "patience")
@@ -103,7 +114,7 @@ BUCKETS = (8, 32)
 def test_serve_matches_the_unbatched_reference(kind):
   deployed = _deployed(kind)
   x = X[:40]
-  got = serving.serve(MODEL, deployed, x, buckets=BUCKETS)
+  got = tj.serve(MODEL, deployed, x, buckets=BUCKETS)
   ref = serving.serve_reference(MODEL, deployed, x)
   np.testing.assert_array_equal(got.predictions, ref.predictions)
   np.testing.assert_array_equal(got.answered_exit, ref.answered_exit)
@@ -127,7 +138,7 @@ def test_serve_matches_replay_of_the_traces(kind):
   states = deployed.discretiser(score, TRACES.preds)
   rep = tj.replay(deployed.policy, states, TRACES.losses, TRACES.costs, scores=score,
                   preds=TRACES.preds)
-  got = serving.serve(MODEL, deployed, X, buckets=BUCKETS)
+  got = tj.serve(MODEL, deployed, X, buckets=BUCKETS)
   np.testing.assert_array_equal(got.stop_stage, rep.stop_stage)
   np.testing.assert_array_equal(got.answered_exit, rep.answer_stage)
   np.testing.assert_array_equal(got.predictions,
@@ -138,7 +149,7 @@ def test_serve_matches_replay_of_the_traces(kind):
 
 def test_no_recompilation_after_warmup():
   deployed = _deployed("patience")  # a policy with a per-request carry
-  server = serving.Server(MODEL, deployed, buckets=BUCKETS)
+  server = tj.Server(MODEL, deployed, buckets=BUCKETS)
   first = server.warmup()
   assert server.warmup() == 0
   assert first <= N_STAGES * 2 + (N_STAGES - 1) * 3  # stage kernels + compactions
@@ -156,16 +167,16 @@ def test_no_recompilation_after_warmup():
 
 def test_compile_counter_sees_new_buckets():
   deployed = _deployed("threshold")
-  serving.serve(MODEL, deployed, X[:5], buckets=BUCKETS)
+  tj.serve(MODEL, deployed, X[:5], buckets=BUCKETS)
   before = serving.compile_count()
-  serving.serve(MODEL, deployed, X[:5], buckets=(5, 32))  # a new bucket size compiles
+  tj.serve(MODEL, deployed, X[:5], buckets=(5, 32))  # a new bucket size compiles
   assert serving.compile_count() > before
 
 
 def test_benchmark_reports_accuracy_and_time():
   deployed = _deployed("recall")
   bench = serving.benchmark(MODEL, deployed, X, Y, buckets=BUCKETS, repeats=2)
-  served = serving.serve(MODEL, deployed, X, buckets=BUCKETS)
+  served = tj.serve(MODEL, deployed, X, buckets=BUCKETS)
   assert bench.serve_accuracy == pytest.approx((served.predictions == Y).mean())
   last = np.asarray(TRACES.preds)[:, -1]
   assert bench.full_accuracy == pytest.approx((last == Y).mean())
@@ -177,30 +188,30 @@ def test_benchmark_reports_accuracy_and_time():
 def test_bad_input_raises_value_error():
   deployed = _deployed("recall")
   with pytest.raises(ValueError, match=r"expected shape \[batch, 8, 8, 1\]"):
-    serving.serve(MODEL, deployed, X[:, :, :, 0])
+    tj.serve(MODEL, deployed, X[:, :, :, 0])
   with pytest.raises(ValueError, match="empty batch"):
-    serving.serve(MODEL, deployed, X[:0])
-  four = tj.recall_policy(workloads.synthetic_cascade(0, 4, 4, regime="random"), 0.5)
+    tj.serve(MODEL, deployed, X[:0])
+  four = tj.recall_policy(tj.synthetic_cascade(0, 4, 4, regime="random"), 0.5)
   with pytest.raises(ValueError, match="built for 4 stages but the network has 3 exits"):
-    serving.serve(MODEL, deployed.replace(policy=four), X)
+    tj.serve(MODEL, deployed.replace(policy=four), X)
   with pytest.raises(ValueError, match="discretiser: has edges for 2 stages"):
-    serving.serve(MODEL, deployed.replace(discretiser=Discretiser(edges=jnp.zeros((2, 3)))), X)
+    tj.serve(MODEL, deployed.replace(discretiser=tj.Discretiser(edges=jnp.zeros((2, 3)))), X)
   with pytest.raises(ValueError,
                      match="policy: has 4 states per stage but the discretiser produces 8"):
-    serving.serve(MODEL, deployed.replace(
-        discretiser=Discretiser(edges=_edges("max_softmax", 4), feature="agree_prev")), X)
+    tj.serve(MODEL, deployed.replace(
+        discretiser=tj.Discretiser(edges=_edges("max_softmax", 4), feature="agree_prev")), X)
   with pytest.raises(ValueError, match="label-dependent"):
-    serving.serve(MODEL, deployed.replace(score_name="zero_one"), X)
-  no_err = nn.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), error_head=False, rngs=nnx.Rngs(1))
+    tj.serve(MODEL, deployed.replace(score_name="zero_one"), X)
+  no_err = tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), error_head=False, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="without error heads"):
-    serving.serve(no_err, deployed.replace(score_name="error_prob"), X)
+    tj.serve(no_err, deployed.replace(score_name="error_prob"), X)
   with pytest.raises(ValueError, match="expected a DeployedPolicy"):
-    serving.serve(MODEL, deployed.policy, X)
+    tj.serve(MODEL, deployed.policy, X)
   with pytest.raises(ValueError, match="strictly increasing"):
-    serving.serve(MODEL, deployed, X, buckets=(32, 8))
+    tj.serve(MODEL, deployed, X, buckets=(32, 8))
   with pytest.raises(ValueError, match="empty"):
-    serving.serve(MODEL, deployed, X, buckets=())
+    tj.serve(MODEL, deployed, X, buckets=())
   with pytest.raises(ValueError, match="must be >= 1"):
-    serving.serve(MODEL, deployed, X, buckets=(0, 8))
+    tj.serve(MODEL, deployed, X, buckets=(0, 8))
   with pytest.raises(ValueError, match="y: expected shape"):
     serving.benchmark(MODEL, deployed, X, Y[:3])

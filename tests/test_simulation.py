@@ -104,12 +104,12 @@ def test_online_step_inside_jit():
 def test_replay_refuses_a_grid_of_policies_naming_the_policy():
   # A batch of heuristics (fields with a leading grid axis) would otherwise fail inside the
   # scan with a broadcasting error that names nothing.
-  from ttamer_jax import baselines
+  import ttamer_jax as tj
   states, losses, costs = np.zeros((5, 3), np.int32), np.ones((5, 3)), np.ones(3)
   scores, preds = np.zeros((5, 3)), np.zeros((5, 3), np.int32)
-  for grid in (baselines.fixed_exit(jnp.array([0, 1]), 3),
-               baselines.ThresholdPolicy(thresholds=np.zeros((2, 3)))):
+  for grid in (tj.fixed_exit(jnp.array([0, 1]), 3),
+               tj.ThresholdPolicy(thresholds=np.zeros((2, 3)))):
     with pytest.raises(ValueError, match="policy: .*grid of policies"):
       tj.replay(grid, states, losses, costs, scores=scores, preds=preds)
-  single = tj.replay(baselines.fixed_exit(1, 3), states, losses, costs, scores=scores, preds=preds)
+  single = tj.replay(tj.fixed_exit(1, 3), states, losses, costs, scores=scores, preds=preds)
   np.testing.assert_array_equal(np.asarray(single.stop_stage), 1)

@@ -8,35 +8,30 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax import evaluation as E
-from ttamer_jax import fitting as F
-from ttamer_jax import slo as S
-from ttamer_jax import traces as T
-from ttamer_jax.frontier import overthinking_cascade
 
 N_SPLIT = 20_000
 
 
 @functools.lru_cache(maxsize=None)
 def _setup():
-  c = overthinking_cascade(4, 4)
-  tr = T.sample_traces(jax.random.PRNGKey(21), c, 2 * N_SPLIT, loss="bernoulli")
+  c = tj.overthinking_cascade(4, 4)
+  tr = tj.sample_traces(jax.random.PRNGKey(21), c, 2 * N_SPLIT, loss="bernoulli")
   cal, held = tr.subset(np.arange(N_SPLIT)), tr.subset(np.arange(N_SPLIT, 2 * N_SPLIT))
-  fit = F.fit_cascade(cal, 4, binning="uniform", score_range=(0, 1))
+  fit = tj.fit_cascade(cal, 4, binning="uniform", score_range=(0, 1))
   return c, cal, held, fit
 
 
 # ------------------------------------------------------------------ mixture
 def test_mixture_coins_are_reproducible_and_have_the_right_rate():
-  c = overthinking_cascade(4, 4)
+  c = tj.overthinking_cascade(4, 4)
   a, b = tj.recall_policy(c, 0.2), tj.recall_policy(c, 0.9)
-  mix = S.MixturePolicy(first=a, second=b, prob_second=0.3, key=jax.random.PRNGKey(5))
+  mix = tj.MixturePolicy(first=a, second=b, prob_second=0.3, key=jax.random.PRNGKey(5))
   coin = np.asarray(mix.initial_carry(50_000)[0])
   assert abs(coin.mean() - 0.3) <= 4 * np.sqrt(0.3 * 0.7 / 50_000)
   np.testing.assert_array_equal(coin, np.asarray(mix.initial_carry(50_000)[0]))
   other = mix.replace(key=jax.random.fold_in(jax.random.PRNGKey(5), 1))
   assert not np.array_equal(coin, np.asarray(other.initial_carry(50_000)[0]))
-  typed = S.MixturePolicy(first=a, second=b, prob_second=0.3, key=jax.random.key(5))
+  typed = tj.MixturePolicy(first=a, second=b, prob_second=0.3, key=jax.random.key(5))
   np.testing.assert_array_equal(np.asarray(typed.initial_carry(100)[0]), coin[:100])
   # The step follows the coin's policy.
   states = np.asarray(tj.sample_states(jax.random.PRNGKey(0), c, 1000))
@@ -49,27 +44,27 @@ def test_mixture_coins_are_reproducible_and_have_the_right_rate():
   expect = np.where(coin, tj.replay_cascade(b, c, states).stop_stage, tj.replay_cascade(a, c, states).stop_stage)
   np.testing.assert_array_equal(res.stop_stage, expect)
   with pytest.raises(ValueError, match=r"prob_second = 1.5 must be a scalar in \[0, 1\]"):
-    S.MixturePolicy(first=a, second=b, prob_second=1.5, key=jax.random.PRNGKey(0))
+    tj.MixturePolicy(first=a, second=b, prob_second=1.5, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="must share the recall flag"):
-    S.MixturePolicy(first=a, second=tj.no_recall_policy(c, 0.5), prob_second=0.5, key=jax.random.PRNGKey(0))
+    tj.MixturePolicy(first=a, second=tj.no_recall_policy(c, 0.5), prob_second=0.5, key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match=r"key: expected a PRNG key"):
-    S.MixturePolicy(first=a, second=b, prob_second=0.5, key=np.zeros(3, np.uint32))
+    tj.MixturePolicy(first=a, second=b, prob_second=0.5, key=np.zeros(3, np.uint32))
 
 
 # ------------------------------------------------------------------ exactness and duality
 def test_least_cost_policy_is_exact_in_expectation_and_meets_the_dual_bound():
   with jax.enable_x64(True):
-    c = overthinking_cascade(4, 6)
-    fit = F.FittedCascade(cascade=c, discretiser=F.fit_discretiser(np.zeros((1, 4)), 6), counts=np.zeros((4, 6)))
+    c = tj.overthinking_cascade(4, 6)
+    fit = tj.FittedCascade(cascade=c, discretiser=tj.fit_discretiser(np.zeros((1, 4)), 6), counts=np.zeros((4, 6)))
     lams = np.linspace(0, 1, 2001)
     j_star = np.array([float(tj.solve_recall(c, lam).value) for lam in lams])
-    full = E.policy_metrics(c, tj.recall_policy(c, 1.0))
-    cheap = E.policy_metrics(c, tj.recall_policy(c, 0.0))
+    full = tj.policy_metrics(c, tj.recall_policy(c, 1.0))
+    cheap = tj.policy_metrics(c, tj.recall_policy(c, 0.0))
     for frac in (0.3, 0.7):
       target = float(full.loss) + frac * (float(cheap.loss) - float(full.loss))
-      pol = S.least_cost_policy(fit, target, key=jax.random.PRNGKey(0))
+      pol = tj.least_cost_policy(fit, target, key=jax.random.PRNGKey(0))
       assert pol.kind == "error" and pol.source == "model"
-      m = E.policy_metrics(c, pol.deployed.policy)
+      m = tj.policy_metrics(c, pol.deployed.policy)
       assert abs(float(m.loss) - target) <= 1e-9 and abs(float(pol.expected_loss) - target) <= 1e-9
       assert abs(float(m.cost) - float(pol.expected_cost)) <= 1e-9
       assert 0 < float(pol.lam_low) <= float(pol.lam_high) < 1 and 0 <= float(pol.prob_high) <= 1
@@ -80,8 +75,8 @@ def test_least_cost_policy_is_exact_in_expectation_and_meets_the_dual_bound():
       assert float(pol.expected_cost) <= dual + 1e-4
     for budget_frac in (0.3, 0.6):
       budget = float(cheap.cost) + budget_frac * (float(full.cost) - float(cheap.cost))
-      pol = S.least_error_policy(fit, budget, key=jax.random.PRNGKey(0))
-      m = E.policy_metrics(c, pol.deployed.policy)
+      pol = tj.least_error_policy(fit, budget, key=jax.random.PRNGKey(0))
+      m = tj.policy_metrics(c, pol.deployed.policy)
       assert abs(float(m.cost) - budget) <= 1e-9
       dual = np.max((j_star[1:] - (1 - lams[1:]) * budget) / lams[1:])
       assert float(m.loss) >= dual - 1e-9 and float(m.loss) <= dual + 1e-4
@@ -89,19 +84,19 @@ def test_least_cost_policy_is_exact_in_expectation_and_meets_the_dual_bound():
 
 def test_slack_and_infeasible_targets():
   with jax.enable_x64(True):
-    c = overthinking_cascade(4, 6)
-    fit = F.FittedCascade(cascade=c, discretiser=F.fit_discretiser(np.zeros((1, 4)), 6), counts=np.zeros((4, 6)))
-    best = float(E.policy_metrics(c, tj.recall_policy(c, 1.0)).loss)
+    c = tj.overthinking_cascade(4, 6)
+    fit = tj.FittedCascade(cascade=c, discretiser=tj.fit_discretiser(np.zeros((1, 4)), 6), counts=np.zeros((4, 6)))
+    best = float(tj.policy_metrics(c, tj.recall_policy(c, 1.0)).loss)
     with pytest.raises(ValueError, match="infeasible, the least error"):
-      S.least_cost_policy(fit, 0.5 * best, key=jax.random.PRNGKey(0))
+      tj.least_cost_policy(fit, 0.5 * best, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="infeasible, the least mean cost"):
-      S.least_error_policy(fit, 0.5 * float(c.costs[0]), key=jax.random.PRNGKey(0))
+      tj.least_error_policy(fit, 0.5 * float(c.costs[0]), key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="target = -0.1 must be"):
-      S.least_cost_policy(fit, -0.1, key=jax.random.PRNGKey(0))
-    slack = S.least_cost_policy(fit, 1.0, key=jax.random.PRNGKey(0))   # lam = 0 already meets it
+      tj.least_cost_policy(fit, -0.1, key=jax.random.PRNGKey(0))
+    slack = tj.least_cost_policy(fit, 1.0, key=jax.random.PRNGKey(0))   # lam = 0 already meets it
     assert float(slack.lam_low) == float(slack.lam_high) == 0.0
     assert float(slack.expected_cost) == pytest.approx(float(c.costs[0]))
-    rich = S.least_error_policy(fit, 10.0, key=jax.random.PRNGKey(0))
+    rich = tj.least_error_policy(fit, 10.0, key=jax.random.PRNGKey(0))
     assert float(rich.lam_low) == float(rich.lam_high) == 1.0
     assert float(rich.expected_loss) == pytest.approx(best)
 
@@ -113,17 +108,17 @@ def test_slo_policies_meet_their_constraint_on_held_out_data(source):
   calibration = cal if source == "traces" else None
   full = float(np.sum(np.asarray(c.costs)))
   for kind, target in (("error", 0.2), ("cost", 0.3 * full)):
-    make = S.least_cost_policy if kind == "error" else S.least_error_policy
+    make = tj.least_cost_policy if kind == "error" else tj.least_error_policy
     pol = make(fit, target, key=jax.random.PRNGKey(1), calibration=calibration)
     assert pol.source == source
     # Met exactly in expectation on the fitting source ...
     assert float(pol.expected_loss if kind == "error" else pol.expected_cost) == pytest.approx(target, abs=1e-6)
     # ... and on held-out data the target lies inside the bootstrap interval.
-    rep = S.evaluate_slo(pol, held)
+    rep = tj.evaluate_slo(pol, held)
     assert rep.achieved_ci[0] <= target <= rep.achieved_ci[1], (kind, source, rep.achieved, rep.achieved_ci)
     assert bool(rep.met)
     # The true expectation (the traces were sampled from c on the same states) is close too.
-    exact = E.policy_metrics(c, pol.deployed.policy)
+    exact = tj.policy_metrics(c, pol.deployed.policy)
     got = float(exact.loss if kind == "error" else exact.cost)
     se = float(rep.evaluation.error_se) if kind == "error" else 0.0
     assert abs(got - target) <= 4 * max(se, 1e-3)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax.sweep import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, K, I = 4, 5, 3
@@ -48,7 +47,7 @@ def _single_solves(batch, lam_grid, solver="recall"):
 @pytest.mark.parametrize("shard", ["auto", "instances", "lams"])
 def test_recall_sweep_matches_single_solves(shard):
   batch = _batch()
-  result = sweep(batch, LAMS, shard=shard)
+  result = tj.sweep(batch, LAMS, shard=shard)
   value, index = _single_solves(batch, np.broadcast_to(LAMS, (I, LAMS.size)))
   assert result.value.shape == (I, LAMS.size) and result.index.shape == (I, LAMS.size, N, K)
   assert result.stop is None
@@ -61,7 +60,7 @@ def test_no_recall_sweep_and_per_instance_lams():
   batch = _batch()
   lam_grid = np.stack([np.linspace(0.1, 0.9, 5) ** (i + 1) for i in range(I)]).astype(np.float32)
   kept = lam_grid.copy()
-  result = sweep(batch, lam_grid, solver="no_recall")
+  result = tj.sweep(batch, lam_grid, solver="no_recall")
   np.testing.assert_array_equal(lam_grid, kept)  # the donated buffer is sweep's own copy
   value, stop = _single_solves(batch, lam_grid, "no_recall")
   assert result.index is None and result.stop.dtype == jnp.bool_
@@ -72,12 +71,12 @@ def test_no_recall_sweep_and_per_instance_lams():
 def test_single_cascade_list_of_cascades_and_batch_sizes_agree():
   batch = _batch(2, shared_grid=True)
   cascades = [_instance(batch, i) for i in range(2)]
-  from_list = sweep(cascades, LAMS)
-  one = sweep(cascades[1], LAMS)
+  from_list = tj.sweep(cascades, LAMS)
+  one = tj.sweep(cascades[1], LAMS)
   assert one.value.shape == (LAMS.size,) and one.index.shape == (LAMS.size, N, K)
   np.testing.assert_array_equal(one.value, from_list.value[1])
   for batch_size in (1, 3, 64):
-    small = sweep(batch, LAMS, batch_size=batch_size, return_tables=False)
+    small = tj.sweep(batch, LAMS, batch_size=batch_size, return_tables=False)
     assert small.index is None
     np.testing.assert_allclose(small.value, from_list.value, rtol=1e-6, atol=1e-7)
 
@@ -86,7 +85,7 @@ def test_distinct_grid_sizes_are_padded_consistently():
   # Instance 0 has 2 distinct losses, instance 1 has N*K: grids padded to one M.
   c0 = tj.iid_cascade([0.2, 0.2, 0.2, 0.7, 0.7], np.full(K, 0.2), 0.01, N)
   c1 = _instance(_batch(2), 1)
-  result = sweep([c0, c1], LAMS)
+  result = tj.sweep([c0, c1], LAMS)
   for i, c in enumerate((c0, c1)):
     for j, lam in enumerate(LAMS):
       assert abs(float(result.value[i, j]) - float(tj.solve_recall(c, float(lam)).value)) <= 1e-7
@@ -94,13 +93,13 @@ def test_distinct_grid_sizes_are_padded_consistently():
 
 def test_no_recompilation_for_new_lams():
   batch = _batch()
-  sweep(batch, LAMS)
+  tj.sweep(batch, LAMS)
   compiles = []
   listener = lambda name, *args, **kwargs: compiles.append(name)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    sweep(batch, LAMS[::-1].copy())
-    sweep(batch, np.full(LAMS.size, 0.3))
+    tj.sweep(batch, LAMS[::-1].copy())
+    tj.sweep(batch, np.full(LAMS.size, 0.3))
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert "/jax/core/compile/backend_compile_duration" not in compiles
@@ -116,7 +115,7 @@ def test_no_recompilation_for_new_lams():
 ])
 def test_lam_validation(lams, match):
   with pytest.raises(ValueError, match=match):
-    sweep(_batch(), lams)
+    tj.sweep(_batch(), lams)
 
 
 def test_cascade_validation_names_field_and_instance():
@@ -124,40 +123,39 @@ def test_cascade_validation_names_field_and_instance():
   values = np.asarray(batch.values).copy()
   values[1, 2, 3] = np.nan
   with pytest.raises(ValueError, match=r"values\[1, 2, 3\] is nan"):
-    sweep(_with(batch, values=values), LAMS)
+    tj.sweep(_with(batch, values=values), LAMS)
   trans = np.asarray(batch.trans).copy()
   trans[2, 1, 0] *= 0.5
   with pytest.raises(ValueError, match=r"trans\[2, 1, 0\] sums to"):
-    sweep(_with(batch, trans=trans), LAMS)
+    tj.sweep(_with(batch, trans=trans), LAMS)
   costs = np.asarray(batch.costs).copy()
   costs[0, 3] = -1.0
   with pytest.raises(ValueError, match=r"costs\[0, 3\] = -1.0 is negative"):
-    sweep(_with(batch, costs=costs), LAMS)
+    tj.sweep(_with(batch, costs=costs), LAMS)
   with pytest.raises(ValueError, match=r"init: expected shape \(3, 5\)"):
-    sweep(_with(batch, init=np.asarray(batch.init)[:, :4]), LAMS)
+    tj.sweep(_with(batch, init=np.asarray(batch.init)[:, :4]), LAMS)
   with pytest.raises(ValueError, match=r"cascades\[1\]: values has shape \(4, 6\)"):
-    sweep([_instance(batch, 0), tj.random_cascade(jax.random.PRNGKey(0), N, K + 1)], LAMS)
+    tj.sweep([_instance(batch, 0), tj.random_cascade(jax.random.PRNGKey(0), N, K + 1)], LAMS)
   with pytest.raises(ValueError, match=r"cascades: expected a Cascade"):
-    sweep(np.zeros((N, K)), LAMS)
+    tj.sweep(np.zeros((N, K)), LAMS)
 
 
 def test_option_validation():
   batch = _batch()
   with pytest.raises(ValueError, match="solver: expected one of"):
-    sweep(batch, LAMS, solver="prophet")
+    tj.sweep(batch, LAMS, solver="prophet")
   with pytest.raises(ValueError, match="shard: expected one of"):
-    sweep(batch, LAMS, shard="rows")
+    tj.sweep(batch, LAMS, shard="rows")
   with pytest.raises(ValueError, match="batch_size = 0 must be >= 1"):
-    sweep(batch, LAMS, batch_size=0)
+    tj.sweep(batch, LAMS, batch_size=0)
   with pytest.raises(ValueError, match="mesh: expected a jax.sharding.Mesh"):
-    sweep(batch, LAMS, mesh=jax.devices())
+    tj.sweep(batch, LAMS, mesh=jax.devices())
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
     import ttamer_jax as tj
-    from ttamer_jax.sweep import sweep
     assert jax.device_count() == 4, jax.devices()
     keys = jax.random.split(jax.random.PRNGKey(7), 8)
     batch = jax.vmap(lambda k: tj.random_cascade(k, 4, 5))(keys)
@@ -169,7 +167,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
         ("padded", jax.tree.map(lambda a: a[:3], batch), lams[:7], {}),
         ("explicit_mesh", batch, lams, dict(mesh=jax.make_mesh((2, 2), ("a", "b")))),
     ]:
-      r = sweep(cascades, ls, **kw)
+      r = tj.sweep(cascades, ls, **kw)
       out[name] = dict(value=np.asarray(r.value).tolist(), index=np.asarray(r.index).tolist(),
                        devices=len(r.value.sharding.device_set),
                        shards=[list(s.data.shape) for s in r.value.addressable_shards],
@@ -192,7 +190,7 @@ def test_sharded_sweep_over_4_devices_matches_single_device():
   batch = jax.vmap(lambda k: tj.random_cascade(k, 4, 5))(keys)
   lams = np.linspace(0.0, 1.0, 16)
   assert jax.device_count() == 1
-  local = sweep(batch, lams)
+  local = tj.sweep(batch, lams)
   for name in ("instances", "lams", "explicit_mesh"):
     got = out[name]
     np.testing.assert_allclose(got["value"], local.value, rtol=1e-6, atol=1e-7)

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax import traces as T
+# Internal: the atomic .npz writer, to write inconsistent trace archives.
+from ttamer_jax.data import archive
 
 
 def _traces(per_sample_costs=False, labels=True, seed=0):
   rng = np.random.default_rng(seed)
   num, n = 50, 3
   costs = rng.uniform(0, 1, (num, n)) if per_sample_costs else np.array([0.1, 0.2, 0.7])
-  return T.ExitTraces(scores=rng.uniform(size=(num, n)), preds=rng.integers(0, 5, (num, n)),
+  return tj.ExitTraces(scores=rng.uniform(size=(num, n)), preds=rng.integers(0, 5, (num, n)),
                       losses=rng.integers(0, 2, (num, n)).astype(float), costs=costs,
                       signals={"entropy": rng.uniform(size=(num, n)), "max_softmax": rng.uniform(size=(num, n))},
                       labels=rng.integers(0, 5, num) if labels else None)
@@ -38,16 +39,16 @@ def _assert_same(a, b):
 def test_npz_round_trip(tmp_path, per_sample_costs, labels):
   tr = _traces(per_sample_costs, labels)
   path = tmp_path / "t.npz"
-  T.save_traces(path, tr)
-  _assert_same(tr, T.load_traces(path))
+  tj.save_traces(path, tr)
+  _assert_same(tr, tj.load_traces(path))
   assert os.listdir(tmp_path) == ["t.npz"]  # no temporary files left behind
 
 
 def test_npz_round_trip_without_signals(tmp_path):
-  tr = T.ExitTraces(scores=np.zeros((2, 1)), preds=np.zeros((2, 1), int), losses=np.zeros((2, 1)),
+  tr = tj.ExitTraces(scores=np.zeros((2, 1)), preds=np.zeros((2, 1), int), losses=np.zeros((2, 1)),
                     costs=np.ones(1))
-  T.save_traces(tmp_path / "t.npz", tr)
-  _assert_same(tr, T.load_traces(tmp_path / "t.npz"))
+  tj.save_traces(tmp_path / "t.npz", tr)
+  _assert_same(tr, tj.load_traces(tmp_path / "t.npz"))
 
 
 def _fields(tr):
@@ -70,38 +71,38 @@ def _fields(tr):
 def test_npz_inconsistent_fields_raise(tmp_path, change, match):
   fields = _fields(_traces())
   fields.update(change)
-  T.write_npz_atomic(tmp_path / "bad.npz", fields)
+  archive.write_npz_atomic(tmp_path / "bad.npz", fields)
   with pytest.raises(ValueError, match=match):
-    T.load_traces(tmp_path / "bad.npz")
+    tj.load_traces(tmp_path / "bad.npz")
 
 
 @pytest.mark.parametrize("missing", ["format_version", "kind", "losses", "signal_names"])
 def test_npz_missing_field_raises(tmp_path, missing):
   fields = _fields(_traces())
   del fields[missing]
-  T.write_npz_atomic(tmp_path / "bad.npz", fields)
+  archive.write_npz_atomic(tmp_path / "bad.npz", fields)
   with pytest.raises(ValueError, match=f"'{missing}'"):
-    T.load_traces(tmp_path / "bad.npz")
+    tj.load_traces(tmp_path / "bad.npz")
 
 
 def test_npz_corrupt_files_raise(tmp_path):
   tr = _traces()
   path = tmp_path / "t.npz"
-  T.save_traces(path, tr)
+  tj.save_traces(path, tr)
   raw = path.read_bytes()
   bad = tmp_path / "bad.npz"
   for cut in (0, 10, len(raw) // 2, len(raw) - 5):
     bad.write_bytes(raw[:cut])
     with pytest.raises(ValueError, match="not a readable traces .npz file"):
-      T.load_traces(bad)
+      tj.load_traces(bad)
   bad.write_bytes(b"definitely not a zip archive")
   with pytest.raises(ValueError, match="not a readable"):
-    T.load_traces(bad)
+    tj.load_traces(bad)
   np.save(tmp_path / "plain.npy", np.zeros(3))
   with pytest.raises(ValueError, match="single .npy array"):
-    T.load_traces(tmp_path / "plain.npy")
+    tj.load_traces(tmp_path / "plain.npy")
   with pytest.raises(FileNotFoundError):
-    T.load_traces(tmp_path / "missing.npz")
+    tj.load_traces(tmp_path / "missing.npz")
 
 
 def test_npz_bit_flips_never_load_wrong_data(tmp_path):
@@ -109,7 +110,7 @@ def test_npz_bit_flips_never_load_wrong_data(tmp_path):
   timestamps) changes nothing that is loaded."""
   tr = _traces()
   path = tmp_path / "t.npz"
-  T.save_traces(path, tr)
+  tj.save_traces(path, tr)
   raw = path.read_bytes()
   rng = np.random.default_rng(0)
   bad = tmp_path / "bad.npz"
@@ -119,7 +120,7 @@ def test_npz_bit_flips_never_load_wrong_data(tmp_path):
     flipped[pos] ^= 1 << int(rng.integers(8))
     bad.write_bytes(bytes(flipped))
     try:
-      loaded = T.load_traces(bad)
+      loaded = tj.load_traces(bad)
     except ValueError:
       raised += 1
       continue
@@ -130,7 +131,7 @@ def test_npz_bit_flips_never_load_wrong_data(tmp_path):
 def test_npz_data_flip_names_the_field(tmp_path):
   tr = _traces()
   path = tmp_path / "t.npz"
-  T.save_traces(path, tr)
+  tj.save_traces(path, tr)
   raw = bytearray(path.read_bytes())
   losses = np.asarray(tr.losses).tobytes()
   at = bytes(raw).find(losses)
@@ -138,19 +139,19 @@ def test_npz_data_flip_names_the_field(tmp_path):
   raw[at + 4] ^= 0x10
   path.write_bytes(bytes(raw))
   with pytest.raises(ValueError, match="field 'losses"):
-    T.load_traces(path)
+    tj.load_traces(path)
 
 
 def test_pickled_objects_are_refused(tmp_path):
   np.savez(tmp_path / "obj.npz", scores=np.array([{"a": 1}], dtype=object))
   with pytest.raises(ValueError, match="field 'scores' is corrupt.*allow_pickle"):
-    T.load_traces(tmp_path / "obj.npz")
+    tj.load_traces(tmp_path / "obj.npz")
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
   tr = _traces()
   path = tmp_path / "t.npz"
-  T.save_traces(path, tr)
+  tj.save_traces(path, tr)
   before = path.read_bytes()
 
   def boom(*args, **kwargs):
@@ -158,14 +159,14 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
   monkeypatch.setattr(np.lib.format, "write_array", boom)
   with pytest.raises(OSError, match="disk full"):
-    T.save_traces(path, _traces(seed=1))
+    tj.save_traces(path, _traces(seed=1))
   assert path.read_bytes() == before
   assert os.listdir(tmp_path) == ["t.npz"]
   monkeypatch.undo()
   with pytest.raises(ValueError, match="traces: expected ExitTraces"):
-    T.save_traces(tmp_path / "x.npz", {"scores": 1})
+    tj.save_traces(tmp_path / "x.npz", {"scores": 1})
   with pytest.raises(FileNotFoundError):
-    T.save_traces(tmp_path / "no" / "dir" / "t.npz", tr)
+    tj.save_traces(tmp_path / "no" / "dir" / "t.npz", tr)
   assert os.listdir(tmp_path) == ["t.npz"]
 
 
@@ -180,18 +181,18 @@ def test_subset_and_split():
     tr.subset([0, 50])
   with pytest.raises(ValueError, match="selects no samples"):
     tr.subset(np.zeros(50, bool))
-  a, b = T.split_traces(jax.random.PRNGKey(0), tr, 0.3)
+  a, b = tj.split_traces(jax.random.PRNGKey(0), tr, 0.3)
   assert (a.num_samples, b.num_samples) == (15, 35)
   together = np.sort(np.concatenate([np.asarray(a.scores)[:, 0], np.asarray(b.scores)[:, 0]]))
   np.testing.assert_array_equal(together, np.sort(np.asarray(tr.scores)[:, 0]))
   with pytest.raises(ValueError, match="empty split"):
-    T.split_traces(jax.random.PRNGKey(0), tr, 1.0)
+    tj.split_traces(jax.random.PRNGKey(0), tr, 1.0)
 
 
 def test_sample_traces_follow_the_cascade():
   num = 80_000   # the shape test_fitting samples too (jit cache)
   c = tj.random_cascade(jax.random.PRNGKey(3), 3, 4)
-  tr = T.sample_traces(jax.random.PRNGKey(4), c, num, loss="expected")
+  tr = tj.sample_traces(jax.random.PRNGKey(4), c, num, loss="expected")
   states = np.floor(np.asarray(tr.scores) * 4).astype(int)
   np.testing.assert_allclose(np.asarray(tr.losses), np.asarray(c.values)[np.arange(3), states], rtol=1e-6)
   freq = np.bincount(states[:, 0], minlength=4) / num
@@ -205,12 +206,12 @@ def test_sample_traces_follow_the_cascade():
 def test_table_round_trip_csv(tmp_path, form, per_sample_costs):
   pytest.importorskip("pandas")
   tr = _traces(per_sample_costs)
-  df = T.traces_to_table(tr, form=form)
+  df = tj.traces_to_table(tr, form=form)
   path = tmp_path / "t.csv"
   df.to_csv(path, index=False)
-  back = T.load_traces_table(path)  # form detected from the columns
+  back = tj.load_traces_table(path)  # form detected from the columns
   _assert_same(tr, back)
-  _assert_same(tr, T.traces_from_table(df, form=form))
+  _assert_same(tr, tj.traces_from_table(df, form=form))
 
 
 def test_table_long_form_any_row_order_and_ids():
@@ -218,7 +219,7 @@ def test_table_long_form_any_row_order_and_ids():
   df = pd.DataFrame(dict(sample=["b", "a", "b", "a"], stage=[1, 1, 0, 0], score=[0.4, 0.3, 0.2, 0.1],
                          pred=[1, 2, 3, 4], loss=[0.0, 1.0, 1.0, 0.0], cost=[2.0, 2.0, 1.0, 1.0],
                          entropy=[9.0, 8.0, 7.0, 6.0]))
-  tr = T.traces_from_table(df)
+  tr = tj.traces_from_table(df)
   # Samples in order of first appearance: "b" then "a".
   np.testing.assert_allclose(tr.scores, [[0.2, 0.4], [0.1, 0.3]])
   np.testing.assert_array_equal(tr.preds, [[3, 1], [4, 2]])
@@ -230,47 +231,47 @@ def test_table_parquet_round_trip(tmp_path):
   pytest.importorskip("pandas")
   pytest.importorskip("pyarrow")
   tr = _traces()
-  T.traces_to_table(tr, form="wide").to_parquet(tmp_path / "t.parquet")
-  _assert_same(tr, T.load_traces_table(tmp_path / "t.parquet"))
+  tj.traces_to_table(tr, form="wide").to_parquet(tmp_path / "t.parquet")
+  _assert_same(tr, tj.load_traces_table(tmp_path / "t.parquet"))
   (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
   with pytest.raises(ValueError, match="cannot be read as a trace table"):
-    T.load_traces_table(tmp_path / "bad.parquet")
+    tj.load_traces_table(tmp_path / "bad.parquet")
 
 
 def test_bad_tables_raise():
   pd = pytest.importorskip("pandas")
-  long = T.traces_to_table(_traces(), form="long")
+  long = tj.traces_to_table(_traces(), form="long")
   with pytest.raises(ValueError, match="column 'loss': missing"):
-    T.traces_from_table(long.drop(columns="loss"), form="long")
+    tj.traces_from_table(long.drop(columns="loss"), form="long")
   with pytest.raises(ValueError, match="sample 3 has stage 1 more than once"):
-    T.traces_from_table(pd.concat([long, long.iloc[[10]]]), form="long")
+    tj.traces_from_table(pd.concat([long, long.iloc[[10]]]), form="long")
   with pytest.raises(ValueError, match="sample 3 has no row for stage 1"):
-    T.traces_from_table(long.drop(index=10), form="long")
+    tj.traces_from_table(long.drop(index=10), form="long")
   bad = long.copy()
   bad.loc[4, "label"] = 99
   with pytest.raises(ValueError, match="column 'label': differs across the stages of sample 1"):
-    T.traces_from_table(bad, form="long")
+    tj.traces_from_table(bad, form="long")
   bad = long.copy()
   bad["score"] = bad["score"].astype(object)
   bad.loc[2, "score"] = "high"
   with pytest.raises(ValueError, match="column 'score': must be numeric"):
-    T.traces_from_table(bad, form="long")
+    tj.traces_from_table(bad, form="long")
   bad = long.copy()
   bad.loc[5, "loss"] = np.nan
   with pytest.raises(ValueError, match="column 'loss': missing value"):
-    T.traces_from_table(bad, form="long")
+    tj.traces_from_table(bad, form="long")
   bad = long.copy()
   bad.loc[5, "loss"] = -1.0
   with pytest.raises(ValueError, match=r"losses\[1, 2\].*negative"):
-    T.traces_from_table(bad, form="long")
-  wide = T.traces_to_table(_traces(), form="wide")
+    tj.traces_from_table(bad, form="long")
+  wide = tj.traces_to_table(_traces(), form="wide")
   with pytest.raises(ValueError, match="column 'pred_2': missing"):
-    T.traces_from_table(wide.drop(columns="pred_2"))
+    tj.traces_from_table(wide.drop(columns="pred_2"))
   with pytest.raises(ValueError, match="column 'score_0': missing"):
-    T.traces_from_table(wide.drop(columns=["score_0", "score_1", "score_2"]))
+    tj.traces_from_table(wide.drop(columns=["score_0", "score_1", "score_2"]))
   with pytest.raises(ValueError, match="form: must be 'long' or 'wide'"):
-    T.traces_from_table(wide, form="tall")
+    tj.traces_from_table(wide, form="tall")
   with pytest.raises(ValueError, match="has no rows"):
-    T.traces_from_table(wide.iloc[:0])
+    tj.traces_from_table(wide.iloc[:0])
   with pytest.raises(ValueError, match="expected a pandas DataFrame"):
-    T.traces_from_table({"score_0": [1.0]})
+    tj.traces_from_table({"score_0": [1.0]})

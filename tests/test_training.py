@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttamer_jax import nn, training
+import ttamer_jax as tj
+from ttamer_jax.networks import training
 
 
 def _data(num=96, seed=0):
@@ -23,11 +24,11 @@ def _data(num=96, seed=0):
 
 # The tiny networks of test_nn.py (same shapes: their compilations are shared).
 def _model(seed=0, num_blocks=3):
-  return nn.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=num_blocks, rngs=nnx.Rngs(seed))
+  return tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=num_blocks, rngs=nnx.Rngs(seed))
 
 
-CONFIG = training.TrainConfig(num_steps=25, batch_size=32, learning_rate=1e-2, warmup_steps=5,
-                              seed=3)
+CONFIG = tj.TrainConfig(num_steps=25, batch_size=32, learning_rate=1e-2, warmup_steps=5,
+                        seed=3)
 
 
 def _params(model):
@@ -63,7 +64,7 @@ def test_exit_loss_matches_numpy():
 def test_training_lowers_the_loss_of_every_exit():
   x, y = _data()
   model = _model()
-  history = training.train(model, x, y, CONFIG, progress=False)
+  history = tj.train(model, x, y, CONFIG, progress=False)
   assert history.loss.shape == (25,)
   assert history.exit_loss.shape == history.error_loss.shape == (25, 3)
   assert (history.exit_loss[-5:].mean(0) < history.exit_loss[:5].mean(0)).all()
@@ -77,18 +78,18 @@ def test_training_is_deterministic_given_the_seeds():
   runs = []
   for _ in range(2):
     model = _model(seed=0)
-    training.train(model, x, y, CONFIG, progress=False)
+    tj.train(model, x, y, CONFIG, progress=False)
     runs.append(_params(model))
   for a, b in zip(*runs):
     np.testing.assert_array_equal(a, b)  # bit-identical
   other = _model(seed=0)
-  training.train(other, x, y, training.TrainConfig(**{**CONFIG.__dict__, "seed": 4}),
-                 progress=False)
+  tj.train(other, x, y, tj.TrainConfig(**{**CONFIG.__dict__, "seed": 4}),
+           progress=False)
   assert any(not np.array_equal(a, b) for a, b in zip(runs[0], _params(other)))
 
 
 def test_batch_order_is_a_permutation_per_epoch():
-  order = training._batch_order(seed=0, num=10, batch_size=3, num_steps=7)
+  order = training._batch_order(seed=0, num=10, batch_size=3, num_steps=7)  # private: tested directly
   assert order.shape == (7, 3)
   for epoch in np.split(order[:6].ravel(), 2):  # 3 batches of 3 per epoch, 1 sample dropped.
     assert len(set(epoch.tolist())) == 9
@@ -98,9 +99,9 @@ def test_zero_exit_weight_leaves_that_head_untouched():
   x, y = _data()
   model = _model()
   before = np.asarray(model.heads[0].classifier.kernel[...])
-  config = training.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (0.0, 0.5, 0.5),
-                                   "weight_decay": 0.0, "num_steps": 3})
-  training.train(model, x, y, config, progress=False)
+  config = tj.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (0.0, 0.5, 0.5),
+                             "weight_decay": 0.0, "num_steps": 3})
+  tj.train(model, x, y, config, progress=False)
   np.testing.assert_array_equal(before, model.heads[0].classifier.kernel[...])
 
 
@@ -108,19 +109,19 @@ def test_bad_training_input():
   x, y = _data(20)
   model = _model()
   with pytest.raises(ValueError, match=r"y\[3\] = 17 is not a class in \[0, 10\)"):
-    training.train(model, x, np.where(np.arange(20) == 3, 17, y), CONFIG, progress=False)
+    tj.train(model, x, np.where(np.arange(20) == 3, 17, y), CONFIG, progress=False)
   with pytest.raises(ValueError, match="y: expected shape"):
-    training.train(model, x, y[:5], CONFIG, progress=False)
+    tj.train(model, x, y[:5], CONFIG, progress=False)
   with pytest.raises(ValueError, match="expected shape"):
-    training.train(model, x[:, :4], y, CONFIG, progress=False)
+    tj.train(model, x[:, :4], y, CONFIG, progress=False)
   with pytest.raises(ValueError, match="expected shape"):
-    training.train(model, x.reshape(20, 64), y, CONFIG, progress=False)
-  bad = training.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (1.0, 1.0)})
+    tj.train(model, x.reshape(20, 64), y, CONFIG, progress=False)
+  bad = tj.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (1.0, 1.0)})
   with pytest.raises(ValueError, match="exit_weights"):
-    training.train(model, x, y, bad, progress=False)
-  bad = training.TrainConfig(**{**CONFIG.__dict__, "learning_rate": float("nan")})
+    tj.train(model, x, y, bad, progress=False)
+  bad = tj.TrainConfig(**{**CONFIG.__dict__, "learning_rate": float("nan")})
   with pytest.raises(ValueError, match="learning_rate"):
-    training.train(model, x, y, bad, progress=False)
+    tj.train(model, x, y, bad, progress=False)
 
 
 # ------------------------------------------------------------ checkpoints
@@ -128,14 +129,14 @@ def test_checkpoint_round_trip(tmp_path):
   x, _ = _data(4)
   model = _model(seed=0)
   path = tmp_path / "model.npz"
-  training.save_checkpoint(path, model, metadata={"accuracy": [0.5, 0.9, 0.95]})
+  tj.save_checkpoint(path, model, metadata={"accuracy": [0.5, 0.9, 0.95]})
   assert sorted(os.listdir(tmp_path)) == ["model.npz"]  # no temp file left behind
   other = _model(seed=1)
   assert any(not np.array_equal(a, b) for a, b in zip(_params(model), _params(other)))
-  training.load_checkpoint(path, other)
+  tj.load_checkpoint(path, other)
   for a, b in zip(_params(model), _params(other)):
     np.testing.assert_array_equal(a, b)
-  rebuilt = training.load_checkpoint(path)  # class and config from the file
+  rebuilt = tj.load_checkpoint(path)  # class and config from the file
   np.testing.assert_array_equal(rebuilt(jnp.asarray(x)).logits, model(jnp.asarray(x)).logits)
   meta = training.checkpoint_metadata(path)
   assert meta["model"] == "EarlyExitMLP" and meta["metadata"] == {"accuracy": [0.5, 0.9, 0.95]}
@@ -143,12 +144,12 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_round_trip_for_every_network(tmp_path):
-  nets = [nn.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), rngs=nnx.Rngs(0)),
-          nn.EarlyExitTransformer(12, 6, 3, dim=16, num_heads=2, num_blocks=3, mlp_dim=16,
+  nets = [tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), rngs=nnx.Rngs(0)),
+          tj.EarlyExitTransformer(12, 6, 3, dim=16, num_heads=2, num_blocks=3, mlp_dim=16,
                                   window=2, rngs=nnx.Rngs(0))]
   for i, net in enumerate(nets):
-    training.save_checkpoint(tmp_path / f"{i}.npz", net)
-    loaded = training.load_checkpoint(tmp_path / f"{i}.npz")
+    tj.save_checkpoint(tmp_path / f"{i}.npz", net)
+    loaded = tj.load_checkpoint(tmp_path / f"{i}.npz")
     assert loaded.config() == net.config()
     for a, b in zip(_params(net), _params(loaded)):
       np.testing.assert_array_equal(a, b)
@@ -174,45 +175,45 @@ def test_checkpoint_errors(tmp_path):
   model = _model()
   path = tmp_path / "m.npz"
   with pytest.raises(ValueError, match="no such file"):
-    training.load_checkpoint(path, model)
+    tj.load_checkpoint(path, model)
   path.write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match="not a readable .npz"):
-    training.load_checkpoint(path, model)
+    tj.load_checkpoint(path, model)
 
-  training.save_checkpoint(path, model)
+  tj.save_checkpoint(path, model)
   with pytest.raises(ValueError, match="holds a EarlyExitMLP, cannot load into a EarlyExitCNN"):
-    training.load_checkpoint(path, nn.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8),
-                                                   rngs=nnx.Rngs(0)))
+    tj.load_checkpoint(path, tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8),
+                                             rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="config"):
-    training.load_checkpoint(path, _model(num_blocks=2))
+    tj.load_checkpoint(path, _model(num_blocks=2))
 
   _rewrite(path, meta={"format_version": 99})
   with pytest.raises(ValueError, match="format_version 99 is not supported"):
-    training.load_checkpoint(path, model)
+    tj.load_checkpoint(path, model)
 
-  training.save_checkpoint(path, model)
+  tj.save_checkpoint(path, model)
   _rewrite(path, **{"param:linears/0/kernel": np.zeros((8, 5), np.float32)})
   with pytest.raises(ValueError,
                      match=r"'linears/0/kernel' has shape \(8, 5\), model expects \(64, 16\)"):
-    training.load_checkpoint(path, model)
+    tj.load_checkpoint(path, model)
 
-  training.save_checkpoint(path, model)
+  tj.save_checkpoint(path, model)
   _rewrite(path, **{"param:linears/0/kernel": None})
   with pytest.raises(ValueError, match="missing \\['linears/0/kernel'\\]"):
-    training.load_checkpoint(path, model)
+    tj.load_checkpoint(path, model)
 
-  training.save_checkpoint(path, model)
+  tj.save_checkpoint(path, model)
   bad = np.asarray(model.linears[0].kernel[...]).copy()
   bad[0, 0] = np.inf
   _rewrite(path, **{"param:linears/0/kernel": bad})
   with pytest.raises(ValueError, match="finite"):
-    training.load_checkpoint(path, model)
+    tj.load_checkpoint(path, model)
 
-  training.save_checkpoint(path, model)
+  tj.save_checkpoint(path, model)
   with np.load(path, allow_pickle=False) as data:
     original = {k: data[k] for k in data.files}
   with pytest.raises(ValueError, match="JSON"):
-    training.save_checkpoint(path, model, metadata={"bad": object()})
+    tj.save_checkpoint(path, model, metadata={"bad": object()})
   with np.load(path, allow_pickle=False) as data:  # the failed save left the old file intact
     assert set(data.files) == set(original)
   assert sorted(os.listdir(tmp_path)) == ["m.npz"]

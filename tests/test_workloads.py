@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttamer_jax import workloads
+import ttamer_jax as tj
+from ttamer_jax.networks import workloads
 
 
 def test_digits_splits():
@@ -79,9 +80,9 @@ def test_sequences_are_deterministic_and_validated():
     workloads.sequences(num_content=10, num_classes=4)
 
 
-@pytest.mark.parametrize("regime", workloads.SYNTHETIC_REGIMES)
+@pytest.mark.parametrize("regime", ["random", "improving", "overthink"])
 def test_synthetic_traces(regime):
-  w = workloads.synthetic(seed=2, regime=regime, num_stages=3, num_states=5, sizes=(100, 100, 4000))
+  w = tj.synthetic_workload(seed=2, regime=regime, num_stages=3, num_states=5, sizes=(100, 100, 4000))
   assert w.name == f"synthetic-{regime}"
   assert [t.num_samples for t in (w.train, w.calibration, w.test)] == [100, 100, 4000]
   c = w.cascade
@@ -111,6 +112,6 @@ def test_synthetic_traces(regime):
 
 def test_synthetic_bad_regime():
   with pytest.raises(ValueError, match="regime"):
-    workloads.synthetic(regime="chaotic")
+    tj.synthetic_workload(regime="chaotic")
   with pytest.raises(ValueError, match="sizes"):
-    workloads.synthetic(sizes=(10, 10))
+    tj.synthetic_workload(sizes=(10, 10))

@@ -1,5 +1,5 @@
 import sys
 
-from ttamer_jax.cli import main
+from ttamer_jax.app.cli import main
 
 sys.exit(main())

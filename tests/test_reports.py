@@ -1,0 +1,181 @@
+"""Text the application prints: tables, JSON values and each command's report, from
+plain result dicts (no command is run)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ttamer_jax.app import reports
+
+POINTS = [dict(policy="recall", chosen_param=0.5, chosen_cost=0.25, chosen_error=0.1,
+               frontier_cost=0.2, frontier_error=0.11),
+          dict(policy="confidence", chosen_param=None, chosen_cost=None, chosen_error=None,
+               frontier_cost=None, frontier_error=None),
+          dict(policy="hindsight", chosen_param=0.2, chosen_cost=0.1, chosen_error=0.05,
+               frontier_cost=0.1, frontier_error=0.05)]
+OBJECTIVES = [dict(lam=0.5, recall=0.2, confidence=0.3, hindsight=0.1),
+              dict(lam=0.9, recall=0.4, confidence=0.3, hindsight=0.1)]
+FULL_ERROR = {"calibration": 0.1, "test": 0.12}
+
+
+def test_jsonable_and_dumps():
+  value = {"a": np.array([1.0, np.inf, -np.inf]), "b": np.float32(0.5), 3: (np.int64(3), float("nan")),
+           "c": np.bool_(True), "d": np.asarray(2.5), "e": None, "f": "text"}
+  assert reports.jsonable(value) == {"a": [1.0, "inf", "-inf"], "b": 0.5, "3": [3, "nan"],
+                                     "c": True, "d": 2.5, "e": None, "f": "text"}
+  text = reports.dumps({"x": float("inf"), "y": [np.float64(0.25)]})
+  assert json.loads(text) == {"x": "inf", "y": [0.25]} and text.startswith("{\n  ")
+
+
+def test_small_labels():
+  assert reports.pct(None) == "-" and reports.pct(0.1234) == "12.3%"
+  assert reports.tolerance_text(0.01) == "1 point" and reports.tolerance_text(0.02) == "2 points"
+  assert reports.tolerance_text(0) == "0 points" and reports.tolerance_text(0.005) == "0.5 points"
+  cases = [("recall", 0.75512, "lam=0.7551"), ("hindsight", 1.0, "lam=1"), ("per_stage", 0.2861, "q=0.286"),
+           ("patience", 2.0, "k=2"), ("fixed_exit", 1.0, "exit 1"), ("confidence", 0.5, "t=0.5"),
+           ("entropy", 1.4567, "t=1.46"), ("recall", None, "-")]
+  for name, param, label in cases:
+    assert reports.setting_label(name, param) == label
+
+
+def test_format_table_marks_the_best_deployable_policy():
+  assert reports.format_table(POINTS, OBJECTIVES).splitlines() == [
+      "policy                   setting  latency  error  J(0.50)  J(0.90)",
+      "-----------------------  -------  -------  -----  -------  -------",
+      "recall optimum (ttamer)  lam=0.5    25.0%  10.0%  0.2000<  0.4000",
+      "confidence threshold     -              -      -  0.3000   0.3000<",
+      "hindsight oracle*        lam=0.2    10.0%   5.0%  0.1000   0.1000"]
+
+
+def test_table_legend():
+  text = reports.table_legend(0.02, FULL_ERROR, "latency")
+  assert "within 2 points of the full model's (10.00%); latency (share" in text
+  assert "(full model: 12.00% error)" in text and "(1 - lam) * latency" in text
+  assert len(text.splitlines()) == 2
+
+
+def test_format_index():
+  text = reports.format_index(np.array([[0.25, -np.inf], [np.inf, np.inf]]))
+  assert text.splitlines() == ["stage   s=0   s=1", "    0  0.25    go", "    1  stop  stop"]
+
+
+def test_markdown_tables():
+  text = reports.format_operating_points(POINTS, FULL_ERROR, 0.01)
+  lines = text.splitlines()
+  assert lines[0] == ("Full network: test error 12.00% (calibration 10.00%); target: within 1 point.")
+  assert lines[4] == "| recall | 0.5000 | 25.0% | 10.0% | 20.0% | 11.0% |"
+  assert lines[5] == "| confidence | - | - | - | - | - |"
+  obj = reports.format_objectives(OBJECTIVES).splitlines()
+  assert obj[:2] == ["| lam | recall | confidence | hindsight |", "|---|---|---|---|"]
+  assert obj[2] == "| 0.50 | **0.2000** | 0.3000 | 0.1000 |"
+  assert obj[3] == "| 0.90 | 0.4000 | **0.3000** | 0.1000 |"
+
+
+def test_fit_text():
+  result = dict(policy="p.npz", lam=0.79, lam_choice="given", cascade=None,
+                in_sample=dict(error=0.115, cost_norm=0.379, full_error=0.11, num_samples=1500))
+  notes = dict(num_stages=4, num_states=6, score="max_softmax", feature=None, sidecar="p.json")
+  assert reports.fit_text(result, notes).splitlines() == [
+      "fitted 4 stages x 6 states on 1500 requests (score max_softmax)",
+      "recall policy at lam = 0.79 (given)",
+      "on these traces (in-sample, optimistic): error 11.5% (last exit 11.0%), cost 37.9% of "
+      "running every stage",
+      "wrote p.npz (+ p.json)",
+      "next: ttamer evaluate p.npz HELD_OUT_TRACES.npz"]
+  text = reports.fit_text(dict(result, cascade="c.npz"), dict(notes, feature="agree_prev"))
+  assert "(score max_softmax, feature agree_prev)" in text and "(+ p.json) and c.npz" in text
+
+
+def test_evaluate_text():
+  ev = dict(error=0.1, error_ci=[0.09, 0.11], cost_norm=0.5, cost_norm_ci=[0.45, 0.55],
+            objective=0.123456, objective_ci=[0.12, 0.13], stop_histogram=[0.25, 0.75],
+            answer_histogram=[0.5, 0.5])
+  result = dict(policy="p.npz", traces="t.npz", lam=0.9, full_error=0.08, evaluation=ev,
+                metadata=dict(policy=dict(type="recall"), num_stages=2, num_states=4,
+                              score_name="max_softmax"))
+  lines = reports.evaluate_text(result, dict(num_samples=200, level=0.95, resamples=1000)).splitlines()
+  assert lines[0] == "policy p.npz: recall, 2 stages x 4 states, score max_softmax"
+  assert lines[1] == "traces t.npz: 200 requests; lam = 0.9"
+  assert lines[2] == "  error      10.0%  [9.0%, 11.0%]         last exit alone: 8.0%"
+  assert lines[4].startswith("  objective  0.1235  [0.1200, 0.1300]")
+  assert lines[5] == "  (95% bootstrap CI, 1000 resamples)"
+  assert lines[6] == "  stopped after exit   0: 25.0%  1: 75.0%"
+
+
+def test_sweep_text():
+  result = dict(how="fitted on a, measured on b", fitted=dict(num_states=8), lams=np.zeros(3),
+                operating_points=POINTS, objectives=OBJECTIVES, full_error=FULL_ERROR)
+  notes = dict(score="max_softmax", confidence_score="max_softmax", entropy_score="entropy",
+               tolerance=0.01)
+  lines = reports.sweep_text(result, notes).splitlines()
+  assert lines[:3] == ["fitted on a, measured on b",
+                       "8 states of max_softmax per stage; 3 lam values; thresholds on max_softmax "
+                       "and entropy", ""]
+  assert lines[3] == reports.format_table(POINTS, OBJECTIVES).splitlines()[0]
+  assert "wrote" not in lines[-1]
+  text = reports.sweep_text(dict(result, plot="f.png"), dict(notes, entropy_score=None))
+  assert text.endswith("\n\nwrote f.png") and "thresholds on max_softmax\n" in text
+
+
+def test_solve_text():
+  row = dict(lam=0.3, hindsight=0.1, recall=0.2, no_recall=0.25,
+             index=np.array([[0.1, -np.inf], [np.inf, np.inf]]))
+  result = dict(cascade="c.npz", num_stages=2, num_states=2, solutions=[row], plot="i.png")
+  assert reports.solve_text(result).splitlines() == [
+      "c.npz: 2 stages x 2 states. Optimal J = lam * E[loss] + (1 - lam) * E[cost] (lower is better):",
+      "   lam   hindsight      recall   no-recall  no-recall/recall",
+      " 0.300     0.10000     0.20000     0.25000             1.250",
+      "",
+      "recall policy (lam = 0.3): after stage i in state s, stop iff lam * best loss so far <= "
+      "index[i, s]",
+      "stage   s=0   s=1",
+      "    0   0.1    go",
+      "    1  stop  stop",
+      "",
+      "wrote i.png"]
+  two = dict(result, solutions=[row, dict(row, recall=0.0)])
+  del two["plot"]
+  lines = reports.solve_text(two).splitlines()
+  assert len(lines) == 4 and lines[-1].endswith("nan")  # no-recall / recall with recall = 0
+  wide = dict(result, num_states=25)
+  assert "index table 2 x 25: too wide to print" in reports.solve_text(wide)
+
+
+@pytest.fixture
+def demo_result():
+  files = dict(policy="d/policy.npz", policy_metadata="d/policy.json",
+               calibration_traces="d/calibration_traces.npz", test_traces="d/test traces.npz",
+               cascade="d/cascade.npz", report="d/report.md", results="d/results.json")
+  result = dict(workload="digits-cnn", quick=True, seconds=12.3, calibration_requests=300,
+                test_requests=400, chosen_lam=0.755, files=files, full_error=FULL_ERROR,
+                operating_points=POINTS, objectives=OBJECTIVES,
+                frontier_gaps={"no_recall": 0.01, "confidence": -0.002},
+                fitted=dict(score="max_softmax"),
+                info=dict(loaded=False, train_seconds=20.4, test_accuracy=[0.9, 0.95],
+                          stage_cost_share=[0.3, 0.7]))
+  notes = dict(num_stages=2, trained=True, states=8, tolerance=0.01)
+  return result, notes
+
+
+def test_demo_text_and_report(demo_result):
+  result, notes = demo_result
+  header = reports.demo_header(result, notes).splitlines()
+  assert header == ["ttamer demo: digits-cnn, 2 exits",
+                    "network trained in 20 s (--quick: a tenth of the steps); test accuracy per "
+                    "exit: 90.0% 95.0%; measured latency share per exit: 0.30 0.70",
+                    "300 calibration / 400 test requests; fitted 8 bins of max_softmax per exit"]
+  text = reports.demo_text(result, notes)
+  assert "(1 - lam) * latency" in text and "\nwrote (12 s):\n  policy              d/policy.npz" in text
+  assert text.endswith('  ttamer solve d/cascade.npz --lam 0.755')
+  assert '--calibration d/calibration_traces.npz' in text and '"d/test traces.npz"' in text
+  report = reports.demo_report(result, notes)
+  assert report.startswith("# ttamer demo: digits-cnn, 2 exits\n\nnetwork trained")
+  assert "no_recall +0.0100, confidence -0.0020." in report
+  assert "recall optimum at lam = 0.755 -> `policy.npz`" in report
+  assert "![" not in report and report.endswith("(12 s; `ttamer demo --quick`)\n")
+  result["files"] = dict(result["files"], pareto_plot="d/pareto.png")
+  assert "![frontiers](pareto.png)" in reports.demo_report(result, notes)
+  synthetic = dict(result, info={}, quick=False)
+  assert len(reports.demo_header(synthetic, dict(notes, trained=False)).splitlines()) == 2
+  assert "(1 - lam) * cost" in reports.demo_text(synthetic, dict(notes, trained=False))

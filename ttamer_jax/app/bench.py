@@ -1,0 +1,844 @@
+"""Speed and memory of the solvers, each measured next to what a user would
+otherwise use, in one run.
+
+    python scripts/bench.py                 # CPU sizes (~10 min on 2 cores), writes bench_results.json
+    python scripts/bench.py --quick         # small sizes, a smoke run (~1 min)
+    python scripts/bench.py --gpu           # accelerator sizes: K up to 8192, sweeps up to 65536 lams
+    python scripts/bench.py --gpu --quick   # the --gpu code path at tiny sizes (runs on a CPU)
+    python scripts/bench.py --sections floor,numpy   # a subset
+    ttamer bench                            # the same, --quick sizes by default (--full for CPU sizes)
+
+Sections (each a table, all in the JSON):
+  floor    ``solve_recall`` vs its own n-1 matrix products, and vs the machine's
+           measured matmul rate;
+  numpy    vs a vectorised NumPy implementation of the same recursion (one solve,
+           and a 256-lam sweep vs a NumPy loop);
+  mdp      vs a general finite-horizon MDP solver on the equivalent explicit MDP
+           (state = (stage, best-so-far, state)): pymdptoolbox's ``FiniteHorizon``
+           when installed, else a generic sparse backward induction (labelled);
+  sweep    ``ttamer_jax.sweep`` over S = I x L pairs in one call vs a Python loop
+           of single ``solve_recall`` calls (solves/s);
+  mc       Monte-Carlo (sample + replay of the recall policy): stage-steps/s vs a
+           vectorised NumPy sampler + replay;
+  memory   XLA's buffer assignment of the compiled solver: temp bytes vs one
+           ``[M, K]`` table (O(M K), not O(n M K));
+  large    one K = 4096 (``--gpu``: 8192) solve: time and measured peak memory;
+  profile  HLO checks: no float64 ops under x64 with float32 inputs, no
+           recompilation per lam, gathers fused, sweep buffers donated, and the
+           in-jit grid sort the public solver now avoids.
+
+Timing: every ratio is measured in alternating rounds (a, b, a, b, ...) after a
+warm-up (compile) call, with ``block_until_ready``; the reported ratio is the
+median of the per-round ratios, so load on a shared machine hits both sides
+alike. Correctness checks (values agree to 1e-5, Monte-Carlo within 4 standard
+errors of the exact value, the profile checks) are recorded; the script exits
+with status 1 if one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+# Grow GPU memory on demand (JAX preallocates 75% otherwise), so the large-K
+# worker process can allocate beside this one and peaks are the program's own.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ttamer_jax as tj  # noqa: E402
+from ttamer_jax.core import kernel, sharded  # noqa: E402
+from ttamer_jax.core.solvers import solve_recall_on_grid  # noqa: E402
+
+P = kernel.DEFAULT_PRECISION
+TOL = 1e-5  # |value - reference| <= TOL * max(1, |reference|)
+
+# Sizes per mode: floor/memory K lists, distinct-grid K cap, NumPy/MDP K lists,
+# sweep (K list, pair counts, loop cap), Monte-Carlo path counts (NumPy cap), large K.
+CONFIGS = {
+    "cpu": dict(floor_k=[64, 256, 512, 1024, 2048], distinct_max_k=1024,
+                numpy_k=[8, 16, 32, 64, 128, 256], mdp_k=[8, 16, 32, 64, 128],
+                sweep_k=[8, 64], sweep_sizes=[1, 16, 256, 4096], loop_cap=1024,
+                mc_k=16, mc_paths=[10**6, 10**7], mc_numpy_cap=10**7,
+                memory_k=[64, 256, 512, 1024, 2048, 4096], large_k=4096,
+                matmul_n=2048, max_round_s=30.0),
+    "quick": dict(floor_k=[16, 64], distinct_max_k=64, numpy_k=[8, 32], mdp_k=[4, 8],
+                  sweep_k=[8], sweep_sizes=[1, 16, 256], loop_cap=64,
+                  mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
+                  memory_k=[64, 128], large_k=256, matmul_n=512, max_round_s=5.0),
+    "gpu": dict(floor_k=[256, 1024, 2048, 4096, 8192], distinct_max_k=4096,
+                numpy_k=[8, 32, 128, 256], mdp_k=[8, 16, 32],
+                sweep_k=[64, 256], sweep_sizes=[1, 16, 256, 4096, 65536], loop_cap=256,
+                mc_k=16, mc_paths=[10**6, 10**7, 10**8], mc_numpy_cap=10**7,
+                memory_k=[1024, 4096, 8192], large_k=8192, matmul_n=8192, max_round_s=8.0),
+    "gpu_quick": dict(floor_k=[64, 128], distinct_max_k=64, numpy_k=[8], mdp_k=[4],
+                      sweep_k=[16], sweep_sizes=[1, 16, 1024], loop_cap=16,
+                      mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
+                      memory_k=[64, 256], large_k=256, matmul_n=256, max_round_s=5.0),
+}
+SECTIONS = ("floor", "sweep", "large", "memory", "numpy", "mdp", "mc", "profile")
+
+
+# ------------------------------------------------------------------ timing
+def _run(fn, args):
+  return jax.block_until_ready(fn(*args))
+
+
+def paired_times(fn_a, args_a, fn_b, args_b, *, repeats: int, max_seconds: float):
+  """Median times of ``fn_a`` and ``fn_b`` and the median of their per-round ratio,
+  alternating a and b so load changes hit both alike. At least 3 rounds; stops
+  early after ``max_seconds``."""
+  _run(fn_a, args_a)
+  _run(fn_b, args_b)
+  ta, tb = [], []
+  start = time.perf_counter()
+  for r in range(repeats):
+    for fn, args, out in ((fn_a, args_a, ta), (fn_b, args_b, tb)):
+      t0 = time.perf_counter()
+      _run(fn, args)
+      out.append(time.perf_counter() - t0)
+    if r >= 2 and time.perf_counter() - start > max_seconds:
+      break
+  ratio = statistics.median(a / b for a, b in zip(ta, tb))
+  return statistics.median(ta), statistics.median(tb), ratio
+
+
+def agree(a: float, b: float) -> bool:
+  return abs(a - b) <= TOL * max(1.0, abs(b))
+
+
+class Checks:
+  """Named pass/fail results, printed and stored in the JSON."""
+
+  def __init__(self):
+    self.items = []
+
+  def add(self, name: str, ok: bool, detail: str = ""):
+    self.items.append(dict(check=name, ok=bool(ok), detail=detail))
+    if not ok:
+      print(f"  CHECK FAILED: {name}: {detail}", flush=True)
+
+  @property
+  def ok(self) -> bool:
+    return all(c["ok"] for c in self.items)
+
+
+# --------------------------------------------------------------- instances
+def _cascade_from(values, init, trans, costs) -> tj.Cascade:
+  """A Cascade without re-validating arrays valid by construction (at K = 8192
+  validation would copy gigabytes to the host)."""
+  probe = object.__new__(tj.Cascade)
+  for f in ("values", "init", "trans", "costs"):
+    object.__setattr__(probe, f, 0)
+  return jax.tree.unflatten(jax.tree.structure(probe), [values, init, trans, costs])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_arrays(key, n, k, shared):
+  # Dirichlet(1) rows as normalised exponentials: as tj.random_cascade, but
+  # without gamma sampling, which is slow at K = 8192.
+  kv, ki, kt, kc = jax.random.split(key, 4)
+  if shared:
+    values = jnp.broadcast_to(jnp.linspace(0.0, 1.0, k), (n, k))
+  else:
+    values = jax.random.uniform(kv, (n, k))
+  expo = lambda key, shape: -jnp.log(jax.random.uniform(key, shape, minval=1e-12))
+  init = expo(ki, (k,))
+  trans = expo(kt, (n - 1, k, k))
+  costs = 0.05 * jax.random.uniform(kc, (n,))
+  return values, init / init.sum(), trans / trans.sum(-1, keepdims=True), costs
+
+
+def bench_cascade(seed: int, n: int, k: int, shared: bool) -> tj.Cascade:
+  return _cascade_from(*_random_arrays(jax.random.PRNGKey(seed), n, k, shared))
+
+
+def compiled_solver(c: tj.Cascade):
+  """The public solver's compiled core with its NumPy grid, and its arguments."""
+  grid, pos = kernel.prepare_grid(c.values)
+  chunk = kernel.default_x_chunk(grid.size, c.num_states, grid.dtype.itemsize)
+  fn = jax.jit(lambda c, lam, g, p: solve_recall_on_grid(c, lam, g, p, P, chunk))
+  return fn, (jnp.asarray(grid), jnp.asarray(pos))
+
+
+# -------------------------------------------------------------- references
+def numpy_solve_recall(values, init, trans, costs, lam):
+  """The recursion of DESIGN.md section 3 written the obvious vectorised way in
+  NumPy, in the arrays' dtype (float32 like the JAX solver)."""
+  n, k = values.shape
+  lam = values.dtype.type(lam)
+  grid = np.unique(values)
+  pos = np.searchsorted(grid, values)
+  xs = lam * grid
+  cols = np.arange(k)
+  v = np.repeat(xs[:, None], k, axis=1)
+  for i in range(n - 2, -1, -1):
+    at_l = v[pos[i + 1], cols]
+    g = np.where(grid[:, None] <= values[i + 1][None, :], v, at_l[None, :])
+    cont = (1 - lam) * costs[i + 1] + g @ trans[i].T
+    v = np.minimum(xs[:, None], cont)
+  return (1 - lam) * costs[0] + init @ v[pos[0], cols]
+
+
+def explicit_mdp(values, init, trans, costs, lam):
+  """The recall problem as a plain finite-horizon MDP for a general solver.
+
+  States ``(stage i, best-so-far row m, state s)`` plus one absorbing terminal
+  state; actions 0 = stop (reward ``-lam grid[m]``, go to terminal) and
+  1 = continue (reward ``-(1-lam) c_{i+1}``, go to ``(i+1, min(m, pos_{i+1}(t)),
+  t)`` with probability ``trans_i[s, t]``; at the last stage it stops). Rewards
+  are negated costs (MDP solvers maximise).
+
+  Returns ``(P, R, start)``: two ``[S, S]`` CSR matrices, ``R [S, 2]``, and
+  ``start(V)`` mapping the stage-0 value vector to the objective.
+  """
+  import scipy.sparse as sp
+  values, init, trans, costs = (np.asarray(a, np.float64) for a in (values, init, trans, costs))
+  # float32 rows sum to 1 within ~1e-7; pymdptoolbox demands 10 float64 epsilons.
+  trans = trans / trans.sum(-1, keepdims=True)
+  n, k = values.shape
+  grid = np.unique(values)
+  pos = np.searchsorted(grid, values)
+  m = grid.size
+  num = n * m * k + 1
+  terminal = num - 1
+  xs = lam * grid
+  state = lambda i, mm, s: (i * m + mm) * k + s
+  idx = np.arange(num - 1)
+  stop_reward = np.append(-np.tile(np.repeat(xs, k), n), 0.0)
+  p_stop = sp.csr_matrix((np.ones(num), (np.arange(num), np.full(num, terminal))), shape=(num, num))
+  rows, cols, data = [], [], []
+  mm, ss, tt = np.meshgrid(np.arange(m), np.arange(k), np.arange(k), indexing="ij")
+  for i in range(n - 1):
+    rows.append(state(i, mm, ss).ravel())
+    cols.append(state(i + 1, np.minimum(mm, pos[i + 1][tt]), tt).ravel())
+    data.append(trans[i][ss, tt].ravel())
+  last = idx[idx >= state(n - 1, 0, 0)]
+  rows += [last, [terminal]]
+  cols += [np.full(last.size, terminal), [terminal]]
+  data += [np.ones(last.size), [1.0]]
+  p_cont = sp.csr_matrix((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(num, num))
+  stage_of = idx // (m * k)
+  cont_reward = np.append(
+      np.where(stage_of < n - 1, -(1 - lam) * costs[np.minimum(stage_of + 1, n - 1)],
+               stop_reward[:-1]), 0.0)
+  reward = np.stack([stop_reward, cont_reward], axis=1)
+  first = state(0, pos[0], np.arange(k))
+
+  def start(v0):
+    return (1 - lam) * costs[0] - float(init @ v0[first])
+
+  return [p_stop, p_cont], reward, start, n
+
+
+def mdp_solver():
+  """``(label, solve(P, R, horizon) -> V0)``: pymdptoolbox if installed, else a
+  generic sparse backward induction (what FiniteHorizon does internally)."""
+  try:
+    import mdptoolbox.mdp
+  except ImportError:
+    def solve(p, r, horizon):
+      v = np.zeros(r.shape[0])
+      for _ in range(horizon):
+        v = np.max(np.stack([r[:, a] + p[a] @ v for a in range(len(p))]), axis=0)
+      return v
+    return "generic sparse backward induction (pymdptoolbox not installed)", solve
+
+  import scipy.sparse as sp
+
+  class StoredEntriesCSR(sp.csr_matrix):
+    """pymdptoolbox's input checks do not scale with sparse transitions: its
+    row-sum check subtracts a ``[S]`` vector from the ``[S, 1]`` np.matrix that
+    ``P.sum(axis=1)`` returns (a dense ``[S, S]`` broadcast: 19 GB at K = 64),
+    and its sign check ``(P >= 0).all()`` makes every implicit zero explicit.
+    Both checks mean the same with a flat row sum and the stored entries; the
+    solver itself (``FiniteHorizon.run``: one sparse matvec per action and
+    step) is untouched."""
+
+    def __ge__(self, other):
+      if np.isscalar(other) and other == 0:
+        return self.data >= 0  # implicit zeros are >= 0
+      return super().__ge__(other)
+
+    def sum(self, axis=None, *args, **kwargs):
+      total = super().sum(axis, *args, **kwargs)
+      return np.asarray(total).ravel() if axis in (1, -1) else total
+
+  def solve(p, r, horizon):
+    p = [m if isinstance(m, StoredEntriesCSR) else StoredEntriesCSR(m) for m in p]
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # "discount = 1" and scipy.sparse comparison warnings
+      fh = mdptoolbox.mdp.FiniteHorizon(p, r, 1.0, horizon)
+      fh.run()
+    return fh.V[:, 0]
+  return "pymdptoolbox FiniteHorizon", solve
+
+
+def numpy_monte_carlo(seed, values, init, trans, costs, index, lam, num_paths, chunk=1 << 20):
+  """Samples paths and replays the recall policy, vectorised over paths in
+  NumPy (float32). Returns ``(mean objective, standard error)``."""
+  rng = np.random.default_rng(seed)
+  n, k = values.shape
+  init_cdf = np.cumsum(init)
+  trans_cdf = np.cumsum(trans, axis=-1)
+  cum_costs = np.cumsum(costs)
+  total = total_sq = 0.0
+  done = 0
+  while done < num_paths:
+    b = min(chunk, num_paths - done)
+    u = rng.random((n, b), dtype=np.float32)
+    s = np.minimum((u[0][:, None] >= init_cdf[None, :]).sum(1), k - 1)
+    best = values[0, s]
+    stop_stage = np.full(b, n - 1)
+    active = np.ones(b, bool)
+    for i in range(n):
+      if i > 0:
+        s = np.minimum((u[i][:, None] >= trans_cdf[i - 1][s]).sum(1), k - 1)
+        best = np.where(active, np.minimum(best, values[i, s]), best)
+      stop = active & (lam * best <= index[i, s])
+      stop_stage = np.where(stop, i, stop_stage)
+      active &= ~stop
+    obj = lam * best + (1 - lam) * cum_costs[stop_stage]
+    total += float(obj.sum(dtype=np.float64))
+    total_sq += float((obj.astype(np.float64) ** 2).sum())
+    done += b
+  mean = total / num_paths
+  var = max(total_sq / num_paths - mean * mean, 0.0) * num_paths / max(num_paths - 1, 1)
+  return mean, (var / num_paths) ** 0.5
+
+
+# ---------------------------------------------------------------- sections
+def matmul_rate(size: int, dtype=jnp.float32) -> float:
+  """Measured GFLOP/s of one ``[size, size] @ [size, size]`` at the solver's precision."""
+  a = jax.random.uniform(jax.random.PRNGKey(0), (size, size), dtype)
+  mm = jax.jit(lambda a: jnp.dot(a, a, precision=P))
+  _run(mm, (a,))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    _run(mm, (a,))
+    times.append(time.perf_counter() - t0)
+  return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def matmul_floor_fn(grid_size: int):
+  """The solver's own matrix products alone: n-1 dependent [M, K] @ [K, K]^T."""
+
+  @jax.jit
+  def floor(trans):
+    k = trans.shape[-1]
+    g = jnp.ones((grid_size, k), trans.dtype) / k
+
+    def body(g, t_mat):
+      return jnp.einsum("xt,st->xs", g, t_mat, precision=P), None
+
+    return jax.lax.scan(body, g, trans, reverse=True)[0]
+
+  return floor
+
+
+def bench_floor(cfg, n, repeats, peak_gflops):
+  rows = []
+  for shared in (True, False):
+    for k in cfg["floor_k"]:
+      if not shared and k > cfg["distinct_max_k"]:
+        continue
+      c = bench_cascade(k, n, k, shared)
+      solve, (grid, pos) = compiled_solver(c)
+      m = int(grid.shape[0])
+      t_solve, t_floor, ratio = paired_times(
+          solve, (c, 0.5, grid, pos), matmul_floor_fn(m), (c.trans,),
+          repeats=repeats, max_seconds=cfg["max_round_s"])
+      gflops = 2 * (n - 1) * m * k * k / t_solve / 1e9
+      rows.append(dict(grid="shared" if shared else "distinct", K=k, M=m,
+                       solve_ms=1e3 * t_solve, floor_ms=1e3 * t_floor, ratio=ratio,
+                       gflops=gflops, frac_of_matmul_peak=gflops / peak_gflops))
+      print(f"  floor {rows[-1]['grid']} K={k}: ratio {ratio:.2f}", flush=True)
+  return rows
+
+
+def bench_numpy(cfg, n, repeats, checks):
+  rows = []
+  for k in cfg["numpy_k"]:
+    c = bench_cascade(100 + k, n, k, shared=False)
+    arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+    jax_value = float(tj.solve_recall(c, 0.5).value)
+    np_value = float(numpy_solve_recall(*arrays, 0.5))
+    checks.add(f"numpy recursion agrees K={k}", agree(jax_value, np_value),
+               f"jax {jax_value:.9g} numpy {np_value:.9g}")
+    t_jax, t_np, ratio = paired_times(
+        lambda: tj.solve_recall(c, 0.5).value, (), lambda: numpy_solve_recall(*arrays, 0.5), (),
+        repeats=max(repeats, 15), max_seconds=cfg["max_round_s"])
+    rows.append(dict(kind="one solve", K=k, M=int(np.unique(arrays[0]).size), jax_ms=1e3 * t_jax,
+                     numpy_ms=1e3 * t_np, speedup=1 / ratio, max_abs_diff=abs(jax_value - np_value)))
+    print(f"  numpy K={k}: speedup {1 / ratio:.2f}", flush=True)
+  # A 256-lam sweep: one call vs the NumPy function in a loop over lam.
+  lams = np.linspace(0.0, 1.0, 256)
+  for k in cfg["numpy_k"][:3]:
+    c = bench_cascade(200 + k, n, k, shared=True)
+    arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+    swept = np.asarray(tj.sweep(c, lams, return_tables=False).value)
+    looped = np.array([numpy_solve_recall(*arrays, lam) for lam in lams])
+    diff = float(np.max(np.abs(swept - looped)))
+    checks.add(f"numpy loop agrees with sweep K={k}", diff <= TOL, f"max diff {diff:.2e}")
+    t_jax, t_np, ratio = paired_times(
+        lambda: tj.sweep(c, lams, return_tables=False).value, (),
+        lambda: [numpy_solve_recall(*arrays, lam) for lam in lams], (),
+        repeats=repeats, max_seconds=cfg["max_round_s"])
+    rows.append(dict(kind="256-lam sweep", K=k, M=k, jax_ms=1e3 * t_jax, numpy_ms=1e3 * t_np,
+                     speedup=1 / ratio, max_abs_diff=diff))
+  return rows
+
+
+def bench_mdp(cfg, n, repeats, checks):
+  label, solve_mdp = mdp_solver()
+  rows = []
+  for k in cfg["mdp_k"]:
+    nonzeros = (n - 1) * k**3
+    if nonzeros * 48 > 4 << 30:  # COO build + CSR, float64 and int64: keep under ~4 GiB
+      print(f"  mdp K={k}: skipped ({nonzeros:.3g} nonzeros would not fit)", flush=True)
+      continue
+    c = bench_cascade(300 + k, n, k, shared=True)
+    arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+    t0 = time.perf_counter()
+    p, r, start, horizon = explicit_mdp(*arrays, 0.5)
+    t_build = time.perf_counter() - t0
+    mdp_value = start(solve_mdp(p, r, horizon))
+    jax_value = float(tj.solve_recall(c, 0.5).value)
+    checks.add(f"MDP solver agrees K={k}", agree(jax_value, mdp_value),
+               f"jax {jax_value:.9g} {label} {mdp_value:.9g}")
+    t_jax, t_mdp, ratio = paired_times(
+        lambda: tj.solve_recall(c, 0.5).value, (), lambda: solve_mdp(p, r, horizon), (),
+        repeats=repeats, max_seconds=cfg["max_round_s"])
+    rows.append(dict(K=k, mdp_states=r.shape[0], mdp_nonzeros=int(p[1].nnz), jax_ms=1e3 * t_jax,
+                     mdp_solve_ms=1e3 * t_mdp, mdp_build_ms=1e3 * t_build, speedup=1 / ratio,
+                     max_abs_diff=abs(jax_value - mdp_value)))
+    print(f"  mdp K={k}: speedup {1 / ratio:.0f}", flush=True)
+  return rows, label
+
+
+def bench_sweep(cfg, n, repeats, checks):
+  rows = []
+  for k in cfg["sweep_k"]:
+    for size in cfg["sweep_sizes"]:
+      side = int(round(size ** 0.5))
+      layouts = [(1, size)] + ([(side, size // side)] if size >= 16 and side * side == size else [])
+      for num, num_lams in layouts:
+        keys = jax.random.split(jax.random.PRNGKey(k + size), num)
+        batch = jax.vmap(lambda key: _cascade_from(*_random_arrays(key, n, k, True)))(keys)
+        lams = np.linspace(0.0, 1.0, num_lams)
+        singles = [_cascade_from(*(a[i] for a in (batch.values, batch.init, batch.trans,
+                                                   batch.costs))) for i in range(num)]
+        pairs = [(i, float(l)) for i in range(num) for l in lams]
+        step = max(1, len(pairs) // cfg["loop_cap"])
+        timed = pairs[::step][:cfg["loop_cap"]]  # the loop's rate is per solve
+        swept = tj.sweep(batch, lams, return_tables=False).value
+        got = np.asarray(swept).reshape(-1)[[i * num_lams + j for i in range(num)
+                                             for j in range(num_lams)][::step][:cfg["loop_cap"]]]
+        ref = np.array([float(tj.solve_recall(singles[i], lam).value) for i, lam in timed])
+        diff = float(np.max(np.abs(got - ref)))
+        checks.add(f"sweep agrees with single solves K={k} {num}x{num_lams}", diff <= TOL,
+                   f"max diff {diff:.2e}")
+        t_sweep, t_loop, ratio = paired_times(
+            lambda: tj.sweep(batch, lams, return_tables=False).value, (),
+            lambda: [tj.solve_recall(singles[i], lam).value for i, lam in timed], (),
+            repeats=repeats, max_seconds=cfg["max_round_s"])
+        sweep_rate, loop_rate = size / t_sweep, len(timed) / t_loop
+        # Per-solve time ratio from the paired rounds (loop / sweep).
+        rows.append(dict(K=k, instances=num, lams=num_lams, pairs=size, sweep_ms=1e3 * t_sweep,
+                         sweep_solves_per_s=sweep_rate, loop_solves_per_s=loop_rate,
+                         loop_pairs_timed=len(timed), speedup=size / len(timed) / ratio))
+        print(f"  sweep K={k} {num}x{num_lams}: {sweep_rate:.0f}/s vs loop {loop_rate:.0f}/s",
+              flush=True)
+  return rows
+
+
+def bench_mc(cfg, n, repeats, checks):
+  k = cfg["mc_k"]
+  c = bench_cascade(400, n, k, shared=False)
+  lam = 0.5
+  policy = tj.recall_policy(c, lam)
+  exact = float(tj.solve_recall(c, lam).value)
+  arrays = [np.asarray(a) for a in (c.values, c.init, c.trans, c.costs)]
+  index = np.asarray(policy.index)
+  key = jax.random.PRNGKey(1)
+  rows = []
+  for paths in cfg["mc_paths"]:
+    run_jax = lambda: tj.monte_carlo(key, c, policy, lam, paths)
+    est = run_jax()
+    z = abs(float(est.objective) - exact) / float(est.objective_se)
+    checks.add(f"JAX Monte-Carlo within 4 SE of exact ({paths} paths)", z <= 4, f"z = {z:.2f}")
+    row = dict(K=k, n=n, paths=paths)
+    if paths <= cfg["mc_numpy_cap"]:
+      np_mean, np_se = numpy_monte_carlo(0, *arrays, index, lam, paths)
+      z_np = abs(np_mean - exact) / np_se
+      checks.add(f"NumPy Monte-Carlo within 4 SE of exact ({paths} paths)", z_np <= 4,
+                 f"z = {z_np:.2f}")
+      t_jax, t_np, ratio = paired_times(
+          lambda: run_jax().objective, (),
+          lambda: numpy_monte_carlo(0, *arrays, index, lam, paths), (),
+          repeats=min(repeats, 3), max_seconds=cfg["max_round_s"])
+      row.update(jax_s=t_jax, numpy_s=t_np, jax_steps_per_s=paths * n / t_jax,
+                 numpy_steps_per_s=paths * n / t_np, speedup=1 / ratio)
+    else:
+      t_jax = statistics.median(_timed(lambda: run_jax().objective) for _ in range(3))
+      row.update(jax_s=t_jax, numpy_s=None, jax_steps_per_s=paths * n / t_jax,
+                 numpy_steps_per_s=None, speedup=None)
+    rows.append(row)
+    print(f"  mc {paths} paths: {row['jax_steps_per_s']:.3g} stage-steps/s", flush=True)
+  return rows
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def _abstract_cascade(n, k, dtype=jnp.float32):
+  shapes = [(n, k), (k,), (n - 1, k, k), (n,)]
+  return _cascade_from(*(jax.ShapeDtypeStruct(s, dtype) for s in shapes))
+
+
+def bench_memory(cfg, n):
+  """XLA's buffer assignment of the compiled solver (compiled, not run)."""
+  rows = []
+  for shared in (True, False):
+    for k in cfg["memory_k"]:
+      m = k if shared else n * k
+      c = _abstract_cascade(n, k)
+      chunk = kernel.default_x_chunk(m, k)
+      compiled = solve_recall_on_grid.lower(
+          c, 0.5, jax.ShapeDtypeStruct((m,), jnp.float32), jax.ShapeDtypeStruct((n, k), jnp.int32),
+          P, chunk).compile()
+      mem = compiled.memory_analysis()
+      table = m * k * 4
+      rows.append(dict(grid="shared" if shared else "distinct", K=k, M=m, x_chunk=chunk or m,
+                       temp_MiB=mem.temp_size_in_bytes / 2**20,
+                       input_MiB=mem.argument_size_in_bytes / 2**20, one_table_MiB=table / 2**20,
+                       temp_over_one_table=mem.temp_size_in_bytes / table,
+                       n_tables_MiB=n * table / 2**20))
+  return rows
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _large_arrays(key, n, k):
+  # Shared grid; transitions made one stage at a time (lax.map) so generating
+  # them peaks at the inputs plus one [K, K] temporary, below the solve's peak.
+  ki, kt, kc = jax.random.split(key, 3)
+  expo = lambda key, shape: -jnp.log(jax.random.uniform(key, shape, minval=1e-12))
+  normalise = lambda e: e / e.sum(-1, keepdims=True)
+  trans = jax.lax.map(lambda key: normalise(expo(key, (k, k))), jax.random.split(kt, n - 1))
+  values = jnp.broadcast_to(jnp.linspace(0.0, 1.0, k), (n, k))
+  return values, normalise(expo(ki, (k,))), trans, 0.05 * jax.random.uniform(kc, (n,))
+
+
+def large_worker(n: int, k: int) -> dict:
+  """One K x K solve in this (fresh) process, with its measured peak memory."""
+  device = jax.devices()[0]
+  t0 = time.perf_counter()
+  c = _cascade_from(*jax.block_until_ready(_large_arrays(jax.random.PRNGKey(500), n, k)))
+  t_make = time.perf_counter() - t0
+  solve, (grid, pos) = compiled_solver(c)
+  t0 = time.perf_counter()
+  compiled = solve.lower(c, 0.5, grid, pos).compile()
+  t_compile = time.perf_counter() - t0
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  on_cpu = device.platform == "cpu"
+  before = _rss_bytes() if on_cpu else (device.memory_stats() or {}).get("bytes_in_use", 0)
+  t0 = time.perf_counter()
+  sol = jax.block_until_ready(compiled(c, 0.5, grid, pos))
+  t_solve = time.perf_counter() - t0
+  if on_cpu:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    how = "process max RSS - RSS before the solve (fresh process)"
+  else:
+    peak = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
+    how = "device peak_bytes_in_use - bytes_in_use before the solve (fresh process)"
+  table = k * k * 4
+  return dict(K=k, M=int(grid.shape[0]), n=n, make_s=t_make, compile_s=t_compile,
+              solve_s=t_solve, gflops=2 * (n - 1) * k**3 / t_solve / 1e9,
+              xla_temp_MiB=temp / 2**20, measured_peak_extra_MiB=max(peak - before, 0) / 2**20,
+              one_table_MiB=table / 2**20, inputs_MiB=(n - 1) * table / 2**20,
+              value=float(sol.value), how_measured=how)
+
+
+def bench_large(cfg, n, checks):
+  import subprocess
+  k = cfg["large_k"]
+  # A fresh interpreter, so the measured peak is this solve's alone; it imports
+  # this module from the same ttamer_jax (installed or on PYTHONPATH).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(tj.__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+  proc = subprocess.run([sys.executable, "-m", "ttamer_jax.app.bench", "--large-worker", str(k)],
+                        capture_output=True, text=True, timeout=900, env=env)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("LARGE ")]
+  ok = proc.returncode == 0 and bool(lines)
+  checks.add(f"K={k} solve runs (fresh process)", ok,
+             "" if ok else f"exit {proc.returncode}: {proc.stderr[-1500:]}")
+  if not ok:
+    return []
+  row = json.loads(lines[-1][len("LARGE "):])
+  checks.add(f"K={k} solve finite", np.isfinite(row["value"]), f"value {row['value']:.6g}")
+  return [row]
+
+
+def bench_profile(cfg, n, checks):
+  rows = []
+  # 1. No float64 arithmetic under x64 with float32 inputs (only the scalar lam
+  #    parameter arrives as f64 and is cast once).
+  with jax.enable_x64(True):
+    c = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), bench_cascade(600, n, 16, False))
+    grid, pos = kernel.prepare_grid(c.values)
+    hlo = solve_recall_on_grid.lower(c, 0.5, grid, pos, P, None).compile().as_text()
+  f64_arrays = sum("f64[" in line and "f64[]" not in line for line in hlo.splitlines())
+  f64_scalar = sum("f64[]" in line for line in hlo.splitlines())
+  checks.add("no f64 array ops under x64 with f32 inputs", f64_arrays == 0,
+             f"{f64_arrays} f64 array lines, {f64_scalar} f64 scalar lines (lam parameter)")
+  rows.append(dict(check="f64 array ops (x64 on, f32 cascade)", result=f64_arrays))
+  # 2. No recompilation per lam (public solver and sweep).
+  c = bench_cascade(601, n, 32, False)
+  tj.solve_recall(c, 0.5)
+  tj.sweep(c, np.linspace(0, 1, 8))
+  events = []
+  listener = lambda name, *a, **kw: events.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for lam in (0.1, 0.2, np.float32(0.3), np.float64(0.4), 1.0):
+      tj.solve_recall(c, lam)
+    tj.sweep(c, np.linspace(0.2, 0.9, 8))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  compiles = events.count("/jax/core/compile/backend_compile_duration")
+  checks.add("no recompilation for new lam values", compiles == 0, f"{compiles} compiles")
+  rows.append(dict(check="compiles for 5 new lams + 1 new sweep", result=compiles))
+  # 3. Per-stage kernels: every gather fused (no stand-alone gather in the loop).
+  grid, pos = kernel.prepare_grid(c.values)
+  hlo = solve_recall_on_grid.lower(c, 0.5, grid, pos, P, None).compile().as_text()
+  body = _while_body(hlo)
+  kernels = [l for l in body
+             if " = " in l and any(op in l for op in (" fusion(", " gather(", " dot(", " custom-call("))]
+  loose_gathers = sum(" gather(" in l for l in body)
+  checks.add("gathers fused into the stage kernels", loose_gathers == 0,
+             f"{loose_gathers} stand-alone gathers in the loop body")
+  rows.append(dict(check="kernels per stage (fusions + dots) / stand-alone gathers",
+                   result=f"{len(kernels)} / {loose_gathers}"))
+  # 4. Sweep donates its lam grid to the value output.
+  batch = jax.vmap(lambda key: _cascade_from(*_random_arrays(key, n, 8, True)))(
+      jax.random.split(jax.random.PRNGKey(0), 2))
+  aliased = _sweep_aliases(batch, np.linspace(0, 1, 4))
+  checks.add("sweep donates its lam buffer (input_output_alias)", aliased)
+  rows.append(dict(check="sweep input/output alias present", result=aliased))
+  # 5. What moving the grid sort out of jit bought: the previous public path
+  #    (validate, count distinct values in NumPy, sort + unique + searchsorted
+  #    inside the program) vs the current one (grid and positions in NumPy).
+  @jax.jit
+  def in_program(c, lam):
+    grid, pos = kernel.grid_in_program(c.values, kernel.grid_size_for(c.values))
+    return solve_recall_on_grid(c, lam, grid, pos, P, None)
+
+  old_public = in_program
+
+  for k, shared in cfg.get("profile_cases", ((16, True), (64, True), (128, True), (64, False))):
+    c = bench_cascade(602 + k, n, k, shared)
+    t_new, t_old, ratio = paired_times(lambda: tj.solve_recall(c, 0.5).value, (),
+                                       lambda: old_public(c, 0.5).value, (), repeats=21,
+                                       max_seconds=cfg["max_round_s"])
+    rows.append(dict(check=f"solve_recall before / after (grid built in NumPy), K={k} "
+                           f"{'shared' if shared else 'distinct'}",
+                     result=f"{t_old * 1e3:.3g} ms / {t_new * 1e3:.3g} ms = {1 / ratio:.2f}x"))
+  return rows
+
+
+def _while_body(hlo: str):
+  """Lines of the optimized HLO's while-loop body computation(s)."""
+  bodies = set()
+  for line in hlo.splitlines():
+    if " while(" in line and "body=" in line:
+      bodies.add(line.split("body=")[1].split(",")[0].split()[0].strip("%"))
+  out, inside = [], False
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):
+      name = line.split()[0].strip("%") if line.split() else ""
+      inside = name in bodies
+      continue
+    if inside:
+      out.append(line)
+  return out
+
+
+def _sweep_aliases(batch, lams) -> bool:
+  values, init, trans, costs = (np.asarray(getattr(batch, f)) for f in ("values", "init", "trans", "costs"))
+  grid, pos = kernel.pad_grids(values)
+  mesh = sharded.auto_mesh(sharded.default_mesh())
+  num, num_lams = values.shape[0], lams.size
+  axis = sharded.choose_axis("auto", num, num_lams, mesh.size)
+  fn = sharded.compiled_sweep(mesh, axis, "recall", num, num_lams, num, num_lams, True, P)
+  lam_grid = np.broadcast_to(lams.astype(np.float32), (num, num_lams)).copy()
+  if mesh.size != 1:
+    return True  # padding would change shapes; the single-device program shows the alias.
+  text = fn.lower(values, init, trans, costs, grid, pos.astype(np.int32), lam_grid).compile().as_text()
+  return "input_output_alias" in text
+
+
+# ------------------------------------------------------------------- output
+def print_table(title, rows):
+  if not rows:
+    return
+  print(f"\n## {title}")
+  cols = list(rows[0])
+  fmt = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+  widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+  print(" | ".join(c.rjust(w) for c, w in zip(cols, widths)))
+  print("-|-".join("-" * w for w in widths))
+  for r in rows:
+    print(" | ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+def machine_info():
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
+              load_avg=os.getloadavg(), devices=[str(d) for d in jax.devices()],
+              device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(),
+              jax=jax.__version__, numpy=np.__version__, python=platform.python_version())
+
+
+def run_section(name, cfg, n, repeats, peak, checks, results, titles):
+  if name == "floor":
+    return bench_floor(cfg, n, repeats, peak)
+  if name == "numpy":
+    return bench_numpy(cfg, n, repeats, checks)
+  if name == "mdp":
+    rows, label = bench_mdp(cfg, n, repeats, checks)
+    results["mdp_solver"] = label
+    titles["mdp"] += f": {label}"
+    return rows
+  if name == "sweep":
+    return bench_sweep(cfg, n, repeats, checks)
+  if name == "mc":
+    return bench_mc(cfg, n, repeats, checks)
+  if name == "memory":
+    return bench_memory(cfg, n)
+  if name == "large":
+    return bench_large(cfg, n, checks)
+  return bench_profile(cfg, n, checks)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+  parser.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
+  parser.add_argument("--require-gpu", action="store_true",
+                      help="fail unless JAX's default backend is a GPU")
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--sections", default=",".join(SECTIONS),
+                      help=f"comma-separated subset of {','.join(SECTIONS)}")
+  parser.add_argument("--out", default="bench_results.json")
+  parser.add_argument("--budget-s", type=float, default=0.0,
+                      help="skip the remaining sections once this many seconds have passed "
+                           "(0: no limit); skipped sections are listed in the JSON")
+  parser.add_argument("--large-worker", type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.large_worker:
+    print("LARGE " + json.dumps(large_worker(12, args.large_worker)), flush=True)
+    return 0
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = set(sections) - set(SECTIONS)
+  if unknown:
+    parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+  if args.require_gpu and jax.default_backend() != "gpu":
+    print(f"bench.py: --require-gpu but JAX's backend is {jax.default_backend()!r} "
+          f"(devices: {jax.devices()})", file=sys.stderr)
+    return 2
+  mode = ("gpu_quick" if args.quick else "gpu") if args.gpu else ("quick" if args.quick else "cpu")
+  cfg = CONFIGS[mode]
+  n = 12
+  checks = Checks()
+  results = dict(machine=machine_info(), mode=mode, command=" ".join(["python"] + sys.argv),
+                 n=n, precision=str(P), config=cfg)
+  print(f"machine: {results['machine']}\nmode: {mode}", flush=True)
+  start = time.perf_counter()
+  peak = matmul_rate(cfg["matmul_n"])
+  results["matmul_peak_gflops"] = peak
+  print(f"measured matmul rate ({cfg['matmul_n']}^3, {P}): {peak:.1f} GFLOP/s", flush=True)
+  titles = dict(
+      floor=f"solve_recall vs its own matmuls (n = {n}; peak matmul {peak:.0f} GFLOP/s)",
+      numpy="solve_recall vs a vectorised NumPy recursion (speedup = numpy / jax)",
+      mdp="solve_recall vs a general finite-horizon MDP solver",
+      sweep="sweep(): one call vs a Python loop of solve_recall (solves/s)",
+      mc="Monte-Carlo sample + replay of the recall policy (stage-steps/s)",
+      memory="solver memory (XLA buffer assignment, compiled not run)",
+      large="one large-K solve", profile="profile checks")
+  done = []
+  for name in sections:
+    if args.budget_s and time.perf_counter() - start > args.budget_s:
+      results.setdefault("skipped_sections", []).append(name)
+      print(f"[{name}] skipped: over the {args.budget_s:.0f} s budget", flush=True)
+      continue
+    t0 = time.perf_counter()
+    print(f"[{name}]", flush=True)
+    try:
+      rows = run_section(name, cfg, n, args.repeats, peak, checks, results, titles)
+    except KeyboardInterrupt:  # e.g. `timeout --signal=INT`: report what was measured
+      print(f"[{name}] interrupted", flush=True)
+      results["interrupted_in"] = name
+      checks.add(f"section {name} ran", False, "interrupted")
+      break
+    except Exception:  # noqa: BLE001 -- record, and go on with the other sections
+      import traceback
+      err = traceback.format_exc()
+      print(err, flush=True)
+      checks.add(f"section {name} ran", False, err.strip().splitlines()[-1])
+      results.setdefault("errors", {})[name] = err
+      continue
+    done.append(name)
+    results[name] = rows
+    results.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+  results["total_seconds"] = time.perf_counter() - start
+  results["checks"] = checks.items
+  results["machine"]["load_avg_end"] = os.getloadavg()
+  print(f"\nmachine: {results['machine']}")
+  for name in done:
+    print_table(titles[name], results[name])
+  if results.get("skipped_sections"):
+    print(f"\nskipped (time budget): {', '.join(results['skipped_sections'])}")
+  print_table("checks", checks.items)
+  print(f"\ntotal {results['total_seconds']:.0f} s; all checks passed: {checks.ok}")
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2, default=str)
+  os.replace(tmp, args.out)
+  print(f"wrote {args.out}")
+  return 0 if checks.ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

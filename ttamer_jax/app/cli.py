@@ -1,0 +1,400 @@
+"""The ``ttamer`` command line: the whole job, and each of its steps, from a terminal.
+
+    ttamer demo                                   # digits early-exit network -> frontiers, plots, policy
+    ttamer fit TRACES.npz --states 8 --out policy.npz
+    ttamer evaluate policy.npz TRACES.npz
+    ttamer sweep TRACES.npz --lam 0:1:101 --plot frontier.png
+    ttamer solve CASCADE.npz --lam 0.3
+    ttamer bench
+
+Every command takes ``--json`` (machine-readable result on stdout; progress and
+messages go to stderr). Exit codes: 0 success; 2 bad arguments or a bad file (one
+line on stderr, no traceback, no output file written); 1 ``ttamer bench`` checks
+failed; 130 interrupted. The file formats are in ``docs/trace_format.md``,
+``docs/policy_format.md`` and :mod:`ttamer_jax.data.cascade_io`; the commands in
+``docs/cli.md``.
+
+This module only parses: each command is one call into :mod:`.pipeline` (which
+does the work and checks the files) and one :func:`emit` of the result, as text
+(:mod:`.reports`) or JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+from ttamer_jax.app import pipeline, reports
+
+EXIT_USAGE = 2
+# Upper bounds on counts given on the command line: beyond them a typo (an extra
+# zero or three) would run for hours or exhaust memory instead of failing fast.
+MAX_LAM_VALUES = 100_000
+MAX_RESAMPLES = 1_000_000
+# Seeds become jax.random.PRNGKey(seed): larger ones overflow (or, above 2**32, alias
+# smaller seeds' keys without x64).
+MAX_SEED = 2**32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+  """Bad arguments: one line on stderr and exit code 2, no traceback."""
+
+  def error(self, message):
+    message = " ".join(message.split())  # an argument may hold a newline: still one line
+    self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------ argument types
+def lam_values(text: str) -> np.ndarray:
+  """Parses a ``lam`` spec: ``0.3``, ``0.1,0.5,0.9`` or ``START:STOP:NUM`` (inclusive linspace)."""
+  text = text.strip()
+  try:
+    if ":" in text:
+      parts = text.split(":")
+      if len(parts) != 3:
+        raise ValueError
+      start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+      if num < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: NUM must be >= 1")
+      if num > MAX_LAM_VALUES:
+        raise argparse.ArgumentTypeError(f"{text!r}: NUM must be <= {MAX_LAM_VALUES}")
+      lams = np.linspace(start, stop, num)
+    else:
+      lams = np.asarray([float(x) for x in text.split(",")], np.float64)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a lam value, a comma-separated list or START:STOP:NUM") from None
+  if lams.size > MAX_LAM_VALUES:
+    raise argparse.ArgumentTypeError(f"{text[:40]!r}...: more than {MAX_LAM_VALUES} lam values")
+  if lams.size == 0 or not np.all(np.isfinite(lams)) or lams.min() < 0 or lams.max() > 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: every lam must lie in [0, 1]")
+  return lams
+
+
+def single_lam(text: str) -> float:
+  lams = lam_values(text)
+  if lams.size != 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected one lam value")
+  return float(lams[0])
+
+
+def lam_or_auto(text: str):
+  return "auto" if text.strip() == "auto" else single_lam(text)
+
+
+def _number(text: str, kind=float):
+  try:
+    return kind(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_int(text: str) -> int:
+  value = _number(text, int)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+  return value
+
+
+def resample_count(text: str) -> int:
+  value = positive_int(text)
+  if value > MAX_RESAMPLES:
+    raise argparse.ArgumentTypeError(f"{text!r} must be <= {MAX_RESAMPLES}")
+  return value
+
+
+def seed_value(text: str) -> int:
+  value = _number(text, int)
+  if not 0 <= value <= MAX_SEED:
+    raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, {MAX_SEED}]")
+  return value
+
+
+def seconds_value(text: str) -> float:
+  value = _number(text)
+  if not math.isfinite(value) or value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+  return value
+
+
+def fraction(text: str) -> float:
+  value = _number(text)
+  if not 0 <= value < 1:
+    raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, 1)")
+  return value
+
+
+# ------------------------------------------------------------------ commands
+def emit(args, run: pipeline.Run, text: Callable | None = None) -> int:
+  """The one way a command prints its result: the JSON document with ``--json``,
+  else ``text(result, notes)``."""
+  print(reports.dumps(run.result) if args.json else text(run.result, run.notes))
+  return 0
+
+
+def _progress(args) -> bool:
+  return sys.stderr.isatty() and not args.no_progress
+
+
+def _say(text: str) -> None:
+  """Status lines: stderr, so that stdout stays clean for ``--json``."""
+  print(text, file=sys.stderr, flush=True)
+
+
+def _demo(args) -> int:
+  run = pipeline.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
+                          tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
+                          plots=not args.no_plots, progress=_progress(args),
+                          log=None if args.json else _say)
+  return emit(args, run, reports.demo_text)
+
+
+def _fit(args) -> int:
+  run = pipeline.fit_and_save(args.traces, args.out, states=args.states, lam=args.lam,
+                              tolerance=args.tolerance, score=args.score, feature=args.feature,
+                              binning=args.binning, cascade_out=args.cascade_out)
+  return emit(args, run, reports.fit_text)
+
+
+def _evaluate(args) -> int:
+  run = pipeline.evaluate_files(args.policy, args.traces, lam=args.lam, resamples=args.resamples,
+                                level=args.level, seed=args.seed)
+  return emit(args, run, reports.evaluate_text)
+
+
+def _sweep(args) -> int:
+  run = pipeline.sweep_files(args.traces, calibration_path=args.calibration, split=args.split,
+                             seed=args.seed, lams=args.lam, states=args.states, score=args.score,
+                             confidence_score=args.confidence_score, feature=args.feature,
+                             tolerance=args.tolerance, plot=args.plot, progress=_progress(args))
+  return emit(args, run, reports.sweep_text)
+
+
+def _solve(args) -> int:
+  return emit(args, pipeline.solve_file(args.cascade, lams=args.lam, plot=args.plot),
+              reports.solve_text)
+
+
+def _bench(args) -> int:
+  if args.quick and args.full:
+    raise ValueError("--quick and --full exclude each other")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  from ttamer_jax.app import bench
+
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = sorted(set(sections) - set(bench.SECTIONS))
+  if unknown or not sections:
+    raise ValueError(f"--sections: unknown {unknown or 'empty'}; choose from {','.join(bench.SECTIONS)}")
+  if args.repeats < 1:
+    raise ValueError(f"--repeats {args.repeats} must be >= 1")
+  pipeline.check_output(args.out, "results")
+  argv = ([] if args.full else ["--quick"]) + (["--gpu"] if args.gpu else []) + (
+      ["--require-gpu"] if args.require_gpu else []) + [
+          "--repeats", str(args.repeats), "--sections", ",".join(sections), "--out", args.out,
+          "--budget-s", str(args.budget_s)]
+  if not args.json:
+    return bench.main(argv)
+  with contextlib.redirect_stdout(sys.stderr):  # tables to stderr, JSON to stdout
+    code = bench.main(argv)
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      emit(args, pipeline.Run(json.load(f)))
+  return code
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _demo, "fit": _fit, "evaluate": _evaluate, "sweep": _sweep, "solve": _solve,
+    "bench": _bench}
+
+
+# ------------------------------------------------------------------ parser
+_EPILOG = """\
+Exit codes: 0 success, 2 bad arguments or a bad file (one line on stderr, nothing
+written), 1 `ttamer bench` checks failed. --json prints a machine-readable result
+on stdout. File formats: docs/trace_format.md, docs/policy_format.md, docs/cli.md."""
+
+# Options several commands take: one definition each (type, default, choices), shared
+# through parent parsers; each command words its own help.
+SHARED = {
+    "--json": dict(action="store_true", help="print a machine-readable JSON result"),
+    "--no-progress": dict(action="store_true"),
+    "--seed": dict(type=seed_value, default=0),
+    "--states": dict(type=positive_int, default=8),
+    "--tolerance": dict(type=fraction, default=0.01),
+    "--score": dict(default=None, metavar="NAME"),
+    "--feature": dict(default=None, choices=("agree_prev",)),
+}
+
+
+def _shared(**options) -> argparse.ArgumentParser:
+  """A parent parser with ``--json`` and the shared options ``name=help`` (or
+  ``name=dict(help=..., metavar=...)``); ``no_progress`` names ``--no-progress``."""
+  parent = argparse.ArgumentParser(add_help=False)
+  parent.add_argument("--json", **SHARED["--json"])
+  for name, extra in options.items():
+    flag = "--" + name.replace("_", "-")
+    parent.add_argument(flag, **{**SHARED[flag], **(extra if isinstance(extra, dict)
+                                                     else {"help": extra})})
+  return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from ttamer_jax._version import __version__
+
+  fmt = argparse.RawDescriptionHelpFormatter
+  parser = _Parser(prog="ttamer", formatter_class=fmt, epilog=_EPILOG, description=(
+      "Optimal exit and routing policies for cascaded and early-exit ML serving.\n\n"
+      "Start with `ttamer demo`: it trains a small early-exit network, fits the optimal\n"
+      "policy and compares it with the usual heuristics. Each command has --help."))
+  parser.add_argument("--version", action="version", version=f"ttamer_jax {__version__}")
+  sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True,
+                              metavar="COMMAND")
+
+  def add(name, help, description, **shared):
+    return sub.add_parser(name, help=help, description=description, formatter_class=fmt,
+                          epilog=_EPILOG, parents=[_shared(**shared)])
+
+  demo = add("demo", "the whole job on a built-in workload: train, fit, compare, plot, save",
+             "Trains (or loads from the cache) the digits early-exit CNN, records exit traces\n"
+             "with measured per-exit latency, fits a cascade on the calibration split, sweeps\n"
+             "lam for the recall and no-recall optima and every heuristic (confidence,\n"
+             "per-stage and entropy thresholds, patience, fixed exit) plus the hindsight\n"
+             "oracle, and compares them on the held-out test split. Writes to --out: pareto.png,\n"
+             "index_heatmap.png, exit_histograms.png, policy.npz (the recall policy chosen on\n"
+             "calibration) + policy.json, the traces, cascade.npz, report.md, results.json.\n\n"
+             "  ttamer demo                 # ~40 s on 2 CPU cores the first time, ~15 s cached\n"
+             "  ttamer demo --quick --out /tmp/demo",
+             states="score bins per exit of the fitted cascade (default 8)",
+             tolerance="accuracy tolerance of the operating points (default 0.01 = 1 point)",
+             seed="seed of the split and training (default 0)", no_progress="no progress bars")
+  demo.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
+  demo.add_argument("--quick", action="store_true",
+                    help="train a tenth of the steps (a smoke run; worse network)")
+  demo.add_argument("--workload", default="digits", choices=pipeline.WORKLOADS,
+                    help="built-in workload (default digits; synthetic: no network)")
+  demo.add_argument("--cache-dir", default=None,
+                    help="checkpoint cache (default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
+  demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+
+  fit = add("fit", "fit a cascade to exit traces and save the recall-optimal policy",
+            "Discretises each exit's score into K states (quantile bins), fits the Markov\n"
+            "cascade (calibrated loss per state, smoothed transitions) and saves the\n"
+            "recall-optimal policy at lam as a policy file (docs/policy_format.md).\n\n"
+            "  ttamer fit calibration_traces.npz --states 8 --out policy.npz\n"
+            "  ttamer fit traces.npz --states 16 --feature agree_prev --lam 0.95 --out p.npz",
+            states=dict(metavar="K", help="states per stage (default 8; with agree_prev, K/2 bins "
+                        "x agree)"),
+            tolerance="accuracy tolerance of --lam auto (default 0.01)",
+            score="signal to discretise (default max_softmax if recorded, else the primary "
+                  "scores; 'scores' names the primary scores)",
+            feature="cross the bins with 'prediction agrees with the previous exit'")
+  fit.add_argument("traces", metavar="TRACES.npz", help="exit traces (docs/trace_format.md)")
+  fit.add_argument("--out", required=True, metavar="POLICY.npz", help="policy file to write")
+  fit.add_argument("--lam", type=lam_or_auto, default="auto",
+                   help="trade-off weight in [0, 1] of loss vs cost, or 'auto' (default): the "
+                        "cheapest lam whose error on the traces is within --tolerance of the last "
+                        "exit's")
+  fit.add_argument("--binning", default="quantile", choices=("quantile", "uniform"),
+                   help="score bins (default quantile)")
+  fit.add_argument("--cascade-out", default=None, metavar="CASCADE.npz",
+                   help="also save the fitted cascade (for `ttamer solve`)")
+
+  ev = add("evaluate", "replay a policy file on held-out traces, with bootstrap CIs",
+           "Replays the policy on every request of the traces with the true losses and\n"
+           "costs: error, cost (share of running every stage), objective, exit histograms,\n"
+           "each with a percentile-bootstrap confidence interval.\n\n"
+           "  ttamer evaluate policy.npz test_traces.npz", seed="bootstrap seed (0)")
+  ev.add_argument("policy", metavar="POLICY.npz", help="policy file (ttamer fit / save_policy)")
+  ev.add_argument("traces", metavar="TRACES.npz", help="held-out exit traces")
+  ev.add_argument("--lam", type=single_lam, default=None,
+                  help="lam of the reported objective (default: the policy's)")
+  ev.add_argument("--resamples", type=resample_count, default=1000, help="bootstrap resamples (1000)")
+  ev.add_argument("--level", type=fraction, default=0.95, help="confidence level (0.95)")
+
+  sw = add("sweep", "frontiers of the recall optimum vs every heuristic on traces",
+           "Fits a cascade on calibration traces (--calibration, or a random split of\n"
+           "TRACES), sweeps lam for the recall and no-recall optima, each heuristic over its\n"
+           "own grid, and the hindsight oracle, and reports them on the held-out traces.\n\n"
+           "  ttamer sweep traces.npz --lam 0:1:101 --plot frontier.png\n"
+           "  ttamer sweep test.npz --calibration cal.npz --states 16",
+           states=dict(metavar="K", help="states per stage (8)"),
+           score="signal the fitted policies discretise", feature="see `ttamer fit`",
+           tolerance="accuracy tolerance of the operating points (0.01)",
+           seed="seed of the split (0)", no_progress="no progress bar")
+  sw.add_argument("traces", metavar="TRACES.npz", help="exit traces (held-out ones with --calibration)")
+  sw.add_argument("--lam", type=lam_values, default=None,
+                  help="lam grid: START:STOP:NUM, a list a,b,c or one value (default: 201 even "
+                       "values plus 30 in [0.99, 0.9999])")
+  sw.add_argument("--calibration", default=None, metavar="CAL.npz",
+                  help="fit on these traces instead of a split of TRACES")
+  sw.add_argument("--split", type=fraction, default=0.5,
+                  help="share of TRACES used for fitting without --calibration (default 0.5)")
+  sw.add_argument("--confidence-score", default=None, metavar="NAME",
+                  help="signal of the confidence heuristics (higher = more confident)")
+  sw.add_argument("--plot", default=None, metavar="OUT.png", help="write the Pareto plot here")
+
+  so = add("solve", "exact recall / no-recall / hindsight values and the index table of a cascade",
+           "Solves a cascade file (values/init/trans/costs; written by `ttamer demo`,\n"
+           "`ttamer fit --cascade-out` or ttamer_jax.save_cascade) exactly.\n\n"
+           "  ttamer solve cascade.npz --lam 0.3\n"
+           "  ttamer solve cascade.npz --lam 0:1:21 --json")
+  so.add_argument("cascade", metavar="CASCADE.npz", help="cascade file")
+  so.add_argument("--lam", type=lam_values, default=None,
+                  help="one value, a list a,b,c or START:STOP:NUM (default 0:1:11)")
+  so.add_argument("--plot", default=None, metavar="OUT.png",
+                  help="heatmap of the index table (one --lam value)")
+
+  be = add("bench", "speed and memory benchmarks of the solvers (quick sizes by default)",
+           "The benchmark suite of scripts/bench.py (BENCHMARKS.md): each solver timed next\n"
+           "to NumPy / a general MDP solver, sweeps, Monte-Carlo, memory, profile checks.\n"
+           "Defaults to the --quick sizes (under a minute); --full runs the CPU sizes.\n\n"
+           "  ttamer bench\n"
+           "  ttamer bench --sections numpy,sweep --repeats 3 --json")
+  be.add_argument("--quick", action="store_true", help="small sizes (the default)")
+  be.add_argument("--full", action="store_true", help="the full CPU sizes (~10 min on 2 cores)")
+  be.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
+  be.add_argument("--require-gpu", action="store_true", help="fail unless JAX's backend is a GPU")
+  be.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (7)")
+  be.add_argument("--sections", default="floor,sweep,large,memory,numpy,mdp,mc,profile",
+                  help="comma-separated subset of floor,sweep,large,memory,numpy,mdp,mc,profile")
+  be.add_argument("--out", default="ttamer_bench.json", help="results JSON (./ttamer_bench.json)")
+  be.add_argument("--budget-s", type=seconds_value, default=0.0,
+                  help="skip the remaining sections after this many seconds (0: no limit)")
+  return parser
+
+
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    text = f"{e.filename}: {e.strerror}"
+  else:
+    text = str(e) or type(e).__name__
+  return " ".join(text.split())
+
+
+def main(argv=None) -> int:
+  """Runs ``ttamer`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+  args = build_parser().parse_args(argv)
+  try:
+    return COMMANDS[args.command](args)
+  except BrokenPipeError:  # `ttamer ... | head`: stop quietly (Python docs' recipe)
+    with contextlib.suppress(OSError):
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+  except (ValueError, OSError) as e:
+    print(f"ttamer {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print(f"ttamer {args.command}: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

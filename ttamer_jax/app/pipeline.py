@@ -1,0 +1,599 @@
+"""The whole job on one workload: network -> traces -> fitted policy -> frontiers.
+
+Used by ``ttamer demo`` and ``scripts/reproduce_early_exit.py``:
+
+1. :func:`prepare` trains (or loads from a cache) the workload's early-exit network
+   and records exit traces on its calibration and test splits, with per-stage costs
+   measured once (wall clock, on the calibration split) and shared by both.
+2. :func:`compare_policies` fits a cascade on the calibration traces, sweeps ``lam``
+   for the recall and no-recall optima, sweeps each heuristic over its own grid
+   (thresholds taken from the calibration traces), and computes the hindsight
+   oracle -- on both splits, so operating points can be *chosen* on calibration
+   and *reported* on test.
+3. :func:`operating_points` answers "at what latency does each policy stay within
+   one point of the full network's accuracy?", honestly: the point is picked on
+   the calibration split and its held-out cost and error are reported (plus the
+   optimistic read-off of the test frontier itself, labelled as such).
+
+Each ``ttamer`` command is one function here returning a :class:`Run` (its JSON
+result, and what its text report adds): :func:`run_demo`, :func:`fit_and_save`,
+:func:`evaluate_files`, :func:`sweep_files`, :func:`solve_file`. They check their
+input files and output folders before any work, raise ``ValueError`` (one line)
+on bad input, and write nothing then; :mod:`.reports` turns a :class:`Run` into text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from ttamer_jax.app import reports
+from ttamer_jax.core import solvers, validation
+from ttamer_jax.core.progress import progress_iter
+from ttamer_jax.data import policy_io, synthetic
+from ttamer_jax.data.cascade_io import load_cascade, save_cascade
+from ttamer_jax.data.discretise import PRIMARY_SCORE, trace_scores
+from ttamer_jax.data.files import write_text
+from ttamer_jax.data.fitting import FittedCascade, fit_cascade
+from ttamer_jax.data.traces import ExitTraces, load_traces, save_traces, split_traces
+from ttamer_jax.evaluation import frontier, metrics
+from ttamer_jax.evaluation.frontier import ReplaySweep
+
+WORKLOADS = ("digits", "sequences", "synthetic")
+POLICIES = ("recall", "no_recall", "confidence", "per_stage", "entropy", "patience",
+            "fixed_exit", "hindsight")
+# lam values at which the demo and `sweep` report the held-out objective.
+OBJECTIVE_LAMS = (0.5, 0.9, 0.97, 0.99)
+# Families shown in the demo's exit histograms (the issue's comparison).
+HISTOGRAM_POLICIES = ("recall", "no_recall", "confidence", "patience", "hindsight")
+
+
+def default_lams(num: int = 201) -> np.ndarray:
+  """``num`` evenly spaced ``lam`` values plus 30 more in ``[0.99, 0.9999]``, where one
+  point of error trades against a few percent of cost. A lam sweep only reaches the
+  vertices of the fitted model's convex frontier, so the grid must be dense."""
+  return np.unique(np.concatenate([np.linspace(0.0, 1.0, num), 1.0 - np.geomspace(1e-4, 1e-2, 30)]))
+
+
+def default_cache_dir() -> str:
+  """Per-user cache for trained checkpoints (``$TTAMER_CACHE`` overrides)."""
+  base = os.environ.get("TTAMER_CACHE") or os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "ttamer_jax") if not os.environ.get("TTAMER_CACHE") else base
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """Traces of one workload, ready for fitting.
+
+  Attributes:
+    name: workload name.
+    calibration: traces the policies are fitted / tuned on.
+    test: held-out traces they are evaluated on.
+    model: the trained network (``None`` for trace-only workloads).
+    info: what happened: per-exit test accuracy, training seconds or "loaded",
+      measured per-stage milliseconds, checkpoint path.
+    test_inputs: ``(x, y)`` of the test split (for serving benchmarks), or ``None``.
+  """
+
+  name: str
+  calibration: ExitTraces
+  test: ExitTraces
+  model: Any
+  info: Mapping[str, Any]
+  test_inputs: Any = None
+
+
+def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick: bool = False,
+            progress: bool = True) -> Prepared:
+  """Trains or loads the workload's network and collects calibration and test traces.
+
+  Args:
+    workload: ``"digits"`` (scikit-learn's bundled 8x8 digits, early-exit CNN),
+      ``"sequences"`` (generated token sequences, early-exit Transformer) or
+      ``"synthetic"`` (traces sampled from a known over-thinking cascade).
+    seed: seed of the split, the network and the training.
+    cache_dir: where trained checkpoints are kept (default
+      :func:`default_cache_dir`; ``""`` disables caching).
+    quick: train a tenth of the steps (tests, notebooks in a hurry).
+    progress: show the training progress bar.
+  """
+  from ttamer_jax.networks import profiling
+  from ttamer_jax.networks import workloads
+
+  if workload not in WORKLOADS:
+    raise ValueError(f"workload: must be one of {WORKLOADS}, got {workload!r}")
+  if workload == "synthetic":
+    cascade = synthetic.synthetic_cascade(seed, num_stages=5, num_states=8, regime="overthink")
+    k_cal, k_test = jax.random.split(jax.random.PRNGKey(seed))
+    sizes = (2000, 2000) if quick else (20000, 20000)
+    cal = synthetic.workload_traces(k_cal, cascade, sizes[0])
+    test = synthetic.workload_traces(k_test, cascade, sizes[1])
+    return Prepared(name="synthetic-overthink", calibration=cal, test=test, model=None,
+                    info={"cascade_costs": np.asarray(cascade.costs).tolist()})
+  wl = workloads.digits(seed=seed) if workload == "digits" else workloads.sequences(seed=seed)
+  config = wl.train_config
+  if quick:
+    config = dataclasses.replace(config, num_steps=max(50, config.num_steps // 10),
+                                 warmup_steps=min(config.warmup_steps, 10))
+  cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+  checkpoint = None
+  if cache_dir:
+    os.makedirs(cache_dir, exist_ok=True)
+    checkpoint = os.path.join(cache_dir, f"{wl.name}-seed{seed}-steps{config.num_steps}.npz")
+  model, info = workloads.trained_model(wl, seed=seed, checkpoint=checkpoint, config=config,
+                                        progress=progress)
+  cal = profiling.collect_traces(model, wl.calibration.x, wl.calibration.y, cost="measured",
+                                 repeats=10 if quick else 20)
+  # One set of measured costs for both splits: the test split is profiled for its
+  # signals only, then given the calibration split's latencies.
+  test = profiling.collect_traces(model, wl.test.x, wl.test.y, cost="flops")
+  test = test.replace(costs=cal.costs)
+  costs = profiling.measure_stage_costs(model, wl.calibration.x, repeats=5, timed=False)
+  info = dict(info, checkpoint=checkpoint, stage_cost_share=np.asarray(cal.costs).tolist(),
+              flops_per_sample=np.asarray(costs.flops).tolist())
+  return Prepared(name=wl.name, calibration=cal, test=test, model=model, info=info,
+                  test_inputs=(wl.test.x, wl.test.y))
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyComparison:
+  """Every policy family's sweep on the calibration and the test split.
+
+  Attributes:
+    fitted: the cascade fitted on the calibration traces.
+    lams: ``[L]`` the ``lam`` values of the recall / no-recall / hindsight sweeps.
+    calibration: ``{policy: ReplaySweep}`` on the calibration traces.
+    test: ``{policy: ReplaySweep}`` on the test traces (same grids, same order).
+    full_error: ``{"calibration": e, "test": e}`` error of always answering with the last exit.
+  """
+
+  fitted: FittedCascade
+  lams: np.ndarray
+  calibration: Mapping[str, ReplaySweep]
+  test: Mapping[str, ReplaySweep]
+  full_error: Mapping[str, float]
+
+
+def compare_policies(calibration: ExitTraces, test: ExitTraces, *, num_states: int = 8,
+                     score: str | None = "max_softmax", confidence_score: str | None = "max_softmax",
+                     entropy_score: str | None = "entropy", lams: Any = None,
+                     feature: str | None = None, progress: bool = False) -> PolicyComparison:
+  """Fits on ``calibration`` and sweeps every policy family on both splits.
+
+  Args:
+    calibration, test: exit traces of the same stages.
+    num_states: states of the fitted cascade (score bins, times 2 with ``feature``).
+    score: signal the fitted recall / no-recall policies discretise (``None`` or
+      ``"scores"``: the primary ``scores``).
+    confidence_score: signal the confidence-threshold heuristics compare
+      (``score >= t``; higher = more confident).
+    entropy_score: signal of the entropy heuristic (``score <= t``; ``None`` or
+      absent: skipped).
+    lams: ``lam`` grid (default :func:`default_lams`).
+    feature: categorical feature crossed with the score bins (``"agree_prev"``).
+    progress: a progress bar over (split, family); each family's sweep is one
+      compiled call.
+  """
+  lams = default_lams() if lams is None else validation.as_numpy("lams", lams, ndim=1)
+  signals = dict(calibration.signals or {})
+  # The primary signal may be named like everywhere else ("scores") or left as None.
+  score = None if score == PRIMARY_SCORE else score
+  confidence_score = None if confidence_score == PRIMARY_SCORE else confidence_score
+  for name, value in (("score", score), ("confidence_score", confidence_score)):
+    if value is not None and value not in signals:
+      raise ValueError(f"{name}: traces have no signal {value!r} (have {sorted(signals)})")
+  if entropy_score is not None and entropy_score not in signals:
+    entropy_score = None
+  fitted = fit_cascade(calibration, num_states, score=score, feature=feature)
+  families = [
+      ("recall", lambda tr: {"recall": frontier.sweep_recall(fitted, tr, lams)}),
+      ("no-recall", lambda tr: {"no_recall": frontier.sweep_no_recall(fitted, tr, lams)}),
+      ("heuristics", lambda tr: frontier.heuristic_sweeps(
+          calibration, tr, confidence_score=confidence_score, entropy_score=entropy_score)),
+      ("hindsight", lambda tr: {"hindsight": frontier.hindsight_sweep(tr, lams)}),
+  ]
+  splits = {"calibration": calibration, "test": test}
+  out = {split: {} for split in splits}
+  jobs = [(split, name, fn) for split in splits for name, fn in families]
+  bar = progress_iter(jobs, desc="sweep", enabled=progress)
+  for split, name, fn in bar:
+    bar.set_postfix_str(f"{split}: {name}")
+    out[split].update(fn(splits[split]))
+  full = {split: float(np.asarray(t.losses)[:, -1].mean()) for split, t in splits.items()}
+  return PolicyComparison(fitted=fitted, lams=lams, calibration=out["calibration"],
+                          test=out["test"], full_error=full)
+
+
+def operating_points(comparison: PolicyComparison, *, tolerance: float = 0.01) -> list[dict]:
+  """Least cost within ``tolerance`` of the full network's error, per policy family.
+
+  ``chosen_*``: the cheapest grid point whose *calibration* error is within
+  ``tolerance`` of the calibration full-network error, evaluated on test (what a
+  practitioner would deploy). ``frontier_*``: the cheapest point of the *test*
+  sweep within ``tolerance`` of the test full error (optimistic: picked on the
+  data it is scored on). ``None`` where no grid point qualifies.
+  """
+  rows = []
+  for name in comparison.test:
+    cal, test = comparison.calibration[name], comparison.test[name]
+    row = {"policy": name}
+    i, met = frontier.cheapest_within(cal.cost_norm, cal.error, comparison.full_error["calibration"],
+                                      tolerance)
+    if met:
+      row.update(chosen_param=float(np.asarray(cal.param)[i]),
+                 chosen_cost=float(np.asarray(test.cost_norm)[i]),
+                 chosen_error=float(np.asarray(test.error)[i]))
+    else:
+      row.update(chosen_param=None, chosen_cost=None, chosen_error=None)
+    j, met = frontier.cheapest_within(test.cost_norm, test.error, comparison.full_error["test"],
+                                      tolerance)
+    if met:
+      row.update(frontier_cost=float(np.asarray(test.cost_norm)[j]),
+                 frontier_error=float(np.asarray(test.error)[j]))
+    else:
+      row.update(frontier_cost=None, frontier_error=None)
+    rows.append(row)
+  return rows
+
+
+def objectives_at(comparison: PolicyComparison, lams: Any) -> list[dict]:
+  """Held-out objective of each family at each ``lam``, its grid point tuned on calibration."""
+  rows = []
+  for lam in validation.as_numpy("lams", lams, ndim=1):
+    row = {"lam": float(lam)}
+    for name in comparison.test:
+      _, value = frontier.tuned_objective(comparison.calibration[name], comparison.test[name], lam)
+      row[name] = value
+    rows.append(row)
+  return rows
+
+
+def frontier_gaps(comparison: PolicyComparison) -> dict[str, float]:
+  """Mean error gap (family minus recall) between held-out frontiers over their common cost range."""
+  rec = comparison.test["recall"]
+  return {name: float(frontier.frontier_gap(rec.cost_norm, rec.error, r.cost_norm, r.error).mean_gap)
+          for name, r in comparison.test.items() if name != "recall"}
+
+
+# The Markdown tables of operating_points / objectives_at live in reports; these
+# names stay for scripts and notebooks.
+format_operating_points = reports.format_operating_points
+format_objectives = reports.format_objectives
+
+
+def summarize(comparison: PolicyComparison, tolerance: float = 0.01,
+              objective_lams: Any = OBJECTIVE_LAMS) -> dict:
+  """A comparison as plain values: operating points, held-out objectives at
+  ``objective_lams``, frontier gaps, every family's test frontier, the fitted cascade."""
+  comp = comparison
+  return dict(full_error=dict(comp.full_error),
+              operating_points=operating_points(comp, tolerance=tolerance),
+              objectives=objectives_at(comp, objective_lams), frontier_gaps=frontier_gaps(comp),
+              frontiers={k: v.rows() for k, v in comp.test.items()},
+              fitted=dict(num_stages=comp.fitted.cascade.num_stages,
+                          num_states=comp.fitted.cascade.num_states,
+                          score=comp.fitted.score_name))
+
+
+def recall_lam(comparison: PolicyComparison, tolerance: float = 0.01) -> float:
+  """The recall ``lam`` to deploy: the operating point chosen on calibration
+  (:func:`~ttamer_jax.evaluation.frontier.cheapest_within`), or, when no grid point
+  is within ``tolerance``, the ``lam`` of least calibration error."""
+  cal = comparison.calibration["recall"]
+  i, _ = frontier.cheapest_within(cal.cost_norm, cal.error, comparison.full_error["calibration"],
+                                  tolerance)
+  return float(np.asarray(cal.param)[i])
+
+
+def chosen_index(sweep: ReplaySweep, param) -> int | None:
+  """Index of ``param`` in a sweep's grid (``None`` when ``param`` is ``None``)."""
+  if param is None:
+    return None
+  return int(np.flatnonzero(np.asarray(sweep.param) == param)[0])
+
+
+def resolve_signals(traces: ExitTraces, score: str | None = None,
+                    confidence_score: str | None = None):
+  """``(score, confidence_score, entropy_score)`` defaults for a set of traces.
+
+  The fitted policies and the confidence heuristics read ``max_softmax`` when the
+  traces have it, else the primary ``scores``; the entropy heuristic runs when an
+  ``entropy`` signal exists. Explicit names are checked.
+  """
+  signals = dict(traces.signals or {})
+  default = "max_softmax" if "max_softmax" in signals else "scores"
+  score = default if score is None else score
+  confidence_score = default if confidence_score is None else confidence_score
+  for name in (score, confidence_score):
+    trace_scores(traces, name)  # ValueError naming the missing signal
+  return score, confidence_score, "entropy" if "entropy" in signals else None
+
+
+# ------------------------------------------------------------------ commands
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What one ``ttamer`` command did.
+
+  Attributes:
+    result: its JSON document (``ttamer ... --json`` prints ``reports.dumps(result)``).
+    notes: what only its text report shows (resolved signal names, options);
+      ``reports.<command>_text(result, notes)`` is the text.
+  """
+
+  result: dict
+  notes: dict = dataclasses.field(default_factory=dict)
+
+
+def check_input(path: str, what: str) -> str:
+  """``path`` must be an existing file (not a folder); ``what`` names it in the error."""
+  if not os.path.exists(path):
+    raise ValueError(f"{path}: no such {what} file")
+  if os.path.isdir(path):
+    raise ValueError(f"{path}: is a directory, not a {what} file")
+  return path
+
+
+def check_output(path: str, what: str) -> str:
+  """An output file's folder must exist and be writable (checked before any work)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"{path}: is a directory; give a {what} file name")
+  if not os.path.isdir(folder):
+    raise ValueError(f"{path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK):
+    raise ValueError(f"{path}: folder {folder} is not writable")
+  return path
+
+
+def check_matplotlib(what: str) -> None:
+  """``what`` (a flag, a command) needs matplotlib: a one-line error without it."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    raise ValueError(f"{what} needs matplotlib (pip install matplotlib)") from None
+
+
+def _check_feature(feature: str | None, states: int) -> None:
+  if feature == "agree_prev" and states % 2:
+    raise ValueError(f"--states {states} must be even with --feature agree_prev")
+
+
+def fit_and_save(traces_path: str, out: str, *, states: int = 8, lam: Any = "auto",
+                 tolerance: float = 0.01, score: str | None = None, feature: str | None = None,
+                 binning: str = "quantile", cascade_out: str | None = None) -> Run:
+  """``ttamer fit``: fits a cascade to a traces file and saves its recall policy.
+
+  ``lam="auto"``: the cheapest ``lam`` of :func:`default_lams` whose error on these
+  traces is within ``tolerance`` of the last exit's
+  (:func:`~ttamer_jax.evaluation.frontier.cheapest_within`; none within: the ``lam``
+  of least error). Saves the policy to ``out`` (+ its JSON sidecar) and, with
+  ``cascade_out``, the fitted cascade. Result: ``{policy, metadata, lam,
+  lam_choice, in_sample, cascade}``.
+  """
+  check_input(traces_path, "traces")
+  check_output(out, "policy")
+  if cascade_out:
+    check_output(cascade_out, "cascade")
+  _check_feature(feature, states)
+  traces = load_traces(traces_path)
+  score, _, _ = resolve_signals(traces, score)
+  fitted = fit_cascade(traces, states, score=score, feature=feature, binning=binning)
+  full_error = float(np.asarray(traces.losses)[:, -1].mean())
+  if lam == "auto":
+    sweep = frontier.sweep_recall(fitted, traces, default_lams())
+    i, met = frontier.cheapest_within(sweep.cost_norm, sweep.error, full_error, tolerance)
+    lam = float(np.asarray(sweep.param)[i])
+    how = (f"auto: cheapest lam within {reports.tolerance_text(tolerance)} of the last exit's "
+           "error on these traces" if met else "auto: lam of least error on these traces")
+  else:
+    lam, how = float(lam), "given"
+  deployed = fitted.recall_policy(lam)
+  ev = metrics.evaluate(deployed, traces, lam, num_resamples=200)
+  in_sample = dict(error=float(ev.error), cost_norm=float(ev.cost_norm), full_error=full_error,
+                   num_samples=traces.num_samples)
+  meta = policy_io.save_policy(out, deployed, lam=lam, metadata=dict(
+      source="ttamer fit", traces=os.path.abspath(traces_path), lam_choice=how,
+      in_sample=in_sample))
+  if cascade_out:
+    save_cascade(cascade_out, fitted.cascade)
+  c = fitted.cascade
+  return Run(dict(policy=out, metadata=meta, lam=lam, lam_choice=how, in_sample=in_sample,
+                  cascade=cascade_out),
+             dict(num_stages=c.num_stages, num_states=c.num_states, score=fitted.score_name,
+                  feature=feature, sidecar=policy_io.sidecar_path(out)))
+
+
+def evaluate_files(policy_path: str, traces_path: str, *, lam: float | None = None,
+                   resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Run:
+  """``ttamer evaluate``: replays a policy file on a traces file, with bootstrap CIs.
+
+  ``lam``: of the reported objective (default: the one the policy file records).
+  Result: ``{policy, traces, lam, metadata, evaluation, full_error}``.
+  """
+  check_input(policy_path, "policy")
+  check_input(traces_path, "traces")
+  traces = load_traces(traces_path)
+  deployed, meta = policy_io.load_policy(policy_path, with_metadata=True)
+  if deployed.num_stages != traces.num_stages:
+    raise ValueError(f"{policy_path}: policy built for {deployed.num_stages} stages, but "
+                     f"{traces_path} has {traces.num_stages}")
+  lam = lam if lam is not None else meta.get("lam")
+  if not isinstance(lam, (int, float)):
+    raise ValueError(f"{policy_path}: the policy records no single lam; pass --lam")
+  ev = metrics.evaluate(deployed, traces, lam, key=jax.random.PRNGKey(seed),
+                        num_resamples=resamples, level=level)
+  full_error = float(np.asarray(traces.losses)[:, -1].mean())
+  return Run(dict(policy=policy_path, traces=traces_path, lam=float(lam), metadata=meta,
+                  evaluation=ev.as_dict(), full_error=full_error),
+             dict(num_samples=traces.num_samples, level=level, resamples=resamples))
+
+
+def _pareto_marks(points: list[dict]) -> dict:
+  return {r["policy"]: (r["chosen_cost"], r["chosen_error"]) for r in points}
+
+
+def sweep_files(traces_path: str, *, calibration_path: str | None = None, split: float = 0.5,
+                seed: int = 0, lams: Any = None, states: int = 8, score: str | None = None,
+                confidence_score: str | None = None, feature: str | None = None,
+                tolerance: float = 0.01, plot: str | None = None, progress: bool = False) -> Run:
+  """``ttamer sweep``: every family's frontier, fitted on calibration, measured held out.
+
+  Fits on ``calibration_path`` (or the first part of a random ``split`` of the
+  traces) and measures on the traces (or the rest). ``plot``: also draw the
+  Pareto plot there. Result: :func:`summarize` plus ``{traces, calibration, how,
+  lams[, plot]}``.
+  """
+  from ttamer_jax.app import plotting
+
+  check_input(traces_path, "traces")
+  if calibration_path:
+    check_input(calibration_path, "calibration traces")
+  if plot:
+    check_output(plot, "plot")
+    check_matplotlib("--plot")
+  _check_feature(feature, states)
+  traces = load_traces(traces_path)
+  if calibration_path:
+    calibration, test = load_traces(calibration_path), traces
+    if calibration.num_stages != test.num_stages:
+      raise ValueError(f"{calibration_path}: {calibration.num_stages} stages, but {traces_path} "
+                       f"has {test.num_stages}")
+    how = f"fitted on {calibration_path}, measured on {traces_path}"
+  else:
+    calibration, test = split_traces(jax.random.PRNGKey(seed), traces, split)
+    how = (f"{traces_path} split {calibration.num_samples} / {test.num_samples} at random "
+           f"(seed {seed}): fitted on the first part, measured on the second")
+  score, conf, entropy = resolve_signals(calibration, score, confidence_score)
+  resolve_signals(test, score, conf)
+  comp = compare_policies(calibration, test, num_states=states, score=score, confidence_score=conf,
+                          entropy_score=entropy, lams=lams, feature=feature, progress=progress)
+  result = summarize(comp, tolerance)
+  result.update(traces=traces_path, calibration=calibration_path, how=how,
+                lams=np.asarray(comp.lams))
+  if plot:
+    result["plot"] = plotting.plot_pareto(
+        comp.test, plot, title="held-out frontiers", cost_label="mean cost / cost of every stage",
+        error_label="held-out error (mean loss)", full_error=comp.full_error["test"],
+        tolerance=tolerance, points=_pareto_marks(result["operating_points"]))
+  return Run(result, dict(score=score, confidence_score=conf, entropy_score=entropy,
+                          tolerance=tolerance))
+
+
+def solve_file(cascade_path: str, *, lams: Any = None, plot: str | None = None) -> Run:
+  """``ttamer solve``: exact hindsight, recall and no-recall values of a cascade file
+  for each ``lam`` (default ``0, 0.1, ..., 1``), and the recall index tables.
+  ``plot``: heatmap of the index table (one ``lam`` only). Result: ``{cascade,
+  num_stages, num_states, solutions: [{lam, hindsight, recall, no_recall, index}][, plot]}``.
+  """
+  from ttamer_jax.app import plotting
+
+  check_input(cascade_path, "cascade")
+  lams = np.linspace(0.0, 1.0, 11) if lams is None else np.atleast_1d(np.asarray(lams, np.float64))
+  if plot:
+    check_output(plot, "plot")
+    check_matplotlib("--plot")
+    if lams.size != 1:
+      raise ValueError("--plot draws one index table: give a single --lam value")
+  cascade = load_cascade(cascade_path)
+  rows = []
+  for lam in lams:
+    sol = solvers.solve_recall(cascade, float(lam))
+    rows.append(dict(lam=float(lam), hindsight=float(solvers.prophet_value(cascade, float(lam))),
+                     recall=float(sol.value),
+                     no_recall=float(solvers.solve_no_recall(cascade, float(lam)).value),
+                     index=np.asarray(sol.index)))
+  result = dict(cascade=cascade_path, num_stages=cascade.num_stages,
+                num_states=cascade.num_states, solutions=rows)
+  if plot:
+    result["plot"] = plotting.plot_index_heatmap(rows[0]["index"], plot, lam=rows[0]["lam"],
+                                                 title="recall policy's dynamic index")
+  return Run(result)
+
+
+def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: bool = False,
+             states: int = 8, tolerance: float = 0.01, seed: int = 0, cache_dir: str | None = None,
+             plots: bool = True, progress: bool = False,
+             log: Callable[[str], None] | None = None) -> Run:
+  """``ttamer demo``: the whole job on a built-in workload, written to the folder ``out``.
+
+  :func:`prepare` -> :func:`compare_policies` -> :func:`summarize`; deploys the
+  recall policy at :func:`recall_lam`; writes the plots (``plots``), the policy,
+  the traces, the cascade, ``report.md`` and ``results.json`` (the result).
+  ``log``: receives the status lines (``None``: silent).
+  """
+  from ttamer_jax.app import plotting
+
+  say = log or (lambda text: None)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out}: exists and is not a folder")
+  parent = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(parent):
+    raise ValueError(f"--out {out}: folder {parent} does not exist")
+  if plots:
+    check_matplotlib("ttamer demo (plots; or pass --no-plots)")
+  t0 = time.perf_counter()
+  cache = default_cache_dir() if cache_dir is None else cache_dir
+  if workload != "synthetic":
+    say(f"[1/3] {workload}: train the early-exit network or load it from the cache "
+        f"({cache or 'caching off'}); record exit traces and per-exit latency ...")
+  prep = prepare(workload, seed=seed, cache_dir=cache, quick=quick, progress=progress)
+  say(f"[2/3] fit a {states}-state cascade on {prep.calibration.num_samples} "
+      "calibration requests; sweep every policy family ...")
+  score, conf, entropy = resolve_signals(prep.calibration)
+  comp = compare_policies(prep.calibration, prep.test, num_states=states, score=score,
+                          confidence_score=conf, entropy_score=entropy, progress=progress)
+  summary = summarize(comp, tolerance)
+  points = summary["operating_points"]
+  lam = recall_lam(comp, tolerance)
+  deployed = comp.fitted.recall_policy(lam)
+  say(f"[3/3] write the plots, the policy (recall optimum at lam = {lam:.4g}) and the report ...")
+
+  os.makedirs(out, exist_ok=True)
+  files = {}
+  at = lambda name: os.path.join(out, name)
+  with_cost = "measured latency" if prep.model is not None else "cost"
+  if plots:
+    files["pareto_plot"] = plotting.plot_pareto(
+        comp.test, at("pareto.png"), title=f"{prep.name}: held-out accuracy / {with_cost} frontiers",
+        cost_label=f"mean {with_cost} / full network", error_label="test error rate",
+        full_error=comp.full_error["test"], tolerance=tolerance, points=_pareto_marks(points))
+    files["index_heatmap"] = plotting.plot_index_heatmap(
+        deployed.policy.index, at("index_heatmap.png"), lam=lam,
+        title=f"{prep.name}: recall policy's dynamic index")
+    stops, answers = {}, {}
+    for name in HISTOGRAM_POLICIES:
+      row = next(r for r in points if r["policy"] == name)
+      i = chosen_index(comp.calibration[name], row["chosen_param"])
+      if i is not None:
+        stops[name] = np.asarray(comp.test[name].stop_histogram)[i]
+        answers[name] = np.asarray(comp.test[name].answer_histogram)[i]
+    if stops:
+      files["exit_histograms"] = plotting.plot_exit_histograms(
+          stops, at("exit_histograms.png"), answers=answers,
+          title=f"{prep.name}: exits at each policy's operating point (test split)")
+  meta = policy_io.save_policy(at("policy.npz"), deployed, lam=lam, metadata=dict(
+      source="ttamer demo", workload=prep.name, tolerance=tolerance))
+  files["policy"], files["policy_metadata"] = at("policy.npz"), policy_io.sidecar_path(at("policy.npz"))
+  save_traces(at("calibration_traces.npz"), prep.calibration)
+  save_traces(at("test_traces.npz"), prep.test)
+  save_cascade(at("cascade.npz"), comp.fitted.cascade)
+  files.update(calibration_traces=at("calibration_traces.npz"), test_traces=at("test_traces.npz"),
+               cascade=at("cascade.npz"))
+  files["report"], files["results"] = at("report.md"), at("results.json")
+
+  info = {k: v for k, v in prep.info.items() if k != "checkpoint"}
+  result = dict(workload=prep.name, quick=quick, seconds=time.perf_counter() - t0, info=info,
+                calibration_requests=prep.calibration.num_samples,
+                test_requests=prep.test.num_samples, chosen_lam=lam, policy=meta,
+                files=files, **summary)
+  notes = dict(num_stages=prep.calibration.num_stages, trained=prep.model is not None,
+               states=states, tolerance=tolerance)
+  write_text(at("report.md"), reports.demo_report(result, notes))
+  write_text(at("results.json"), reports.dumps(result) + "\n")
+  return Run(result, notes)

@@ -1,0 +1,285 @@
+"""What the application prints and writes as text: tables, reports, JSON.
+
+Pure functions of plain values -- the result documents of the :mod:`.pipeline`
+commands (dicts of numbers, strings and arrays) and a few options -- each
+returning a string or a JSON-ready value, so each is tested without running a
+command. The ``*_text(result, notes)`` functions are the text faces of the
+commands (``notes``: what only the text shows, see :class:`.pipeline.Run`);
+``--json`` prints :func:`dumps` of the same ``result``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+# What each policy family is called in tables, legends and plots.
+LABELS = {
+    "recall": "recall optimum (ttamer)", "no_recall": "no-recall optimum",
+    "confidence": "confidence threshold", "per_stage": "per-stage thresholds",
+    "entropy": "entropy threshold", "patience": "patience", "fixed_exit": "fixed exit",
+    "hindsight": "hindsight oracle (not deployable)", "recall_agree": "recall, state x agreement",
+}
+
+
+# ------------------------------------------------------------------ values
+def jsonable(x: Any) -> Any:
+  """Plain JSON values; non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    arr = np.asarray(x)
+    return jsonable(arr.tolist()) if arr.ndim else jsonable(arr.item())
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return jsonable(x.item())
+  if isinstance(x, float) and not math.isfinite(x):
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+  return x
+
+
+def dumps(result: Mapping) -> str:
+  """The JSON document of a result (indented; strict: no NaN/Infinity literals)."""
+  return json.dumps(jsonable(result), indent=2, allow_nan=False)
+
+
+def pct(v) -> str:
+  """``0.123 -> "12.3%"``; ``None -> "-"``."""
+  return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def tolerance_text(tolerance: float) -> str:
+  """An accuracy tolerance in points of error: ``0.01 -> "1 point"``, ``0.02 -> "2 points"``."""
+  pts = 100 * tolerance
+  return f"{pts:g} point" + ("" if pts == 1 else "s")
+
+
+def setting_label(name: str, param) -> str:
+  """A family's grid parameter as a setting (``lam=0.9``, ``t=0.8``, ``k=2``, ``exit 1``)."""
+  if param is None:
+    return "-"
+  if name in ("recall", "no_recall", "hindsight"):
+    return f"lam={param:.4g}"
+  if name == "per_stage":
+    return f"q={param:.3g}"
+  if name == "patience":
+    return f"k={int(param)}"
+  if name == "fixed_exit":
+    return f"exit {int(param)}"
+  return f"t={param:.3g}"
+
+
+# ------------------------------------------------------------------ tables
+def format_table(points: list[dict], objectives: list[dict]) -> str:
+  """Plain-text table: each family's operating point and held-out objectives."""
+  names = [r["policy"] for r in points]
+  best = {}
+  for row in objectives:  # best deployable value per lam (the oracle is not deployable)
+    best[row["lam"]] = min(row[n] for n in names if n != "hindsight")
+  header = ["policy", "setting", "latency", "error"] + [f"J({r['lam']:.2f})" for r in objectives]
+  rows = []
+  for r in points:
+    name = r["policy"]
+    label = LABELS.get(name, name).replace(" (not deployable)", "*")
+    cells = [label, setting_label(name, r["chosen_param"]), pct(r["chosen_cost"]),
+             pct(r["chosen_error"])]
+    for o in objectives:
+      mark = "<" if name != "hindsight" and o[name] == best[o["lam"]] else " "
+      cells.append(f"{o[name]:.4f}{mark}")
+    rows.append(cells)
+  widths = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(header)]
+  fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+  lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in rows]
+  return "\n".join(lines)
+
+
+def table_legend(tolerance: float, full_error: Mapping[str, float], cost_word: str) -> str:
+  """What the columns of :func:`format_table` mean."""
+  return (f"setting: cheapest grid point whose calibration error is within "
+          f"{tolerance_text(tolerance)} of the full model's ({100 * full_error['calibration']:.2f}%); "
+          f"{cost_word} (share of the full model's) and error measured on the held-out split (full "
+          f"model: {100 * full_error['test']:.2f}% error).\n"
+          f"J(lam) = lam * error + (1 - lam) * {cost_word}, held out, setting tuned on calibration "
+          "per lam; lower is better, < marks the best deployable policy. "
+          "*hindsight is the per-request oracle, not deployable.")
+
+
+def format_index(index) -> str:
+  """The ``[n, K]`` index table as text (``stop``/``go`` for ``+inf``/``-inf``)."""
+  idx = np.asarray(index, np.float64)
+  cell = lambda v: "stop" if v == np.inf else "go" if v == -np.inf else f"{v:.4g}"
+  cols = [[f"s={s}"] + [cell(v) for v in idx[:, s]] for s in range(idx.shape[1])]
+  widths = [max(len(x) for x in c) for c in cols]
+  head = "stage  " + "  ".join(c[0].rjust(w) for c, w in zip(cols, widths))
+  rows = [f"{i:>5}  " + "  ".join(c[i + 1].rjust(w) for c, w in zip(cols, widths))
+          for i in range(idx.shape[0])]
+  return "\n".join([head] + rows)
+
+
+def _cell(v, pct_value=False):
+  if v is None:
+    return "-"
+  return f"{100 * v:.1f}%" if pct_value else f"{v:.4f}"
+
+
+def format_operating_points(rows: list[dict], full_error: Mapping[str, float],
+                            tolerance: float = 0.01) -> str:
+  """Markdown table of :func:`~ttamer_jax.app.pipeline.operating_points`."""
+  lines = [f"Full network: test error {100 * full_error['test']:.2f}% "
+           f"(calibration {100 * full_error['calibration']:.2f}%); target: within "
+           f"{100 * tolerance:.0f} point.",
+           "",
+           "| policy | setting (chosen on calibration) | test latency / full | test error | "
+           "test-frontier latency (optimistic) | its error |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['policy']} | {_cell(r['chosen_param'])} | {_cell(r['chosen_cost'], True)} | "
+                 f"{_cell(r['chosen_error'], True)} | {_cell(r['frontier_cost'], True)} | "
+                 f"{_cell(r['frontier_error'], True)} |")
+  return "\n".join(lines)
+
+
+def format_objectives(rows: list[dict]) -> str:
+  """Markdown table of :func:`~ttamer_jax.app.pipeline.objectives_at` (best deployable in bold)."""
+  names = [k for k in rows[0] if k != "lam"]
+  lines = ["| lam | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+  for r in rows:
+    best = min(r[n] for n in names if n != "hindsight")
+    cells = [(f"**{r[n]:.4f}**" if r[n] == best else f"{r[n]:.4f}") for n in names]
+    lines.append(f"| {r['lam']:.2f} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ commands
+def fit_text(result: Mapping, notes: Mapping) -> str:
+  """``ttamer fit``: what was fitted, the lam chosen, in-sample numbers, files written."""
+  ins, out = result["in_sample"], result["policy"]
+  feature = f", feature {notes['feature']}" if notes["feature"] else ""
+  return "\n".join([
+      f"fitted {notes['num_stages']} stages x {notes['num_states']} states on "
+      f"{ins['num_samples']} requests (score {notes['score']}{feature})",
+      f"recall policy at lam = {result['lam']:.4g} ({result['lam_choice']})",
+      f"on these traces (in-sample, optimistic): error {pct(ins['error'])} (last exit "
+      f"{pct(ins['full_error'])}), cost {pct(ins['cost_norm'])} of running every stage",
+      f"wrote {out} (+ {notes['sidecar']})"
+      + (f" and {result['cascade']}" if result["cascade"] else ""),
+      f"next: ttamer evaluate {out} HELD_OUT_TRACES.npz"])
+
+
+def evaluate_text(result: Mapping, notes: Mapping) -> str:
+  """``ttamer evaluate``: error, cost and objective with their intervals, exit histograms."""
+  meta, ev = result["metadata"], result["evaluation"]
+  ci = lambda v, lo_hi, f: f"{f(v)}  [{f(lo_hi[0])}, {f(lo_hi[1])}]"
+  hist = lambda h: "  ".join(f"{i}: {pct(v)}" for i, v in enumerate(np.asarray(h)))
+  return "\n".join([
+      f"policy {result['policy']}: {meta['policy']['type']}, {meta['num_stages']} stages x "
+      f"{meta['num_states']} states, score {meta['score_name']}",
+      f"traces {result['traces']}: {notes['num_samples']} requests; lam = {result['lam']:.4g}",
+      f"  error      {ci(ev['error'], ev['error_ci'], pct):<28} last exit alone: "
+      f"{pct(result['full_error'])}",
+      f"  cost       {ci(ev['cost_norm'], ev['cost_norm_ci'], pct):<28} of running every stage",
+      f"  objective  {ci(ev['objective'], ev['objective_ci'], lambda v: f'{float(v):.4f}'):<28} "
+      "lam * error + (1 - lam) * cost",
+      f"  ({100 * notes['level']:g}% bootstrap CI, {notes['resamples']} resamples)",
+      f"  stopped after exit   {hist(ev['stop_histogram'])}",
+      f"  answered by exit     {hist(ev['answer_histogram'])}"])
+
+
+def sweep_text(result: Mapping, notes: Mapping) -> str:
+  """``ttamer sweep``: how it was split, the table of operating points and objectives."""
+  entropy = notes["entropy_score"]
+  lines = [result["how"],
+           f"{result['fitted']['num_states']} states of {notes['score']} per stage; "
+           f"{len(result['lams'])} lam values; thresholds on {notes['confidence_score']}"
+           + (f" and {entropy}" if entropy else ""), "",
+           format_table(result["operating_points"], result["objectives"]), "",
+           table_legend(notes["tolerance"], result["full_error"], "cost")]
+  if "plot" in result:
+    lines.append(f"\nwrote {result['plot']}")
+  return "\n".join(lines)
+
+
+def solve_text(result: Mapping, notes: Mapping | None = None) -> str:
+  """``ttamer solve``: the three optimal values per lam; one lam: the index table."""
+  rows = result["solutions"]
+  lines = [f"{result['cascade']}: {result['num_stages']} stages x {result['num_states']} states. "
+           "Optimal J = lam * E[loss] + (1 - lam) * E[cost] (lower is better):",
+           f"{'lam':>6}  {'hindsight':>10}  {'recall':>10}  {'no-recall':>10}  {'no-recall/recall':>16}"]
+  for r in rows:
+    ratio = r["no_recall"] / r["recall"] if r["recall"] > 0 else float("nan")
+    lines.append(f"{r['lam']:6.3f}  {r['hindsight']:10.5f}  {r['recall']:10.5f}  "
+                 f"{r['no_recall']:10.5f}  {ratio:16.3f}")
+  if len(rows) == 1:
+    if result["num_states"] <= 24:
+      lines += [f"\nrecall policy (lam = {rows[0]['lam']:.4g}): after stage i in state s, stop iff "
+                "lam * best loss so far <= index[i, s]", format_index(rows[0]["index"])]
+    else:
+      lines.append(f"\nindex table {result['num_stages']} x {result['num_states']}: too wide to "
+                   "print (use --json or --plot)")
+  if "plot" in result:
+    lines.append(f"\nwrote {result['plot']}")
+  return "\n".join(lines)
+
+
+def demo_header(result: Mapping, notes: Mapping) -> str:
+  """The demo's first lines: workload, network, requests and the fitted states."""
+  lines = [f"ttamer demo: {result['workload']}, {notes['num_stages']} exits"]
+  info = result["info"]
+  if notes["trained"]:
+    how = ("loaded from the cache" if info.get("loaded")
+           else f"trained in {info.get('train_seconds') or 0:.0f} s"
+           + (" (--quick: a tenth of the steps)" if result["quick"] else ""))
+    lines.append(f"network {how}; test accuracy per exit: "
+                 + " ".join(pct(a) for a in info["test_accuracy"])
+                 + "; measured latency share per exit: "
+                 + " ".join(f"{c:.2f}" for c in info["stage_cost_share"]))
+  lines.append(f"{result['calibration_requests']} calibration / {result['test_requests']} test "
+               f"requests; fitted {notes['states']} bins of {result['fitted']['score']} per exit")
+  return "\n".join(lines)
+
+
+def demo_report(result: Mapping, notes: Mapping) -> str:
+  """The demo's ``report.md``: the Markdown tables, the deployed policy and the plots."""
+  files = result["files"]
+  header = demo_header(result, notes).split("\n")
+  lines = [f"# ttamer demo: {result['workload']}, {notes['num_stages']} exits", "",
+           "  \n".join(header[1:]),
+           "", "## Latency to stay within the tolerance of the full network's accuracy", "",
+           format_operating_points(result["operating_points"], result["full_error"],
+                                   notes["tolerance"]), "",
+           "## Held-out objective lam * error + (1 - lam) * latency (setting tuned on calibration)",
+           "", format_objectives(result["objectives"]), "",
+           "Mean error gap to the recall frontier over the common latency range (positive: recall "
+           "better): " + ", ".join(f"{k} {v:+.4f}" for k, v in result["frontier_gaps"].items()) + ".",
+           "", f"Deployed policy: recall optimum at lam = {result['chosen_lam']:.4g} -> "
+           f"`{os.path.basename(files['policy'])}`.", ""]
+  for key, title in (("pareto_plot", "frontiers"), ("index_heatmap", "dynamic index"),
+                     ("exit_histograms", "exit histograms")):
+    if key in files:
+      lines += [f"![{title}]({os.path.basename(files[key])})", ""]
+  lines.append(f"({result['seconds']:.0f} s; `ttamer demo"
+               + (" --quick" if result["quick"] else "") + "`)")
+  return "\n".join(lines) + "\n"
+
+
+def demo_text(result: Mapping, notes: Mapping) -> str:
+  """``ttamer demo``: the comparison table, the files written and the next commands."""
+  files = result["files"]
+  cost_word = "latency" if notes["trained"] else "cost"
+  q = lambda p: p if " " not in p else f'"{p}"'
+  lines = [demo_header(result, notes), "", format_table(result["operating_points"],
+                                                        result["objectives"]), "",
+           table_legend(notes["tolerance"], result["full_error"], cost_word),
+           f"\nwrote ({result['seconds']:.0f} s):"]
+  lines += [f"  {key:<19} {path}" for key, path in files.items()]
+  lines += ["\nnext:", f"  ttamer evaluate {q(files['policy'])} {q(files['test_traces'])}",
+            f"  ttamer sweep {q(files['test_traces'])} --calibration "
+            f"{q(files['calibration_traces'])} --plot frontier.png",
+            f"  ttamer solve {q(files['cascade'])} --lam {result['chosen_lam']:.4g}"]
+  return "\n".join(lines)

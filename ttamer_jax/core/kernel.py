@@ -1,0 +1,230 @@
+"""The one recall kernel: the x-grid and the backward step (DESIGN.md sections 3-4).
+
+Every recall solver runs the same recursion over the best-so-far ``x`` (a scaled
+loss ``lam * l``) and the current state ``s``:
+
+    V(x, s)    = min(x, cont(x, s))
+    cont(x, s) = stage_cost + E[ G(x, t) | s ]          G(x, t) = V_next(min(x, lam l_next(t)), t)
+
+The line (:func:`ttamer_jax.solve_recall`), the factored model (soft state
+aggregation), the graph solver, the soft-min relaxation and batched sweeps differ
+only in how they take the expectation -- their *continuation*. Everything else
+is here, written once:
+
+* the x-grid: :func:`prepare_grid` (sorted distinct losses and each loss's row,
+  built on the host) or :func:`grid_in_program` (inside a transformation);
+* :func:`carried_table`: ``G`` from ``V_next``, a select against one gathered row;
+* :func:`stop_or_continue`: ``V`` and the dynamic index of one stage;
+* :func:`backward_scan`: the stage loop of a line, optionally in blocks of x rows.
+
+Index convention: stop iff ``x <= index[stage, s]``. The stored threshold lies
+strictly *between* the largest grid value where stopping is optimal and the next
+grid value (their midpoint), never on a reachable ``lam * loss``, so a decision
+does not depend on the last bit of that product: a policy solved in float32 makes
+the same decisions in float64 or in another runtime. ``-inf``: never stop there;
+``+inf``: stop whatever ``x``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttamer_jax.core import validation
+
+DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
+
+# Above this many bytes per [M, K] value table the line solver processes the
+# x-grid in row blocks, keeping two tables alive per stage instead of four.
+CHUNK_TABLE_BYTES = 1 << 28
+
+
+# ------------------------------------------------------------------ the grid
+def prepare_grid(values: Any) -> tuple[np.ndarray, np.ndarray]:
+  """The x-grid and each loss's row in it, computed once on the host.
+
+  Sorting inside ``jit`` is slow on CPUs (XLA's sort of ``n K = 1536`` floats
+  takes about as long as a whole ``K = 64`` solve), so callers holding concrete
+  losses build the grid here, outside the compiled solver.
+
+  Args:
+    values: concrete ``[n, K]`` losses.
+
+  Returns:
+    ``(grid [M], pos [n, K] int32)``: the sorted distinct losses (dtype of
+    ``values``) and ``pos[i, s]`` = row of ``values[i, s]`` in ``grid``.
+  """
+  values = np.asarray(values)
+  grid = np.unique(values)
+  return grid, np.searchsorted(grid, values).astype(np.int32)
+
+
+def grid_size_for(values: Any) -> int:
+  """Number of distinct losses when they are concrete, else ``n*K``."""
+  if validation.is_concrete(values):
+    return int(np.unique(np.asarray(values)).size)
+  return int(np.prod(values.shape[-2:]))
+
+
+def grid_in_program(values: chex.Array, grid_size: int) -> tuple[chex.Array, chex.Array]:
+  """:func:`prepare_grid` for traced losses; ``grid_size`` is static.
+
+  ``grid_size = n*K`` keeps duplicates (always valid); a smaller one must be at
+  least the number of distinct values (deduplicated, padded with the maximum).
+  """
+  flat = values.reshape(-1)
+  if grid_size == flat.shape[0]:
+    grid = jnp.sort(flat)
+  else:
+    grid = jnp.unique(flat, size=grid_size, fill_value=jnp.max(flat))
+  return grid, jnp.searchsorted(grid, values).astype(jnp.int32)
+
+
+def grid_for(values: Any) -> tuple[Any, Any]:
+  """:func:`prepare_grid` for concrete losses (host), :func:`grid_in_program` for traced
+  ones (duplicates kept: ``M = n K``)."""
+  if validation.is_concrete(values):
+    return prepare_grid(values)
+  return grid_in_program(values, grid_size_for(values))
+
+
+def pad_grids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-instance grids of ``values [I, n, K]`` padded with their maximum to one size ``M``.
+
+  Padding with the top value is valid for the kernel: padded rows are never the
+  row of a loss (``pos`` points at first occurrences) and only repeat the top row.
+  """
+  grids, positions = zip(*(prepare_grid(v) for v in values))
+  m = max(g.size for g in grids)
+  grid = np.stack([np.concatenate([g, np.full(m - g.size, g[-1], g.dtype)]) for g in grids])
+  return grid, np.stack(positions)
+
+
+def default_x_chunk(grid_size: int, num_states: int, itemsize: int = 4) -> int | None:
+  """Rows per x-grid block for a ``[grid_size, num_states]`` table, or ``None``
+  (no chunking) when one table is below :data:`CHUNK_TABLE_BYTES`."""
+  row_bytes = num_states * itemsize
+  if grid_size * row_bytes <= CHUNK_TABLE_BYTES:
+    return None
+  # Blocks of ~CHUNK_TABLE_BYTES / 8 keep the per-block temporaries small.
+  return int(max(1, min(grid_size, (CHUNK_TABLE_BYTES // 8) // row_bytes)))
+
+
+# ------------------------------------------------------------------ one step
+def at_losses(v: chex.Array, pos_row: chex.Array) -> chex.Array:
+  """``[K]`` ``V(lam l(t), t)``: row ``pos_row[t]`` of column ``t`` of ``v [M, K]``."""
+  return jnp.take_along_axis(v, pos_row[None, :], axis=0)[0]
+
+
+def carried_table(v_next: chex.Array, grid_rows: chex.Array, at_l: chex.Array,
+                  l_next: chex.Array) -> chex.Array:
+  """``G[x, t] = V_next(min(x, lam l_next(t)), t)`` on rows ``grid_rows`` of the grid.
+
+  ``x`` itself while ``x <= l(t)`` (compared unscaled), else the row of ``l(t)``
+  (``at_l``, from :func:`at_losses`): a select instead of a gather.
+  """
+  return jnp.where(grid_rows[:, None] <= l_next[None, :], v_next, at_l[None, :])
+
+
+def stop_or_continue(xs: chex.Array, cont: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """``(V [R, K], last_stop [K])`` of one stage on rows ``xs [R]`` of the grid.
+
+  ``V = min(x, cont)`` (ties stop); ``last_stop[s]`` is the largest ``x`` of these
+  rows where stopping is optimal (``-inf`` if none). :func:`index_from_last_stop`
+  turns it into the stored threshold.
+  """
+  stop = xs[:, None] <= cont
+  last_stop = jnp.max(jnp.where(stop, xs[:, None], -jnp.inf), axis=0)
+  return jnp.minimum(xs[:, None], cont), last_stop
+
+
+def index_from_last_stop(xs: chex.Array, last_stop: chex.Array) -> chex.Array:
+  """``[K]`` thresholds strictly between ``last_stop`` and the next grid value.
+
+  ``xs [M]`` is the whole scaled grid, sorted ascending. ``-inf`` stays ``-inf``
+  (never stop); when no grid value lies above ``last_stop`` the threshold is
+  ``+inf`` (stop whatever the best-so-far).
+  """
+  nxt_row = jnp.searchsorted(xs, last_stop, side="right")
+  nxt = jnp.where(nxt_row < xs.shape[0], xs[jnp.minimum(nxt_row, xs.shape[0] - 1)], jnp.inf)
+  mid = jnp.where(jnp.isinf(nxt), jnp.inf, 0.5 * (last_stop + nxt))
+  return jnp.where(last_stop == -jnp.inf, -jnp.inf, mid).astype(xs.dtype)
+
+
+# ------------------------------------------------------------------ a line
+Continuation = Callable[[chex.Array, Any], chex.Array]
+
+
+def backward_scan(xs: chex.Array, grid: chex.Array, pos: chex.Array, values: chex.Array,
+                  stage_costs: chex.Array, stage_data: Any, continuation: Continuation, *,
+                  x_chunk: int | None = None, beta: chex.Array | None = None
+                  ) -> tuple[chex.Array, chex.Array | None]:
+  """The backward pass over a line of ``n`` stages.
+
+  Args:
+    xs: ``[M]`` scaled grid ``lam * grid`` (sorted unless ``beta`` is given).
+    grid: ``[M]`` unscaled grid, containing every entry of ``values``.
+    pos: ``[n, K]`` int32 row of each ``values[i, s]`` in ``grid``.
+    values: ``[n, K]`` unscaled losses.
+    stage_costs: ``[n-1]`` weighted cost of consulting stage ``i+1`` (e.g.
+      ``(1-lam) costs[1:]``).
+    stage_data: pytree with leading axis ``n-1``: what ``continuation`` needs per
+      stage (a transition matrix, a pair of factors, ...).
+    continuation: ``(G [R, K], data_i) -> [R, K]`` expectation over the next
+      state, ``E[G(x, t) | s]``.
+    x_chunk: rows of the grid per block (bounds memory at about ``2 M K``); the
+      grid is padded to whole blocks with its top value.
+    beta: soft-min temperature of the relaxation (``V = softmin(x, cont)``, no
+      index); ``None`` for the exact recursion.
+
+  Returns:
+    ``(V_1 [M, K], index [n, K])`` -- ``index`` is ``None`` when ``beta`` is given.
+  """
+  n, k = values.shape
+  dtype = values.dtype
+  m = grid.shape[0]
+  chunked = x_chunk is not None and x_chunk < m
+  if chunked:
+    pad = (-m) % x_chunk
+    grid = jnp.concatenate([grid, jnp.full((pad,), grid[-1], grid.dtype)])
+    xs = jnp.concatenate([xs, jnp.full((pad,), xs[-1], xs.dtype)])
+  rows = grid.shape[0]
+
+  def stage_rows(v_rows, grid_rows, xs_rows, at_l, l_next, cost, data):
+    cont = cost + continuation(carried_table(v_rows, grid_rows, at_l, l_next), data)
+    if beta is not None:
+      return soft_choose(xs_rows[:, None], cont, beta), jnp.zeros((k,), dtype)
+    return stop_or_continue(xs_rows, cont)
+
+  def step(v_next, stage):
+    l_next, p_next, cost, data = stage
+    at_l = at_losses(v_next, p_next)
+    if not chunked:
+      return stage_rows(v_next, grid, xs, at_l, l_next, cost, data)
+    blocks = (v_next.reshape(-1, x_chunk, k), grid.reshape(-1, x_chunk), xs.reshape(-1, x_chunk))
+    v_new, last = jax.lax.map(lambda b: stage_rows(*b, at_l, l_next, cost, data), blocks)
+    return v_new.reshape(rows, k), jnp.max(last, axis=0)
+
+  v_last = jnp.broadcast_to(xs[:, None], (rows, k)).astype(dtype)
+  v_first, last_stops = jax.lax.scan(
+      step, v_last, (values[1:], pos[1:], stage_costs, stage_data), reverse=True)
+  if beta is not None:
+    return v_first, None
+  index = jnp.concatenate([last_stops, jnp.full((1, k), jnp.inf, dtype)], axis=0)
+  return v_first, index
+
+
+def soft_choose(x: chex.Array, cont: chex.Array, beta: chex.Array) -> chex.Array:
+  """``softmin_beta(x, cont)``; ``beta = 0`` is the exact ``min`` (one jitted body for both)."""
+  safe = jnp.where(beta > 0, beta, 1.0)
+  return jnp.where(beta > 0, -safe * jnp.logaddexp(-x / safe, -cont / safe), jnp.minimum(x, cont))
+
+
+def line_value(v_first: chex.Array, pos_first: chex.Array, init: chex.Array, first_cost: chex.Array,
+               precision=DEFAULT_PRECISION) -> chex.Array:
+  """``J = first_cost + sum_s init[s] V_1(lam l_1(s), s)``."""
+  return first_cost + jnp.dot(init, at_losses(v_first, pos_first), precision=precision)

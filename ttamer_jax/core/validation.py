@@ -1,0 +1,157 @@
+"""Boundary checks shared by constructors, solvers and loaders.
+
+Every check runs outside ``jit`` on concrete arrays and raises ``ValueError``
+naming the field, the first offending index and the rule broken. Values that are
+JAX tracers (the caller is inside ``jit``/``vmap``) cannot be inspected and are
+passed through unchecked: validation belongs at the boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+# Absolute tolerance on |sum(row) - 1| for probability vectors. Loose enough for
+# float32 rows normalised in float32 at K = 4096 (error ~1e-6), tight enough to
+# catch a row that was never normalised.
+ROW_SUM_TOL = 1e-5
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds data we can look at (not an abstract tracer)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def fmt_index(flat_index: int, shape: Sequence[int]) -> str:
+  if len(shape) == 0:
+    return ""
+  idx = np.unravel_index(flat_index, shape)
+  return "[" + ", ".join(str(int(i)) for i in idx) + "]"
+
+
+def as_numpy(name: str, x: Any, *, ndim: int | None = None, kind: str = "float") -> np.ndarray:
+  """Converts ``x`` to a NumPy array, checking dimensionality and numeric kind."""
+  try:
+    arr = np.asarray(x)
+  except Exception as e:  # ragged lists, objects that refuse conversion
+    raise ValueError(f"{name}: cannot be converted to an array ({e})") from None
+  if arr.dtype == object or arr.dtype.kind not in "biuf":
+    raise ValueError(f"{name}: must be a numeric array, got dtype {arr.dtype}")
+  if kind == "int" and arr.dtype.kind == "f":
+    if arr.size and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
+      raise ValueError(f"{name}: must hold integers, got dtype {arr.dtype} with non-integer entries")
+  if ndim is not None and arr.ndim != ndim:
+    raise ValueError(f"{name}: expected {ndim} dimensions, got shape {arr.shape}")
+  return arr
+
+
+def check_shape(name: str, arr: np.ndarray, shape: Sequence[int]) -> None:
+  if tuple(arr.shape) != tuple(shape):
+    raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(arr.shape)}")
+
+
+def check_finite(name: str, arr: np.ndarray) -> None:
+  bad = ~np.isfinite(arr)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{name}{fmt_index(i, arr.shape)} is {arr.flat[i].item()} (must be finite)")
+
+
+def check_nonnegative(name: str, arr: np.ndarray) -> None:
+  check_finite(name, arr)
+  bad = arr < 0
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{name}{fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} is negative (must be >= 0)")
+
+
+def check_stochastic(name: str, arr: np.ndarray, tol: float = ROW_SUM_TOL) -> None:
+  """Entries in [0, 1], each vector along the last axis summing to 1 within ``tol``."""
+  check_nonnegative(name, arr)
+  big = arr > 1 + tol
+  if big.any():
+    i = int(np.flatnonzero(big)[0])
+    raise ValueError(f"{name}{fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} exceeds 1 (not a probability)")
+  if arr.shape[-1] == 0:
+    return
+  sums = arr.astype(np.float64).sum(axis=-1)
+  off = np.abs(sums - 1.0) > tol
+  if off.any():
+    i = int(np.flatnonzero(off)[0])
+    where = fmt_index(i, sums.shape)
+    raise ValueError(
+        f"{name}{where} sums to {sums.flat[i]:.9g} (rows must sum to 1 within {tol:g})")
+
+
+def check_lam(lam: Any) -> None:
+  """``lam`` (scalar or array) must lie in [0, 1]; tracers are passed through."""
+  if not is_concrete(lam):
+    return
+  arr = as_numpy("lam", lam)
+  bad = ~np.isfinite(arr) | (arr < 0) | (arr > 1)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"lam{fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} is outside [0, 1]")
+
+
+def check_scalar_lam(lam: Any) -> None:
+  """``lam`` must be one number in [0, 1] (functions that return one policy or value)."""
+  check_lam(lam)
+  if is_concrete(lam) and np.ndim(lam) != 0:
+    raise ValueError(f"lam: expected one number, got shape {np.shape(lam)} "
+                     "(jax.vmap over lam, or ttamer_jax.sweep, for many lam values)")
+
+
+def to_float(name: str, arr: np.ndarray, dtype: Any) -> np.ndarray:
+  """``arr`` converted to the float ``dtype``, refusing values the conversion overflows.
+
+  Finite float64 input can overflow float32 (``1e39 -> inf``); that would turn a
+  validated, finite field into ``inf`` (and later NaN) behind the caller's back.
+  """
+  with np.errstate(over="ignore", invalid="ignore"):
+    out = np.asarray(arr).astype(dtype)
+  if out.dtype.kind == "f" and np.asarray(arr).size:
+    bad = ~np.isfinite(out) & np.isfinite(np.asarray(arr, np.float64))
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      raise ValueError(f"{name}{fmt_index(i, out.shape)} = {np.asarray(arr).flat[i].item()!r} "
+                       f"overflows {np.dtype(dtype).name} (|value| must be <= "
+                       f"{float(np.finfo(dtype).max):.4g})")
+  return out
+
+
+def check_int_range(name: str, arr: np.ndarray, low: int, high: int) -> None:
+  """Integer entries in ``[low, high)`` (e.g. state ids, or values that fit int32)."""
+  if not arr.size:
+    return
+  bad = (arr < low) | (arr >= high)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{name}{fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} is outside "
+                     f"[{low}, {high - 1}]")
+
+
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+
+
+def check_int32(name: str, arr: np.ndarray) -> None:
+  """Entries representable as int32 (the dtype states and predictions are stored in)."""
+  check_int_range(name, arr, INT32_MIN, INT32_MAX + 1)
+
+
+def as_float_scalar(name: str, value: Any) -> float:
+  """A real scalar as a Python float (``ValueError`` naming ``name`` otherwise)."""
+  arr = as_numpy(name, value)
+  if arr.ndim != 0:
+    raise ValueError(f"{name}: expected a number, got shape {arr.shape}")
+  return float(arr)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name}: must be an integer, got {value!r}")
+  if value < 1:
+    raise ValueError(f"{name} = {value} must be >= 1")
+  return int(value)

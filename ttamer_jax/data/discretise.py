@@ -1,0 +1,169 @@
+"""From raw exit scores to the discrete states the solvers work on.
+
+A :class:`Discretiser` is fitted on calibration traces (see ``fitting``) and reused
+unchanged at serving time, so a request gets the same state online as it would
+have got in the traces. A :class:`DeployedPolicy` bundles it with a line policy and
+the name of the exit signal it reads -- everything serving needs.
+
+Score names: ``"scores"`` means the primary ``ExitTraces.scores`` field; any other
+name is looked up in ``ExitTraces.signals`` (see :func:`trace_scores`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from ttamer_jax.core import validation
+from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.core.protocol import LinePolicy, StageObservation
+
+FEATURES = (None, "agree_prev")
+PRIMARY_SCORE = "scores"
+
+
+def _validated_edges(edges) -> chex.Array:
+  arr = validation.as_numpy("edges", edges, ndim=2)
+  if arr.shape[0] < 1:
+    raise ValueError(f"edges: expected at least one stage, got shape {arr.shape}")
+  validation.check_finite("edges", arr)
+  if arr.shape[1] > 1:
+    bad = np.diff(arr, axis=1) < 0
+    if bad.any():
+      i, j = np.argwhere(bad)[0]
+      raise ValueError(f"edges[{i}, {j + 1}] = {float(arr[i, j + 1])!r} < edges[{i}, {j}] = {float(arr[i, j])!r} "
+                       "(bin edges must be non-decreasing along each stage)")
+  return jnp.asarray(validation.to_float("edges", arr, np.float32))
+
+
+@pytree_dataclass(static=("feature",))
+class Discretiser:
+  """Per-stage score bins, optionally crossed with a small categorical feature.
+
+  Attributes:
+    edges: ``[n, B-1]`` float32 sorted inner bin edges of each stage; a score's
+      bin is ``searchsorted(edges[i], score, side="right")`` in ``0..B-1``.
+    feature: static; ``None`` (state = bin) or ``"agree_prev"``: state =
+      ``2 * bin + agree`` where ``agree`` is 1 when the exit's prediction equals the
+      previous exit's (always 0 at the first stage), so ``K = 2 B``.
+  """
+
+  edges: chex.Array
+  feature: Any = None
+
+  def __post_init__(self):
+    if self.feature not in FEATURES:
+      raise ValueError(f"feature: must be one of {FEATURES}, got {self.feature!r}")
+    if validation.is_concrete(self.edges):
+      object.__setattr__(self, "edges", _validated_edges(self.edges))
+
+  @classmethod
+  def single_bin(cls, num_stages: int, feature: Any = None) -> "Discretiser":
+    """Every score in one bin (``K = 1``): the discretiser of score-reading heuristics."""
+    n = validation.check_positive_int("num_stages", num_stages)
+    return cls(edges=np.zeros((n, 0), np.float32), feature=feature)
+
+  @property
+  def num_stages(self) -> int:
+    return self.edges.shape[-2]
+
+  @property
+  def num_bins(self) -> int:
+    return self.edges.shape[-1] + 1
+
+  @property
+  def num_states(self) -> int:
+    return self.num_bins * (2 if self.feature == "agree_prev" else 1)
+
+  def stage_states(self, stage, score, pred=None, prev_pred=None) -> chex.Array:
+    """``[B]`` int32 states at ``stage`` from ``[B]`` scores (and predictions)."""
+    bins = jnp.searchsorted(self.edges[stage], score, side="right").astype(jnp.int32)
+    if self.feature is None:
+      return bins
+    if pred is None or prev_pred is None:
+      agree = jnp.zeros_like(bins)
+    else:
+      agree = jnp.where(stage > 0, (pred == prev_pred).astype(jnp.int32), 0)
+    return 2 * bins + agree
+
+  def __call__(self, scores: chex.Array, preds: chex.Array | None = None) -> chex.Array:
+    """``[N, n]`` int32 states of every sample at every stage."""
+    scores = jnp.asarray(scores)
+    n = scores.shape[1]
+    if validation.is_concrete(scores) and n != self.num_stages:
+      raise ValueError(f"scores: has {n} stages but the discretiser has {self.num_stages}")
+    cols = []
+    for i in range(n):
+      pred = None if preds is None else preds[:, i]
+      prev = None if preds is None or i == 0 else preds[:, i - 1]
+      cols.append(self.stage_states(i, scores[:, i], pred, prev))
+    return jnp.stack(cols, axis=1)
+
+
+def trace_scores(traces, name: str | None) -> chex.Array:
+  """``[N, n]`` the score signal ``name`` of ``traces`` (``None``/``"scores"``: primary)."""
+  if name is None or name == PRIMARY_SCORE:
+    return traces.scores
+  signals = dict(traces.signals or {})
+  if not isinstance(name, str) or name not in signals:
+    raise ValueError(f"signals: the traces have no signal named {name!r} "
+                     f"(have {sorted(signals)}; 'scores' is the primary score)")
+  return signals[name]
+
+
+@pytree_dataclass(static=("score_name",))
+class DeployedPolicy:
+  """A line policy ready to serve: read ``score_name``, discretise, decide.
+
+  Attributes:
+    policy: any :class:`~ttamer_jax.LinePolicy`.
+    discretiser: maps exit scores (and predictions) to the policy's states.
+    score_name: static name of the exit signal the discretiser reads
+      (``"max_softmax"``, ``"entropy"``, ``"error_prob"``, ...; ``"scores"`` is the
+      traces' primary score field).
+  """
+
+  policy: LinePolicy
+  discretiser: Discretiser
+  score_name: str = "max_softmax"
+
+  @property
+  def num_stages(self) -> int:
+    return self.policy.num_stages
+
+  @property
+  def num_states(self) -> int:
+    return self.discretiser.num_states
+
+  def observe(self, stage, score, pred, prev_pred=None) -> StageObservation:
+    """The :class:`StageObservation` of a batch at ``stage``."""
+    state = self.discretiser.stage_states(stage, score, pred, prev_pred)
+    return StageObservation(state=state, score=score, pred=pred.astype(jnp.int32))
+
+  def observations(self, traces) -> tuple[chex.Array, chex.Array, chex.Array]:
+    """``(states, scores, preds)``, each ``[N, n]``, of recorded traces."""
+    scores = trace_scores(traces, self.score_name)
+    return self.discretiser(scores, traces.preds), scores, traces.preds
+
+
+def check_consistent(deployed: DeployedPolicy, where: str = "deployed") -> tuple[int, int]:
+  """``(n, K)`` of a :class:`DeployedPolicy` whose policy and discretiser agree.
+
+  Raises ``ValueError`` when they were built for different numbers of stages or
+  states: the policy would read thresholds of states the discretiser never
+  produces, or JAX would clamp states the policy has no row for.
+  """
+  if not isinstance(deployed, DeployedPolicy):
+    raise ValueError(f"{where}: expected a DeployedPolicy, got {type(deployed).__name__}")
+  n = deployed.policy.num_stages
+  if deployed.discretiser.num_stages != n:
+    raise ValueError(f"{where}: the policy has {n} stages but the discretiser "
+                     f"{deployed.discretiser.num_stages}")
+  k = deployed.policy.num_states
+  if k is not None and k != deployed.discretiser.num_states:
+    raise ValueError(f"{where}: the policy has {k} states but the discretiser "
+                     f"{deployed.discretiser.num_states}")
+  return n, deployed.discretiser.num_states

@@ -1,0 +1,318 @@
+"""Fitting a cascade model to recorded exit traces (DESIGN.md section 5).
+
+1. :func:`fit_discretiser`: per-stage bin edges of the exit score (quantile or
+   uniform), optionally crossed with "prediction agrees with the previous exit".
+2. :func:`fit_cascade`: calibrated loss per (stage, state) = smoothed mean true
+   loss of the calibration samples in that state; ``init`` and ``trans`` =
+   Dirichlet-smoothed counts, so states and transitions unseen in calibration
+   still get valid, small probabilities.
+3. :func:`fit_skip_line`: a skip-line :class:`~ttamer_jax.RoutingGraph` whose
+   ``T_{i->j}`` are estimated directly from (stage i, stage j) state pairs instead
+   of multiplied out, so they stay right when the chain is not Markov.
+
+Smoothing (``smoothing = a``): a row with counts ``C[t]`` becomes
+``(C[t] + a * prior[t]) / (sum C + a * sum prior)``; ``prior`` is 1 on every
+possible state (``"uniform"``: Laplace for ``a = 1``) or ``K`` times the next
+stage's empirical state distribution (``"marginal"``). With ``a = 0`` an unseen
+row falls back to the prior. Losses are shrunk to the stage's mean loss with
+``loss_smoothing`` pseudo-samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import numpy as np
+
+from ttamer_jax.core import validation
+from ttamer_jax.core.graph import RoutingGraph, skip_costs
+from ttamer_jax.core.model import Cascade
+from ttamer_jax.core.policies import no_recall_policy, recall_policy
+from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.data.discretise import (FEATURES, PRIMARY_SCORE, DeployedPolicy, Discretiser,
+                                        trace_scores)
+from ttamer_jax.data.traces import ExitTraces
+
+BINNINGS = ("quantile", "uniform")
+PRIORS = ("uniform", "marginal")
+
+# Largest float64 transition tables a fit may build (``pairs x K x K x 8`` bytes):
+# beyond it a fit is refused up front with a ValueError, not a MemoryError
+# half-way (4 GiB: K = 4096 with up to 33 stages).
+MAX_FIT_TABLE_BYTES = 1 << 32
+
+
+# ------------------------------------------------------------------ discretiser
+def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
+                    score_range: Any = None, feature: Any = None) -> Discretiser:
+  """Per-stage bin edges of ``scores [N, n]``.
+
+  Args:
+    scores: ``[N, n]`` calibration scores.
+    num_bins: ``B`` bins per stage.
+    binning: ``"quantile"`` (each bin holds ~``N/B`` calibration samples; ties can
+      leave bins empty) or ``"uniform"`` (equal width on ``score_range``).
+    score_range: ``(low, high)`` for uniform bins; default: each stage's min/max.
+    feature: ``None`` or ``"agree_prev"`` (see :class:`Discretiser`).
+  """
+  b = validation.check_positive_int("num_bins", num_bins)
+  if binning not in BINNINGS:
+    raise ValueError(f"binning: must be one of {BINNINGS}, got {binning!r}")
+  scores = validation.as_numpy("scores", scores, ndim=2).astype(np.float64)
+  validation.check_finite("scores", scores)
+  validation.to_float("scores", scores, np.float32)  # the edges are stored in float32
+  if scores.shape[0] < 1:
+    raise ValueError("scores: no samples (N = 0)")
+  if scores.shape[1] < 1:
+    raise ValueError("scores: no stages (n = 0)")
+  if scores.shape[1] * (b - 1) * 4 > MAX_FIT_TABLE_BYTES:  # float32 edges [n, B-1]
+    raise ValueError(f"num_bins = {b}: the bin edges of {scores.shape[1]} stages would exceed the "
+                     f"{MAX_FIT_TABLE_BYTES / 2**30:.0f} GiB limit of "
+                     "ttamer_jax.data.fitting.MAX_FIT_TABLE_BYTES")
+  levels = np.arange(1, b) / b
+  if binning == "quantile":
+    edges = np.quantile(scores, levels, axis=0).T if b > 1 else np.zeros((scores.shape[1], 0))
+  else:
+    if score_range is None:
+      low, high = scores.min(axis=0), scores.max(axis=0)
+    else:
+      rng = validation.as_numpy("score_range", score_range, ndim=1).astype(np.float64)
+      validation.check_shape("score_range", rng, (2,))
+      validation.check_finite("score_range", rng)
+      validation.to_float("score_range", rng, np.float32)
+      if not rng[0] < rng[1]:
+        raise ValueError(f"score_range: low {rng[0]} must be < high {rng[1]}")
+      low, high = np.full(scores.shape[1], rng[0]), np.full(scores.shape[1], rng[1])
+    edges = low[:, None] + (high - low)[:, None] * levels[None, :]
+  return Discretiser(edges=np.asarray(edges, np.float32), feature=feature)
+
+
+# ------------------------------------------------------------------ smoothing
+def _smoothed_rows(counts: np.ndarray, smoothing: float, prior: np.ndarray) -> np.ndarray:
+  """``(counts + a prior) / (row sum + a sum prior)``; empty rows get the prior."""
+  num = counts + smoothing * prior
+  total = num.sum(-1, keepdims=True)
+  fallback = np.broadcast_to(prior / prior.sum(-1, keepdims=True), num.shape)
+  safe = np.where(total > 0, total, 1.0)
+  return np.where(total > 0, num / safe, fallback)
+
+
+def _check_fit_args(smoothing, loss_smoothing, prior):
+  for name, v in (("smoothing", smoothing), ("loss_smoothing", loss_smoothing)):
+    v = validation.as_float_scalar(name, v)
+    if not np.isfinite(v) or v < 0:
+      raise ValueError(f"{name} = {v} must be a finite number >= 0")
+  if prior not in PRIORS:
+    raise ValueError(f"prior: must be one of {PRIORS}, got {prior!r}")
+
+
+def _check_table_bytes(k: int, num_pairs: int) -> None:
+  need = max(num_pairs, 1) * k * k * 8
+  if need > MAX_FIT_TABLE_BYTES:
+    raise ValueError(f"num_states = {k}: the fitted transition tables ({max(num_pairs, 1)} x {k} x "
+                     f"{k} float64) would take {need / 2**30:.1f} GiB, over the "
+                     f"{MAX_FIT_TABLE_BYTES / 2**30:.0f} GiB limit of "
+                     "ttamer_jax.data.fitting.MAX_FIT_TABLE_BYTES; use fewer states")
+
+
+def _discretise(traces: ExitTraces, num_states, binning, score, score_range, feature, discretiser,
+                pairs=lambda n: n - 1):
+  if not isinstance(traces, ExitTraces):
+    raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
+  scores = np.asarray(trace_scores(traces, score))
+  if discretiser is None:
+    if feature not in FEATURES:
+      raise ValueError(f"feature: must be one of {FEATURES}, got {feature!r}")
+    k = validation.check_positive_int("num_states", num_states)
+    _check_table_bytes(k, pairs(traces.num_stages))  # before binning K quantiles
+    if feature == "agree_prev" and k % 2:
+      raise ValueError(f"num_states = {k} must be even with feature='agree_prev' (K = 2 x bins)")
+    bins = k // 2 if feature == "agree_prev" else k
+    discretiser = fit_discretiser(scores, bins, binning=binning, score_range=score_range,
+                                  feature=feature)
+  else:
+    if not isinstance(discretiser, Discretiser):
+      raise ValueError(f"discretiser: expected a Discretiser, got {type(discretiser).__name__}")
+    if num_states is not None and num_states != discretiser.num_states:
+      raise ValueError(f"num_states = {num_states} but the given discretiser has "
+                       f"{discretiser.num_states} states")
+  if discretiser.num_stages != traces.num_stages:
+    raise ValueError(f"discretiser: has {discretiser.num_stages} stages but the traces have "
+                     f"{traces.num_stages}")
+  _check_table_bytes(discretiser.num_states, pairs(traces.num_stages))
+  states = np.asarray(discretiser(scores, traces.preds))
+  return discretiser, states
+
+
+def _stage_costs(traces: ExitTraces) -> np.ndarray:
+  costs = np.asarray(traces.costs, np.float64)
+  return costs if costs.ndim == 1 else costs.mean(axis=0)
+
+
+def _first_stage_prior(discretiser: Discretiser) -> np.ndarray:
+  """States the first stage can be in: with ``agree_prev`` only ``agree = 0``."""
+  k = discretiser.num_states
+  if discretiser.feature == "agree_prev":
+    return (np.arange(k) % 2 == 0).astype(np.float64)
+  return np.ones(k)
+
+
+def _calibrated_values(states, losses, k, loss_smoothing):
+  n = states.shape[1]
+  counts = np.stack([np.bincount(states[:, i], minlength=k) for i in range(n)]).astype(np.float64)
+  sums = np.stack([np.bincount(states[:, i], weights=losses[:, i], minlength=k) for i in range(n)])
+  stage_mean = losses.mean(axis=0)[:, None]
+  denom = counts + loss_smoothing
+  values = np.where(denom > 0, (sums + loss_smoothing * stage_mean) / np.where(denom > 0, denom, 1),
+                    stage_mean)
+  return values, counts
+
+
+def _pair_counts(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+  return np.bincount(a.astype(np.int64) * k + b, minlength=k * k).reshape(k, k).astype(np.float64)
+
+
+def _prior_row(kind: str, possible: np.ndarray, next_states: np.ndarray) -> np.ndarray:
+  if kind == "uniform":
+    return possible
+  freq = np.bincount(next_states, minlength=possible.shape[0]) * possible
+  return possible.sum() * freq / max(freq.sum(), 1.0) if freq.sum() > 0 else possible
+
+
+# ------------------------------------------------------------------ line cascade
+@pytree_dataclass(static=("score_name",))
+class FittedCascade:
+  """A cascade fitted to traces, with the discretiser that serving reuses.
+
+  Attributes:
+    cascade: the fitted :class:`~ttamer_jax.Cascade` (``values`` = calibrated
+      losses, smoothed ``init``/``trans``, mean ``costs``).
+    discretiser: the :class:`Discretiser` that produced the states.
+    counts: ``[n, K]`` number of calibration samples per (stage, state).
+    score_name: static name of the score signal fitted on (``"scores"``: the
+      traces' primary scores).
+  """
+
+  cascade: Cascade
+  discretiser: Discretiser
+  counts: chex.Array
+  score_name: str = PRIMARY_SCORE
+
+  def deploy(self, policy) -> DeployedPolicy:
+    """Wraps a line policy over this model's states for serving / replay."""
+    return DeployedPolicy(policy=policy, discretiser=self.discretiser, score_name=self.score_name)
+
+  def recall_policy(self, lam) -> DeployedPolicy:
+    """The recall-optimal policy of the fitted model at ``lam``, ready to deploy."""
+    return self.deploy(recall_policy(self.cascade, lam))
+
+  def no_recall_policy(self, lam) -> DeployedPolicy:
+    """The no-recall optimum of the fitted model at ``lam`` (a baseline)."""
+    return self.deploy(no_recall_policy(self.cascade, lam))
+
+
+def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: str = "quantile",
+                smoothing: float = 1.0, loss_smoothing: float = 1.0, prior: str = "uniform",
+                feature: Any = None, score: str | None = None, score_range: Any = None,
+                discretiser: Discretiser | None = None) -> FittedCascade:
+  """Fits a line :class:`~ttamer_jax.Cascade` to exit traces.
+
+  Args:
+    traces: calibration :class:`~ttamer_jax.ExitTraces`.
+    num_states: ``K`` states per stage (with ``feature="agree_prev"``, ``K/2`` score
+      bins times agree / disagree). Omit when ``discretiser`` is given.
+    binning: ``"quantile"`` or ``"uniform"`` score bins.
+    smoothing: Dirichlet pseudo-count per possible cell of ``init``/``trans`` rows
+      (1: Laplace).
+    loss_smoothing: pseudo-samples at the stage's mean loss added to each state's
+      calibrated loss.
+    prior: ``"uniform"`` or ``"marginal"`` Dirichlet prior (module docstring).
+    feature: ``None`` or ``"agree_prev"``.
+    score: name of the score signal to discretise (default: primary ``scores``).
+    score_range: ``(low, high)`` for uniform bins.
+    discretiser: reuse these bins instead of fitting new ones (e.g. re-fitting the
+      transitions on another split).
+
+  Returns:
+    :class:`FittedCascade`.
+  """
+  _check_fit_args(smoothing, loss_smoothing, prior)
+  disc, states = _discretise(traces, num_states, binning, score, score_range, feature, discretiser)
+  k, n = disc.num_states, traces.num_stages
+  losses = np.asarray(traces.losses, np.float64)
+  values, counts = _calibrated_values(states, losses, k, loss_smoothing)
+  first = _first_stage_prior(disc)
+  init = _smoothed_rows(np.bincount(states[:, 0], minlength=k).astype(np.float64), smoothing,
+                        _prior_row(prior, first, states[:, 0]))
+  trans = np.zeros((n - 1, k, k))
+  for i in range(n - 1):
+    row_prior = _prior_row(prior, np.ones(k), states[:, i + 1])
+    trans[i] = _smoothed_rows(_pair_counts(states[:, i], states[:, i + 1], k), smoothing, row_prior)
+  cascade = Cascade(values=values, init=init, trans=trans, costs=_stage_costs(traces))
+  return FittedCascade(cascade=cascade, discretiser=disc, counts=counts,
+                       score_name=PRIMARY_SCORE if score is None else score)
+
+
+# ------------------------------------------------------------------ skip line
+@pytree_dataclass(static=("score_name",))
+class FittedGraph:
+  """A skip-line routing graph fitted to traces.
+
+  Attributes:
+    graph: :class:`~ttamer_jax.RoutingGraph`; node ``i`` is stage ``i``.
+    discretiser: the :class:`Discretiser` that produced the states.
+    counts: ``[n, K]`` calibration samples per (stage, state).
+    score_name: static name of the score signal fitted on.
+  """
+
+  graph: RoutingGraph
+  discretiser: Discretiser
+  counts: chex.Array
+  score_name: str = PRIMARY_SCORE
+
+
+def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning: str = "quantile",
+                  smoothing: float = 1.0, loss_smoothing: float = 1.0, prior: str = "uniform",
+                  score: str | None = None, score_range: Any = None,
+                  discretiser: Discretiser | None = None, block_costs: Any = None,
+                  head_costs: Any = None, skip_first: bool = False) -> FittedGraph:
+  """Fits a skip-line graph whose ``T_{i->j}`` come straight from (stage i, stage j) pairs.
+
+  Costs follow :func:`~ttamer_jax.skip_line`: ``c(i, j) = block_costs[i+1..j].sum() +
+  head_costs[j]``; by default the traces' (mean) stage costs are the block costs
+  and heads are free. ``skip_first`` lets the root enter any stage, each entry with
+  that stage's smoothed empirical state distribution. The ``"agree_prev"`` feature
+  is not defined when exits are skipped, so it is rejected here.
+  """
+  _check_fit_args(smoothing, loss_smoothing, prior)
+  if discretiser is not None and not isinstance(discretiser, Discretiser):
+    raise ValueError(f"discretiser: expected a Discretiser, got {type(discretiser).__name__}")
+  if discretiser is not None and discretiser.feature is not None:
+    raise ValueError("discretiser: feature 'agree_prev' is undefined on a skip-line (the previous "
+                     "exit may not have run); use feature=None")
+  disc, states = _discretise(traces, num_states, binning, score, score_range, None, discretiser,
+                             pairs=lambda n: n * (n - 1) // 2)
+  k, n = disc.num_states, traces.num_stages
+  stage_costs = _stage_costs(traces)
+  block, head = skip_costs(block_costs, head_costs, np.asarray(stage_costs, np.float64))
+  cum = np.concatenate([[0.0], np.cumsum(block)])
+  values, counts = _calibrated_values(states, np.asarray(traces.losses, np.float64), k, loss_smoothing)
+  src, dst, edge_trans, edge_costs = [], [], [], []
+  for i in range(n):
+    for j in range(i + 1, n):
+      src.append(i)
+      dst.append(j)
+      edge_trans.append(_smoothed_rows(_pair_counts(states[:, i], states[:, j], k), smoothing,
+                                       _prior_row(prior, np.ones(k), states[:, j])))
+      edge_costs.append(cum[j + 1] - cum[i + 1] + head[j])
+  entries = list(range(n)) if skip_first else [0]
+  entry_init = [_smoothed_rows(np.bincount(states[:, j], minlength=k).astype(np.float64), smoothing,
+                               _prior_row(prior, np.ones(k), states[:, j])) for j in entries]
+  graph = RoutingGraph(
+      values=values, edge_trans=np.asarray(edge_trans).reshape(-1, k, k),
+      edge_costs=np.asarray(edge_costs), entry_init=np.asarray(entry_init),
+      entry_costs=np.asarray([cum[j + 1] + head[j] for j in entries]),
+      edge_src=tuple(src), edge_dst=tuple(dst), entry_nodes=tuple(entries))
+  return FittedGraph(graph=graph, discretiser=disc, counts=counts,
+                     score_name=PRIMARY_SCORE if score is None else score)

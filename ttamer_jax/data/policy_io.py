@@ -1,0 +1,271 @@
+"""Saving and loading deployable policies (``.npz`` arrays + JSON metadata).
+
+One ``.npz`` file holds everything serving needs: the discretiser's bin edges,
+the policy's arrays (index table, stop table, thresholds, mixture components)
+and a JSON metadata document (``metadata_json``): format version, policy
+structure, number of stages and states, score signal, ``lam``, fit date, library
+version and user fields. Every field carries a SHA-256 checksum; the file is
+written atomically (temporary file + ``os.replace``) and loaded with
+``allow_pickle=False``. A human-readable copy of the metadata is written beside
+it (``<name>.json``); the loader reads only the ``.npz``.
+
+Supported policies: :class:`~ttamer_jax.RecallPolicy`,
+:class:`~ttamer_jax.NoRecallPolicy`, the heuristics of
+:mod:`ttamer_jax.core.heuristics` (except the non-deployable hindsight oracle) and
+:class:`~ttamer_jax.MixturePolicy` of those.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ttamer_jax.core import heuristics, validation
+from ttamer_jax.core.model import default_float
+from ttamer_jax.core.policies import MixturePolicy, NoRecallPolicy, RecallPolicy
+from ttamer_jax.data.archive import check_format_version, read_npz, write_npz_atomic
+from ttamer_jax.data.discretise import FEATURES, DeployedPolicy, Discretiser, check_consistent
+from ttamer_jax.data.files import write_text
+
+POLICY_FORMAT_VERSION = 1
+_KIND = "ttamer_jax.DeployedPolicy"
+
+# type name -> (class, array fields, static fields)
+_LEAF_TYPES = {
+    "recall": (RecallPolicy, ("index", "values", "lam"), ()),
+    "no_recall": (NoRecallPolicy, ("stop",), ()),
+    "threshold": (heuristics.ThresholdPolicy, ("thresholds",), ("direction",)),
+    "patience": (heuristics.PatiencePolicy, ("patience",), ("stages",)),
+    "fixed_exit": (heuristics.FixedExitPolicy, ("exit_stage",), ("stages",)),
+}
+
+
+def _type_name(policy) -> str:
+  if isinstance(policy, MixturePolicy):
+    return "mixture"
+  for name, (cls, _, _) in _LEAF_TYPES.items():
+    if type(policy) is cls:
+      return name
+  raise ValueError(f"policy: cannot save a {type(policy).__name__} (supported: "
+                   f"{sorted(_LEAF_TYPES) + ['mixture']})")
+
+
+def _encode(policy, prefix: str, arrays: dict) -> dict:
+  name = _type_name(policy)
+  if name == "mixture":
+    arrays[f"{prefix}.prob_second"] = np.asarray(policy.prob_second, np.float64)
+    arrays[f"{prefix}.key"] = np.asarray(policy.key, np.uint32)
+    return dict(type="mixture", first=_encode(policy.first, f"{prefix}.first", arrays),
+                second=_encode(policy.second, f"{prefix}.second", arrays))
+  _, fields, static = _LEAF_TYPES[name]
+  for f in fields:
+    arrays[f"{prefix}.{f}"] = np.asarray(getattr(policy, f))
+  return dict(type=name, **{s: getattr(policy, s) for s in static})
+
+
+# dtype kinds each stored array may have (checked before any value is looked at).
+_REAL = "fiu"
+_FIELD_KINDS = {"index": _REAL, "values": _REAL, "lam": _REAL, "stop": "b", "thresholds": _REAL,
+                "patience": "iu", "exit_stage": "iu", "prob_second": _REAL, "key": "iu",
+                "edges": _REAL, "metadata_json": "U"}
+
+
+def _field(arrays, path, key, ndim=None):
+  if key not in arrays:
+    raise ValueError(f"{path}: field {key!r} is missing")
+  arr = arrays[key]
+  kinds = _FIELD_KINDS.get(key.rsplit(".", 1)[-1])
+  if kinds is not None and arr.dtype.kind not in kinds:
+    raise ValueError(f"{path}: field {key!r} has dtype {arr.dtype} (expected "
+                     f"{'bool' if kinds == 'b' else 'a string' if kinds == 'U' else 'a real number type'})")
+  if ndim is not None and arr.ndim != ndim:
+    raise ValueError(f"{path}: field {key!r} must have {ndim} dimensions, got shape {arr.shape}")
+  return arr
+
+
+def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
+  if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+    raise ValueError(f"{path}: metadata 'policy' entry for {prefix!r} is malformed")
+  kind = spec["type"]
+  if kind == "mixture":
+    used.update({f"{prefix}.prob_second", f"{prefix}.key"})
+    first = _decode(spec.get("first"), f"{prefix}.first", arrays, path, used)
+    second = _decode(spec.get("second"), f"{prefix}.second", arrays, path, used)
+    prob_second = _field(arrays, path, f"{prefix}.prob_second", 0)
+    key = _field(arrays, path, f"{prefix}.key", 1)
+    try:
+      return MixturePolicy(first=first, second=second, prob_second=prob_second.astype(default_float()),
+                           key=key)
+    except ValueError as e:  # "key: ..." -> "field 'policy.key: ..."
+      raise ValueError(f"{path}: field '{prefix}.{e}") from None
+  if kind not in _LEAF_TYPES:
+    raise ValueError(f"{path}: unknown policy type {kind!r} in the metadata")
+  cls, fields, static = _LEAF_TYPES[kind]
+  used.update(f"{prefix}.{f}" for f in fields)
+  values = {f: _field(arrays, path, f"{prefix}.{f}") for f in fields}
+  if set(spec) - {"type", *static}:
+    raise ValueError(f"{path}: unexpected entries {sorted(set(spec) - {'type', *static})} for {prefix!r}")
+  kwargs = {s: spec.get(s) for s in static}
+  if kind == "recall":
+    _check_recall(path, prefix, **values)
+  elif kind == "no_recall":
+    if values["stop"].dtype != bool or values["stop"].ndim != 2:
+      raise ValueError(f"{path}: field '{prefix}.stop' must be a 2-d bool table, got "
+                       f"{values['stop'].dtype}{values['stop'].shape}")
+  try:
+    return cls(**values, **kwargs)
+  except ValueError as e:  # "thresholds: ..." -> "field 'policy.thresholds: ..."
+    raise ValueError(f"{path}: field '{prefix}.{e}") from None
+
+
+def _check_recall(path, prefix, index, values, lam):
+  if index.ndim != 2 or values.shape != index.shape:
+    raise ValueError(f"{path}: fields '{prefix}.index' {index.shape} and '{prefix}.values' "
+                     f"{values.shape} must be equal [n, K] tables")
+  if np.isnan(index).any():
+    raise ValueError(f"{path}: field '{prefix}.index' holds NaN")
+  validation.check_nonnegative(f"{path}: field '{prefix}.values'", values)
+  if lam.shape != ():
+    raise ValueError(f"{path}: field '{prefix}.lam' must be a scalar, got shape {lam.shape}")
+  try:
+    validation.check_lam(lam)
+  except ValueError as e:
+    raise ValueError(f"{path}: field '{prefix}.{e}") from None
+
+
+def _policy_lam(policy):
+  if isinstance(policy, RecallPolicy):
+    return float(policy.lam)
+  if isinstance(policy, MixturePolicy):
+    lams = [_policy_lam(policy.first), _policy_lam(policy.second)]
+    return lams if None not in lams else None
+  return None
+
+
+def default_fit_date() -> str:
+  """Now (UTC, ISO 8601), or ``$SOURCE_DATE_EPOCH`` when set (the reproducible-builds
+  convention), so that re-running a seeded job writes a bit-identical policy file."""
+  epoch = os.environ.get("SOURCE_DATE_EPOCH")
+  if epoch:
+    try:
+      return datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).isoformat()
+    except (ValueError, OverflowError, OSError):
+      raise ValueError(f"$SOURCE_DATE_EPOCH = {epoch!r}: must be an integer number of seconds "
+                       "since 1970-01-01 UTC") from None
+  return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def sidecar_path(path: str | os.PathLike) -> str:
+  """``policy.npz -> policy.json``: the human-readable metadata copy."""
+  base, ext = os.path.splitext(os.fspath(path))
+  return (base if ext == ".npz" else os.fspath(path)) + ".json"
+
+
+def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any = None,
+                fit_date: str | None = None, metadata: dict | None = None,
+                sidecar: bool = True) -> dict:
+  """Saves a :class:`DeployedPolicy` to ``path`` (``.npz``) and returns its metadata.
+
+  Args:
+    path: destination file.
+    deployed: the policy, its discretiser and score signal.
+    lam: recorded trade-off weight (default: taken from the policy when it has one).
+    fit_date: ISO-8601 date of the fit (default: :func:`default_fit_date`, i.e. now
+      in UTC or ``$SOURCE_DATE_EPOCH``).
+    metadata: extra JSON-serialisable user fields (stored under ``"user"``).
+    sidecar: also write the metadata as ``<name>.json`` for humans.
+  """
+  if not isinstance(deployed, DeployedPolicy):
+    raise ValueError(f"deployed: expected a DeployedPolicy, got {type(deployed).__name__}")
+  n, k = check_consistent(deployed, "deployed")
+  if metadata is not None and not isinstance(metadata, dict):
+    raise ValueError(f"metadata: expected a dict of JSON-serialisable user fields, got "
+                     f"{type(metadata).__name__}")
+  if fit_date is not None and not isinstance(fit_date, str):
+    raise ValueError(f"fit_date: expected an ISO-8601 string, got {type(fit_date).__name__}")
+  if lam is not None:
+    validation.check_scalar_lam(lam)
+  arrays: dict[str, np.ndarray] = {}
+  spec = _encode(deployed.policy, "policy", arrays)
+  from ttamer_jax._version import __version__
+  meta = dict(format_version=POLICY_FORMAT_VERSION, kind=_KIND, policy=spec, num_stages=n,
+              num_states=k, score_name=deployed.score_name, feature=deployed.discretiser.feature,
+              lam=_policy_lam(deployed.policy) if lam is None else float(lam),
+              fit_date=fit_date or default_fit_date(),
+              library_version=__version__, user=dict(metadata or {}))
+  try:
+    text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+  except (TypeError, ValueError, RecursionError) as e:
+    raise ValueError(f"metadata: not JSON-serialisable ({e})") from None
+  arrays.update(format_version=np.asarray(POLICY_FORMAT_VERSION, np.int64), kind=np.asarray(_KIND),
+                metadata_json=np.asarray(text), edges=np.asarray(deployed.discretiser.edges))
+  write_npz_atomic(path, arrays)
+  if sidecar:
+    write_text(sidecar_path(path), text + "\n")
+  return meta
+
+
+def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
+                with_metadata: bool = False, max_bytes: int | None = None):
+  """Loads a policy saved by :func:`save_policy`.
+
+  Args:
+    path: the ``.npz`` file.
+    num_stages: the number of stages the caller serves; a file built for another
+      number raises ``ValueError``.
+    with_metadata: also return the metadata dict.
+    max_bytes: size limit (default :data:`ttamer_jax.data.files.MAX_FILE_BYTES`); larger
+      files are refused before they are read.
+
+  Returns:
+    :class:`DeployedPolicy` (or ``(DeployedPolicy, metadata)``). Corrupt files, a
+    wrong format version, inconsistent fields or a stage mismatch raise
+    ``ValueError`` naming the field.
+  """
+  path = os.fspath(path)
+  arrays = read_npz(path, "policy", max_bytes=max_bytes)
+  check_format_version(path, arrays, POLICY_FORMAT_VERSION, _KIND, "policy")
+  text = _field(arrays, path, "metadata_json", 0)
+  try:
+    meta = json.loads(str(text))
+  except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+    raise ValueError(f"{path}: field 'metadata_json' is not valid JSON "
+                     f"({type(e).__name__}: {str(e)[:100]})") from None
+  if not isinstance(meta, dict):
+    raise ValueError(f"{path}: field 'metadata_json' must hold a JSON object")
+  for key in ("format_version", "policy", "num_stages", "num_states", "score_name", "feature"):
+    if key not in meta:
+      raise ValueError(f"{path}: metadata field {key!r} is missing")
+  if isinstance(meta["format_version"], bool) or meta["format_version"] != int(arrays["format_version"]):
+    raise ValueError(f"{path}: metadata format_version {meta['format_version']!r} disagrees with "
+                     f"field 'format_version' = {int(arrays['format_version'])}")
+  if meta["feature"] not in FEATURES:
+    raise ValueError(f"{path}: metadata feature {meta['feature']!r} is not one of {FEATURES}")
+  if not isinstance(meta["score_name"], str):
+    raise ValueError(f"{path}: metadata score_name must be a string")
+  used = {"format_version", "kind", "metadata_json", "edges"}
+  try:
+    policy = _decode(meta["policy"], "policy", arrays, path, used)
+  except ValueError as e:
+    raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+  extra = sorted(set(arrays) - used)
+  if extra:
+    raise ValueError(f"{path}: unexpected field {extra[0]!r}")
+  edges = _field(arrays, path, "edges", 2)
+  try:
+    disc = Discretiser(edges=edges, feature=meta["feature"])
+  except ValueError as e:
+    raise ValueError(f"{path}: field '{e}") from None
+  deployed = DeployedPolicy(policy=policy, discretiser=disc, score_name=meta["score_name"])
+  n, k = check_consistent(deployed, path)
+  if (n, k) != (meta["num_stages"], meta["num_states"]):
+    raise ValueError(f"{path}: metadata says {meta['num_stages']} stages x {meta['num_states']} "
+                     f"states, the arrays hold {n} x {k}")
+  if num_stages is not None and num_stages != n:
+    raise ValueError(f"{path}: policy built for {n} stages, but {num_stages} were requested "
+                     "(num_stages mismatch)")
+  return (deployed, meta) if with_metadata else deployed
