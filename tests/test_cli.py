@@ -102,8 +102,9 @@ def world(tmp_path_factory):
   out = lambda name: os.path.join(root, name)
   runs = {
       "demo": ["demo", "--quick", "--out", out("demo")],
-      "fit": ["fit", f["cal"], "--states", "6", "--out", out("fit.npz"), "--cascade-out",
-              out("fit_cascade.npz"), "--json"],
+      "fit": ["fit", f["cal"], "--candidates", "recall", "--states", "6", "--out", out("fit.npz"),
+              "--cascade-out", out("fit_cascade.npz"), "--json"],
+      "fit_select": ["fit", f["cal"], "--lam", "0.9", "--out", out("fit_select.npz")],
       "evaluate": ["evaluate", f["policy"], f["test"], "--resamples", "200", "--json"],
       "sweep": ["sweep", f["test"], "--calibration", f["cal"], "--lam", "0:1:21", "--plot",
                 out("sweep.png"), "--json"],
@@ -168,17 +169,21 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   assert results["workload"] == "digits-cnn" and results["quick"] is True
   rows = {r["policy"]: r for r in results["operating_points"]}
   assert set(rows) == set(pipeline.POLICIES)
-  # The saved policy is the recall optimum of the fitted cascade at the chosen lam.
+  # The saved policy is the one cross-fitting chose on calibration, and its held-out
+  # numbers are what the demo reports as measured on the test split.
   deployed, meta = tj.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
-  assert meta["lam"] == pytest.approx(results["chosen_lam"])
-  cascade = load_cascade(os.path.join(d, "cascade.npz"))
-  np.testing.assert_allclose(deployed.policy.index,
-                             tj.solve_recall(cascade, results["chosen_lam"]).index, rtol=1e-6)
-  # ... and its held-out error is what the table reports for recall.
+  selected = results["selected"]
+  assert meta["user"]["chosen"] == selected["name"] and meta["lam"] == selected["solve_lam"]
+  assert "chosen by cross-fitting on the calibration split" in proc.stdout
   test = load_traces(os.path.join(d, "test_traces.npz"))
-  ev = tj.evaluate(deployed, test, results["chosen_lam"], num_resamples=10)
-  if rows["recall"]["chosen_param"] is not None:
-    assert float(ev.error) == pytest.approx(rows["recall"]["chosen_error"], abs=1e-9)
+  ev = tj.evaluate(deployed, test, 0.5, num_resamples=10)
+  assert float(ev.error) == pytest.approx(selected["test"]["error"], abs=1e-9)
+  assert float(ev.cost_norm) == pytest.approx(selected["test"]["cost_norm"], abs=1e-9)
+  if selected["model_check"] is not None:
+    assert "modelled" in proc.stdout and "measured" in proc.stdout
+  # The recall family's operating point is the optimum of the saved cascade (the heatmap's).
+  cascade = load_cascade(os.path.join(d, "cascade.npz"))
+  assert cascade.num_states == 8 and 0 <= results["chosen_lam"] <= 1
   # The network was trained into the cache the environment named.
   assert "digits-cnn-seed0-steps150.npz" in os.listdir(world["cache"])
 
@@ -189,11 +194,32 @@ def test_fit_json_and_files(world):
   deployed, meta = tj.load_policy(out("fit.npz"), with_metadata=True)
   assert meta == result["metadata"] and meta["num_states"] == 6 and meta["score_name"] == "max_softmax"
   assert 0 <= result["lam"] <= 1 and result["lam_choice"].startswith("auto")
+  sel = result["selection"]
+  assert sel["chosen"]["name"] == "recall[max_softmax, 6 quantile states]" and sel["runner_up"] is None
+  assert meta["full_cost"] == pytest.approx(sel["full_cost"]) and "unit-free" in meta["cost_unit"]
+  check = sel["model_check"]  # modelled vs measured, in sample and cross-fitted
+  for where in ("in_sample", "cross_fitted"):
+    for q in check[where].values():
+      assert q["ci"][0] <= q["measured"] <= q["ci"][1]
+      assert q["inside"] == (q["ci"][0] - 1e-5 <= q["predicted"] <= q["ci"][1] + 1e-5)
   assert os.path.exists(out("fit.json"))
   # The policy is the recall optimum of the saved cascade at the recorded lam.
   cascade = load_cascade(out("fit_cascade.npz"))
   np.testing.assert_allclose(deployed.policy.index, tj.solve_recall(cascade, result["lam"]).index,
                              rtol=1e-6)
+
+
+def test_fit_chooses_by_cross_fitting_and_says_what_and_why(world):
+  proc = _ok(world["runs"]["fit_select"])
+  out = world["out"]
+  deployed, meta = tj.load_policy(out("fit_select.npz"), with_metadata=True)
+  assert "chose by 5-fold cross-fitting among" in proc.stdout
+  assert f"chosen     {meta['user']['chosen']}" in proc.stdout and "runner-up" in proc.stdout
+  assert "model check of" in proc.stdout and "modelled" in proc.stdout
+  # One warning line exactly when the model's J lies outside its replay interval.
+  warned = [line for line in proc.stdout.splitlines() if line.startswith("warning: model check")]
+  outside = "<- outside" in "\n".join(line for line in proc.stdout.splitlines() if " J " in line)
+  assert len(warned) == int(outside)
 
 
 def test_evaluate_json_matches_library(world):
@@ -348,7 +374,7 @@ def test_demo_json_on_synthetic_workload(tmp_path, capsys):
   assert result == json.load(open(out / "results.json"))
   assert result["workload"] == "synthetic-overthink"
   assert "pareto_plot" not in result["files"] and os.path.exists(result["files"]["policy"])
-  assert result["policy"]["lam"] == pytest.approx(result["chosen_lam"])
+  assert result["policy"]["lam"] == result["selected"]["solve_lam"]  # the deployed, selected policy
 
 
 def test_compare_with_progress_bar_matches_without():

@@ -84,8 +84,10 @@ def test_evaluate_statistics_match_numpy_and_the_exact_value():
   assert float(ev.error) == pytest.approx(loss.mean(), rel=1e-9)
   assert float(ev.cost) == pytest.approx(cost.mean(), rel=1e-9)
   assert float(ev.cost_norm) == pytest.approx(cost.mean() / full, rel=1e-6)
-  obj = lam * loss + (1 - lam) * cost
+  obj = lam * loss + (1 - lam) * cost / full  # J is unit-free: cost as a share of the full cost
   assert float(ev.objective) == pytest.approx(obj.mean(), rel=1e-9)
+  assert float(ev.objective) == pytest.approx(lam * float(ev.error) + (1 - lam) * float(ev.cost_norm),
+                                              rel=1e-9)
   np.testing.assert_allclose(ev.stop_histogram, np.bincount(np.asarray(res.stop_stage), minlength=4) / NUM)
   assert float(np.sum(ev.answer_histogram)) == pytest.approx(1.0)
   for est, ci in ((ev.error, ev.error_ci), (ev.cost, ev.cost_ci), (ev.cost_norm, ev.cost_norm_ci),
@@ -97,7 +99,10 @@ def test_evaluate_statistics_match_numpy_and_the_exact_value():
   assert (ev.objective_ci[1] - ev.objective_ci[0]) == pytest.approx(2 * 1.96 * se, rel=0.1)
   # Monte-Carlo agreement with the exact value on the true model (traces sampled from it).
   exact = tj.policy_metrics(c, deployed.policy)
-  assert abs(float(ev.objective) - float(tj.solve_recall(c, lam).value)) <= 4 * se
+  # (The cascade's J is in its own cost units; evaluate's J in shares of the full cost.)
+  raw = lam * float(ev.error) + (1 - lam) * float(ev.cost)
+  raw_se = np.std(lam * loss + (1 - lam) * cost, ddof=1) / np.sqrt(NUM)
+  assert abs(raw - float(tj.solve_recall(c, lam).value)) <= 4 * raw_se
   assert abs(float(ev.error) - float(exact.loss)) <= 4 * float(ev.error_se)
   cost_se = cost.std(ddof=1) / np.sqrt(NUM)
   assert abs(float(ev.cost) - float(exact.cost)) <= 4 * cost_se
@@ -117,7 +122,9 @@ def test_compare_and_split_robustness():
   b = tj.fixed_exit(3, 4)
   cmp = tj.compare(a, b, tr, lam)
   ra, rb = tj.replay_traces(a, tr), tj.replay_traces(b, tr)
-  d = np.asarray(ra.objective(lam), np.float64) - np.asarray(rb.objective(lam), np.float64)
+  full = tr.full_cost()  # objectives are unit-free: costs as shares of the full cost
+  d = (lam * (np.asarray(ra.loss, np.float64) - np.asarray(rb.loss, np.float64))
+       + (1 - lam) * (np.asarray(ra.cost, np.float64) - np.asarray(rb.cost, np.float64)) / full)
   assert float(cmp.diff) == pytest.approx(d.mean(), rel=1e-9)
   assert float(cmp.diff_se) == pytest.approx(d.std(ddof=1) / np.sqrt(NUM), rel=1e-6)
   assert cmp.diff_ci[0] <= float(cmp.diff) <= cmp.diff_ci[1]

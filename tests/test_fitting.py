@@ -59,7 +59,9 @@ def test_laplace_smoothing_by_hand():
   np.testing.assert_allclose(c.trans[0], [[1 / 5, 3 / 5, 1 / 5], [1 / 4, 2 / 4, 1 / 4], [1 / 3] * 3], rtol=1e-6)
   m0, m1 = 2 / 3, 1 / 3  # stage mean losses
   np.testing.assert_allclose(c.values, [[(1 + m0) / 3, (1 + m0) / 2, m0], [m1, (1 + m1) / 4, m1]], rtol=1e-6)
-  np.testing.assert_allclose(c.costs, [3.0, 4.0])
+  # Mean stage costs [3, 4], stored as shares of the full cost 7 (unit-free lam).
+  np.testing.assert_allclose(c.costs, [3.0 / 7, 4.0 / 7], rtol=1e-6)
+  assert float(fit.cost_scale) == pytest.approx(7.0)
   np.testing.assert_array_equal(fit.counts, [[2, 1, 0], [0, 3, 0]])
   mle = tj.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1), smoothing=0.0, loss_smoothing=0.0)
   np.testing.assert_allclose(mle.cascade.init, [2 / 3, 1 / 3, 0])
@@ -143,8 +145,11 @@ def test_fitting_recovers_a_known_cascade_with_error_shrinking_in_n():
   assert big[0] * 2.5 < small[0]
   assert big[1] * 2.5 < small[1]
   # The fitted model's optimum is close to the true one.
+  # The fitted model's optimum is close to the true one (costs as shares of the full cost).
+  unit_free = c.replace(costs=np.asarray(c.costs) / np.sum(np.asarray(c.costs)))
   for lam in (0.3, 0.8):
-    assert abs(float(tj.solve_recall(big[2].cascade, lam).value) - float(tj.solve_recall(c, lam).value)) < 0.01
+    assert abs(float(tj.solve_recall(big[2].cascade, lam).value)
+               - float(tj.solve_recall(unit_free, lam).value)) < 0.01
 
 
 # ------------------------------------------------------------------ skip line
@@ -161,14 +166,19 @@ def test_skip_line_direct_estimates_match_products_on_markov_data():
     se = np.sqrt(p * (1 - p) / counts[u][:, None])
     assert np.all(np.abs(np.asarray(graph.edge_trans[e]) - p) <= 4 * se + 1e-6)
   costs = np.asarray(c.costs, np.float64)
+  costs = costs / costs.sum()  # shares of consulting every stage: unit-free lam
+  assert float(g.cost_scale) == pytest.approx(float(np.sum(np.asarray(c.costs, np.float64))), rel=1e-6)
   np.testing.assert_allclose(graph.edge_costs, [costs[1], costs[1] + costs[2], costs[2]], rtol=1e-6)
   np.testing.assert_allclose(graph.entry_costs, [costs[0]], rtol=1e-6)
   heads = tj.fit_skip_line(tr, 4, block_costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.2, 0.4], skip_first=True)
-  np.testing.assert_allclose(heads.graph.edge_costs, [2.2, 6.4, 4.4], rtol=1e-6)
-  np.testing.assert_allclose(heads.graph.entry_costs, [1.1, 3.2, 7.4], rtol=1e-6)
+  # Shares of consulting every stage in turn (blocks 7 + heads 0.7).
+  np.testing.assert_allclose(heads.graph.edge_costs, np.array([2.2, 6.4, 4.4]) / 7.7, rtol=1e-6)
+  np.testing.assert_allclose(heads.graph.entry_costs, np.array([1.1, 3.2, 7.4]) / 7.7, rtol=1e-6)
   assert heads.graph.entry_nodes == (0, 1, 2)
   # The solver runs on the fitted graph and agrees with the true skip-line's optimum.
-  assert abs(float(tj.solve_recall(graph, 0.5).value) - float(tj.solve_recall(tj.skip_line(c), 0.5).value)) < 0.01
+  unit_free = c.replace(costs=np.asarray(c.costs) / np.sum(np.asarray(c.costs)))
+  assert abs(float(tj.solve_recall(graph, 0.5).value)
+             - float(tj.solve_recall(tj.skip_line(unit_free), 0.5).value)) < 0.01
 
 
 def test_skip_line_direct_estimates_are_right_when_the_chain_is_not_markov():

@@ -43,7 +43,7 @@ def test_sweeps_equal_one_policy_at_a_time():
       assert float(sw.cost_norm[j]) == pytest.approx(float(np.mean(res.cost)) / full, rel=1e-5)
       np.testing.assert_allclose(sw.stop_histogram[j], np.bincount(np.asarray(res.stop_stage), minlength=4) / N_SPLIT,
                                  atol=1e-6)
-  np.testing.assert_allclose(sweep.objective(0.3), 0.3 * sweep.error + 0.7 * sweep.cost)
+  np.testing.assert_allclose(sweep.objective(0.3), 0.3 * sweep.error + 0.7 * sweep.cost_norm)
   assert len(sweep.rows()) == 4
   with pytest.raises(ValueError, match=r"lam\[1\] = 1.5 is outside"):
     tj.sweep_recall(fit, held, [0.5, 1.5])
@@ -120,7 +120,9 @@ def test_tuned_objective_picks_on_calibration_and_scores_on_held_out():
   cal = tj.ReplaySweep(param=np.arange(3), error=np.array([0.3, 0.2, 0.1]), cost=np.array([0.1, 0.15, 0.9]),
                        cost_norm=np.zeros(3), stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
   held = cal.replace(error=np.array([0.5, 0.4, 0.0]))
-  assert tj.tuned_objective(cal, held, 0.5) == (1, pytest.approx(0.5 * 0.4 + 0.5 * 0.15))
+  cal = cal.replace(cost_norm=cal.cost / 2)  # J uses the cost share (unit-free)
+  held = held.replace(cost_norm=cal.cost_norm)
+  assert tj.tuned_objective(cal, held, 0.5) == (1, pytest.approx(0.5 * 0.4 + 0.5 * 0.075))
 
 
 # ------------------------------------------------------------------ the acceptance claim
@@ -152,7 +154,7 @@ def test_fitted_recall_beats_every_baseline_on_held_out_traces(seed):
     others = {name: _tuned_replay(g, p, cal, held, lam) for name, (g, p) in grids.items()}
     others["no_recall"] = tj.replay_traces(fit.no_recall_policy(lam), held)
     for name, res in others.items():
-      cmp = compare_results(recall, res, lam, num_resamples=10)
+      cmp = compare_results(recall, res, lam, full_cost=held.full_cost(), num_resamples=10)
       assert float(cmp.diff) <= 4 * float(cmp.diff_se), (seed, lam, name, float(cmp.diff), float(cmp.diff_se))
       strict += float(cmp.diff) < -4 * float(cmp.diff_se)
     hindsight = tj.replay_traces(tj.hindsight_policy(held.losses, held.costs, lam), held)

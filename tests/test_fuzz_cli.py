@@ -189,6 +189,7 @@ def test_valid_fit(n, data):
     tpath, out = os.path.join(d, "t.npz"), os.path.join(d, "out", "p.npz")
     os.mkdir(os.path.dirname(out))
     save_traces(tpath, traces)
+    # A state design given: the one recall candidate (cross-fitted, model-checked).
     argv = ["fit", tpath, "--out", out, "--states", str(k)]
     lam = data.draw(st.one_of(st.none(), st.just("auto"), LAM), "lam")
     if lam is not None:
@@ -415,7 +416,9 @@ def _base_argv(command, f, out):
 # option -> the parser's type (a value it accepts is not a bad value) or its choices
 OPTION_TYPES = {
     "fit": {"--states": cli.positive_int, "--lam": cli.lam_or_auto, "--tolerance": cli.fraction,
-            "--binning": ("quantile", "uniform"), "--feature": ("agree_prev",)},
+            "--binning": ("quantile", "uniform"), "--feature": ("agree_prev",),
+            "--candidates": pipeline.CANDIDATE_SETS, "--folds": cli.positive_int,
+            "--seed": cli.seed_value},
     "evaluate": {"--lam": cli.single_lam, "--resamples": cli.resample_count, "--level": cli.fraction,
                  "--seed": cli.seed_value},
     "sweep": {"--lam": cli.lam_values, "--split": cli.fraction, "--states": cli.positive_int,
@@ -430,7 +433,8 @@ LATE_BAD = {
     "fit": [["--score", "nope"], ["--feature", "agree_prev", "--states", "3"],
             ["--states", "1000000000"], ["--states", str(10**30)], ["--out", "{dir}"],
             ["--out", "{out}/missing/p.npz"], ["--cascade-out", "{out}/missing/c.npz"],
-            ["--cascade-out", "{dir}"]],
+            ["--cascade-out", "{dir}"], ["--folds", "1"], ["--folds", "100000"],
+            ["--seed", str(2**70)]],
     "evaluate": [["--level", "0"], ["--level", "0.0"], ["--level", "-0"], ["--seed", str(2**64)],
                  ["--seed", str(-2**70)]],
     "sweep": [["--split", "0"], ["--split", "0.001"], ["--split", "0.999"], ["--score", "nope"],

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+from ttamer_jax.evaluation import selection  # its lam grid
 from ttamer_jax.app import pipeline as P
 from ttamer_jax.app import reports
 from ttamer_jax.evaluation import frontier
@@ -128,16 +129,21 @@ def test_deployed_lam_is_the_operating_point_else_least_error():
 
 
 def test_fit_and_save_chooses_lam_by_the_same_rule(synthetic, tmp_path):
+  """A given state design (states=4) means the one recall candidate; lam auto then solves it
+  at the cheapest lam within tolerance on the traces -- the rule of operating points."""
   traces = synthetic.calibration
   path, out = str(tmp_path / "t.npz"), str(tmp_path / "p.npz")
   tj.save_traces(path, traces)
   run = P.fit_and_save(path, out, states=4, tolerance=0.02)
   fitted = tj.fit_cascade(traces, 4, score="max_softmax")
-  sweep = tj.sweep_recall(fitted, traces, P.default_lams())
+  lams = selection.AUTO_LAMS
+  sweep = tj.sweep_recall(fitted, traces, lams)
   full = float(np.asarray(traces.losses)[:, -1].mean())
   i, met = frontier.cheapest_within(sweep.cost_norm, sweep.error, full, 0.02)
-  assert met and run.result["lam"] == float(np.asarray(sweep.param)[i])
-  assert run.result["lam_choice"].startswith("auto: cheapest lam within 2 points")
+  assert met and run.result["lam"] == pytest.approx(float(lams[i]))
+  sel = run.result["selection"]
+  assert sel["chosen"]["name"] == "recall[max_softmax, 4 quantile states]"
+  assert run.result["lam_choice"].startswith("auto: least cross-fitted cost within 2 points")
   assert run.notes["sidecar"] == str(tmp_path / "p.json")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.npz", "t.npz"]
   with pytest.raises(ValueError, match="must be even"):

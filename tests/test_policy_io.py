@@ -85,10 +85,10 @@ def test_stage_and_version_mismatch(tmp_path):
   with pytest.raises(ValueError, match="policy built for 3 stages, but 5 were requested"):
     tj.load_policy(path, num_stages=5)
   fields = archive.read_npz(path, "policy")
-  fields["format_version"] = np.asarray(2, np.int64)
-  archive.write_npz_atomic(tmp_path / "v2.npz", fields)
-  with pytest.raises(ValueError, match="format_version = 2 is not supported.*newer"):
-    tj.load_policy(tmp_path / "v2.npz")
+  fields["format_version"] = np.asarray(3, np.int64)
+  archive.write_npz_atomic(tmp_path / "v3.npz", fields)
+  with pytest.raises(ValueError, match="format_version = 3 is not supported.*reads versions 1, 2.*newer"):
+    tj.load_policy(tmp_path / "v3.npz")
   meta = json.loads(str(fields["metadata_json"]))
   meta["format_version"] = 7
   fields = archive.read_npz(path, "policy")

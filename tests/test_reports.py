@@ -72,19 +72,48 @@ def test_markdown_tables():
   assert obj[3] == "| 0.90 | 0.4000 | **0.3000** | 0.1000 |"
 
 
+def _check(pred_obj=0.20, inside=True):
+  q = lambda p, m, lo, hi, ok=True: dict(predicted=p, measured=m, ci=[lo, hi], inside=ok)
+  part = dict(error=q(0.1, 0.1, 0.09, 0.11), cost_norm=q(0.5, 0.5, 0.45, 0.55),
+              objective=q(pred_obj, 0.2, 0.19, 0.21, inside))
+  return dict(policy="recall[x]", lam=0.9, in_sample=part, cross_fitted=part)
+
+
+def _selection(check=None):
+  cand = lambda name, obj, ttamer: dict(name=name, ttamer=ttamer, objective=obj,
+                                        objective_ci=[obj - 0.01, obj + 0.01], error=0.1,
+                                        cost_norm=0.4)
+  chosen, runner, rule = cand("recall[x]", 0.2, True), cand("no_recall[x]", 0.21, True), cand(
+      "patience", 0.3, False)
+  return dict(lam=0.9, tolerance=None, chosen=chosen, runner_up=runner,
+              versus_runner_up=dict(diff=-0.01, diff_se=0.002, diff_ci=[-0.014, -0.006]),
+              candidates=[chosen, runner, rule], model_check=check)
+
+
 def test_fit_text():
   result = dict(policy="p.npz", lam=0.79, lam_choice="given", cascade=None,
-                in_sample=dict(error=0.115, cost_norm=0.379, full_error=0.11, num_samples=1500))
-  notes = dict(num_stages=4, num_states=6, score="max_softmax", feature=None, sidecar="p.json")
-  assert reports.fit_text(result, notes).splitlines() == [
-      "fitted 4 stages x 6 states on 1500 requests (score max_softmax)",
-      "recall policy at lam = 0.79 (given)",
-      "on these traces (in-sample, optimistic): error 11.5% (last exit 11.0%), cost 37.9% of "
-      "running every stage",
-      "wrote p.npz (+ p.json)",
-      "next: ttamer evaluate p.npz HELD_OUT_TRACES.npz"]
-  text = reports.fit_text(dict(result, cascade="c.npz"), dict(notes, feature="agree_prev"))
-  assert "(score max_softmax, feature agree_prev)" in text and "(+ p.json) and c.npz" in text
+                in_sample=dict(error=0.115, cost_norm=0.379, full_error=0.11, num_samples=1500),
+                selection=_selection(_check()))
+  notes = dict(num_samples=1500, num_stages=4, folds=5, sidecar="p.json", cascade_requested=None,
+               warnings=[])
+  lines = reports.fit_text(result, notes).splitlines()
+  assert lines[0].startswith("1500 requests x 4 stages; chose by 5-fold cross-fitting among 3 "
+                             "candidates (lam = 0.9)")
+  assert lines[1] == "  chosen     recall[x]"
+  assert lines[2] == ("             cross-fitted J 0.2000 [0.1900, 0.2100], error 10.0%, cost 40.0% "
+                      "of running every stage")
+  assert lines[3] == "  runner-up  no_recall[x]"
+  assert lines[4].endswith("chosen - runner-up -0.0100 [-0.0140, -0.0060]")
+  assert lines[5].startswith("  best simple rule: patience, cross-fitted J 0.3000")
+  assert "  policy at lam = 0.79 (given)" in lines
+  assert any(line.startswith("model check of recall[x]") for line in lines)
+  assert not any("<- outside" in line or line.startswith("warning") for line in lines)
+  assert lines[-2:] == ["wrote p.npz (+ p.json)", "next: ttamer evaluate p.npz HELD_OUT_TRACES.npz"]
+  # A prediction outside its interval is marked; the warning lines come from the notes.
+  bad = dict(result, selection=_selection(_check(pred_obj=0.3, inside=False)), cascade=None)
+  text = reports.fit_text(bad, dict(notes, warnings=["model check: ..."], cascade_requested="c.npz"))
+  assert text.count("<- outside") == 2 and "\nwarning: model check: ...\n" in text
+  assert "not c.npz: the chosen policy is a simple rule" in text
 
 
 def test_evaluate_text():
@@ -123,7 +152,8 @@ def test_solve_text():
              index=np.array([[0.1, -np.inf], [np.inf, np.inf]]))
   result = dict(cascade="c.npz", num_stages=2, num_states=2, solutions=[row], plot="i.png")
   assert reports.solve_text(result).splitlines() == [
-      "c.npz: 2 stages x 2 states. Optimal J = lam * E[loss] + (1 - lam) * E[cost] (lower is better):",
+      "c.npz: 2 stages x 2 states. Optimal J = lam * E[loss] + (1 - lam) * E[cost] of the cascade "
+      "model (modelled: exact values of the model, not measured on traces; lower is better):",
       "   lam   hindsight      recall   no-recall  no-recall/recall",
       " 0.300     0.10000     0.20000     0.25000             1.250",
       "",
@@ -153,7 +183,12 @@ def demo_result():
                 frontier_gaps={"no_recall": 0.01, "confidence": -0.002},
                 fitted=dict(score="max_softmax"),
                 info=dict(loaded=False, train_seconds=20.4, test_accuracy=[0.9, 0.95],
-                          stage_cost_share=[0.3, 0.7]))
+                          stage_cost_share=[0.3, 0.7]),
+                selected=dict(name="recall[x]", ttamer=True, solve_lam=0.8, tolerance_met=True,
+                              cross_fitted=dict(error=0.12, cost_norm=0.38),
+                              test=dict(error=0.1, error_ci=[0.09, 0.11], cost_norm=0.4,
+                                        cost_norm_ci=[0.38, 0.42]),
+                              runner_up="patience", model_check=_check(), notes=[]))
   notes = dict(num_stages=2, trained=True, states=8, tolerance=0.01)
   return result, notes
 
@@ -172,7 +207,9 @@ def test_demo_text_and_report(demo_result):
   report = reports.demo_report(result, notes)
   assert report.startswith("# ttamer demo: digits-cnn, 2 exits\n\nnetwork trained")
   assert "no_recall +0.0100, confidence -0.0020." in report
-  assert "recall optimum at lam = 0.755 -> `policy.npz`" in report
+  assert "## The deployed policy\n\npolicy.npz: recall[x], chosen by cross-fitting" in report
+  assert "Measured on the test split: error 10.0% [9.0%, 11.0%], cost 40.0%" in report
+  assert "model check of recall[x]" in text and "model check of recall[x]" in report
   assert "![" not in report and report.endswith("(12 s; `ttamer demo --quick`)\n")
   result["files"] = dict(result["files"], pareto_plot="d/pareto.png")
   assert "![frontiers](pareto.png)" in reports.demo_report(result, notes)

@@ -302,6 +302,8 @@ def test_files_hold_no_pickles_and_metadata_is_json(tmp_path, objects, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("version", [0, 2, 99])
 def test_other_format_versions_are_refused(tmp_path, objects, kind, version):
+  if kind == "policy" and version == 2:
+    version = 3  # policy files are at version 2 (1 is still read): the next one is unknown
   path = _save(kind, objects, tmp_path / _name(kind))
   if kind == "checkpoint":
     with np.load(path, allow_pickle=False) as z:

@@ -88,8 +88,8 @@ def _edges(score_name, bins):
 
 
 def _deployed(kind):
-  if kind in ("recall", "no_recall", "recall_agree", "recall_error"):
-    feature = "agree_prev" if kind == "recall_agree" else None
+  if kind in ("recall", "no_recall", "recall_agree", "recall_agree_best", "recall_error"):
+    feature = {"recall_agree": "agree_prev", "recall_agree_best": "agree_best"}.get(kind)
     score = "error_prob" if kind == "recall_error" else "max_softmax"
     disc = tj.Discretiser(edges=_edges(score, 4), feature=feature)
     cascade = tj.synthetic_cascade(7, N_STAGES, disc.num_states, regime="random")
@@ -106,7 +106,8 @@ def _deployed(kind):
                            discretiser=disc, score_name="entropy")
 
 
-KINDS = ("recall", "recall_agree", "recall_error", "no_recall", "threshold", "patience")
+KINDS = ("recall", "recall_agree", "recall_agree_best", "recall_error", "no_recall", "threshold",
+         "patience")
 BUCKETS = (8, 32)
 
 
@@ -130,7 +131,7 @@ def test_serve_matches_the_unbatched_reference(kind):
     np.testing.assert_array_equal(got.answered_exit, got.stop_stage)
 
 
-@pytest.mark.parametrize("kind", ("recall", "recall_agree", "no_recall"))
+@pytest.mark.parametrize("kind", ("recall", "recall_agree", "recall_agree_best", "no_recall"))
 def test_serve_matches_replay_of_the_traces(kind):
   """Serving a batch = replaying the same policy on the batch's full exit traces."""
   deployed = _deployed(kind)

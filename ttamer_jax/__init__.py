@@ -45,6 +45,7 @@ from ttamer_jax.core.sharded import SweepSolutions, sweep
 from ttamer_jax.core.solutions import GraphSolution, NoRecallSolution, RecallSolution
 from ttamer_jax.core.solvers import prophet_value, solve_no_recall, solve_recall
 from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.data.answers import AnswerModel, fit_answer_model
 from ttamer_jax.data.cascade_io import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
 from ttamer_jax.data.fitting import (FittedCascade, FittedGraph, fit_cascade, fit_discretiser,
@@ -70,6 +71,9 @@ from ttamer_jax.evaluation.frontier import (FrontierGap, ReplaySweep, confidence
                                             tuned_objective)
 from ttamer_jax.evaluation.metrics import (Comparison, Evaluation, bootstrap_means, compare,
                                            compare_results, evaluate, replay_traces)
+from ttamer_jax.evaluation.model_check import ModelCheck
+from ttamer_jax.evaluation.selection import (Candidate, CandidateScore, PolicySelection,
+                                             default_candidates, fit_policy)
 from ttamer_jax.evaluation.slo import (SLOPolicy, SLOReport, evaluate_slo, least_cost_policy,
                                        least_error_policy)
 
@@ -117,7 +121,7 @@ __all__ = [
     "Discretiser", "DeployedPolicy", "trace_scores",
     "FittedCascade", "FittedGraph", "fit_cascade", "fit_discretiser", "fit_skip_line",
     "save_cascade", "load_cascade", "CASCADE_FORMAT_VERSION",
-    "save_policy", "load_policy", "POLICY_FORMAT_VERSION",
+    "save_policy", "load_policy", "POLICY_FORMAT_VERSION", "AnswerModel", "fit_answer_model",
     # evaluation
     "Evaluation", "Comparison", "evaluate", "compare", "compare_results", "replay_traces",
     "bootstrap_means", "cheapest_within",
@@ -127,6 +131,8 @@ __all__ = [
     "hindsight_sweep", "heuristic_sweeps", "confidence_grid", "entropy_grid", "per_stage_grid",
     "patience_grid", "fixed_exit_grid", "pareto_front", "staircase", "frontier_gap",
     "tuned_objective",
+    "fit_policy", "PolicySelection", "Candidate", "CandidateScore", "default_candidates",
+    "ModelCheck",
     "SLOPolicy", "SLOReport", "least_cost_policy", "least_error_policy", "evaluate_slo",
     "DriftMonitor", "DriftReport", "drift_test", "two_sample_test", "holm", "state_counts",
     "reference_states", "reference_counts",

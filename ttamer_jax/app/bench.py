@@ -73,22 +73,25 @@ CONFIGS = {
                 sweep_k=[8, 64], sweep_sizes=[1, 16, 256, 4096], loop_cap=1024,
                 mc_k=16, mc_paths=[10**6, 10**7], mc_numpy_cap=10**7,
                 memory_k=[64, 256, 512, 1024, 2048, 4096], large_k=4096,
-                matmul_n=2048, max_round_s=30.0),
+                select_n=100_000, matmul_n=2048, max_round_s=30.0),
     "quick": dict(floor_k=[16, 64], distinct_max_k=64, numpy_k=[8, 32], mdp_k=[4, 8],
                   sweep_k=[8], sweep_sizes=[1, 16, 256], loop_cap=64,
                   mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
-                  memory_k=[64, 128], large_k=256, matmul_n=512, max_round_s=5.0),
+                  memory_k=[64, 128], large_k=256, select_n=2000, matmul_n=512,
+                  max_round_s=5.0),
     "gpu": dict(floor_k=[256, 1024, 2048, 4096, 8192], distinct_max_k=4096,
                 numpy_k=[8, 32, 128, 256], mdp_k=[8, 16, 32],
                 sweep_k=[64, 256], sweep_sizes=[1, 16, 256, 4096, 65536], loop_cap=256,
                 mc_k=16, mc_paths=[10**6, 10**7, 10**8], mc_numpy_cap=10**7,
-                memory_k=[1024, 4096, 8192], large_k=8192, matmul_n=8192, max_round_s=8.0),
+                memory_k=[1024, 4096, 8192], large_k=8192, select_n=100_000, matmul_n=8192,
+                max_round_s=8.0),
     "gpu_quick": dict(floor_k=[64, 128], distinct_max_k=64, numpy_k=[8], mdp_k=[4],
                       sweep_k=[16], sweep_sizes=[1, 16, 1024], loop_cap=16,
                       mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
-                      memory_k=[64, 256], large_k=256, matmul_n=256, max_round_s=5.0),
+                      memory_k=[64, 256], large_k=256, select_n=2000, matmul_n=256,
+                      max_round_s=5.0),
 }
-SECTIONS = ("floor", "sweep", "large", "memory", "numpy", "mdp", "mc", "profile")
+SECTIONS = ("floor", "sweep", "large", "memory", "numpy", "mdp", "mc", "profile", "select")
 
 
 # ------------------------------------------------------------------ timing
@@ -584,6 +587,40 @@ def large_worker(n: int, k: int) -> dict:
               value=float(sol.value), how_measured=how)
 
 
+def select_worker(num: int) -> dict:
+  """``ttamer fit``'s default selection on ``num`` requests x 4 stages, in this (fresh)
+  process: wall time including compilation (what a user waits) and peak memory."""
+  cascade = tj.overthinking_cascade(4, 12)
+  traces = tj.workload_traces(jax.random.PRNGKey(0), cascade, num)
+  before = _rss_bytes()
+  t0 = time.perf_counter()
+  sel = tj.fit_policy(traces, 0.9)
+  seconds = time.perf_counter() - t0
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  t0 = time.perf_counter()
+  tj.fit_policy(traces, 0.9)
+  warm = time.perf_counter() - t0
+  return dict(requests=num, stages=4, candidates=len(sel.scores), folds=sel.folds,
+              seconds=seconds, seconds_compiled=warm, chosen=sel.chosen.name,
+              peak_rss_MiB=peak / 2**20, rss_before_MiB=before / 2**20)
+
+
+def bench_select(cfg, checks):
+  import subprocess
+  num = cfg["select_n"]
+  proc = subprocess.run([sys.executable, "-m", "ttamer_jax.app.bench", "--select-worker", str(num)],
+                        capture_output=True, text=True, timeout=1800)
+  line = next((l for l in proc.stdout.splitlines() if l.startswith("SELECT ")), None)
+  checks.add(f"fit_policy on {num} requests x 4 stages runs (fresh process)", line is not None,
+             proc.stderr[-300:] if line is None else "")
+  if line is None:
+    return []
+  row = json.loads(line[len("SELECT "):])
+  print(f"  select {num} requests: {row['seconds']:.1f} s first call ({row['seconds_compiled']:.1f} s "
+        f"compiled), peak RSS {row['peak_rss_MiB']:.0f} MiB, chose {row['chosen']}", flush=True)
+  return [row]
+
+
 def bench_large(cfg, n, checks):
   import subprocess
   k = cfg["large_k"]
@@ -748,6 +785,8 @@ def run_section(name, cfg, n, repeats, peak, checks, results, titles):
     return bench_memory(cfg, n)
   if name == "large":
     return bench_large(cfg, n, checks)
+  if name == "select":
+    return bench_select(cfg, checks)
   return bench_profile(cfg, n, checks)
 
 
@@ -766,9 +805,13 @@ def main(argv=None):
                       help="skip the remaining sections once this many seconds have passed "
                            "(0: no limit); skipped sections are listed in the JSON")
   parser.add_argument("--large-worker", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--select-worker", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.large_worker:
     print("LARGE " + json.dumps(large_worker(12, args.large_worker)), flush=True)
+    return 0
+  if args.select_worker:
+    print("SELECT " + json.dumps(select_worker(args.select_worker)), flush=True)
     return 0
   sections = [s.strip() for s in args.sections.split(",") if s.strip()]
   unknown = set(sections) - set(SECTIONS)
@@ -796,7 +839,8 @@ def main(argv=None):
       sweep="sweep(): one call vs a Python loop of solve_recall (solves/s)",
       mc="Monte-Carlo sample + replay of the recall policy (stage-steps/s)",
       memory="solver memory (XLA buffer assignment, compiled not run)",
-      large="one large-K solve", profile="profile checks")
+      large="one large-K solve", profile="profile checks",
+      select="ttamer fit's default selection (fit_policy), fresh process")
   done = []
   for name in sections:
     if args.budget_s and time.perf_counter() - start > args.budget_s:

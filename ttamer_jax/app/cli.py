@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import sys
@@ -160,7 +159,9 @@ def _demo(args) -> int:
 def _fit(args) -> int:
   run = pipeline.fit_and_save(args.traces, args.out, states=args.states, lam=args.lam,
                               tolerance=args.tolerance, score=args.score, feature=args.feature,
-                              binning=args.binning, cascade_out=args.cascade_out)
+                              binning=args.binning, cascade_out=args.cascade_out,
+                              candidates=args.candidates, folds=args.folds, seed=args.seed,
+                              progress=_progress(args))
   return emit(args, run, reports.fit_text)
 
 
@@ -184,29 +185,12 @@ def _solve(args) -> int:
 
 
 def _bench(args) -> int:
-  if args.quick and args.full:
-    raise ValueError("--quick and --full exclude each other")
-  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from ttamer_jax.app import bench
-
-  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-  unknown = sorted(set(sections) - set(bench.SECTIONS))
-  if unknown or not sections:
-    raise ValueError(f"--sections: unknown {unknown or 'empty'}; choose from {','.join(bench.SECTIONS)}")
-  if args.repeats < 1:
-    raise ValueError(f"--repeats {args.repeats} must be >= 1")
-  pipeline.check_output(args.out, "results")
-  argv = ([] if args.full else ["--quick"]) + (["--gpu"] if args.gpu else []) + (
-      ["--require-gpu"] if args.require_gpu else []) + [
-          "--repeats", str(args.repeats), "--sections", ",".join(sections), "--out", args.out,
-          "--budget-s", str(args.budget_s)]
-  if not args.json:
-    return bench.main(argv)
-  with contextlib.redirect_stdout(sys.stderr):  # tables to stderr, JSON to stdout
-    code = bench.main(argv)
-  if os.path.exists(args.out):
-    with open(args.out) as f:
-      emit(args, pipeline.Run(json.load(f)))
+  code, result = pipeline.run_bench(
+      quick=args.quick, full=args.full, gpu=args.gpu, require_gpu=args.require_gpu,
+      repeats=args.repeats, sections=args.sections, out=args.out, budget_s=args.budget_s,
+      quiet_stdout=args.json)
+  if args.json and result is not None:
+    emit(args, pipeline.Run(result))
   return code
 
 
@@ -227,10 +211,10 @@ SHARED = {
     "--json": dict(action="store_true", help="print a machine-readable JSON result"),
     "--no-progress": dict(action="store_true"),
     "--seed": dict(type=seed_value, default=0),
-    "--states": dict(type=positive_int, default=8),
+    "--states": dict(type=positive_int, default=8),  # fit: None (see --candidates auto)
     "--tolerance": dict(type=fraction, default=0.01),
     "--score": dict(default=None, metavar="NAME"),
-    "--feature": dict(default=None, choices=("agree_prev",)),
+    "--feature": dict(default=None, choices=("agree_prev", "agree_best")),
 }
 
 
@@ -284,28 +268,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint cache (default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
 
-  fit = add("fit", "fit a cascade to exit traces and save the recall-optimal policy",
-            "Discretises each exit's score into K states (quantile bins), fits the Markov\n"
-            "cascade (calibrated loss per state, smoothed transitions) and saves the\n"
-            "recall-optimal policy at lam as a policy file (docs/policy_format.md).\n\n"
-            "  ttamer fit calibration_traces.npz --states 8 --out policy.npz\n"
+  fit = add("fit", "choose a policy for exit traces by cross-fitting, and save it",
+            "Fits every candidate (T-Tamer optima over several state designs, the simple\n"
+            "rules) on K-1 folds of the traces, replays it on the last, saves the best by\n"
+            "replay refitted on all the traces, and prints the runner-up and the model check\n"
+            "(docs/cli.md).\n\n"
+            "  ttamer fit calibration_traces.npz --out policy.npz\n"
             "  ttamer fit traces.npz --states 16 --feature agree_prev --lam 0.95 --out p.npz",
-            states=dict(metavar="K", help="states per stage (default 8; with agree_prev, K/2 bins "
-                        "x agree)"),
+            states=dict(metavar="K", default=None, help="states per stage of the recall "
+                        "candidate (default 8; with agree_prev, K/2 bins x agree); implies "
+                        "--candidates recall"),
             tolerance="accuracy tolerance of --lam auto (default 0.01)",
-            score="signal to discretise (default max_softmax if recorded, else the primary "
-                  "scores; 'scores' names the primary scores)",
-            feature="cross the bins with 'prediction agrees with the previous exit'")
+            score="signal the candidates read (default max_softmax if recorded, else the "
+                  "primary scores; 'scores' names the primary scores)",
+            feature="cross the recall candidate's bins with agreement with the previous exit "
+                    "(agree_prev) or the most confident earlier one (agree_best); implies "
+                    "--candidates recall",
+            seed="seed of the folds and the bootstrap (default 0)",
+            no_progress="no progress lines")
   fit.add_argument("traces", metavar="TRACES.npz", help="exit traces (docs/trace_format.md)")
   fit.add_argument("--out", required=True, metavar="POLICY.npz", help="policy file to write")
   fit.add_argument("--lam", type=lam_or_auto, default="auto",
-                   help="trade-off weight in [0, 1] of loss vs cost, or 'auto' (default): the "
-                        "cheapest lam whose error on the traces is within --tolerance of the last "
-                        "exit's")
-  fit.add_argument("--binning", default="quantile", choices=("quantile", "uniform"),
-                   help="score bins (default quantile)")
+                   help="trade-off weight in [0, 1] of error vs cost share, or 'auto' (default): "
+                        "the least cross-fitted cost whose cross-fitted error is within "
+                        "--tolerance of the last exit's")
+  fit.add_argument("--candidates", default="auto", choices=pipeline.CANDIDATE_SETS,
+                   help="all: T-Tamer designs and simple rules; ttamer: T-Tamer only; recall: "
+                        "only the recall optimum of --states/--score/--feature/--binning; auto "
+                        "(default): recall when --states, --feature or --binning is given, else all")
+  fit.add_argument("--folds", type=positive_int, default=5, help="cross-fitting folds (default 5)")
+  fit.add_argument("--binning", default=None, choices=("quantile", "uniform"),
+                   help="score bins of the recall candidate (default quantile); implies "
+                        "--candidates recall")
   fit.add_argument("--cascade-out", default=None, metavar="CASCADE.npz",
-                   help="also save the fitted cascade (for `ttamer solve`)")
+                   help="also save the chosen model's fitted cascade (for `ttamer solve`)")
 
   ev = add("evaluate", "replay a policy file on held-out traces, with bootstrap CIs",
            "Replays the policy on every request of the traces with the true losses and\n"
@@ -363,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
   be.add_argument("--require-gpu", action="store_true", help="fail unless JAX's backend is a GPU")
   be.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (7)")
-  be.add_argument("--sections", default="floor,sweep,large,memory,numpy,mdp,mc,profile",
-                  help="comma-separated subset of floor,sweep,large,memory,numpy,mdp,mc,profile")
+  be.add_argument("--sections", default="floor,sweep,large,memory,numpy,mdp,mc,profile,select",
+                  help="comma-separated subset of floor,sweep,large,memory,numpy,mdp,mc,profile,"
+                       "select")
   be.add_argument("--out", default="ttamer_bench.json", help="results JSON (./ttamer_bench.json)")
   be.add_argument("--budget-s", type=seconds_value, default=0.0,
                   help="skip the remaining sections after this many seconds (0: no limit)")

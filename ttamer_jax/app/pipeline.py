@@ -41,10 +41,10 @@ from ttamer_jax.data.discretise import PRIMARY_SCORE, trace_scores
 from ttamer_jax.data.files import write_text
 from ttamer_jax.data.fitting import FittedCascade, fit_cascade
 from ttamer_jax.data.traces import ExitTraces, load_traces, save_traces, split_traces
-from ttamer_jax.evaluation import frontier, metrics
+from ttamer_jax.evaluation import frontier, metrics, selection
 from ttamer_jax.evaluation.frontier import ReplaySweep
 
-WORKLOADS = ("digits", "sequences", "synthetic")
+WORKLOADS = ("digits", "sequences", "synthetic", "mnist1d", "sklearn")
 POLICIES = ("recall", "no_recall", "confidence", "per_stage", "entropy", "patience",
             "fixed_exit", "hindsight")
 # lam values at which the demo and `sweep` report the held-out objective.
@@ -95,8 +95,11 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
 
   Args:
     workload: ``"digits"`` (scikit-learn's bundled 8x8 digits, early-exit CNN),
-      ``"sequences"`` (generated token sequences, early-exit Transformer) or
-      ``"synthetic"`` (traces sampled from a known over-thinking cascade).
+      ``"sequences"`` (generated token sequences, early-exit Transformer),
+      ``"mnist1d"`` (MNIST-1D generated offline, 16,000 samples, early-exit 1-D CNN),
+      ``"sklearn"`` (a cascade of five heterogeneous scikit-learn models on generated
+      tabular data, measured latency; no network) or ``"synthetic"`` (traces sampled
+      from a known over-thinking cascade).
     seed: seed of the split, the network and the training.
     cache_dir: where trained checkpoints are kept (default
       :func:`default_cache_dir`; ``""`` disables caching).
@@ -116,7 +119,14 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
     test = synthetic.workload_traces(k_test, cascade, sizes[1])
     return Prepared(name="synthetic-overthink", calibration=cal, test=test, model=None,
                     info={"cascade_costs": np.asarray(cascade.costs).tolist()})
-  wl = workloads.digits(seed=seed) if workload == "digits" else workloads.sequences(seed=seed)
+  if workload == "sklearn":
+    from ttamer_jax.networks import model_cascade
+    mc = model_cascade.model_cascade(seed=seed, num_samples=8000 if quick else 24000)
+    return Prepared(name=mc.name, calibration=mc.calibration, test=mc.test, model=None,
+                    info=dict(mc.info, stages=list(mc.stages)))
+  builders = dict(digits=workloads.digits, sequences=workloads.sequences,
+                  mnist1d=workloads.mnist1d)
+  wl = builders[workload](seed=seed)
   config = wl.train_config
   if quick:
     config = dataclasses.replace(config, num_steps=max(50, config.num_steps // 10),
@@ -364,49 +374,87 @@ def _check_feature(feature: str | None, states: int) -> None:
     raise ValueError(f"--states {states} must be even with --feature agree_prev")
 
 
-def fit_and_save(traces_path: str, out: str, *, states: int = 8, lam: Any = "auto",
-                 tolerance: float = 0.01, score: str | None = None, feature: str | None = None,
-                 binning: str = "quantile", cascade_out: str | None = None) -> Run:
-  """``ttamer fit``: fits a cascade to a traces file and saves its recall policy.
+CANDIDATE_SETS = ("auto", "all", "ttamer", "recall")
 
-  ``lam="auto"``: the cheapest ``lam`` of :func:`default_lams` whose error on these
-  traces is within ``tolerance`` of the last exit's
-  (:func:`~ttamer_jax.evaluation.frontier.cheapest_within`; none within: the ``lam``
-  of least error). Saves the policy to ``out`` (+ its JSON sidecar) and, with
-  ``cascade_out``, the fitted cascade. Result: ``{policy, metadata, lam,
-  lam_choice, in_sample, cascade}``.
+
+def fit_candidates(traces: ExitTraces, which: str, *, states: int | None, score: str | None,
+                   feature: str | None, binning: str | None) -> tuple:
+  """The candidates of ``ttamer fit --candidates which``: ``"all"`` (every default
+  candidate: T-Tamer designs and simple rules), ``"ttamer"`` (the T-Tamer ones),
+  ``"recall"`` (only the recall optimum of the ``states``/``score``/``feature``/
+  ``binning`` design: still cross-fitted and model-checked) or ``"auto"``: ``"recall"``
+  when a state design (``states``, ``feature`` or ``binning``) is given, else ``"all"``.
+  ``states=None`` / ``binning=None``: 8 / quantile."""
+  if which not in CANDIDATE_SETS:
+    raise ValueError(f"candidates: must be one of {CANDIDATE_SETS}, got {which!r}")
+  if which == "auto":
+    which = "recall" if any(x is not None for x in (states, feature, binning)) else "all"
+  states = 8 if states is None else states
+  binning = "quantile" if binning is None else binning
+  if which == "recall":
+    return (selection.Candidate("recall", None if score == PRIMARY_SCORE else score, states,
+                                binning=binning, feature=feature),)
+  cands = selection.default_candidates(traces)
+  return tuple(c for c in cands if c.ttamer) if which == "ttamer" else cands
+
+
+def fit_and_save(traces_path: str, out: str, *, states: int | None = None, lam: Any = "auto",
+                 tolerance: float = 0.01, score: str | None = None, feature: str | None = None,
+                 binning: str | None = None, cascade_out: str | None = None,
+                 candidates: str = "auto", folds: int = 5, seed: int = 0,
+                 progress: bool = False) -> Run:
+  """``ttamer fit``: chooses a policy by cross-fitting on a traces file and saves it.
+
+  :func:`~ttamer_jax.fit_policy` replays every candidate (T-Tamer optima over several
+  state designs, and the simple rules) out of fold on the traces and keeps the best
+  by replay, never by a model's own value. ``lam="auto"``: the least cross-fitted
+  cost whose cross-fitted error is within ``tolerance`` of the last exit's (when
+  none is, the most accurate candidate, and the result says so). Saves the policy
+  to ``out`` (+ its JSON sidecar) and, with ``cascade_out``, the chosen model's
+  fitted cascade (none when a simple rule is chosen). Result: ``{policy, metadata,
+  lam, lam_choice, in_sample, selection, cascade}``.
   """
   check_input(traces_path, "traces")
   check_output(out, "policy")
   if cascade_out:
     check_output(cascade_out, "cascade")
-  _check_feature(feature, states)
+  _check_feature(feature, 8 if states is None else states)
   traces = load_traces(traces_path)
   score, _, _ = resolve_signals(traces, score)
-  fitted = fit_cascade(traces, states, score=score, feature=feature, binning=binning)
-  full_error = float(np.asarray(traces.losses)[:, -1].mean())
-  if lam == "auto":
-    sweep = frontier.sweep_recall(fitted, traces, default_lams())
-    i, met = frontier.cheapest_within(sweep.cost_norm, sweep.error, full_error, tolerance)
-    lam = float(np.asarray(sweep.param)[i])
-    how = (f"auto: cheapest lam within {reports.tolerance_text(tolerance)} of the last exit's "
-           "error on these traces" if met else "auto: lam of least error on these traces")
+  cands = fit_candidates(traces, candidates, states=states, score=score, feature=feature,
+                         binning=binning)
+  auto = lam == "auto"
+  sel = selection.fit_policy(traces, None if auto else float(lam),
+                             tolerance=tolerance if auto else None, folds=folds,
+                             candidates=cands, key=jax.random.PRNGKey(seed), progress=progress)
+  report_lam = sel.solve_lam if sel.solve_lam is not None else (None if auto else float(lam))
+  if auto:
+    how = (f"auto: least cross-fitted cost within {reports.tolerance_text(tolerance)} of the last "
+           "exit's error" if sel.tolerance_met else
+           "auto: no candidate within the tolerance; the most accurate validated policy")
   else:
-    lam, how = float(lam), "given"
-  deployed = fitted.recall_policy(lam)
-  ev = metrics.evaluate(deployed, traces, lam, num_resamples=200)
+    how = "given"
+  full_error = sel.reference_error
+  j_lam = 1.0 if report_lam is None else report_lam
+  ev = metrics.evaluate(sel.deployed, traces, j_lam, num_resamples=200)
   in_sample = dict(error=float(ev.error), cost_norm=float(ev.cost_norm), full_error=full_error,
                    num_samples=traces.num_samples)
-  meta = policy_io.save_policy(out, deployed, lam=lam, metadata=dict(
-      source="ttamer fit", traces=os.path.abspath(traces_path), lam_choice=how,
-      in_sample=in_sample))
-  if cascade_out:
-    save_cascade(cascade_out, fitted.cascade)
-  c = fitted.cascade
-  return Run(dict(policy=out, metadata=meta, lam=lam, lam_choice=how, in_sample=in_sample,
-                  cascade=cascade_out),
-             dict(num_stages=c.num_stages, num_states=c.num_states, score=fitted.score_name,
-                  feature=feature, sidecar=policy_io.sidecar_path(out)))
+  meta = policy_io.save_policy(out, sel.deployed, lam=report_lam, full_cost=sel.full_cost,
+                               metadata=dict(source="ttamer fit",
+                                             traces=os.path.abspath(traces_path), lam_choice=how,
+                                             chosen=sel.chosen.name,
+                                             cross_fitted_objective=sel.chosen.objective,
+                                             in_sample=in_sample))
+  wrote_cascade = None
+  if cascade_out and sel.fitted is not None:
+    save_cascade(cascade_out, sel.fitted.cascade)
+    wrote_cascade = cascade_out
+  result = dict(policy=out, metadata=meta, lam=report_lam, lam_choice=how, in_sample=in_sample,
+                selection=sel.as_dict(), cascade=wrote_cascade)
+  notes = dict(num_samples=traces.num_samples, num_stages=traces.num_stages, folds=folds,
+               sidecar=policy_io.sidecar_path(out), cascade_requested=cascade_out,
+               warnings=[n for n in sel.notes])
+  return Run(result, notes)
 
 
 def evaluate_files(policy_path: str, traces_path: str, *, lam: float | None = None,
@@ -522,10 +570,13 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
              log: Callable[[str], None] | None = None) -> Run:
   """``ttamer demo``: the whole job on a built-in workload, written to the folder ``out``.
 
-  :func:`prepare` -> :func:`compare_policies` -> :func:`summarize`; deploys the
-  recall policy at :func:`recall_lam`; writes the plots (``plots``), the policy,
-  the traces, the cascade, ``report.md`` and ``results.json`` (the result).
-  ``log``: receives the status lines (``None``: silent).
+  :func:`prepare` -> :func:`compare_policies` -> :func:`summarize` (every family's
+  frontier, measured on the test split); deploys the policy that
+  :func:`~ttamer_jax.fit_policy` chooses by cross-fitting on the calibration split
+  (least cost within ``tolerance`` of the last exit's error) and reports it measured
+  on the test split next to its model check; writes the plots (``plots``), the
+  policy, the traces, the recall family's cascade, ``report.md`` and
+  ``results.json`` (the result). ``log``: receives the status lines (``None``: silent).
   """
   from ttamer_jax.app import plotting
 
@@ -551,8 +602,22 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   summary = summarize(comp, tolerance)
   points = summary["operating_points"]
   lam = recall_lam(comp, tolerance)
-  deployed = comp.fitted.recall_policy(lam)
-  say(f"[3/3] write the plots, the policy (recall optimum at lam = {lam:.4g}) and the report ...")
+  say("[3/4] choose the policy to deploy by cross-fitting on the calibration split ...")
+  sel = selection.fit_policy(prep.calibration, tolerance=tolerance, key=jax.random.PRNGKey(seed),
+                             progress=progress)
+  deployed = sel.deployed
+  held = metrics.evaluate(deployed, prep.test, sel.solve_lam if sel.solve_lam is not None else 1.0,
+                          num_resamples=200)
+  selected = dict(name=sel.chosen.name, ttamer=sel.chosen.candidate.ttamer,
+                  solve_lam=sel.solve_lam, tolerance_met=sel.tolerance_met,
+                  cross_fitted=dict(error=sel.chosen.error, cost_norm=sel.chosen.cost_norm),
+                  test=dict(error=float(held.error), error_ci=held.error_ci.tolist(),
+                            cost_norm=float(held.cost_norm), cost_norm_ci=held.cost_norm_ci.tolist()),
+                  runner_up=None if sel.runner_up is None else sel.runner_up.name,
+                  model_check=None if sel.model_check is None else sel.model_check.as_dict(),
+                  notes=list(sel.notes))
+  say(f"[4/4] write the plots, the policy ({sel.chosen.name}) and the report ...")
+  recall_policy = comp.fitted.recall_policy(lam)
 
   os.makedirs(out, exist_ok=True)
   files = {}
@@ -564,8 +629,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
         cost_label=f"mean {with_cost} / full network", error_label="test error rate",
         full_error=comp.full_error["test"], tolerance=tolerance, points=_pareto_marks(points))
     files["index_heatmap"] = plotting.plot_index_heatmap(
-        deployed.policy.index, at("index_heatmap.png"), lam=lam,
-        title=f"{prep.name}: recall policy's dynamic index")
+        recall_policy.policy.index, at("index_heatmap.png"), lam=lam,
+        title=f"{prep.name}: dynamic index of the recall family's operating point")
     stops, answers = {}, {}
     for name in HISTOGRAM_POLICIES:
       row = next(r for r in points if r["policy"] == name)
@@ -577,8 +642,10 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
       files["exit_histograms"] = plotting.plot_exit_histograms(
           stops, at("exit_histograms.png"), answers=answers,
           title=f"{prep.name}: exits at each policy's operating point (test split)")
-  meta = policy_io.save_policy(at("policy.npz"), deployed, lam=lam, metadata=dict(
-      source="ttamer demo", workload=prep.name, tolerance=tolerance))
+  meta = policy_io.save_policy(at("policy.npz"), deployed, lam=sel.solve_lam,
+                               full_cost=sel.full_cost, metadata=dict(
+                                   source="ttamer demo", workload=prep.name, tolerance=tolerance,
+                                   chosen=sel.chosen.name))
   files["policy"], files["policy_metadata"] = at("policy.npz"), policy_io.sidecar_path(at("policy.npz"))
   save_traces(at("calibration_traces.npz"), prep.calibration)
   save_traces(at("test_traces.npz"), prep.test)
@@ -590,10 +657,49 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   info = {k: v for k, v in prep.info.items() if k != "checkpoint"}
   result = dict(workload=prep.name, quick=quick, seconds=time.perf_counter() - t0, info=info,
                 calibration_requests=prep.calibration.num_samples,
-                test_requests=prep.test.num_samples, chosen_lam=lam, policy=meta,
-                files=files, **summary)
+                test_requests=prep.test.num_samples, chosen_lam=lam, selected=selected,
+                policy=meta, files=files, **summary)
   notes = dict(num_stages=prep.calibration.num_stages, trained=prep.model is not None,
                states=states, tolerance=tolerance)
   write_text(at("report.md"), reports.demo_report(result, notes))
   write_text(at("results.json"), reports.dumps(result) + "\n")
   return Run(result, notes)
+
+
+def run_bench(*, quick: bool = False, full: bool = False, gpu: bool = False,
+              require_gpu: bool = False, repeats: int = 7, sections: str = "", out: str,
+              budget_s: float = 0.0, quiet_stdout: bool = False) -> tuple[int, dict | None]:
+  """``ttamer bench``: the suite of ``scripts/bench.py`` (:mod:`.bench`) with these flags
+  (the ``--quick`` sizes unless ``full``).
+
+  Returns ``(exit code, results JSON or None)``; ``quiet_stdout`` sends the tables to
+  stderr (for ``--json``).
+  """
+  import contextlib
+  import json
+  import sys
+
+  if quick and full:
+    raise ValueError("--quick and --full exclude each other")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  from ttamer_jax.app import bench
+
+  names = [x.strip() for x in sections.split(",") if x.strip()]
+  unknown = sorted(set(names) - set(bench.SECTIONS))
+  if unknown or not names:
+    raise ValueError(f"--sections: unknown {unknown or 'empty'}; choose from {','.join(bench.SECTIONS)}")
+  if repeats < 1:
+    raise ValueError(f"--repeats {repeats} must be >= 1")
+  check_output(out, "results")
+  argv = ([] if full else ["--quick"]) + (["--gpu"] if gpu else []) + (
+      ["--require-gpu"] if require_gpu else []) + [
+          "--repeats", str(repeats), "--sections", ",".join(names), "--out", out,
+          "--budget-s", str(budget_s)]
+  if not quiet_stdout:
+    return bench.main(argv), None
+  with contextlib.redirect_stdout(sys.stderr):  # tables to stderr, JSON to stdout
+    code = bench.main(argv)
+  if not os.path.exists(out):
+    return code, None
+  with open(out) as f:
+    return code, json.load(f)

@@ -157,19 +157,65 @@ def format_objectives(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ commands
+def _ci(lo_hi) -> str:
+  return f"[{float(lo_hi[0]):.4f}, {float(lo_hi[1]):.4f}]"
+
+
+def model_check_lines(check: Mapping) -> list[str]:
+  """The modelled-vs-measured table of a :class:`~ttamer_jax.ModelCheck` (``as_dict``)."""
+  lines = [f"model check of {check['policy']} (J at lam = {check['lam']:.4g}): modelled = the "
+           "fitted model's exact prediction, measured = replay on traces",
+           f"  {'':<13} {'':<6} {'modelled':>9} {'measured':>9}  95% bootstrap CI"]
+  for where, key in (("in sample", "in_sample"), ("cross-fitted", "cross_fitted")):
+    for name, label in (("error", "error"), ("cost_norm", "cost"), ("objective", "J")):
+      q = check[key][name]
+      flag = "" if q["inside"] else "   <- outside"
+      lines.append(f"  {where:<13} {label:<6} {q['predicted']:9.4f} {q['measured']:9.4f}  "
+                   f"{_ci(q['ci'])}{flag}")
+      where = ""
+  return lines
+
+
 def fit_text(result: Mapping, notes: Mapping) -> str:
-  """``ttamer fit``: what was fitted, the lam chosen, in-sample numbers, files written."""
-  ins, out = result["in_sample"], result["policy"]
-  feature = f", feature {notes['feature']}" if notes["feature"] else ""
-  return "\n".join([
-      f"fitted {notes['num_stages']} stages x {notes['num_states']} states on "
-      f"{ins['num_samples']} requests (score {notes['score']}{feature})",
-      f"recall policy at lam = {result['lam']:.4g} ({result['lam_choice']})",
-      f"on these traces (in-sample, optimistic): error {pct(ins['error'])} (last exit "
-      f"{pct(ins['full_error'])}), cost {pct(ins['cost_norm'])} of running every stage",
-      f"wrote {out} (+ {notes['sidecar']})"
-      + (f" and {result['cascade']}" if result["cascade"] else ""),
-      f"next: ttamer evaluate {out} HELD_OUT_TRACES.npz"])
+  """``ttamer fit``: the cross-fitted choice, the runner-up, the model check, files written."""
+  sel, ins, out = result["selection"], result["in_sample"], result["policy"]
+  chosen, runner = sel["chosen"], sel["runner_up"]
+  target = (f"lam = {sel['lam']:.4g}" if sel["lam"] is not None else
+            f"least cost within {tolerance_text(sel['tolerance'])} of the last exit's error")
+  what = "J" if sel["lam"] is not None else "cost"
+  lines = [f"{notes['num_samples']} requests x {notes['num_stages']} stages; chose by "
+           f"{notes['folds']}-fold cross-fitting among {len(sel['candidates'])} candidates "
+           f"({target}); every number below is measured by replay unless marked modelled",
+           f"  chosen     {chosen['name']}",
+           f"             cross-fitted {what} {chosen['objective']:.4f} "
+           f"{_ci(chosen['objective_ci'])}, error {pct(chosen['error'])}, cost "
+           f"{pct(chosen['cost_norm'])} of running every stage"]
+  if runner is not None:
+    d = sel["versus_runner_up"]
+    lines += [f"  runner-up  {runner['name']}",
+              f"             cross-fitted {what} {runner['objective']:.4f} "
+              f"{_ci(runner['objective_ci'])}; chosen - runner-up {d['diff']:+.4f} "
+              f"{_ci(d['diff_ci'])}"]
+  rules = [c for c in sel["candidates"] if not c["ttamer"]]
+  if rules and chosen["ttamer"]:
+    best = rules[0]
+    lines.append(f"  best simple rule: {best['name']}, cross-fitted {what} {best['objective']:.4f} "
+                 f"{_ci(best['objective_ci'])}")
+  lines.append(f"  policy at lam = {result['lam']:.4g} ({result['lam_choice']})"
+               if result["lam"] is not None else f"  ({result['lam_choice']})")
+  lines.append(f"  on these traces (in sample, optimistic): error {pct(ins['error'])} (last exit "
+               f"{pct(ins['full_error'])}), cost {pct(ins['cost_norm'])} of running every stage")
+  if sel["model_check"] is not None:
+    lines += model_check_lines(sel["model_check"])
+  for w in notes["warnings"]:
+    lines.append(f"warning: {w}")
+  wrote = f"wrote {out} (+ {notes['sidecar']})" + (
+      f" and {result['cascade']}" if result["cascade"] else "")
+  if notes["cascade_requested"] and not result["cascade"]:
+    wrote += (f"; not {notes['cascade_requested']}: the chosen policy is a simple rule, it has "
+              "no fitted cascade")
+  lines += [wrote, f"next: ttamer evaluate {out} HELD_OUT_TRACES.npz"]
+  return "\n".join(lines)
 
 
 def evaluate_text(result: Mapping, notes: Mapping) -> str:
@@ -185,7 +231,7 @@ def evaluate_text(result: Mapping, notes: Mapping) -> str:
       f"{pct(result['full_error'])}",
       f"  cost       {ci(ev['cost_norm'], ev['cost_norm_ci'], pct):<28} of running every stage",
       f"  objective  {ci(ev['objective'], ev['objective_ci'], lambda v: f'{float(v):.4f}'):<28} "
-      "lam * error + (1 - lam) * cost",
+      "lam * error + (1 - lam) * cost share (measured)",
       f"  ({100 * notes['level']:g}% bootstrap CI, {notes['resamples']} resamples)",
       f"  stopped after exit   {hist(ev['stop_histogram'])}",
       f"  answered by exit     {hist(ev['answer_histogram'])}"])
@@ -209,7 +255,8 @@ def solve_text(result: Mapping, notes: Mapping | None = None) -> str:
   """``ttamer solve``: the three optimal values per lam; one lam: the index table."""
   rows = result["solutions"]
   lines = [f"{result['cascade']}: {result['num_stages']} stages x {result['num_states']} states. "
-           "Optimal J = lam * E[loss] + (1 - lam) * E[cost] (lower is better):",
+           "Optimal J = lam * E[loss] + (1 - lam) * E[cost] of the cascade model (modelled: "
+           "exact values of the model, not measured on traces; lower is better):",
            f"{'lam':>6}  {'hindsight':>10}  {'recall':>10}  {'no-recall':>10}  {'no-recall/recall':>16}"]
   for r in rows:
     ratio = r["no_recall"] / r["recall"] if r["recall"] > 0 else float("nan")
@@ -257,8 +304,8 @@ def demo_report(result: Mapping, notes: Mapping) -> str:
            "", format_objectives(result["objectives"]), "",
            "Mean error gap to the recall frontier over the common latency range (positive: recall "
            "better): " + ", ".join(f"{k} {v:+.4f}" for k, v in result["frontier_gaps"].items()) + ".",
-           "", f"Deployed policy: recall optimum at lam = {result['chosen_lam']:.4g} -> "
-           f"`{os.path.basename(files['policy'])}`.", ""]
+           "", "## The deployed policy", "", *selected_lines(result["selected"],
+                                                         os.path.basename(files["policy"])), ""]
   for key, title in (("pareto_plot", "frontiers"), ("index_heatmap", "dynamic index"),
                      ("exit_histograms", "exit histograms")):
     if key in files:
@@ -268,6 +315,22 @@ def demo_report(result: Mapping, notes: Mapping) -> str:
   return "\n".join(lines) + "\n"
 
 
+def selected_lines(sel: Mapping, policy_file: str) -> list[str]:
+  """The demo's deployed policy: what cross-fitting chose, measured on the test split,
+  and the model check (modelled vs measured)."""
+  lines = [f"{policy_file}: {sel['name']}, chosen by cross-fitting on the calibration split "
+           f"(least cost within the tolerance of the last exit's error"
+           + ("" if sel["tolerance_met"] else "; none reached it: the most accurate") + ").",
+           f"Measured on the test split: error {pct(sel['test']['error'])} "
+           f"[{pct(sel['test']['error_ci'][0])}, {pct(sel['test']['error_ci'][1])}], cost "
+           f"{pct(sel['test']['cost_norm'])} of running every exit (cross-fitted on calibration: "
+           f"error {pct(sel['cross_fitted']['error'])}, cost {pct(sel['cross_fitted']['cost_norm'])})."]
+  if sel["model_check"] is not None:
+    lines += model_check_lines(sel["model_check"])
+  lines += [f"warning: {n}" for n in sel["notes"]]
+  return lines
+
+
 def demo_text(result: Mapping, notes: Mapping) -> str:
   """``ttamer demo``: the comparison table, the files written and the next commands."""
   files = result["files"]
@@ -275,7 +338,8 @@ def demo_text(result: Mapping, notes: Mapping) -> str:
   q = lambda p: p if " " not in p else f'"{p}"'
   lines = [demo_header(result, notes), "", format_table(result["operating_points"],
                                                         result["objectives"]), "",
-           table_legend(notes["tolerance"], result["full_error"], cost_word),
+           table_legend(notes["tolerance"], result["full_error"], cost_word), "",
+           *selected_lines(result["selected"], "policy.npz"),
            f"\nwrote ({result['seconds']:.0f} s):"]
   lines += [f"  {key:<19} {path}" for key, path in files.items()]
   lines += ["\nnext:", f"  ttamer evaluate {q(files['policy'])} {q(files['test_traces'])}",

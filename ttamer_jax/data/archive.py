@@ -101,9 +101,10 @@ def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None
   return out
 
 
-def check_format_version(path: str, fields: Mapping[str, np.ndarray], supported: int,
+def check_format_version(path: str, fields: Mapping[str, np.ndarray], supported: int | tuple,
                          kind: str, what: str) -> int:
-  """Checks the ``kind`` tag and ``format_version`` field of a loaded archive."""
+  """Checks the ``kind`` tag and ``format_version`` field of a loaded archive
+  (``supported``: the version, or the tuple of versions, this reader reads)."""
   if "kind" not in fields or str(fields["kind"]) != kind:
     got = str(fields["kind"]) if "kind" in fields else "no kind field"
     raise ValueError(f"{path}: field 'kind' = {got!r}; this is not a {what} file ({kind!r})")
@@ -113,10 +114,13 @@ def check_format_version(path: str, fields: Mapping[str, np.ndarray], supported:
   if v.shape != () or v.dtype.kind not in "iu":
     raise ValueError(f"{path}: field 'format_version' must be an integer scalar, got {v.dtype}{v.shape}")
   version = int(v)
-  if version != supported:
-    newer = " (written by a newer ttamer_jax; upgrade)" if version > supported else ""
+  versions = supported if isinstance(supported, tuple) else (supported,)
+  if version not in versions:
+    newer = " (written by a newer ttamer_jax; upgrade)" if version > max(versions) else ""
+    which = ("version " + str(versions[0]) if len(versions) == 1
+             else "versions " + ", ".join(map(str, versions)))
     raise ValueError(f"{path}: format_version = {version} is not supported "
-                     f"(this ttamer_jax reads version {supported}){newer}")
+                     f"(this ttamer_jax reads {which}){newer}")
   return version
 
 

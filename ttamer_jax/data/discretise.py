@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,7 +22,7 @@ from ttamer_jax.core import validation
 from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.core.protocol import LinePolicy, StageObservation
 
-FEATURES = (None, "agree_prev")
+FEATURES = (None, "agree_prev", "agree_best")
 PRIMARY_SCORE = "scores"
 
 
@@ -46,9 +47,12 @@ class Discretiser:
   Attributes:
     edges: ``[n, B-1]`` float32 sorted inner bin edges of each stage; a score's
       bin is ``searchsorted(edges[i], score, side="right")`` in ``0..B-1``.
-    feature: static; ``None`` (state = bin) or ``"agree_prev"``: state =
-      ``2 * bin + agree`` where ``agree`` is 1 when the exit's prediction equals the
-      previous exit's (always 0 at the first stage), so ``K = 2 B``.
+    feature: static; ``None`` (state = bin), ``"agree_prev"`` or ``"agree_best"``:
+      state = ``2 * bin + agree`` where ``agree`` is 1 when the exit's prediction
+      equals the *reference* prediction -- the previous exit's (``agree_prev``), or
+      the most confident earlier exit's, the one of highest score so far, i.e. the
+      incumbent a confidence-ordered recall answers with (``agree_best``); always 0
+      at the first stage, so ``K = 2 B``.
   """
 
   edges: chex.Array
@@ -76,18 +80,32 @@ class Discretiser:
 
   @property
   def num_states(self) -> int:
-    return self.num_bins * (2 if self.feature == "agree_prev" else 1)
+    return self.num_bins * (1 if self.feature is None else 2)
 
-  def stage_states(self, stage, score, pred=None, prev_pred=None) -> chex.Array:
-    """``[B]`` int32 states at ``stage`` from ``[B]`` scores (and predictions)."""
+  def stage_states(self, stage, score, pred=None, ref_pred=None) -> chex.Array:
+    """``[B]`` int32 states at ``stage`` from ``[B]`` scores and, with a feature, the
+    predictions and the reference predictions (:func:`reference_preds`)."""
     bins = jnp.searchsorted(self.edges[stage], score, side="right").astype(jnp.int32)
     if self.feature is None:
       return bins
-    if pred is None or prev_pred is None:
+    if pred is None or ref_pred is None:
       agree = jnp.zeros_like(bins)
     else:
-      agree = jnp.where(stage > 0, (pred == prev_pred).astype(jnp.int32), 0)
+      agree = jnp.where(stage > 0, (pred == ref_pred).astype(jnp.int32), 0)
     return 2 * bins + agree
+
+  def reference_preds(self, scores: chex.Array, preds: chex.Array) -> chex.Array:
+    """``[N, n]`` the prediction each stage is compared with (column 0: unused)."""
+    if self.feature == "agree_best":
+      # The most confident of the earlier exits (the first on ties).
+      best = jax.lax.cummax(scores, axis=1)
+      prior = jnp.concatenate([jnp.full_like(scores[:, :1], -jnp.inf), best[:, :-1]], axis=1)
+      pos = jnp.arange(scores.shape[1])
+      earlier = pos[None, None, :] < pos[None, :, None]                   # [1, i, j]: j < i
+      hit = earlier & (scores[:, None, :] >= prior[:, :, None])
+      j = jnp.argmax(hit, axis=-1)                                         # first j reaching it
+      return jnp.take_along_axis(preds, j, axis=1)
+    return jnp.concatenate([preds[:, :1], preds[:, :-1]], axis=1)      # the previous exit
 
   def __call__(self, scores: chex.Array, preds: chex.Array | None = None) -> chex.Array:
     """``[N, n]`` int32 states of every sample at every stage."""
@@ -95,11 +113,13 @@ class Discretiser:
     n = scores.shape[1]
     if validation.is_concrete(scores) and n != self.num_stages:
       raise ValueError(f"scores: has {n} stages but the discretiser has {self.num_stages}")
+    refs = None if preds is None or self.feature is None else self.reference_preds(
+        scores, jnp.asarray(preds))
     cols = []
     for i in range(n):
       pred = None if preds is None else preds[:, i]
-      prev = None if preds is None or i == 0 else preds[:, i - 1]
-      cols.append(self.stage_states(i, scores[:, i], pred, prev))
+      ref = None if refs is None or i == 0 else refs[:, i]
+      cols.append(self.stage_states(i, scores[:, i], pred, ref))
     return jnp.stack(cols, axis=1)
 
 
@@ -119,16 +139,20 @@ class DeployedPolicy:
   """A line policy ready to serve: read ``score_name``, discretise, decide.
 
   Attributes:
-    policy: any :class:`~ttamer_jax.LinePolicy`.
+    policy: any :class:`~ttamer_jax.LinePolicy` over the discretiser's states.
     discretiser: maps exit scores (and predictions) to the policy's states.
     score_name: static name of the exit signal the discretiser reads
       (``"max_softmax"``, ``"entropy"``, ``"error_prob"``, ...; ``"scores"`` is the
-      traces' primary score field).
+      traces' primary score field). With ``answers``, a signal of the virtual traces.
+    answers: ``None`` (the stages are the exits), or an
+      :class:`~ttamer_jax.AnswerModel`: the policy's stages are its virtual
+      posterior-answer stages (:meth:`stage_traces`).
   """
 
   policy: LinePolicy
   discretiser: Discretiser
   score_name: str = "max_softmax"
+  answers: Any = None
 
   @property
   def num_stages(self) -> int:
@@ -138,13 +162,22 @@ class DeployedPolicy:
   def num_states(self) -> int:
     return self.discretiser.num_states
 
-  def observe(self, stage, score, pred, prev_pred=None) -> StageObservation:
-    """The :class:`StageObservation` of a batch at ``stage``."""
-    state = self.discretiser.stage_states(stage, score, pred, prev_pred)
+  def stage_traces(self, traces):
+    """The traces the policy's stages see: ``traces`` itself, or their virtual
+    posterior-answer stages when the policy has an answer model."""
+    return traces if self.answers is None else self.answers.transform(traces)
+
+  def observe(self, stage, score, pred, prev_pred=None, top_pred=None) -> StageObservation:
+    """The :class:`StageObservation` of a batch at ``stage``; ``prev_pred``: the previous
+    exit's predictions, ``top_pred``: those of the most confident earlier exit (the
+    discretiser's feature says which it reads)."""
+    ref = top_pred if self.discretiser.feature == "agree_best" else prev_pred
+    state = self.discretiser.stage_states(stage, score, pred, ref)
     return StageObservation(state=state, score=score, pred=pred.astype(jnp.int32))
 
   def observations(self, traces) -> tuple[chex.Array, chex.Array, chex.Array]:
-    """``(states, scores, preds)``, each ``[N, n]``, of recorded traces."""
+    """``(states, scores, preds)``, each ``[N, n]``, of recorded traces (already
+    the :meth:`stage_traces` when the policy has an answer model)."""
     scores = trace_scores(traces, self.score_name)
     return self.discretiser(scores, traces.preds), scores, traces.preds
 

@@ -54,7 +54,7 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
     binning: ``"quantile"`` (each bin holds ~``N/B`` calibration samples; ties can
       leave bins empty) or ``"uniform"`` (equal width on ``score_range``).
     score_range: ``(low, high)`` for uniform bins; default: each stage's min/max.
-    feature: ``None`` or ``"agree_prev"`` (see :class:`Discretiser`).
+    feature: ``None``, ``"agree_prev"`` or ``"agree_best"`` (see :class:`Discretiser`).
   """
   b = validation.check_positive_int("num_bins", num_bins)
   if binning not in BINNINGS:
@@ -126,9 +126,9 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
       raise ValueError(f"feature: must be one of {FEATURES}, got {feature!r}")
     k = validation.check_positive_int("num_states", num_states)
     _check_table_bytes(k, pairs(traces.num_stages))  # before binning K quantiles
-    if feature == "agree_prev" and k % 2:
-      raise ValueError(f"num_states = {k} must be even with feature='agree_prev' (K = 2 x bins)")
-    bins = k // 2 if feature == "agree_prev" else k
+    if feature is not None and k % 2:
+      raise ValueError(f"num_states = {k} must be even with feature={feature!r} (K = 2 x bins)")
+    bins = k // 2 if feature is not None else k
     discretiser = fit_discretiser(scores, bins, binning=binning, score_range=score_range,
                                   feature=feature)
   else:
@@ -150,10 +150,22 @@ def _stage_costs(traces: ExitTraces) -> np.ndarray:
   return costs if costs.ndim == 1 else costs.mean(axis=0)
 
 
+def unit_free_costs(stage_costs: np.ndarray, full_cost: float | None = None
+                    ) -> tuple[np.ndarray, float]:
+  """``(costs / full_cost, full_cost)``: costs as shares of running every stage.
+
+  ``lam`` then has no unit: the same traces in seconds or milliseconds give the
+  same model and the same policy. ``full_cost`` defaults to ``stage_costs.sum()``;
+  all-zero costs stay zero (``full_cost`` 0).
+  """
+  full = float(np.sum(stage_costs)) if full_cost is None else float(full_cost)
+  return (stage_costs / full if full > 0 else np.zeros_like(stage_costs)), full
+
+
 def _first_stage_prior(discretiser: Discretiser) -> np.ndarray:
-  """States the first stage can be in: with ``agree_prev`` only ``agree = 0``."""
+  """States the first stage can be in: with an agreement feature only ``agree = 0``."""
   k = discretiser.num_states
-  if discretiser.feature == "agree_prev":
+  if discretiser.feature is not None:
     return (np.arange(k) % 2 == 0).astype(np.float64)
   return np.ones(k)
 
@@ -187,9 +199,14 @@ class FittedCascade:
 
   Attributes:
     cascade: the fitted :class:`~ttamer_jax.Cascade` (``values`` = calibrated
-      losses, smoothed ``init``/``trans``, mean ``costs``).
+      losses, smoothed ``init``/``trans``; ``costs`` = mean stage costs as shares of
+      ``cost_scale``, so that ``lam`` is unit-free).
     discretiser: the :class:`Discretiser` that produced the states.
     counts: ``[n, K]`` number of calibration samples per (stage, state).
+    cost_scale: ``[]`` mean cost of running every stage in the traces' units
+      (``cascade.costs * cost_scale`` are the raw mean stage costs).
+    answers: ``None``, or the :class:`~ttamer_jax.AnswerModel` whose virtual
+      stages the cascade models (posterior-answer stages).
     score_name: static name of the score signal fitted on (``"scores"``: the
       traces' primary scores).
   """
@@ -197,11 +214,14 @@ class FittedCascade:
   cascade: Cascade
   discretiser: Discretiser
   counts: chex.Array
+  cost_scale: chex.Array = 1.0
+  answers: Any = None
   score_name: str = PRIMARY_SCORE
 
   def deploy(self, policy) -> DeployedPolicy:
     """Wraps a line policy over this model's states for serving / replay."""
-    return DeployedPolicy(policy=policy, discretiser=self.discretiser, score_name=self.score_name)
+    return DeployedPolicy(policy=policy, discretiser=self.discretiser, score_name=self.score_name,
+                          answers=self.answers)
 
   def recall_policy(self, lam) -> DeployedPolicy:
     """The recall-optimal policy of the fitted model at ``lam``, ready to deploy."""
@@ -228,14 +248,14 @@ def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: s
     loss_smoothing: pseudo-samples at the stage's mean loss added to each state's
       calibrated loss.
     prior: ``"uniform"`` or ``"marginal"`` Dirichlet prior (module docstring).
-    feature: ``None`` or ``"agree_prev"``.
+    feature: ``None``, ``"agree_prev"`` or ``"agree_best"``.
     score: name of the score signal to discretise (default: primary ``scores``).
     score_range: ``(low, high)`` for uniform bins.
     discretiser: reuse these bins instead of fitting new ones (e.g. re-fitting the
       transitions on another split).
 
   Returns:
-    :class:`FittedCascade`.
+    :class:`FittedCascade`; its costs are shares of the full cost (unit-free ``lam``).
   """
   _check_fit_args(smoothing, loss_smoothing, prior)
   disc, states = _discretise(traces, num_states, binning, score, score_range, feature, discretiser)
@@ -249,8 +269,9 @@ def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: s
   for i in range(n - 1):
     row_prior = _prior_row(prior, np.ones(k), states[:, i + 1])
     trans[i] = _smoothed_rows(_pair_counts(states[:, i], states[:, i + 1], k), smoothing, row_prior)
-  cascade = Cascade(values=values, init=init, trans=trans, costs=_stage_costs(traces))
-  return FittedCascade(cascade=cascade, discretiser=disc, counts=counts,
+  costs, full = unit_free_costs(_stage_costs(traces))
+  cascade = Cascade(values=values, init=init, trans=trans, costs=costs)
+  return FittedCascade(cascade=cascade, discretiser=disc, counts=counts, cost_scale=np.asarray(full),
                        score_name=PRIMARY_SCORE if score is None else score)
 
 
@@ -263,12 +284,15 @@ class FittedGraph:
     graph: :class:`~ttamer_jax.RoutingGraph`; node ``i`` is stage ``i``.
     discretiser: the :class:`Discretiser` that produced the states.
     counts: ``[n, K]`` calibration samples per (stage, state).
+    cost_scale: ``[]`` cost of consulting every stage in the traces' units; the
+      graph's edge and entry costs are shares of it (unit-free ``lam``).
     score_name: static name of the score signal fitted on.
   """
 
   graph: RoutingGraph
   discretiser: Discretiser
   counts: chex.Array
+  cost_scale: chex.Array = 1.0
   score_name: str = PRIMARY_SCORE
 
 
@@ -282,20 +306,22 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
   Costs follow :func:`~ttamer_jax.skip_line`: ``c(i, j) = block_costs[i+1..j].sum() +
   head_costs[j]``; by default the traces' (mean) stage costs are the block costs
   and heads are free. ``skip_first`` lets the root enter any stage, each entry with
-  that stage's smoothed empirical state distribution. The ``"agree_prev"`` feature
-  is not defined when exits are skipped, so it is rejected here.
+  that stage's smoothed empirical state distribution. Agreement features are not
+  defined when exits are skipped, so they are rejected here.
   """
   _check_fit_args(smoothing, loss_smoothing, prior)
   if discretiser is not None and not isinstance(discretiser, Discretiser):
     raise ValueError(f"discretiser: expected a Discretiser, got {type(discretiser).__name__}")
   if discretiser is not None and discretiser.feature is not None:
-    raise ValueError("discretiser: feature 'agree_prev' is undefined on a skip-line (the previous "
-                     "exit may not have run); use feature=None")
+    raise ValueError(f"discretiser: feature {discretiser.feature!r} is undefined on a skip-line "
+                     "(the exit it compares with may not have run); use feature=None")
   disc, states = _discretise(traces, num_states, binning, score, score_range, None, discretiser,
                              pairs=lambda n: n * (n - 1) // 2)
   k, n = disc.num_states, traces.num_stages
   stage_costs = _stage_costs(traces)
   block, head = skip_costs(block_costs, head_costs, np.asarray(stage_costs, np.float64))
+  _, full = unit_free_costs(block + head)   # consulting every stage in turn
+  block, head = unit_free_costs(block, full)[0], unit_free_costs(head, full)[0]
   cum = np.concatenate([[0.0], np.cumsum(block)])
   values, counts = _calibrated_values(states, np.asarray(traces.losses, np.float64), k, loss_smoothing)
   src, dst, edge_trans, edge_costs = [], [], [], []
@@ -314,5 +340,5 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
       edge_costs=np.asarray(edge_costs), entry_init=np.asarray(entry_init),
       entry_costs=np.asarray([cum[j + 1] + head[j] for j in entries]),
       edge_src=tuple(src), edge_dst=tuple(dst), entry_nodes=tuple(entries))
-  return FittedGraph(graph=graph, discretiser=disc, counts=counts,
+  return FittedGraph(graph=graph, discretiser=disc, counts=counts, cost_scale=np.asarray(full),
                      score_name=PRIMARY_SCORE if score is None else score)

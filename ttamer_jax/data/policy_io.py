@@ -27,11 +27,15 @@ import numpy as np
 from ttamer_jax.core import heuristics, validation
 from ttamer_jax.core.model import default_float
 from ttamer_jax.core.policies import MixturePolicy, NoRecallPolicy, RecallPolicy
+from ttamer_jax.data.answers import AnswerModel
 from ttamer_jax.data.archive import check_format_version, read_npz, write_npz_atomic
 from ttamer_jax.data.discretise import FEATURES, DeployedPolicy, Discretiser, check_consistent
 from ttamer_jax.data.files import write_text
 
-POLICY_FORMAT_VERSION = 1
+# Version 2 adds the optional answer model (posterior-answer stages) and the
+# full cost that normalises the costs; version 1 files are still read.
+POLICY_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _KIND = "ttamer_jax.DeployedPolicy"
 
 # type name -> (class, array fields, static fields)
@@ -71,7 +75,8 @@ def _encode(policy, prefix: str, arrays: dict) -> dict:
 _REAL = "fiu"
 _FIELD_KINDS = {"index": _REAL, "values": _REAL, "lam": _REAL, "stop": "b", "thresholds": _REAL,
                 "patience": "iu", "exit_stage": "iu", "prob_second": _REAL, "key": "iu",
-                "edges": _REAL, "metadata_json": "U"}
+                "edges": _REAL, "metadata_json": "U", "weights": _REAL, "mean": _REAL,
+                "scale": _REAL, "loss_scale": _REAL}
 
 
 def _field(arrays, path, key, ndim=None):
@@ -165,9 +170,40 @@ def sidecar_path(path: str | os.PathLike) -> str:
   return (base if ext == ".npz" else os.fspath(path)) + ".json"
 
 
+def _encode_answers(model: AnswerModel | None, arrays: dict) -> dict | None:
+  if model is None:
+    return None
+  for f in ("weights", "mean", "scale", "loss_scale"):
+    arrays[f"answers.{f}"] = np.asarray(getattr(model, f))
+  return dict(score_name=model.score_name, unit_scores=bool(model.unit_scores))
+
+
+def _decode_answers(spec: Any, arrays: dict, path: str, used: set) -> AnswerModel | None:
+  if spec is None:
+    return None
+  if not isinstance(spec, dict) or set(spec) != {"score_name", "unit_scores"} or not isinstance(
+      spec["score_name"], str) or not isinstance(spec["unit_scores"], bool):
+    raise ValueError(f"{path}: metadata 'answers' must be null or "
+                     "{score_name: str, unit_scores: bool}")
+  fields = {f: _field(arrays, path, f"answers.{f}") for f in ("weights", "mean", "scale",
+                                                               "loss_scale")}
+  used.update(f"answers.{f}" for f in fields)
+  w = fields["weights"]
+  if w.ndim != 2 or fields["mean"].shape != w.shape or fields["scale"].shape != w.shape or (
+      fields["loss_scale"].shape != ()):
+    raise ValueError(f"{path}: fields 'answers.*' must be [P, D] weights, mean and scale and a "
+                     f"scalar loss_scale, got {w.shape}, {fields['mean'].shape}, "
+                     f"{fields['scale'].shape}, {fields['loss_scale'].shape}")
+  for f, arr in fields.items():
+    validation.check_finite(f"{path}: field 'answers.{f}'", arr)
+  if np.any(fields["scale"] <= 0) or float(fields["loss_scale"]) <= 0:
+    raise ValueError(f"{path}: fields 'answers.scale' and 'answers.loss_scale' must be > 0")
+  return AnswerModel(**fields, score_name=spec["score_name"], unit_scores=spec["unit_scores"])
+
+
 def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any = None,
                 fit_date: str | None = None, metadata: dict | None = None,
-                sidecar: bool = True) -> dict:
+                sidecar: bool = True, full_cost: float | None = None) -> dict:
   """Saves a :class:`DeployedPolicy` to ``path`` (``.npz``) and returns its metadata.
 
   Args:
@@ -178,6 +214,9 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
       in UTC or ``$SOURCE_DATE_EPOCH``).
     metadata: extra JSON-serialisable user fields (stored under ``"user"``).
     sidecar: also write the metadata as ``<name>.json`` for humans.
+    full_cost: the mean cost of running every stage on the fitting traces (raw
+      units), recorded as ``full_cost``: the policy's costs were shares of it, so
+      its ``lam`` is unit-free.
   """
   if not isinstance(deployed, DeployedPolicy):
     raise ValueError(f"deployed: expected a DeployedPolicy, got {type(deployed).__name__}")
@@ -189,13 +228,20 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
     raise ValueError(f"fit_date: expected an ISO-8601 string, got {type(fit_date).__name__}")
   if lam is not None:
     validation.check_scalar_lam(lam)
+  if full_cost is not None:
+    full_cost = validation.as_float_scalar("full_cost", full_cost)
+    if not np.isfinite(full_cost) or full_cost < 0:
+      raise ValueError(f"full_cost = {full_cost} must be a finite number >= 0")
   arrays: dict[str, np.ndarray] = {}
   spec = _encode(deployed.policy, "policy", arrays)
+  answers = _encode_answers(deployed.answers, arrays)
   from ttamer_jax._version import __version__
   meta = dict(format_version=POLICY_FORMAT_VERSION, kind=_KIND, policy=spec, num_stages=n,
               num_states=k, score_name=deployed.score_name, feature=deployed.discretiser.feature,
               lam=_policy_lam(deployed.policy) if lam is None else float(lam),
-              fit_date=fit_date or default_fit_date(),
+              fit_date=fit_date or default_fit_date(), answers=answers, full_cost=full_cost,
+              cost_unit=("shares of full_cost, the mean cost of running every stage (lam is "
+                         "unit-free)") if full_cost is not None else None,
               library_version=__version__, user=dict(metadata or {}))
   try:
     text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
@@ -228,7 +274,7 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
   """
   path = os.fspath(path)
   arrays = read_npz(path, "policy", max_bytes=max_bytes)
-  check_format_version(path, arrays, POLICY_FORMAT_VERSION, _KIND, "policy")
+  check_format_version(path, arrays, READABLE_VERSIONS, _KIND, "policy")
   text = _field(arrays, path, "metadata_json", 0)
   try:
     meta = json.loads(str(text))
@@ -252,6 +298,7 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
     policy = _decode(meta["policy"], "policy", arrays, path, used)
   except ValueError as e:
     raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+  answers = _decode_answers(meta.get("answers"), arrays, path, used)
   extra = sorted(set(arrays) - used)
   if extra:
     raise ValueError(f"{path}: unexpected field {extra[0]!r}")
@@ -260,7 +307,8 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
     disc = Discretiser(edges=edges, feature=meta["feature"])
   except ValueError as e:
     raise ValueError(f"{path}: field '{e}") from None
-  deployed = DeployedPolicy(policy=policy, discretiser=disc, score_name=meta["score_name"])
+  deployed = DeployedPolicy(policy=policy, discretiser=disc, score_name=meta["score_name"],
+                            answers=answers)
   n, k = check_consistent(deployed, path)
   if (n, k) != (meta["num_stages"], meta["num_states"]):
     raise ValueError(f"{path}: metadata says {meta['num_stages']} stages x {meta['num_states']} "

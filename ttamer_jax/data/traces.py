@@ -113,6 +113,11 @@ class ExitTraces:
     """``[N, n]`` per-sample costs (broadcast when costs are per stage)."""
     return np.broadcast_to(self.costs, np.shape(self.scores))
 
+  def full_cost(self) -> float:
+    """Mean cost of consulting every stage: the unit of normalised costs (``cost_norm``
+    and ``J = lam * error + (1 - lam) * cost / full_cost``)."""
+    return float(np.asarray(self.cost_matrix(), np.float64).sum(axis=1).mean())
+
   def with_score(self, name: str) -> "ExitTraces":
     """A copy whose ``scores`` are the named signal (the old scores stay in ``signals``)."""
     if not isinstance(name, str) or name not in self.signals:

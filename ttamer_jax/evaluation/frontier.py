@@ -54,8 +54,8 @@ class ReplaySweep:
   answer_histogram: chex.Array
 
   def objective(self, lam) -> chex.Array:
-    """``[P]`` ``lam * error + (1 - lam) * cost``."""
-    return lam * self.error + (1 - lam) * self.cost
+    """``[P]`` unit-free ``J = lam * error + (1 - lam) * cost_norm``."""
+    return lam * self.error + (1 - lam) * self.cost_norm
 
   def rows(self) -> list[dict]:
     return [dict(param=float(p), error=float(e), cost=float(c), cost_norm=float(cn))

@@ -12,12 +12,10 @@ Exact evaluation on a model is :mod:`ttamer_jax.evaluation.exact`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import validation
@@ -57,7 +55,13 @@ def trace_inputs(policy, traces: ExitTraces, *, score_name: str | None = None):
 
 
 def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) -> ReplayResult:
-  """Replays ``policy`` on every request of ``traces`` with the true losses and costs."""
+  """Replays ``policy`` on every request of ``traces`` with the true losses and costs.
+
+  A :class:`DeployedPolicy` with an answer model replays on its virtual
+  posterior-answer stages (:meth:`DeployedPolicy.stage_traces`).
+  """
+  if isinstance(policy, DeployedPolicy) and isinstance(traces, ExitTraces):
+    traces = policy.stage_traces(traces)
   line, states, scores, preds = trace_inputs(policy, traces, score_name=score_name)
   check_single_policy(line)
   if line.num_stages != traces.num_stages:
@@ -70,36 +74,46 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
 MAX_BOOTSTRAP_BYTES = 1 << 30  # largest [num_resamples, C] result bootstrap_means allocates
 
 
-def _percentile_ci(samples: np.ndarray, level: float) -> np.ndarray:
+def percentile_ci(samples: np.ndarray, level: float) -> np.ndarray:
   alpha = (1 - level) / 2
   return np.quantile(samples, [alpha, 1 - alpha], axis=0).T
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _bootstrap_means(key, columns, num_resamples: int, chunk: int):
-  """``[R, C]`` means of ``columns [N, C]`` over ``R`` resamples with replacement."""
-  num = columns.shape[0]
-  num_chunks = -(-num_resamples // chunk)
-
-  def one(k):
-    idx = jax.random.randint(k, (chunk, num), 0, num)
-    return jnp.mean(columns[idx], axis=1)
-
-  means = jax.lax.map(one, jax.random.split(key, num_chunks))
-  return means.reshape(-1, columns.shape[1])[:num_resamples]
+def _key_seed(key) -> np.ndarray:
+  """A NumPy seed from a JAX PRNG key (legacy ``[2]`` uint32 data or a typed key)."""
+  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return np.asarray(key, np.uint32).reshape(-1)
 
 
 def bootstrap_means(key: chex.PRNGKey, columns: Any, num_resamples: int = 1000) -> np.ndarray:
-  """``[R, C]`` bootstrap resample means of the per-request ``columns [N, C]``."""
+  """``[R, C]`` bootstrap resample means of the per-request ``columns [N, C]``.
+
+  Every resample is drawn once, as a vector of draw counts, and shared by all
+  columns (a matrix product), so the resamples are paired across columns: the
+  bootstrap of a difference of two columns is the difference of their resample
+  means, and bootstrapping many statistics of the same requests costs about as
+  much as one. Deterministic given ``key``.
+  """
   num_resamples = validation.check_positive_int("num_resamples", num_resamples)
-  columns = jnp.asarray(columns, jnp.float32)
+  columns = np.asarray(columns, np.float64)
+  if columns.ndim != 2 or columns.shape[0] < 1:
+    raise ValueError(f"columns: expected [N, C] with N >= 1, got shape {columns.shape}")
   need = num_resamples * max(columns.shape[-1], 1) * 8   # the [R, C] float64 result
   if need > MAX_BOOTSTRAP_BYTES:
     raise ValueError(f"num_resamples = {num_resamples}: the resample means would take "
                      f"{need / 2**30:.1f} GiB, over the {MAX_BOOTSTRAP_BYTES / 2**30:.0f} GiB limit "
                      "of ttamer_jax.evaluation.metrics.MAX_BOOTSTRAP_BYTES")
-  chunk = max(1, min(num_resamples, (1 << 22) // max(columns.size, 1)))
-  return np.asarray(_bootstrap_means(key, columns, num_resamples, chunk), np.float64)
+  num = columns.shape[0]
+  rng = np.random.default_rng(_key_seed(key))
+  chunk = int(max(1, min(num_resamples, (1 << 22) // num)))   # ~4M draw counts per block
+  out = np.empty((num_resamples, columns.shape[1]))
+  for start in range(0, num_resamples, chunk):
+    rows = min(chunk, num_resamples - start)
+    draws = rng.integers(0, num, (rows, num)) + (np.arange(rows) * num)[:, None]
+    counts = np.bincount(draws.reshape(-1), minlength=rows * num).reshape(rows, num)
+    out[start:start + rows] = counts @ columns / num
+  return out
 
 
 def _check_level(level):
@@ -121,7 +135,9 @@ class Evaluation:
     cost_ci: ``[2]`` bootstrap interval of ``cost``.
     cost_norm: ``[]`` mean cost / mean cost of running every stage.
     cost_norm_ci: ``[2]`` bootstrap interval of ``cost_norm``.
-    objective: ``[]`` mean ``lam * loss + (1 - lam) * cost`` (raw cost units).
+    objective: ``[]`` mean ``lam * loss + (1 - lam) * cost / full_cost``: the cost as a
+      share of the mean cost of running every stage, so ``J`` has no unit and equals
+      ``lam * error + (1 - lam) * cost_norm``.
     objective_ci: ``[2]`` bootstrap interval of ``objective``.
     objective_se: ``[]`` standard error of ``objective``.
     stop_histogram: ``[n]`` fraction of requests whose last consulted stage is i.
@@ -149,6 +165,14 @@ class Evaluation:
     return {k: np.asarray(getattr(self, k)).tolist() for k in self.__dataclass_fields__}
 
 
+def normalised_objective(loss: Any, cost: Any, lam: float, full_cost: float) -> np.ndarray:
+  """Per-request ``lam * loss + (1 - lam) * cost / full_cost`` (unit-free ``J``;
+  ``full_cost`` is the mean cost of running every stage, 0 when nothing costs)."""
+  cost = np.asarray(cost, np.float64)
+  share = cost / full_cost if full_cost > 0 else np.zeros_like(cost)
+  return lam * np.asarray(loss, np.float64) + (1 - lam) * share
+
+
 def _se(x: np.ndarray) -> float:
   return float(np.std(x, ddof=1) / np.sqrt(x.shape[0])) if x.shape[0] > 1 else 0.0
 
@@ -164,12 +188,12 @@ def summarise(result: ReplayResult, full_cost: Any, lam, *, num_stages: int,
   cost = np.asarray(result.cost, np.float64)
   full = np.broadcast_to(np.asarray(full_cost, np.float64), loss.shape)
   lam = float(lam)
-  obj = lam * loss + (1 - lam) * cost
-  means = bootstrap_means(key, np.stack([loss, cost, full, obj], axis=1), num_resamples)
   full_mean = full.mean()
+  obj = normalised_objective(loss, cost, lam, full_mean)
+  means = bootstrap_means(key, np.stack([loss, cost, full, obj], axis=1), num_resamples)
   norm = cost.mean() / full_mean if full_mean > 0 else 0.0
   norm_samples = np.where(means[:, 2] > 0, means[:, 1] / np.where(means[:, 2] > 0, means[:, 2], 1), 0.0)
-  cis = _percentile_ci(np.stack([means[:, 0], norm_samples, means[:, 3], means[:, 1]], axis=1), level)
+  cis = percentile_ci(np.stack([means[:, 0], norm_samples, means[:, 3], means[:, 1]], axis=1), level)
   hist = lambda s: np.bincount(np.asarray(s), minlength=num_stages) / loss.shape[0]
   return Evaluation(
       lam=np.asarray(lam), error=np.asarray(loss.mean()), error_ci=cis[0], error_se=np.asarray(_se(loss)),
@@ -221,18 +245,28 @@ class Comparison:
   objective_b: chex.Array
 
 
-def compare_results(a: ReplayResult, b: ReplayResult, lam, *, key=None, num_resamples: int = 1000,
-                    level: float = 0.95) -> Comparison:
-  """Paired comparison of two replays of the same requests."""
+def compare_results(a: ReplayResult, b: ReplayResult, lam, *, full_cost: float = 1.0, key=None,
+                    num_resamples: int = 1000, level: float = 0.95) -> Comparison:
+  """Paired comparison of two replays of the same requests.
+
+  Objectives are ``lam * loss + (1 - lam) * cost / full_cost`` (``full_cost``: the
+  mean cost of running every stage; :func:`compare` passes the traces').
+  """
   validation.check_scalar_lam(lam)
   _check_level(level)
   key = jax.random.PRNGKey(0) if key is None else check_key(key)
-  oa = np.asarray(a.objective(lam), np.float64)
-  ob = np.asarray(b.objective(lam), np.float64)
+  oa = normalised_objective(a.loss, a.cost, float(lam), float(full_cost))
+  ob = normalised_objective(b.loss, b.cost, float(lam), float(full_cost))
   if oa.shape != ob.shape:
     raise ValueError(f"results: replayed on different numbers of requests ({oa.shape} vs {ob.shape})")
+  return compare_objectives(oa, ob, key=key, num_resamples=num_resamples, level=level)
+
+
+def compare_objectives(oa: np.ndarray, ob: np.ndarray, *, key, num_resamples: int = 1000,
+                       level: float = 0.95) -> Comparison:
+  """Paired comparison of per-request objectives ``oa [N]`` and ``ob [N]`` (trusted)."""
   d = oa - ob
-  ci = _percentile_ci(bootstrap_means(key, d[:, None], num_resamples), level)[0]
+  ci = percentile_ci(bootstrap_means(key, d[:, None], num_resamples), level)[0]
   return Comparison(diff=np.asarray(d.mean()), diff_se=np.asarray(_se(d)), diff_ci=ci,
                     objective_a=np.asarray(oa.mean()), objective_b=np.asarray(ob.mean()))
 
@@ -241,5 +275,6 @@ def compare(policy_a, policy_b, traces: ExitTraces, lam, *, key=None, num_resamp
             level: float = 0.95, score_name: str | None = None) -> Comparison:
   """Replays both policies on ``traces`` and compares them request by request."""
   return compare_results(replay_traces(policy_a, traces, score_name=score_name),
-                         replay_traces(policy_b, traces, score_name=score_name), lam, key=key,
-                         num_resamples=num_resamples, level=level)
+                         replay_traces(policy_b, traces, score_name=score_name), lam,
+                         full_cost=traces.full_cost(), key=key, num_resamples=num_resamples,
+                         level=level)

@@ -66,7 +66,8 @@ def _metrics_fn(fitted: FittedCascade, calibration: ExitTraces | None):
   if calibration is None:
     def metrics(lam):
       m = policy_metrics(fitted.cascade, recall_policy(fitted.cascade, lam))
-      return float(m.loss), float(m.cost)
+      # The fitted costs are shares of the full cost; the budget is in raw units.
+      return float(m.loss), float(m.cost) * float(fitted.cost_scale)
     return metrics, "model"
 
   def metrics(lam):

@@ -191,19 +191,22 @@ class EarlyExitMLP(EarlyExitNet):
 
 # ------------------------------------------------------------------- CNN
 class EarlyExitCNN(EarlyExitNet):
-  """A small CNN for ``[B, H, W, C]`` images (8x8 digits by default).
+  """A small CNN for ``[B, H, W, C]`` images (8x8 digits by default) or ``[B, L, C]``
+  signals (MNIST-1D).
 
-  Block ``i`` is a 3x3 convolution to ``channels[i]`` feature maps with ReLU,
-  followed by 2x2 average pooling after every odd block (8x8 -> 4x4 -> 2x2). Each
-  head concatenates global mean and max pooling (``2 * channels[i]`` features) and
-  applies one linear layer, so heads are cheap next to blocks.
+  Block ``i`` is a 3x3 convolution (width 5 on signals) to ``channels[i]`` feature
+  maps with ReLU, followed by 2x2 (2) average pooling after every odd block
+  (8x8 -> 4x4 -> 2x2). Each head concatenates global mean and max pooling
+  (``2 * channels[i]`` features) and applies one linear layer, so heads are cheap
+  next to blocks.
   """
 
   def __init__(self, input_shape=(8, 8, 1), num_classes: int = 10,
                channels=(16, 32, 32, 64), error_head: bool = True, *, rngs: nnx.Rngs):
     self.input_shape = _positive_dims("input_shape", input_shape)
-    if len(self.input_shape) != 3:
-      raise ValueError(f"input_shape: expected (height, width, channels), got {self.input_shape}")
+    if len(self.input_shape) not in (2, 3):
+      raise ValueError(f"input_shape: expected (height, width, channels) or (length, channels), "
+                       f"got {self.input_shape}")
     self.num_classes = validation.check_positive_int("num_classes", num_classes)
     if isinstance(channels, (list, tuple)) and not channels:
       raise ValueError("channels: empty (need at least one block)")
@@ -211,7 +214,8 @@ class EarlyExitCNN(EarlyExitNet):
     self.num_stages = len(self.channels)
     self.error_head = bool(error_head)
     ins = (self.input_shape[-1],) + self.channels[:-1]
-    self.convs = nnx.List([nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+    kernel = (3, 3) if len(self.input_shape) == 3 else (5,)
+    self.convs = nnx.List([nnx.Conv(cin, cout, kernel, rngs=rngs)
                            for cin, cout in zip(ins, self.channels)])
     self.heads = nnx.List([ExitHead(2 * c, num_classes, error_head, rngs=rngs)
                            for c in self.channels])
@@ -225,12 +229,15 @@ class EarlyExitCNN(EarlyExitNet):
 
   def block(self, i, h):
     h = jax.nn.relu(self.convs[i](h))
-    if i % 2 == 1 and h.shape[1] > 1 and h.shape[2] > 1:
-      h = nnx.avg_pool(h, window_shape=(2, 2), strides=(2, 2))
+    spatial = h.shape[1:-1]
+    if i % 2 == 1 and all(d > 1 for d in spatial):
+      window = (2,) * len(spatial)
+      h = nnx.avg_pool(h, window_shape=window, strides=window)
     return h
 
   def head(self, i, h):
-    pooled = jnp.concatenate([h.mean(axis=(1, 2)), h.max(axis=(1, 2))], axis=-1)
+    axes = tuple(range(1, h.ndim - 1))
+    pooled = jnp.concatenate([h.mean(axis=axes), h.max(axis=axes)], axis=-1)
     return self.heads[i](pooled)
 
 

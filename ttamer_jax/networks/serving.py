@@ -91,6 +91,10 @@ def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
   check_single_policy(deployed.policy)
   if not isinstance(deployed.discretiser, Discretiser):
     raise ValueError(f"discretiser: expected a Discretiser, got {type(deployed.discretiser).__name__}")
+  if deployed.answers is not None:
+    raise ValueError("policy: its stages are posterior-answer stages (an answer model); "
+                     "Server does not serve those yet: replay it with ttamer_jax.evaluate, or "
+                     "choose among exit-state candidates (fit_policy(..., candidates=...))")
   if deployed.policy.observes == "true_losses":
     raise ValueError(f"policy: {type(deployed.policy).__name__} reads the true losses (an oracle "
                      "for offline evaluation); it cannot serve")
@@ -134,7 +138,8 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
                   num_stages: int):
   """One stage on one bucket: ``live`` is the raw input at stage 0, else the request state.
 
-  Request state: ``(h, policy_carry, best, best_stage, best_pred, prev_pred)``.
+  Request state: ``(h, policy_carry, best, best_stage, best_pred, prev_pred, top_score,
+  top_pred)`` (``top_*``: the most confident exit so far, for the ``agree_best`` feature).
   Returns the new request state and the ``[4, b]`` int32 decision
   ``(stop, answered stage, answer, observed state)``.
   """
@@ -149,12 +154,16 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
     best_stage = jnp.zeros((b,), jnp.int32)
     best_pred = jnp.zeros((b,), jnp.int32)
     prev_pred = jnp.zeros((b,), jnp.int32)
+    top_score = jnp.full((b,), -jnp.inf, jnp.float32)
+    top_pred = jnp.zeros((b,), jnp.int32)
   else:
-    h, carry, best, best_stage, best_pred, prev_pred = live
+    h, carry, best, best_stage, best_pred, prev_pred, top_score, top_pred = live
   h, logits, err = model.stage(stage, h)
   score = exit_signal(deployed.score_name, logits, err)
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  obs = deployed.observe(stage, score, pred, prev_pred)
+  obs = deployed.observe(stage, score, pred, prev_pred, top_pred)
+  higher = score > top_score  # ties keep the earlier exit, as Discretiser.reference_preds
+  top_score, top_pred = jnp.where(higher, score, top_score), jnp.where(higher, pred, top_pred)
   if policy.recall:
     est = policy.estimate(stage, obs)
     if stage == 0:
@@ -169,7 +178,7 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
   answer_stage = best_stage if policy.recall else jnp.full_like(best_stage, stage)
   answer = best_pred if policy.recall else pred
   decision = jnp.stack([stop.astype(jnp.int32), answer_stage, answer, obs.state.astype(jnp.int32)])
-  return (h, carry, best, best_stage, best_pred, pred), decision
+  return (h, carry, best, best_stage, best_pred, pred, top_score, top_pred), decision
 
 
 @jax.jit
@@ -300,13 +309,15 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
     h = jnp.asarray(x[r:r + 1])
     carry = policy.initial_carry(1)
     best = jnp.full((1,), jnp.inf, jnp.float32)
-    best_stage, best_pred, prev_pred = 0, 0, 0
+    best_stage, best_pred, prev_pred, top_score, top_pred = 0, 0, 0, -np.inf, 0
     for stage in range(n):
       h, logits, err = model.stage(stage, h)
       score = exit_signal(deployed.score_name, logits, err)
       pred = int(np.argmax(np.asarray(logits)[0]))
       obs = deployed.observe(stage, score, jnp.asarray([pred], jnp.int32),
-                             jnp.asarray([prev_pred], jnp.int32))
+                             jnp.asarray([prev_pred], jnp.int32), jnp.asarray([top_pred], jnp.int32))
+      if float(np.asarray(score)[0]) > top_score:
+        top_score, top_pred = float(np.asarray(score)[0]), pred
       if policy.recall:
         est = policy.estimate(stage, obs)
         if stage == 0 or bool(np.asarray(est)[0] < np.asarray(best)[0]):

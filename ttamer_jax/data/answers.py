@@ -1,0 +1,265 @@
+"""Posterior-answer stages: which consulted exit to answer with, from the joint evidence.
+
+A recall policy over score bins answers with the consulted exit of least
+*modelled* loss, where each exit's loss is a function of its own score bin only.
+When exits make correlated mistakes, or when a later exit's agreement tells us
+something about an earlier one, that choice is biased. Here (DESIGN.md section 5)
+the answer is chosen on the joint evidence instead:
+
+* after consulting exits ``0..i``, a small logistic calibrator estimates
+  ``q[i, j] = P(exit j wrong | evidence of exits 0..i)`` for every consulted ``j``
+  (one calibrator per pair ``(i, j)``; features below);
+* *virtual stage* ``i`` answers with the ``j`` of least ``q[i, j]`` (the earliest on
+  ties); its score is ``1 - q[i, j*]``, its prediction exit ``j*``'s, its loss
+  exit ``j*``'s true loss;
+* the virtual stages are ordinary exit traces (:meth:`AnswerModel.transform`), so
+  binning, fitting, the exact solvers, replay and selection run on them
+  unchanged: optimal stopping over virtual stages is an exact policy of a model
+  stated in full, and it still "recalls" earlier exits.
+
+Features of pair ``(i, j)`` (standardised with the training mean and spread):
+``1``, ``s_j``, ``logit(s_j)`` (scores clipped to ``[1e-4, 1 - 1e-4]`` when they
+lie in ``[0, 1]``, else ``s_j`` again), ``s_i``, ``[p_j = p_i]``, the share of
+consulted exits predicting ``p_j``, and the highest score among them.
+
+Calibrators must not see the requests they score during fitting (the states
+would be optimistic): :func:`cross_fitted_transform` gives out-of-fold virtual
+traces for fitting, :func:`fit_answer_model` the model applied to new traffic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttamer_jax.core import validation
+from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.data.discretise import trace_scores
+from ttamer_jax.data.traces import ExitTraces
+
+NUM_FEATURES = 7
+# Ridge penalty of the calibrators, per training request (keeps Newton steps
+# finite on separable folds; small against the data term).
+RIDGE = 1e-3
+NEWTON_STEPS = 12
+_CLIP = 1e-4
+
+
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(i [P], j [P])`` of every pair ``j <= i`` (``P = n (n + 1) / 2``), row-major in ``i``."""
+  i, j = np.tril_indices(n)
+  return i.astype(np.int32), j.astype(np.int32)
+
+
+def _raw_features(scores: chex.Array, preds: chex.Array, unit: bool) -> chex.Array:
+  """``[N, P, D]`` unstandardised features of every pair (jnp, traceable)."""
+  n = scores.shape[1]
+  pi, pj = _pairs(n)
+  s_j, s_i = scores[:, pj], scores[:, pi]
+  logit = (jnp.log(jnp.clip(s_j, _CLIP, 1 - _CLIP)) - jnp.log1p(-jnp.clip(s_j, _CLIP, 1 - _CLIP))
+           if unit else s_j)
+  same = (preds[:, :, None] == preds[:, None, :])                        # [N, k, j]
+  consulted = jnp.arange(n)[None, :] <= jnp.asarray(pi)[:, None]         # [P, k]
+  agree_k = same[:, :, pj].transpose(0, 2, 1) & consulted[None]          # [N, P, k]
+  share = agree_k.sum(-1) / (jnp.asarray(pi) + 1)[None, :]
+  support = jnp.max(jnp.where(agree_k, scores[:, None, :], -jnp.inf), axis=-1)
+  agree_now = (preds[:, pj] == preds[:, pi]).astype(scores.dtype)
+  ones = jnp.ones_like(s_j)
+  return jnp.stack([ones, s_j, logit, s_i, agree_now, share.astype(scores.dtype), support], -1)
+
+
+@pytree_dataclass(static=("score_name", "unit_scores"))
+class AnswerModel:
+  """Calibrated posterior error of every consulted exit, per virtual stage.
+
+  Attributes:
+    weights: ``[P, D]`` logistic weights of pair ``p = (i, j)`` (``j <= i``, row-major
+      in ``i``; ``P = n (n+1) / 2``, ``D`` = :data:`NUM_FEATURES`).
+    mean: ``[P, D]`` feature means of the training requests (column 0: 0).
+    scale: ``[P, D]`` feature spreads (column 0: 1).
+    loss_scale: ``[]`` losses are divided by it before calibration (1 for 0/1 losses).
+    score_name: static name of the exit signal the evidence reads.
+    unit_scores: static; the scores lie in ``[0, 1]`` (a logit feature is used).
+  """
+
+  weights: chex.Array
+  mean: chex.Array
+  scale: chex.Array
+  loss_scale: chex.Array
+  score_name: str = "scores"
+  unit_scores: bool = True
+
+  @property
+  def num_stages(self) -> int:
+    p = self.weights.shape[-2]
+    return int(round((np.sqrt(8 * p + 1) - 1) / 2))
+
+  def posteriors(self, scores: chex.Array, preds: chex.Array) -> chex.Array:
+    """``[N, n, n]`` ``q[r, i, j]``: estimated expected loss (scaled back) of answering
+    with exit ``j`` after consulting ``0..i``; ``+inf`` for ``j > i``."""
+    return _posteriors(self, jnp.asarray(scores), jnp.asarray(preds, jnp.int32))
+
+  def transform(self, traces: ExitTraces) -> ExitTraces:
+    """The virtual-stage traces of ``traces`` (see the module docstring).
+
+    ``scores`` (and the signal ``"posterior_confidence"``) is ``1 - q[i, j*]`` scaled
+    to the loss scale; signal ``"answer_stage"`` is ``j*``; costs are unchanged.
+    """
+    if not isinstance(traces, ExitTraces):
+      raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
+    if traces.num_stages != self.num_stages:
+      raise ValueError(f"traces: have {traces.num_stages} stages but the answer model was "
+                       f"fitted on {self.num_stages}")
+    scores = np.asarray(trace_scores(traces, self.score_name))
+    conf, answer = (np.asarray(x) for x in _answers(self, jnp.asarray(scores),
+                                                     jnp.asarray(traces.preds)))
+    rows = np.arange(traces.num_samples)[:, None]
+    preds = np.asarray(traces.preds)[rows, answer]
+    losses = np.asarray(traces.losses)[rows, answer]
+    return ExitTraces(scores=conf, preds=preds, losses=losses, costs=traces.costs,
+                      signals={"posterior_confidence": conf, "answer_stage": answer.astype(float)},
+                      labels=traces.labels)
+
+
+@jax.jit
+def _posteriors(model: AnswerModel, scores, preds):
+  n = scores.shape[1]
+  feats = (_raw_features(scores, preds, model.unit_scores) - model.mean) / model.scale
+  logits = jnp.einsum("npd,pd->np", feats, model.weights)
+  q = jax.nn.sigmoid(logits) * model.loss_scale                       # [N, P]
+  pi, pj = _pairs(n)
+  out = jnp.full((scores.shape[0], n, n), jnp.inf, q.dtype)
+  return out.at[:, pi, pj].set(q)
+
+
+@jax.jit
+def _answers(model: AnswerModel, scores, preds):
+  q = _posteriors(model, scores, preds)                               # [N, n, n]
+  answer = jnp.argmin(q, axis=-1).astype(jnp.int32)                   # earliest on ties
+  best = jnp.take_along_axis(q, answer[..., None], axis=-1)[..., 0]
+  return 1.0 - best / model.loss_scale, answer
+
+
+# ------------------------------------------------------------------ fitting
+@functools.partial(jax.jit, static_argnums=(3,))
+def _newton(feats, targets, weights, steps: int):
+  """Ridge logistic regression by Newton's method for every pair at once.
+
+  ``feats [P, N, D]`` (standardised), ``targets [P, N]`` in ``[0, 1]`` (soft labels),
+  ``weights [N]`` request weights (0 for padding). Returns ``[P, D]``.
+  """
+  d = feats.shape[-1]
+  ridge = RIDGE * jnp.sum(weights) * jnp.eye(d).at[0, 0].set(0.0)
+
+  def one(x, y):
+    def step(w, _):
+      p = jax.nn.sigmoid(x @ w)
+      grad = x.T @ (weights * (p - y)) + ridge @ w
+      hess = (x * (weights * p * (1 - p))[:, None]).T @ x + ridge + 1e-6 * jnp.eye(d)
+      return w - jnp.linalg.solve(hess, grad), None
+
+    w, _ = jax.lax.scan(step, jnp.zeros((d,), x.dtype), None, length=steps)
+    return w
+
+  return jax.vmap(one)(feats, targets)
+
+
+def _bucket(num: int) -> int:
+  """Padded request count (a few compiled shapes for any data size)."""
+  return max(256, 1 << int(np.ceil(np.log2(num))))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _fit_pairs(scores, preds, losses, weights, unit: bool, steps: int):
+  """Standardisation and logistic weights of every pair, on padded requests
+  (``weights`` 0 on padding). Returns ``(weights [P, D], mean [P, D], scale [P, D])``."""
+  n = scores.shape[1]
+  raw = _raw_features(scores, preds, unit)                               # [N, P, D]
+  total = jnp.sum(weights)
+  mean = jnp.einsum("n,npd->pd", weights, raw) / total
+  var = jnp.einsum("n,npd->pd", weights, (raw - mean) ** 2) / total
+  scale = jnp.sqrt(var)
+  mean = mean.at[:, 0].set(0.0)
+  scale = jnp.where(scale > 1e-12, scale, 1.0).at[:, 0].set(1.0)
+  feats = ((raw - mean) / scale).transpose(1, 0, 2)                       # [P, N, D]
+  _, pj = _pairs(n)
+  targets = jnp.clip(losses[:, pj], 0.0, 1.0).T                           # [P, N]
+  return _newton(feats, targets, weights, steps), mean, scale
+
+
+def fit_answer_model(traces: ExitTraces, *, score: str | None = None) -> AnswerModel:
+  """Fits the posterior calibrators of every pair ``(i, j)`` on ``traces``.
+
+  Args:
+    traces: calibration traces (losses >= 0; 0/1 errors or expected losses).
+    score: the exit signal the evidence reads (default: the primary ``scores``).
+  """
+  if not isinstance(traces, ExitTraces):
+    raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
+  name = "scores" if score is None else score
+  scores = np.asarray(trace_scores(traces, name), np.float64)
+  preds = np.asarray(traces.preds)
+  losses = np.asarray(traces.losses, np.float64)
+  num, n = scores.shape
+  if num < 2:
+    raise ValueError(f"traces: need at least 2 requests to fit an answer model, got {num}")
+  unit = bool(scores.min() >= 0 and scores.max() <= 1)
+  loss_scale = float(max(losses.max(), 1e-12)) if losses.max() > 1 else 1.0
+  dtype = jax.dtypes.canonicalize_dtype(np.float64)
+  pad = _bucket(num) - num
+  padded = lambda x: np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+  weights = np.concatenate([np.ones(num), np.zeros(pad)])
+  w, mean, scale = _fit_pairs(jnp.asarray(padded(scores), dtype), jnp.asarray(padded(preds), jnp.int32),
+                              jnp.asarray(padded(losses) / loss_scale, dtype),
+                              jnp.asarray(weights, dtype), unit, NEWTON_STEPS)
+  return AnswerModel(weights=np.asarray(w), mean=np.asarray(mean), scale=np.asarray(scale),
+                     loss_scale=np.asarray(loss_scale), score_name=name, unit_scores=unit)
+
+
+def fold_ids(key: chex.PRNGKey, num: int, folds: int) -> np.ndarray:
+  """``[num]`` fold of each request: a random permutation cut into ``folds`` near-equal parts."""
+  folds = validation.check_positive_int("folds", folds)
+  if folds < 2 or folds > num:
+    raise ValueError(f"folds = {folds} must lie in [2, N = {num}]")
+  perm = np.asarray(jax.random.permutation(key, num))
+  out = np.empty(num, np.int32)
+  out[perm] = np.arange(num) % folds
+  return out
+
+
+def cross_fitted_transform(traces: ExitTraces, folds: Any, *, score: str | None = None
+                           ) -> ExitTraces:
+  """Virtual traces of ``traces`` in which each request's posteriors come from
+  calibrators fitted on the *other* folds (``folds [N]`` fold ids)."""
+  folds = np.asarray(folds)
+  parts, order = [], []
+  for f in np.unique(folds):
+    held = np.flatnonzero(folds == f)
+    model = fit_answer_model(traces.subset(np.flatnonzero(folds != f)), score=score)
+    parts.append(model.transform(traces.subset(held)))
+    order.append(held)
+  order = np.concatenate(order)
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(order.size)
+  return concat_traces(parts).subset(inverse)
+
+
+def concat_traces(parts: list[ExitTraces]) -> ExitTraces:
+  """The requests of several traces of the same stages, in order."""
+  first = parts[0]
+  cat = lambda xs: np.concatenate([np.asarray(x) for x in xs])
+  costs = (first.costs if all(np.ndim(p.costs) == 1 and np.array_equal(p.costs, first.costs)
+                              for p in parts)
+           else cat([p.cost_matrix() for p in parts]))
+  names = set(first.signals)
+  signals = {k: cat([p.signals[k] for p in parts]) for k in names
+             if all(k in p.signals for p in parts)}
+  labels = None if any(p.labels is None for p in parts) else cat([p.labels for p in parts])
+  return ExitTraces(scores=cat([p.scores for p in parts]), preds=cat([p.preds for p in parts]),
+                    losses=cat([p.losses for p in parts]), costs=costs, signals=signals,
+                    labels=labels)

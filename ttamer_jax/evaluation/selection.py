@@ -1,0 +1,576 @@
+"""The policy a user gets: chosen by cross-fitting, never by the model's own value.
+
+The exact solvers are optimal *for the fitted model*. Whether that model holds
+on the user's cascade is an empirical question, so :func:`fit_policy` answers it
+on the calibration traces only (DESIGN.md section 5):
+
+1. The requests are split into ``folds`` parts. For every candidate (below) and
+   every fold, the candidate is fitted on the other folds and replayed on the
+   held-out one, so every request gets an out-of-fold outcome (loss, cost).
+2. The cross-fitted objective ``J = lam * error + (1 - lam) * cost / full_cost``
+   of each candidate is the mean over all requests, with a bootstrap interval;
+   candidates are compared request by request (paired differences).
+3. The candidate of least cross-fitted ``J`` is chosen; a T-Tamer candidate
+   (the exact optimum of a fitted model) is preferred when it ties, i.e. when it
+   is within one paired standard error of the best. The chosen candidate is
+   refitted on all the calibration traces and returned ready to deploy.
+
+Candidates (:func:`default_candidates`): recall and no-recall optima over several
+state designs -- score signal, number of bins, binning, the agreement feature,
+smoothing, and posterior-answer stages (:mod:`ttamer_jax.data.answers`) -- and
+the simple rules people deploy: one confidence threshold, per-stage thresholds,
+patience, a fixed exit. Simple rules are tuned on the training folds of each
+split (nested), like everything else.
+
+With ``tolerance`` instead of ``lam`` (``ttamer fit --lam auto``) the choice is
+the least cross-fitted cost whose cross-fitted error is within ``tolerance`` of
+the last exit's error; when no candidate reaches it, the most accurate one, and
+the result says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import chex
+import jax
+import numpy as np
+
+from ttamer_jax.core import validation
+from ttamer_jax.core.heuristics import FixedExitPolicy, PatiencePolicy, ThresholdPolicy
+from ttamer_jax.core.progress import progress_iter
+from ttamer_jax.data import answers as answer_models
+from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
+from ttamer_jax.data.fitting import FittedCascade, fit_cascade
+from ttamer_jax.data.traces import ExitTraces
+from ttamer_jax.evaluation import model_check
+from ttamer_jax.evaluation.frontier import (cheapest_within, sweep_no_recall, sweep_policies,
+                                            sweep_recall)
+from ttamer_jax.evaluation.metrics import (Comparison, bootstrap_means, normalised_objective,
+                                           percentile_ci, replay_traces)
+
+TTAMER_KINDS = ("recall", "no_recall")
+RULE_KINDS = ("confidence", "per_stage", "patience", "fixed_exit")
+ANSWERS = ("exits", "posterior")
+# Grid of the simple rules' parameters (quantile levels of the training scores).
+RULE_LEVELS = np.linspace(0.0, 1.0, 49)
+# lam grid of the T-Tamer candidates in tolerance mode (``--lam auto``).
+AUTO_LAMS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 41),
+                                      1.0 - np.geomspace(1e-4, 2e-2, 16)]))
+
+
+# ------------------------------------------------------------------ candidates
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """One way to turn calibration traces into a policy.
+
+  Attributes:
+    kind: ``"recall"`` / ``"no_recall"`` (T-Tamer: the exact optimum of a fitted
+      model) or a simple rule: ``"confidence"`` (one threshold), ``"per_stage"``
+      (a threshold per stage at a common quantile level), ``"patience"``,
+      ``"fixed_exit"``.
+    score: exit signal the state bins or thresholds read (``None``: primary scores).
+    num_states: ``K`` states per stage (T-Tamer; with ``feature``, ``K/2`` bins x 2).
+    binning: ``"quantile"`` or ``"uniform"`` bins.
+    feature: ``None``, ``"agree_prev"`` or ``"agree_best"`` (agreement with the previous
+      exit, or with the most confident earlier exit).
+    smoothing: Dirichlet pseudo-count of the transitions (and loss pseudo-samples).
+    answers: ``"exits"`` (the stages are the exits) or ``"posterior"``
+      (posterior-answer stages).
+  """
+
+  kind: str
+  score: str | None = None
+  num_states: int = 8
+  binning: str = "quantile"
+  feature: str | None = None
+  smoothing: float = 1.0
+  answers: str = "exits"
+
+  def __post_init__(self):
+    if self.kind not in TTAMER_KINDS + RULE_KINDS:
+      raise ValueError(f"kind: must be one of {TTAMER_KINDS + RULE_KINDS}, got {self.kind!r}")
+    if self.answers not in ANSWERS:
+      raise ValueError(f"answers: must be one of {ANSWERS}, got {self.answers!r}")
+    validation.check_positive_int("num_states", self.num_states)
+
+  @property
+  def ttamer(self) -> bool:
+    """The exact optimum of a fitted model (as opposed to a simple rule)."""
+    return self.kind in TTAMER_KINDS
+
+  @property
+  def name(self) -> str:
+    score = self.score or "scores"
+    if not self.ttamer:
+      return self.kind if self.kind in ("patience", "fixed_exit") else f"{self.kind}({score})"
+    parts = [score, f"{self.num_states} {self.binning} states"]
+    if self.answers == "posterior":
+      parts.insert(0, "posterior answers")
+    if self.feature:
+      parts.append(self.feature)
+    if self.smoothing != 1.0:
+      parts.append(f"smoothing {self.smoothing:g}")
+    return f"{self.kind}[{', '.join(parts)}]"
+
+
+def default_candidates(traces: ExitTraces) -> tuple[Candidate, ...]:
+  """The candidate set of :func:`fit_policy` for ``traces``.
+
+  T-Tamer: recall and no-recall optima on the confidence signal (``max_softmax``
+  when recorded, else the primary scores) with 4, 8 and 16 quantile bins, 8 bins
+  crossed with agreement, 8 bins with heavier smoothing and uniform bins; the same
+  on a learned error signal (``error_prob``) when recorded (with agreement with the
+  previous exit, and with the most confident earlier exit); posterior-answer
+  stages with 4, 8 and 16 bins. Rules: one confidence threshold, per-stage
+  thresholds, patience, a fixed exit.
+  """
+  signals = dict(traces.signals or {})
+  conf = "max_softmax" if "max_softmax" in signals else None
+  scores = [conf] + (["error_prob"] if "error_prob" in signals else [])
+  out: list[Candidate] = []
+  for score in scores:
+    for k in (4, 8, 16):
+      out += [Candidate("recall", score, k), Candidate("no_recall", score, k)]
+    out.append(Candidate("recall", score, 8, feature="agree_prev"))
+    out.append(Candidate("recall", score, 8, feature="agree_best"))
+  out += [Candidate("recall", conf, 8, smoothing=10.0),
+          Candidate("recall", conf, 8, binning="uniform")]
+  for k in (4, 8, 16):
+    out += [Candidate("no_recall", conf, k, answers="posterior"),
+            Candidate("recall", conf, k, answers="posterior")]
+  out += [Candidate("confidence", conf), Candidate("per_stage", conf), Candidate("patience"),
+          Candidate("fixed_exit")]
+  return tuple(out)
+
+
+# ------------------------------------------------------------------ fitting one
+@dataclasses.dataclass(frozen=True)
+class FittedCandidate:
+  """A candidate fitted on some traces.
+
+  Attributes:
+    candidate: what was fitted.
+    deployed: the policy at the requested operating point, ready to replay / serve.
+    fitted: the fitted model (T-Tamer), else ``None``.
+    param: the operating point: ``lam`` the model was solved at (T-Tamer) or the
+      rule's parameter (quantile level, patience, exit stage).
+  """
+
+  candidate: Candidate
+  deployed: DeployedPolicy
+  fitted: FittedCascade | None
+  param: float
+
+
+def fit_model(candidate: Candidate, traces: ExitTraces, *, key: chex.PRNGKey,
+              inner_folds: int = 3, virtual: ExitTraces | None = None) -> FittedCascade:
+  """The fitted cascade of a T-Tamer candidate on ``traces``.
+
+  Posterior-answer candidates fit their calibrators on all of ``traces`` (for new
+  traffic) and the cascade on cross-fitted virtual traces (``virtual``, computed
+  here when not given), so the states are not optimistic.
+  """
+  kwargs = dict(binning=candidate.binning, smoothing=candidate.smoothing,
+                loss_smoothing=candidate.smoothing)
+  if candidate.answers == "exits":
+    return fit_cascade(traces, candidate.num_states, score=candidate.score,
+                       feature=candidate.feature, **kwargs)
+  if virtual is None:
+    virtual = posterior_traces(traces, candidate.score, key=key, folds=inner_folds)
+  fitted = fit_cascade(virtual, candidate.num_states, feature=candidate.feature, **kwargs)
+  model = answer_models.fit_answer_model(traces, score=candidate.score)
+  return dataclasses.replace(fitted, answers=model)
+
+
+def posterior_traces(traces: ExitTraces, score: str | None, *, key: chex.PRNGKey,
+                     folds: int = 3) -> ExitTraces:
+  """Cross-fitted virtual posterior-answer traces of ``traces``."""
+  ids = answer_models.fold_ids(key, traces.num_samples, min(folds, traces.num_samples))
+  return answer_models.cross_fitted_transform(traces, ids, score=score)
+
+
+def _rule_grid(candidate: Candidate, traces: ExitTraces):
+  """``(batched policy [P], params [P])`` of a simple rule, thresholds from ``traces``."""
+  n = traces.num_stages
+  if candidate.kind == "patience":
+    p = np.arange(1, n + 1)
+    return PatiencePolicy(patience=p, stages=n), p.astype(float)
+  if candidate.kind == "fixed_exit":
+    k = np.arange(n)
+    return FixedExitPolicy(exit_stage=k, stages=n), k.astype(float)
+  scores = np.asarray(trace_scores(traces, candidate.score), np.float64)
+  if candidate.kind == "confidence":
+    t = np.quantile(scores.reshape(-1), RULE_LEVELS)
+    t[0], t[-1] = -np.inf, np.inf
+    return ThresholdPolicy(thresholds=np.repeat(t[:, None], n, 1)), RULE_LEVELS
+  t = np.quantile(scores, RULE_LEVELS, axis=0)                      # per_stage: [P, n]
+  t[0], t[-1] = -np.inf, np.inf
+  return ThresholdPolicy(thresholds=t), RULE_LEVELS
+
+
+def _rule_at(policies, i: int):
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[i], policies)
+
+
+def rule_policy(candidate: Candidate, traces: ExitTraces, param: float) -> DeployedPolicy:
+  """The simple rule at grid parameter ``param`` with thresholds from ``traces``."""
+  policies, params = _rule_grid(candidate, traces)
+  i = int(np.argmin(np.abs(params - param)))
+  n = traces.num_stages
+  name = candidate.score if candidate.score is not None else "scores"
+  return DeployedPolicy(policy=_rule_at(policies, i), discretiser=Discretiser.single_bin(n),
+                        score_name=name)
+
+
+# ------------------------------------------------------------------ results
+@dataclasses.dataclass(frozen=True)
+class CandidateScore:
+  """Cross-fitted outcome of one candidate (every request replayed out of fold).
+
+  Attributes:
+    candidate: the candidate.
+    objective: cross-fitted ``J = lam * error + (1 - lam) * cost_norm``; in tolerance
+      mode (no ``lam``) the cross-fitted ``cost_norm``, the quantity minimised.
+    objective_ci: ``[2]`` bootstrap interval of ``objective``.
+    objective_se: its standard error.
+    error: cross-fitted mean loss of the answers.
+    cost_norm: cross-fitted mean cost / mean cost of running every stage.
+    param: ``[F]`` operating point chosen on each training split: the solved
+      ``lam`` (T-Tamer) or the rule's parameter.
+    per_request: ``[N]`` out-of-fold objective of each request (paired comparisons).
+    modelled: ``[2]`` what the fold models predicted for ``(error, cost_norm)``
+      (T-Tamer; fold-size weighted), else ``None``.
+  """
+
+  candidate: Candidate
+  objective: float
+  objective_ci: np.ndarray
+  objective_se: float
+  error: float
+  cost_norm: float
+  param: np.ndarray
+  per_request: np.ndarray = dataclasses.field(repr=False)
+  modelled: np.ndarray | None = None
+  # [R, 3] bootstrap resample means of (error, cost_norm, objective), resamples shared by
+  # every candidate of one selection (paired).
+  resample_means: np.ndarray = dataclasses.field(default=None, repr=False)
+
+  def measured(self, lam: float, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitted ``(error, cost_norm, J at lam)`` and their bootstrap intervals."""
+    r = self.resample_means
+    samples = np.stack([r[:, 0], r[:, 1], lam * r[:, 0] + (1 - lam) * r[:, 1]], axis=1)
+    means = np.asarray([self.error, self.cost_norm, lam * self.error + (1 - lam) * self.cost_norm])
+    return means, percentile_ci(samples, level)
+
+  @property
+  def name(self) -> str:
+    return self.candidate.name
+
+  def as_dict(self) -> dict:
+    return dict(name=self.name, ttamer=self.candidate.ttamer, objective=self.objective,
+                objective_ci=[float(x) for x in self.objective_ci], objective_se=self.objective_se,
+                error=self.error, cost_norm=self.cost_norm,
+                param=[float(x) for x in np.asarray(self.param).reshape(-1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySelection:
+  """What :func:`fit_policy` chose, why, and the policy to deploy.
+
+  Attributes:
+    lam: target trade-off weight (``None`` in tolerance mode).
+    tolerance: error tolerance of the tolerance mode (``None`` with ``lam``).
+    folds: number of cross-fitting folds.
+    scores: every candidate's :class:`CandidateScore`, best first.
+    chosen: the chosen candidate's score.
+    runner_up: the second-best candidate, or ``None``.
+    versus_runner_up: paired comparison chosen - runner-up (negative: chosen better).
+    deployed: the chosen candidate refitted on all the traces.
+    fitted: its fitted model (T-Tamer), else ``None``.
+    solve_lam: the ``lam`` the deployed model was solved at (T-Tamer), else ``None``.
+    tolerance_met: tolerance mode only: whether the chosen candidate's cross-fitted
+      error is within the tolerance of the last exit's (``None`` otherwise).
+    reference_error: the last exit's error on the traces.
+    full_cost: mean cost of running every stage on the traces (raw units; the unit
+      of every normalised cost here).
+    model_check: :class:`~ttamer_jax.evaluation.model_check.ModelCheck` of the chosen
+      candidate, or of the best T-Tamer candidate when a rule was chosen (``None``
+      without T-Tamer candidates).
+    notes: plain-language remarks (e.g. "no candidate reaches the tolerance", the
+      model check's warning).
+  """
+
+  lam: float | None
+  tolerance: float | None
+  folds: int
+  scores: tuple[CandidateScore, ...]
+  chosen: CandidateScore
+  runner_up: CandidateScore | None
+  versus_runner_up: Comparison | None
+  deployed: DeployedPolicy
+  fitted: FittedCascade | None
+  solve_lam: float | None
+  tolerance_met: bool | None
+  reference_error: float
+  full_cost: float
+  model_check: model_check.ModelCheck | None = None
+  notes: tuple[str, ...] = ()
+
+  def as_dict(self) -> dict:
+    cmp = self.versus_runner_up
+    return dict(
+        lam=self.lam, tolerance=self.tolerance, folds=self.folds, chosen=self.chosen.as_dict(),
+        runner_up=None if self.runner_up is None else self.runner_up.as_dict(),
+        versus_runner_up=None if cmp is None else dict(
+            diff=float(cmp.diff), diff_se=float(cmp.diff_se),
+            diff_ci=[float(x) for x in cmp.diff_ci]),
+        solve_lam=self.solve_lam, tolerance_met=self.tolerance_met,
+        reference_error=self.reference_error, full_cost=self.full_cost,
+        candidates=[s.as_dict() for s in self.scores],
+        model_check=None if self.model_check is None else self.model_check.as_dict(),
+        notes=list(self.notes))
+
+
+# ------------------------------------------------------------------ selection
+def _scores(candidates, outcomes, lam, full, key, num_resamples, level) -> list[CandidateScore]:
+  """Every candidate's :class:`CandidateScore`, from one bootstrap shared by all
+  (resamples paired across candidates)."""
+  cols = []
+  for loss, cost, _, _ in outcomes:
+    share = cost / full if full > 0 else np.zeros_like(cost)
+    # Tolerance mode minimises the cost: its "objective" column is the cost share.
+    cols += [loss, share, normalised_objective(loss, cost, 0.0 if lam is None else lam, full)]
+  means = bootstrap_means(key, np.stack(cols, axis=1), num_resamples)
+  out = []
+  for c, (cand, (loss, cost, params, modelled)) in enumerate(zip(candidates, outcomes)):
+    m = means[:, 3 * c:3 * c + 3]
+    obj = cols[3 * c + 2]
+    se = float(np.std(obj, ddof=1) / np.sqrt(obj.size)) if obj.size > 1 else 0.0
+    out.append(CandidateScore(
+        candidate=cand, objective=float(obj.mean()), objective_ci=percentile_ci(m, level)[2],
+        objective_se=se, error=float(loss.mean()), cost_norm=float(cols[3 * c + 1].mean()),
+        param=np.asarray(params, np.float64), per_request=obj, modelled=modelled,
+        resample_means=m))
+  return out
+
+
+def _paired(a: CandidateScore, b: CandidateScore, level: float) -> Comparison:
+  """``a - b`` with the shared bootstrap (paired resamples)."""
+  d = a.per_request - b.per_request
+  se = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+  ci = percentile_ci((a.resample_means[:, 2] - b.resample_means[:, 2])[:, None], level)[0]
+  return Comparison(diff=np.asarray(d.mean()), diff_se=np.asarray(se), diff_ci=ci,
+                    objective_a=np.asarray(a.objective), objective_b=np.asarray(b.objective))
+
+
+def _check_args(traces, lam, tolerance, folds, candidates):
+  if not isinstance(traces, ExitTraces):
+    raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
+  if (lam is None) == (tolerance is None):
+    raise ValueError("give exactly one of lam (minimise J) and tolerance (least cost within "
+                     "tolerance of the last exit's error)")
+  if lam is not None:
+    validation.check_scalar_lam(lam)
+  if tolerance is not None:
+    tolerance = validation.as_float_scalar("tolerance", tolerance)
+    if not np.isfinite(tolerance) or tolerance < 0:
+      raise ValueError(f"tolerance = {tolerance} must be a finite number >= 0")
+  folds = validation.check_positive_int("folds", folds)
+  if not 2 <= folds <= traces.num_samples:
+    raise ValueError(f"folds = {folds} must lie in [2, N = {traces.num_samples}]")
+  candidates = tuple(candidates)
+  if not candidates:
+    raise ValueError("candidates: empty (need at least one)")
+  for c in candidates:
+    if not isinstance(c, Candidate):
+      raise ValueError(f"candidates: expected Candidate objects, got {type(c).__name__}")
+    if c.score is not None:
+      trace_scores(traces, c.score)  # ValueError naming a missing signal
+  names = [c.name for c in candidates]
+  if len(set(names)) != len(names):
+    dup = next(x for i, x in enumerate(names) if x in names[:i])
+    raise ValueError(f"candidates: {dup!r} appears twice")
+  return tolerance, folds, candidates
+
+
+def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float | None = None,
+               folds: int = 5, candidates: Sequence[Candidate] | None = None,
+               key: chex.PRNGKey | None = None, num_resamples: int = 1000, level: float = 0.95,
+               progress: bool = False) -> PolicySelection:
+  """Chooses, by cross-fitting on ``traces``, the policy to deploy (module docstring).
+
+  Args:
+    traces: calibration traces (the only data the choice sees).
+    lam: minimise the cross-fitted ``J = lam * error + (1 - lam) * cost_norm``; or
+    tolerance: least cross-fitted cost whose cross-fitted error is within this of the
+      last exit's error (``ttamer fit --lam auto``); the operating point of every
+      candidate (a model's ``lam``, a rule's parameter) is chosen the same way on
+      each training split.
+    folds: cross-fitting folds.
+    candidates: default :func:`default_candidates`.
+    key: PRNG key of the folds and the bootstrap (default ``PRNGKey(0)``).
+    num_resamples, level: bootstrap of the reported intervals.
+    progress: a progress line per candidate.
+  """
+  candidates = default_candidates(traces) if candidates is None else candidates
+  tolerance, folds, candidates = _check_args(traces, lam, tolerance, folds, candidates)
+  key = jax.random.PRNGKey(0) if key is None else key
+  k_folds, k_inner, k_boot, k_final = jax.random.split(key, 4)
+  ids = answer_models.fold_ids(k_folds, traces.num_samples, folds)
+  splits = [(np.flatnonzero(ids != f), np.flatnonzero(ids == f)) for f in range(folds)]
+  full = traces.full_cost()
+  reference = float(np.mean(np.asarray(traces.losses, np.float64)[:, -1]))
+  point = OperatingPoint(lam=None if lam is None else float(lam), tolerance=tolerance)
+  cache: dict = {}
+  outcomes = [_cross_fitted(cand, traces, splits, point, k_inner, cache) for cand in
+              progress_iter(candidates, desc="fit: cross-fitting candidates", enabled=progress)]
+  scores = _scores(candidates, outcomes, point.lam, full, k_boot, num_resamples, level)
+  notes, met = [], None
+  if lam is not None:
+    chosen = _prefer_ttamer(scores)
+    order = sorted(scores, key=lambda s: s.objective)
+  else:
+    ok = [s for s in scores if s.error <= reference + tolerance]
+    met = bool(ok)
+    if ok:
+      chosen = min(ok, key=lambda s: (s.cost_norm, not s.candidate.ttamer, s.error))
+    else:
+      chosen = min(scores, key=lambda s: (s.error, s.cost_norm))
+      notes.append(f"no candidate reaches the tolerance: the least cross-fitted error is "
+                   f"{chosen.error:.4f}, the last exit's {reference:.4f} + tolerance "
+                   f"{tolerance:g}; returning the most accurate validated policy")
+    order = sorted(scores, key=lambda s: (s.error > reference + tolerance, s.cost_norm, s.error))
+  rest = [s for s in order if s is not chosen]
+  runner = rest[0] if rest else None
+  versus = None if runner is None else _paired(chosen, runner, level)
+  final = refit(chosen.candidate, traces, point, key=k_final)
+  check = None
+  checked = chosen if chosen.candidate.ttamer else next(
+      (s for s in [chosen] + rest if s.candidate.ttamer), None)
+  if checked is not None:
+    checked_fit = final if checked is chosen else refit(checked.candidate, traces, point, key=k_final)
+    check = _model_check(checked, checked_fit, traces, point, full, k_boot, num_resamples, level)
+    if check.warning():
+      notes.append(check.warning())
+  return PolicySelection(
+      lam=point.lam, tolerance=tolerance, folds=folds, scores=tuple([chosen] + rest),
+      chosen=chosen, runner_up=runner, versus_runner_up=versus, deployed=final.deployed,
+      fitted=final.fitted, solve_lam=final.param if chosen.candidate.ttamer else None,
+      tolerance_met=met, reference_error=reference, full_cost=full, model_check=check,
+      notes=tuple(notes))
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+  """How a candidate's operating point is chosen on the traces it is fitted on:
+  least ``J`` at ``lam``, or least cost within ``tolerance`` of the last exit's error."""
+
+  lam: float | None
+  tolerance: float | None
+
+  def pick(self, error: np.ndarray, cost_norm: np.ndarray, reference: float) -> int:
+    """Row of a grid's ``(error, cost_norm)`` (ties: the first row)."""
+    if self.lam is not None:
+      return int(np.argmin(self.lam * error + (1 - self.lam) * cost_norm))
+    i, _ = cheapest_within(cost_norm, error, reference, self.tolerance)
+    return i
+
+
+def _model_check(score: CandidateScore, final: FittedCandidate, traces: ExitTraces,
+                 point: OperatingPoint, full: float, key, num_resamples: int, level: float
+                 ) -> model_check.ModelCheck:
+  # J at the target lam, or (tolerance mode) at the lam the model was solved at.
+  j_lam = point.lam if point.lam is not None else final.param
+  res = replay_traces(final.deployed, traces)
+  means, cis = model_check.measured(res.loss, res.cost, j_lam, full, key=key,
+                                    num_resamples=num_resamples, level=level)
+  in_sample = model_check.quantities(model_check.predicted(final.fitted, final.deployed, j_lam),
+                                     means, cis)
+  err, cost = score.modelled
+  cross = model_check.quantities(np.asarray([err, cost, j_lam * err + (1 - j_lam) * cost]),
+                                 *score.measured(j_lam, level))
+  return model_check.ModelCheck(policy=score.name, lam=j_lam, in_sample=in_sample,
+                                cross_fitted=cross)
+
+
+def _prefer_ttamer(scores: list[CandidateScore]) -> CandidateScore:
+  """Least ``J``; a T-Tamer candidate within one paired SE of the best wins the tie."""
+  best = min(scores, key=lambda s: s.objective)
+  if best.candidate.ttamer:
+    return best
+  tied = []
+  for s in scores:
+    if s.candidate.ttamer:
+      d = s.per_request - best.per_request
+      se = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+      if d.mean() <= se:
+        tied.append(s)
+  return min(tied, key=lambda s: s.objective) if tied else best
+
+
+def _last_exit_error(traces: ExitTraces) -> float:
+  return float(np.mean(np.asarray(traces.losses, np.float64)[:, -1]))
+
+
+def _cross_fitted(cand, traces, splits, point, key, cache):
+  """Out-of-fold ``(loss [N], cost [N], params [F], modelled [3] or None)`` of a candidate."""
+  num = traces.num_samples
+  loss, cost, params, modelled = np.zeros(num), np.zeros(num), [], []
+  for f, (train_idx, held_idx) in enumerate(splits):
+    train, held = traces.subset(train_idx), traces.subset(held_idx)
+    fold_key = jax.random.fold_in(key, f)
+    virtual = None
+    if cand.ttamer and cand.answers == "posterior":
+      ck = ("posterior", cand.score, f)
+      if ck not in cache:
+        cache[ck] = posterior_traces(train, cand.score, key=fold_key)
+      virtual = cache[ck]
+    fitted_candidate = fit_at(cand, train, point, key=fold_key, virtual=virtual)
+    res = replay_traces(fitted_candidate.deployed, held)
+    loss[held_idx] = np.asarray(res.loss, np.float64)
+    cost[held_idx] = np.asarray(res.cost, np.float64)
+    params.append(fitted_candidate.param)
+    if cand.ttamer:  # what this fold's model predicts for the fold it does not see
+      modelled.append(held_idx.size * model_check.predicted(
+          fitted_candidate.fitted, fitted_candidate.deployed, 1.0)[:2])
+  pred = np.sum(modelled, axis=0) / num if modelled else None
+  return loss, cost, np.asarray(params), pred
+
+
+def fit_at(candidate: Candidate, traces: ExitTraces, point: OperatingPoint, *,
+           key: chex.PRNGKey, virtual: ExitTraces | None = None) -> FittedCandidate:
+  """The candidate fitted on ``traces`` at the operating point ``point`` chosen there.
+
+  T-Tamer at a given ``lam`` is solved at that ``lam``; in tolerance mode its
+  ``lam`` is the cheapest of :data:`AUTO_LAMS` within tolerance when replayed on
+  ``traces`` (the cross-fitted virtual traces for posterior answers). Rules take
+  thresholds from ``traces`` and the parameter best there.
+  """
+  if candidate.ttamer:
+    if candidate.answers == "posterior" and virtual is None:
+      virtual = posterior_traces(traces, candidate.score, key=key)
+    fitted = fit_model(candidate, traces, key=key, virtual=virtual)
+    lam = point.lam
+    if lam is None:
+      model_only = dataclasses.replace(fitted, answers=None)
+      on = traces if virtual is None else virtual
+      sweep = (sweep_recall if candidate.kind == "recall" else sweep_no_recall)(
+          model_only, on, AUTO_LAMS)
+      i = point.pick(np.asarray(sweep.error), np.asarray(sweep.cost_norm), _last_exit_error(on))
+      lam = float(AUTO_LAMS[i])
+    deployed = (fitted.recall_policy(lam) if candidate.kind == "recall"
+                else fitted.no_recall_policy(lam))
+    return FittedCandidate(candidate, deployed, fitted, lam)
+  policies, params = _rule_grid(candidate, traces)
+  sweep = sweep_policies(policies, params, traces, score_name=candidate.score)
+  i = point.pick(np.asarray(sweep.error), np.asarray(sweep.cost_norm), _last_exit_error(traces))
+  return FittedCandidate(candidate, rule_policy(candidate, traces, float(params[i])), None,
+                         float(params[i]))
+
+
+def refit(candidate: Candidate, traces: ExitTraces, point: OperatingPoint, *,
+          key: chex.PRNGKey) -> FittedCandidate:
+  """The chosen candidate fitted on all of ``traces`` (operating point chosen there)."""
+  return fit_at(candidate, traces, point, key=key)
