@@ -66,9 +66,12 @@ def _check_index_structure(index, values32, lam32):
   index = np.asarray(index)
   assert index.shape == values32.shape
   assert np.all(np.isposinf(index[-1]))
-  allowed = np.float32(lam32) * np.unique(values32)
+  # A threshold is -inf (never stop), +inf (stop whatever the best-so-far) or the
+  # midpoint between two consecutive reachable values lam * v (docs/policy_format.md).
+  xs = np.unique(np.float32(lam32) * np.unique(values32))
+  allowed = np.float32(0.5) * (xs[:-1] + xs[1:])
   inner = index[:-1]
-  ok = np.isneginf(inner) | np.isin(inner, allowed)
+  ok = np.isinf(inner) | np.isin(inner, allowed)
   assert ok.all(), (inner[~ok], allowed)
 
 

@@ -48,8 +48,9 @@ from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data.answers import AnswerModel, fit_answer_model
 from ttamer_jax.data.cascade_io import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
-from ttamer_jax.data.fitting import (FittedCascade, FittedGraph, fit_cascade, fit_discretiser,
-                                     fit_skip_line)
+from ttamer_jax.data.fitting import (FittedCascade, FittedGraph, fit_cascade,
+                                     fit_cascade_from_states, fit_discretiser, fit_skip_line,
+                                     traces_with_states)
 from ttamer_jax.data.policy_io import POLICY_FORMAT_VERSION, load_policy, save_policy
 from ttamer_jax.data.synthetic import (TraceWorkload, overthinking_cascade, sample_traces,
                                        synthetic_cascade, synthetic_workload, workload_traces)
@@ -120,6 +121,7 @@ __all__ = [
     "synthetic_workload", "TraceWorkload",
     "Discretiser", "DeployedPolicy", "trace_scores",
     "FittedCascade", "FittedGraph", "fit_cascade", "fit_discretiser", "fit_skip_line",
+    "fit_cascade_from_states", "traces_with_states",
     "save_cascade", "load_cascade", "CASCADE_FORMAT_VERSION",
     "save_policy", "load_policy", "POLICY_FORMAT_VERSION", "AnswerModel", "fit_answer_model",
     # evaluation

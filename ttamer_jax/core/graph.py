@@ -170,7 +170,8 @@ def _solve_graph(graph: RoutingGraph, lam, grid, pos, precision) -> GraphSolutio
           for e in out])                                                 # [D, M, K]
       dsts = jnp.asarray([graph.edge_dst[e] for e in out], jnp.int32)
       successor[u] = dsts[jnp.argmin(conts, axis=0)]
-      v_u, index[u] = kernel.stop_or_continue(xs, jnp.min(conts, axis=0))
+      v_u, last_stop = kernel.stop_or_continue(xs, jnp.min(conts, axis=0))
+      index[u] = kernel.index_from_last_stop(xs, last_stop)
     starts[u] = kernel.at_losses(v_u, pos[u])
     g_tables[u] = kernel.carried_table(v_u, grid, starts[u], values[u])
   entry_values = jnp.stack([

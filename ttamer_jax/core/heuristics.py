@@ -59,7 +59,9 @@ class ThresholdPolicy:
         raise ValueError(f"thresholds: expected shape [n] (or [P, n] for a grid), got {t.shape}")
       if np.isnan(t).any():
         raise ValueError(f"thresholds{np.argwhere(np.isnan(t))[0].tolist()} is nan")
-      object.__setattr__(self, "thresholds", jnp.asarray(t, jnp.float32))
+      # The session's float (float64 under jax_enable_x64): a float64 score equal to its
+      # threshold must compare equal, not against a float32-rounded copy.
+      object.__setattr__(self, "thresholds", jnp.asarray(t, default_float()))
 
   @property
   def num_stages(self) -> int:

@@ -214,7 +214,8 @@ def backward_scan(xs: chex.Array, grid: chex.Array, pos: chex.Array, values: che
       step, v_last, (values[1:], pos[1:], stage_costs, stage_data), reverse=True)
   if beta is not None:
     return v_first, None
-  index = jnp.concatenate([last_stops, jnp.full((1, k), jnp.inf, dtype)], axis=0)
+  sigmas = jax.vmap(lambda last: index_from_last_stop(xs, last))(last_stops)
+  index = jnp.concatenate([sigmas, jnp.full((1, k), jnp.inf, dtype)], axis=0)
   return v_first, index
 
 

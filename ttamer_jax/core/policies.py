@@ -84,7 +84,14 @@ class RecallPolicy:
     return tuple(self.index.shape[:-2])
 
   def should_stop(self, stage, state, best_loss):
-    """Online rule for one request: ``best_loss`` is the least modelled loss so far."""
+    """Online rule: stop iff ``lam * best_loss <= index[stage, state]``.
+
+    ``best_loss`` is the least *unscaled* modelled loss so far (a ``values`` entry);
+    the rule scales it by ``lam`` itself -- the same convention as
+    :meth:`GraphPolicy.decide`. The index lies strictly between reachable products
+    (docs/policy_format.md), so the decision does not depend on the precision of
+    this product.
+    """
     return self.lam * best_loss <= self.index[stage, state]
 
   def estimate(self, stage, obs: StageObservation):
@@ -210,7 +217,12 @@ class GraphPolicy:
     return self.index.shape[-2]
 
   def decide(self, node, state, best_loss):
-    """Online rule: ``(stop, next_node)`` for one request at ``node`` in ``state``."""
+    """Online rule: ``(stop, next_node)`` for one request at ``node`` in ``state``.
+
+    ``best_loss`` is the least *unscaled* modelled loss on the path so far, as for
+    :meth:`RecallPolicy.should_stop`: stop iff ``lam * best_loss <= index[node,
+    state]``; otherwise move to ``successor[node, row of best_loss in grid, state]``.
+    """
     stop = self.lam * best_loss <= self.index[node, state]
     row = jnp.searchsorted(self.grid, best_loss)
     return stop, self.successor[node, row, state]

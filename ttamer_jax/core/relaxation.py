@@ -307,8 +307,9 @@ def exhaustive_thresholds_on_cascade(cascade: Cascade, state_scores: Any, lam, *
 
   A hard rule only depends on which states of each stage pass, i.e. on the rank of
   ``t_i`` among stage ``i``'s ``K`` scores: ``(K + 1)^(n-1)`` rules (the last stage
-  always stops). Returns ``(thresholds [n], objective)`` or raises ``ValueError``
-  when there are more than ``max_candidates`` rules.
+  always stops). Returns ``(thresholds [n], objective [])``, both JAX arrays in the
+  cascade's dtype like :func:`grid_search_threshold`, or raises ``ValueError`` when
+  there are more than ``max_candidates`` rules.
   """
   scores = np.asarray(state_scores, np.float64)
   n, k = scores.shape
@@ -323,7 +324,7 @@ def exhaustive_thresholds_on_cascade(cascade: Cascade, state_scores: Any, lam, *
   objs = jax.jit(jax.vmap(lambda t: objective(t, z, cascade, lam, 0)))(
       jnp.asarray(cands, cascade.values.dtype))
   best = int(jnp.argmin(objs))
-  return cands[best], objs[best]
+  return jnp.asarray(cands[best], cascade.values.dtype), objs[best]
 
 
 # ----------------------------------------------------------------- tuning

@@ -70,6 +70,14 @@ class Discretiser:
     n = validation.check_positive_int("num_stages", num_stages)
     return cls(edges=np.zeros((n, 0), np.float32), feature=feature)
 
+  @classmethod
+  def identity(cls, num_stages: int, num_states: int) -> "Discretiser":
+    """States you already know: integer scores ``0..K-1`` are their own states (edges at
+    ``0.5, 1.5, ..., K - 1.5`` on every stage)."""
+    n = validation.check_positive_int("num_stages", num_stages)
+    k = validation.check_positive_int("num_states", num_states)
+    return cls(edges=np.broadcast_to(np.arange(k - 1) + 0.5, (n, k - 1)).astype(np.float32))
+
   @property
   def num_stages(self) -> int:
     return self.edges.shape[-2]
@@ -85,6 +93,8 @@ class Discretiser:
   def stage_states(self, stage, score, pred=None, ref_pred=None) -> chex.Array:
     """``[B]`` int32 states at ``stage`` from ``[B]`` scores and, with a feature, the
     predictions and the reference predictions (:func:`reference_preds`)."""
+    # Compared in the edges' float32, so a float64 session bins as a float32 one does.
+    score = jnp.asarray(score).astype(self.edges.dtype)
     bins = jnp.searchsorted(self.edges[stage], score, side="right").astype(jnp.int32)
     if self.feature is None:
       return bins

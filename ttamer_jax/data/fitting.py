@@ -275,6 +275,55 @@ def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: s
                        score_name=PRIMARY_SCORE if score is None else score)
 
 
+STATE_SIGNAL = "state"
+
+
+def fit_cascade_from_states(states: Any, losses: Any, costs: Any, num_states: int | None = None,
+                            *, smoothing: float = 1.0, loss_smoothing: float = 1.0,
+                            prior: str = "uniform") -> FittedCascade:
+  """Fits a cascade to traces whose discrete states are already known.
+
+  For stages that emit a bucket id (or a test that samples from a known chain):
+  no scores to bin. The result deploys with :meth:`Discretiser.identity`, reading
+  the signal ``"state"`` of the traces it is replayed on (``ExitTraces(...,
+  signals={"state": states})``; :func:`traces_with_states` builds such traces).
+
+  Args:
+    states: ``[N, n]`` int states in ``0..K-1``.
+    losses: ``[N, n]`` true losses (>= 0).
+    costs: ``[n]`` or ``[N, n]`` costs (>= 0).
+    num_states: ``K`` (default: the largest state + 1).
+    smoothing, loss_smoothing, prior: as :func:`fit_cascade`.
+  """
+  traces, k = _state_traces(states, losses, costs, num_states)
+  return fit_cascade(traces, discretiser=Discretiser.identity(traces.num_stages, k),
+                     score=STATE_SIGNAL, smoothing=smoothing, loss_smoothing=loss_smoothing,
+                     prior=prior)
+
+
+def traces_with_states(states: Any, losses: Any, costs: Any, num_states: int | None = None,
+                       preds: Any = None) -> ExitTraces:
+  """:class:`ExitTraces` whose signal ``"state"`` (and primary scores) are known states
+  ``[N, n]`` -- what a policy from :func:`fit_cascade_from_states` replays on."""
+  return _state_traces(states, losses, costs, num_states, preds)[0]
+
+
+def _state_traces(states, losses, costs, num_states, preds=None) -> tuple[ExitTraces, int]:
+  states = validation.as_numpy("states", states, ndim=2, kind="int")
+  if states.shape[0] < 1 or states.shape[1] < 1:
+    raise ValueError(f"states: expected [N, n] with N, n >= 1, got shape {states.shape}")
+  if num_states is None:
+    validation.check_int_range("states", states, 0, validation.INT32_MAX)
+    k = int(states.max()) + 1
+  else:
+    k = validation.check_positive_int("num_states", num_states)
+    validation.check_int_range("states", states, 0, k)
+  ids = states.astype(np.float64)
+  traces = ExitTraces(scores=ids, preds=np.zeros(states.shape, np.int32) if preds is None else preds,
+                      losses=losses, costs=costs, signals={STATE_SIGNAL: ids})
+  return traces, k
+
+
 # ------------------------------------------------------------------ skip line
 @pytree_dataclass(static=("score_name",))
 class FittedGraph:

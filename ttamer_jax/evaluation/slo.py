@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import validation
-from ttamer_jax.core.model import default_float
+from ttamer_jax.core.model import Cascade, default_float
 from ttamer_jax.core.policies import MixturePolicy, recall_policy
-from ttamer_jax.core.struct import pytree_dataclass
-from ttamer_jax.data.discretise import DeployedPolicy
-from ttamer_jax.data.fitting import FittedCascade
+from ttamer_jax.core.struct import pytree_dataclass, trusted
+from ttamer_jax.data.discretise import DeployedPolicy, Discretiser
+from ttamer_jax.data.fitting import STATE_SIGNAL, FittedCascade
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation.exact import policy_metrics
 from ttamer_jax.evaluation.metrics import Evaluation, evaluate, replay_traces
@@ -76,9 +76,25 @@ def _metrics_fn(fitted: FittedCascade, calibration: ExitTraces | None):
   return metrics, "traces"
 
 
-def _solve_slo(fitted, target, kind, key, calibration, max_iter) -> SLOPolicy:
+def _as_fitted(fitted, calibration) -> FittedCascade:
+  """A plain :class:`~ttamer_jax.Cascade` is a model over states you already know: its
+  policies read the traces' ``"state"`` signal (:meth:`Discretiser.identity`), costs in
+  its own units."""
+  if isinstance(fitted, Cascade):
+    if calibration is not None:
+      raise ValueError("calibration: measuring on traces needs a FittedCascade (fit_cascade or "
+                       "fit_cascade_from_states); a plain Cascade is solved on the model")
+    disc = Discretiser.identity(fitted.num_stages, fitted.num_states)
+    return trusted(FittedCascade, cascade=fitted, discretiser=disc,
+                   counts=np.zeros(fitted.values.shape), cost_scale=np.asarray(1.0), answers=None,
+                   score_name=STATE_SIGNAL)
   if not isinstance(fitted, FittedCascade):
-    raise ValueError(f"fitted: expected a FittedCascade, got {type(fitted).__name__}")
+    raise ValueError(f"fitted: expected a FittedCascade or a Cascade, got {type(fitted).__name__}")
+  return fitted
+
+
+def _solve_slo(fitted, target, kind, key, calibration, max_iter) -> SLOPolicy:
+  fitted = _as_fitted(fitted, calibration)
   if kind not in KINDS:  # pragma: no cover - internal
     raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
   target = validation.as_float_scalar("target", target)
@@ -130,13 +146,15 @@ def _solve_slo(fitted, target, kind, key, calibration, max_iter) -> SLOPolicy:
                    target=np.asarray(target), kind=kind, source=source)
 
 
-def least_cost_policy(fitted: FittedCascade, target_error: float, *, key: chex.PRNGKey,
+def least_cost_policy(fitted: FittedCascade | Cascade, target_error: float, *, key: chex.PRNGKey,
                       calibration: ExitTraces | None = None, max_iter: int = 40) -> SLOPolicy:
   """Least expected cost subject to ``E[loss] <= target_error`` (met with equality
   when the constraint binds).
 
   Args:
-    fitted: the :class:`~ttamer_jax.FittedCascade`.
+    fitted: a :class:`~ttamer_jax.FittedCascade`, or a plain :class:`~ttamer_jax.Cascade`
+      (states you already know: the policy reads the ``"state"`` signal, see
+      :func:`~ttamer_jax.fit_cascade_from_states`; costs in the cascade's units).
     target_error: the error target (same units as the traces' losses).
     key: PRNG key of the per-request coins.
     calibration: traces to measure ``E[loss]``/``E[cost]`` on (``source="traces"``);
@@ -148,7 +166,7 @@ def least_cost_policy(fitted: FittedCascade, target_error: float, *, key: chex.P
   return _solve_slo(fitted, target_error, "error", key, calibration, max_iter)
 
 
-def least_error_policy(fitted: FittedCascade, budget: float, *, key: chex.PRNGKey,
+def least_error_policy(fitted: FittedCascade | Cascade, budget: float, *, key: chex.PRNGKey,
                        calibration: ExitTraces | None = None, max_iter: int = 40) -> SLOPolicy:
   """Least expected loss subject to ``E[cost] <= budget`` (raw cost units; the
   first stage's cost is always paid). See :func:`least_cost_policy`."""
