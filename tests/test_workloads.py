@@ -115,3 +115,29 @@ def test_synthetic_bad_regime():
     tj.synthetic_workload(regime="chaotic")
   with pytest.raises(ValueError, match="sizes"):
     tj.synthetic_workload(sizes=(10, 10))
+
+
+def test_mnist1d_is_generated_offline_and_split_stratified():
+  a = workloads.mnist1d(seed=0, num_samples=300)
+  b = workloads.mnist1d(seed=0, num_samples=300)
+  np.testing.assert_array_equal(a.calibration.x, b.calibration.x)
+  assert a.train.x.shape[1:] == (40, 1) and a.num_classes == 10
+  assert len(a.train) + len(a.calibration) + len(a.test) == 300
+  assert set(np.unique(a.test.y)) <= set(range(10))
+  state = np.random.get_state()[1].copy()
+  workloads.mnist1d(seed=1, num_samples=100)
+  np.testing.assert_array_equal(np.random.get_state()[1], state)  # NumPy's global RNG untouched
+  with pytest.raises(ValueError, match="num_samples = 50 must be >= 100"):
+    workloads.mnist1d(num_samples=50)
+
+
+def test_model_cascade_traces_with_measured_latency():
+  from ttamer_jax.networks import model_cascade
+  w = model_cascade.model_cascade(seed=0, num_samples=900, repeats=2)
+  assert w.calibration.num_stages == len(model_cascade.STAGES) == 5
+  assert w.calibration.num_samples == w.test.num_samples == 270
+  np.testing.assert_array_equal(w.calibration.costs, w.test.costs)
+  assert np.all(np.asarray(w.calibration.costs) > 0)
+  assert {"max_softmax", "entropy", "margin"} <= set(w.calibration.signals)
+  acc = np.asarray(w.info["test_accuracy"])
+  assert np.all(acc > 1 / 6)  # every model beats chance on the 6-class task
