@@ -55,7 +55,10 @@ def _make_files(root):
       truncated="truncated.npz", flipped_traces="flipped_traces.npz",
       flipped_cascade="flipped_cascade.npz", flipped_policy="flipped_policy.npz",
       text="notes.npz", empty="empty.npz", missing="missing.npz",
-      three_stages="three_stages.npz", future="future.npz", bad_rows="bad_rows.npz").items()}
+      three_stages="three_stages.npz", future="future.npz", bad_rows="bad_rows.npz",
+      cal_csv="cal.csv", cal_pq="cal.pq", test_csv="test.csv", test_parquet="test.parquet",
+      cal_txt="cal.txt", no_loss_csv="no_loss.csv", no_loss2_parquet="no_loss2.parquet",
+      nan_csv="nan.csv", nan_parquet="nan.parquet", savez="savez.npz").items()}
   save_traces(f["cal"], cal)
   save_traces(f["test"], test)
   cascade = tj.demo_cascade(4, 6)
@@ -80,6 +83,25 @@ def _make_files(root):
   bad["trans"][1, 2, 0] += 0.5  # row no longer sums to 1
   write_npz_atomic(f["bad_rows"], dict(bad, kind=np.asarray("ttamer_jax.Cascade"),
                                        format_version=np.asarray(CASCADE_FORMAT_VERSION)))
+  # The same traces as tables (long and wide form), and broken tables.
+  long_cal, wide_cal = tj.traces_to_table(cal), tj.traces_to_table(cal, form="wide")
+  long_test, wide_test = tj.traces_to_table(test), tj.traces_to_table(test, form="wide")
+  long_cal.to_csv(f["cal_csv"], index=False)
+  wide_cal.to_parquet(f["cal_pq"])
+  long_test.to_csv(f["test_csv"], index=False)
+  wide_test.to_parquet(f["test_parquet"])
+  long_cal.to_csv(f["cal_txt"], index=False)  # a table, but not a name the readers know
+  long_cal.drop(columns="loss").to_csv(f["no_loss_csv"], index=False)
+  wide_test.drop(columns="loss_2").to_parquet(f["no_loss2_parquet"])
+  long_cal.assign(loss=np.where(np.arange(len(long_cal)) == 7, np.nan, long_cal["loss"])).to_csv(
+      f["nan_csv"], index=False)
+  wide_test.assign(score_1=np.where(np.arange(len(wide_test)) == 7, np.nan, wide_test["score_1"])
+                   ).to_parquet(f["nan_parquet"])
+  # The documented fields written with np.savez instead of save_traces: no checksums.
+  np.savez(f["savez"], kind=np.asarray("ttamer_jax.ExitTraces"), format_version=np.asarray(1),
+           scores=np.asarray(test.scores), preds=np.asarray(test.preds),
+           losses=np.asarray(test.losses), costs=np.asarray(test.costs),
+           signal_names=np.asarray([], dtype=str))
   return f
 
 
@@ -186,6 +208,17 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   assert cascade.num_states == 8 and 0 <= results["chosen_lam"] <= 1
   # The network was trained into the cache the environment named.
   assert "digits-cnn-seed0-steps150.npz" in os.listdir(world["cache"])
+  # ... and so were the compiled programs (a second demo loads instead of compiling).
+  assert os.listdir(os.path.join(world["cache"], "xla"))
+  # stderr is a pipe, not a terminal: training progress is plain lines (step, ETA, loss),
+  # never a bar redrawn with carriage returns.
+  assert "\r" not in proc.stderr
+  train = [l for l in proc.stderr.splitlines() if l.startswith("train EarlyExitCNN: ")]
+  assert train and train[-1].startswith("train EarlyExitCNN: 150/150 (100%)") and "loss " in train[-1]
+  # The report shows where the fitted policies win: least error at each latency budget.
+  report = open(os.path.join(d, "report.md")).read()
+  assert "## Least held-out error within a latency budget" in report
+  assert "latency <= 25%" in proc.stdout and "mean error gap to the recall frontier" in proc.stdout
 
 
 def test_fit_json_and_files(world):
@@ -317,12 +350,36 @@ BAD_CASES = [
     ("solve {future}", "format_version = 2 is not supported"),
     ("solve {bad_rows}", "trans"),
     ("solve {text}", "not a readable cascade"),
-    ("solve {cascade} --lam 0:1:3 --plot {new}", "single --lam"),
+    ("solve {cascade} --lam 0:1:3 --plot {root}/i.png", "single --lam"),
     ("demo --out {text}", "not a folder"),
     ("demo --quick --out {missing}/sub/dir", "does not exist"),
     ("bench --sections floor,nope --out {new}", "unknown ['nope']"),
     ("bench --quick --full --out {new}", "exclude each other"),
     ("bench --repeats 0 --out {new}", "--repeats 0"),
+    # tables: every command that takes traces reads .csv / .parquet with the table loader's messages
+    ("fit {cal_txt} --out {new}", "cal.txt: unknown traces file type (extension '.txt'); use one "
+                                  "of .npz, .csv, .parquet, .pq"),
+    ("fit {no_loss_csv} --out {new}", "no_loss.csv: column 'loss': missing from the long-form table"),
+    ("fit {nan_csv} --out {new}", "nan.csv: column 'loss': missing value (NaN) in row 7"),
+    ("evaluate {policy} {no_loss2_parquet}", "column 'loss_2': missing from the wide-form table"),
+    ("evaluate {policy} {nan_parquet}", "nan.parquet: column 'score_1': missing value (NaN) in row 7"),
+    ("evaluate {policy} {cal_txt}", "unknown traces file type"),
+    ("sweep {nan_csv} --lam 0:1:5", "column 'loss': missing value (NaN) in row 7"),
+    ("sweep {no_loss2_parquet}", "column 'loss_2': missing"),
+    ("sweep {test_parquet} --calibration {no_loss_csv}", "no_loss.csv: column 'loss': missing"),
+    ("sweep {test_csv} --calibration {nan_parquet}", "column 'score_1': missing value (NaN) in row 7"),
+    ("sweep {test} --calibration {cal_txt}", "unknown traces file type"),
+    # np.savez of the documented fields: say how to write the file
+    ("fit {savez} --out {new}", "field 'checksums' is missing (not a ttamer_jax traces file; "
+                                "write it with ttamer_jax.save_traces)"),
+    ("evaluate {policy} {savez}", "write it with ttamer_jax.save_traces"),
+    # output paths, checked before any work
+    ("sweep {test} --plot {root}/f.txt", "--plot {root}/f.txt: not an image file name (extension "
+                                         "'.txt'); use .png, .pdf or .svg"),
+    ("sweep {test} --plot {root}/frontier", "not an image file name (no extension)"),
+    ("solve {cascade} --lam 0.3 --plot {root}/i.txt", "not an image file name"),
+    ("fit {cal} --out {cal}", "is an input file of this command"),
+    ("fit {cal} --out {new} --cascade-out {cal}", "is an input file of this command"),
 ]
 
 
@@ -335,12 +392,162 @@ def files(world):
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(files, tmp_path, capsys, line, fragment):
   new = tmp_path / "new.npz"
   argv = line.format(new=new, root=tmp_path, **files).split()
+  before = {k: os.path.getmtime(v) for k, v in files.items() if os.path.exists(v)}
   code, out, err = _main(capsys, argv)
+  fragment = fragment.format(root=tmp_path)
   assert code == 2, (out, err)
   assert out == "" and len(err.strip().splitlines()) == 1 and fragment in err, err
   assert err.startswith(f"ttamer {argv[0]}: error: ")
   assert os.listdir(tmp_path) == []  # nothing written, not even a temporary file
   assert not os.path.exists(files["missing"])
+  assert before == {k: os.path.getmtime(v) for k, v in files.items() if os.path.exists(v)}
+
+
+# ------------------------------------------------------------------ tables, paths, progress
+def _progress_lines(err, prefix):
+  """The plain progress lines of a run whose stderr is not a terminal."""
+  assert "\r" not in err and "\x1b" not in err  # no carriage-return redraws, no escapes
+  lines = err.strip().splitlines()
+  assert lines and all(line.startswith(prefix) for line in lines), err
+  return lines
+
+
+def test_fit_reads_csv_and_parquet_like_npz(world, tmp_path, capsys):
+  """`ttamer fit` on the same traces as a CSV (long form) and Parquet (wide form) table
+  chooses and saves the same policy as on the .npz (the `fit` run of `world`)."""
+  npz = json.loads(_ok(world["runs"]["fit"]).stdout)
+  expected = tj.load_policy(world["out"]("fit.npz"))
+  for key in ("cal_csv", "cal_pq"):
+    out = tmp_path / f"{key}.npz"
+    code, stdout, err = _main(capsys, ["fit", world["files"][key], "--candidates", "recall",
+                                       "--states", "6", "--out", str(out), "--json"])
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["selection"] == npz["selection"] and result["lam"] == npz["lam"]
+    np.testing.assert_array_equal(tj.load_policy(out).policy.index, expected.policy.index)
+    # stderr is not a terminal here: plain progress lines, never a redrawn bar
+    _progress_lines(err, "fit: cross-fitting candidates: ")
+
+
+def test_evaluate_reads_csv_and_parquet_like_npz(world, capsys):
+  npz = json.loads(_ok(world["runs"]["evaluate"]).stdout)
+  assert npz["warnings"] == [] and "warning" not in world["runs"]["evaluate"].stderr
+  for key in ("test_csv", "test_parquet"):
+    code, stdout, err = _main(capsys, ["evaluate", world["files"]["policy"], world["files"][key],
+                                       "--resamples", "200", "--json"])
+    assert code == 0 and err == "", err
+    result = json.loads(stdout)
+    assert result["evaluation"] == npz["evaluation"] and result["lam"] == npz["lam"]
+
+
+def test_sweep_reads_csv_and_parquet_like_npz(world, capsys):
+  npz = json.loads(_ok(world["runs"]["sweep"]).stdout)
+  f = world["files"]
+  for traces, cal in ((f["test_csv"], f["cal_pq"]), (f["test_parquet"], f["cal_csv"])):
+    code, stdout, err = _main(capsys, ["sweep", traces, "--calibration", cal, "--lam", "0:1:21",
+                                       "--json"])
+    assert code == 0, err
+    result = json.loads(stdout)
+    for key in ("operating_points", "objectives", "errors_at_budgets", "frontier_gaps", "frontiers"):
+      assert result[key] == npz[key], key
+    _progress_lines(err, "sweep: ")
+  # Without --calibration: a random split of the one table, the same split as of the .npz.
+  runs = []
+  for traces in (f["test"], f["test_parquet"], f["test_csv"]):
+    code, stdout, err = _main(capsys, ["sweep", traces, "--lam", "0:1:5", "--no-progress",
+                                       "--json"])
+    assert code == 0 and err == "", err  # --no-progress: nothing on stderr
+    runs.append(json.loads(stdout))
+  for run in runs[1:]:
+    assert run["operating_points"] == runs[0]["operating_points"]
+    assert run["errors_at_budgets"] == runs[0]["errors_at_budgets"]
+
+
+def test_sweep_prints_errors_at_budgets_and_frontier_gaps(world):
+  """The sweep result holds, per family, the least held-out error at each cost budget
+  (read off its held-out frontier) and the mean gaps to recall; the text explains '-'."""
+  result = json.loads(_ok(world["runs"]["sweep"]).stdout)
+  assert result["budgets"] == list(pipeline.COST_BUDGETS)
+  rows = {r["policy"]: r for r in result["errors_at_budgets"]}
+  assert set(rows) == set(pipeline.POLICIES) == set(result["frontier_gaps"]) | {"recall"}
+  for name, row in rows.items():
+    front = result["frontiers"][name]
+    cost = np.array([p["cost_norm"] for p in front])
+    err = np.array([p["error"] for p in front])
+    for budget, e, c in zip(result["budgets"], row["error"], row["cost"]):
+      within = cost <= budget
+      if not within.any():
+        assert e is None and c is None
+      else:
+        assert e == pytest.approx(err[within].min()) and c <= budget
+  text = reports.sweep_text(result, dict(score="max_softmax", confidence_score="max_softmax",
+                                         entropy_score="entropy", tolerance=0.01))
+  assert reports.format_budgets(result["errors_at_budgets"], result["budgets"]) in text
+  assert "mean error gap to the recall frontier" in text
+  # Every '-' cell is explained by a legend line (and the legend appears only then).
+  dash_budget = any(e is None for r in result["errors_at_budgets"] for e in r["error"])
+  assert ("\n-: the family has no setting whose held-out cost share" in text) == dash_budget
+  dash_point = any(r["chosen_param"] is None for r in result["operating_points"])
+  assert ("\n-: no setting of that family is within 1 point" in text) == dash_point
+
+
+def test_output_paths_are_checked_before_any_work(files, tmp_path, capsys, monkeypatch):
+  def never(*args, **kwargs):
+    raise AssertionError("computed before the output paths were checked")
+
+  monkeypatch.setattr(pipeline, "compare_policies", never)
+  monkeypatch.setattr(pipeline.selection, "fit_policy", never)
+  monkeypatch.setattr(pipeline, "load_cascade", never)
+  monkeypatch.setattr(pipeline, "read_traces", never)
+  missing = tmp_path / "missing"
+  for argv in (["sweep", files["test"], "--plot", str(tmp_path / "f.txt")],
+               ["sweep", files["test_csv"], "--calibration", files["cal_csv"], "--plot",
+                str(missing / "f.png")],
+               ["solve", files["cascade"], "--lam", "0.3", "--plot", str(tmp_path / "i.pdfx")],
+               ["fit", files["cal_csv"], "--out", str(missing / "p.npz")],
+               ["fit", files["cal"], "--out", str(tmp_path / "p.npz"), "--cascade-out",
+                str(missing / "c.npz")],
+               ["fit", files["cal"], "--out", files["cal"]]):
+    code, out, err = _main(capsys, argv)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (argv, err)
+  assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_warns_when_the_json_copy_was_edited(files, tmp_path, capsys):
+  """policy.json is a copy for reading; the .npz rules. A hand edit of the copy is
+  reported in one warning line on stderr, and the result is the .npz's."""
+  from ttamer_jax.data import policy_io
+
+  policy, side = tmp_path / "policy.npz", tmp_path / "policy.json"
+  policy.write_bytes(open(files["policy"], "rb").read())
+  side.write_text(open(policy_io.sidecar_path(files["policy"])).read())
+  _, meta = tj.load_policy(policy, with_metadata=True)
+  assert policy_io.sidecar_differences(policy, meta) == []  # as written: no warning
+  edited = json.loads(side.read_text())
+  edited["lam"] = 0.5
+  side.write_text(json.dumps(edited))
+  code, out, err = _main(capsys, ["evaluate", str(policy), files["test"], "--resamples", "50",
+                                  "--json"])
+  assert code == 0
+  (line,) = err.strip().splitlines()
+  assert line.startswith(f"warning: {side} differs from {policy} (lam: 0.5 in policy.json, "
+                         f"{meta['lam']} in policy.npz); the .npz rules"), line
+  result = json.loads(out)
+  assert result["lam"] == meta["lam"] != 0.5 and result["warnings"] == [line[len("warning: "):]]
+  side.write_text("{not json")
+  assert policy_io.sidecar_differences(policy, meta) == [
+      "policy.json is not a readable JSON document (JSONDecodeError)"]
+  side.unlink()
+  assert policy_io.sidecar_differences(policy, meta) == []
+
+
+def test_a_missing_table_dependency_is_one_line(files, capsys, monkeypatch):
+  """Without pandas (a core dependency, but an environment may lack it) a table gives
+  exit 2 and install lines that work (PyPI packages, or the checkout)."""
+  monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` raises ImportError
+  code, out, err = _main(capsys, ["evaluate", files["policy"], files["test_csv"]])
+  assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+  assert "needs pandas" in err and "pip install pandas pyarrow" in err and "pip install -e . in a" in err
 
 
 @pytest.mark.parametrize("argv", [["fit", "x.npz"], ["solve", "c.npz", "--lam", "1.5"],

@@ -115,6 +115,8 @@ def _ttamer_commands(block):
     start = 0
     for j in range(len(tokens) + 1):
       if j == len(tokens) or tokens[j] in ("&&", "||", ";", "|"):
+        if j > start + 1 and tokens[start] == "time":  # `time ttamer demo ...`
+          start += 1
         if j > start and os.path.basename(tokens[start]) == "ttamer":
           yield line, tokens[start + 1:j]
         start = j + 1
@@ -159,3 +161,20 @@ def test_synopsis_options_exist(name):
         assert option in known, f"{block.where}: `ttamer {command}` has no option {option}"
   if name == "docs/cli.md":
     assert seen == set(commands)  # every command has its synopsis
+
+
+def test_demo_timings_agree_everywhere():
+  """README.md, docs/cli.md and `ttamer demo --help` quote the one measured timing
+  (pipeline.DEMO_TIMING, with the machine), not figures of their own."""
+  from ttamer_jax.app import pipeline
+
+  phrase = " ".join(pipeline.demo_timing_text().split())
+  assert "measured on" in phrase and all(pipeline.DEMO_TIMING[k] > 0
+                                         for k in ("first_s", "cached_s", "train_s"))
+  for path in ("README.md", "docs/cli.md"):
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+      text = " ".join(f.read().split())
+    assert phrase in text, path
+    assert not re.search(r"(about|~) ?\d+ s (of training|on 2 CPU|the first time)", text), path
+  help_text = " ".join(_subparsers(PARSER)["demo"].format_help().split())
+  assert phrase in help_text

@@ -43,6 +43,12 @@ def test_sweeps_equal_one_policy_at_a_time():
       assert float(sw.cost_norm[j]) == pytest.approx(float(np.mean(res.cost)) / full, rel=1e-5)
       np.testing.assert_allclose(sw.stop_histogram[j], np.bincount(np.asarray(res.stop_stage), minlength=4) / N_SPLIT,
                                  atol=1e-6)
+      # Answered by an earlier exit than the last one consulted: what recall does.
+      stop, answer = np.asarray(res.stop_stage), np.asarray(res.answer_stage)
+      np.testing.assert_allclose(sw.recalled_histogram[j],
+                                 np.bincount(answer[answer < stop], minlength=4) / N_SPLIT, atol=1e-6)
+  assert np.all(np.asarray(no.recalled_histogram) == 0)  # no recall: the last consulted answers
+  assert np.asarray(sweep.recalled_histogram).sum() > 0
   np.testing.assert_allclose(sweep.objective(0.3), 0.3 * sweep.error + 0.7 * sweep.cost_norm)
   assert len(sweep.rows()) == 4
   with pytest.raises(ValueError, match=r"lam\[1\] = 1.5 is outside"):

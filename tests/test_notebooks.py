@@ -11,8 +11,10 @@ test with the cell's traceback; the notebooks also assert their own claims
 import base64
 import concurrent.futures
 import glob
+import importlib.util
 import json
 import os
+import shlex
 import sys
 
 import pytest
@@ -35,27 +37,99 @@ EXPECTED_TEXT = {
     "relaxation": ["tuned_with_recall", "dJ/dc finite differences", "serving cost of the batch"],
     "sharded_sweeps": ["4 devices", "spot checks and shard='lams' agree"],
 }
-EXPECTED_FILES = {
-    "quickstart": ["quickstart_index.png"],
-    "early_exit_flax": ["digits_policy.npz", "digits_index.png", "digits_pareto.png"],
+EXPECTED_FILES = {  # each notebook writes into one output folder, and prints every path
+    "quickstart": ["quickstart_out/index_heatmap.png"],
+    "early_exit_flax": ["early_exit_flax_out/digits_policy.npz",
+                        "early_exit_flax_out/digits_index.png",
+                        "early_exit_flax_out/digits_pareto.png"],
     "relaxation": [],
     "sharded_sweeps": [],
 }
+
+
+def _sync_script():
+  spec = importlib.util.spec_from_file_location(
+      "sync_notebooks", os.path.join(REPO, "scripts", "sync_notebooks.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+sync_notebooks = _sync_script()
+URL = sync_notebooks.repository_url()
 
 
 def test_every_notebook_is_covered():
   assert sorted(NAMES) == sorted(EXPECTED_TEXT) == sorted(EXPECTED_FILES)
 
 
+def test_the_repository_url_lives_in_pyproject():
+  tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  assert URL == project["urls"]["Repository"] and URL.startswith("https://")
+  assert "plot" not in project["optional-dependencies"]  # obsolete: matplotlib is a core dependency
+  # The README's first command (pip install -e .) installs what CSV / Parquet traces need.
+  assert {"pandas", "pyarrow"} <= {d.split(">")[0].split("=")[0] for d in project["dependencies"]}
+  assert f'"{URL}"' in sync_notebooks.install_cell()
+  assert sync_notebooks.install_cell("https://example.org/fork").count("https://example.org/fork") == 1
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
-def test_committed_clean_with_a_colab_install_cell_first(path):
+def test_committed_clean_with_the_install_cell_first(path):
   nb = nbformat.read(path, as_version=4)
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == "code"]
-  assert "find_spec(\"ttamer_jax\") is None" in code[0].source and "%pip install" in code[0].source
+  # Exactly the template of scripts/sync_notebooks.py with pyproject.toml's URL.
+  assert code[0].source == sync_notebooks.install_cell(URL)
+  assert "[plot]" not in json.dumps(nb)
   assert "TTAMER_NOTEBOOK_SMALL" in code[1].source
   # Committed without outputs: nothing stale to review, nothing to rot.
   assert all(not c.outputs and c.execution_count is None for c in code)
+
+
+def _run_install_cell(monkeypatch, cwd, *, installed):
+  """Executes the install cell as IPython would, in ``cwd``, with ttamer_jax importable
+  or not (``installed``) and ``%pip`` replaced by a recorder: ``(pip lines, namespace)``."""
+  from IPython.core.inputtransformer2 import TransformerManager
+
+  code = TransformerManager().transform_cell(sync_notebooks.install_cell(URL))
+  calls = []
+
+  class Shell:
+    def run_line_magic(self, name, line):
+      calls.append((name, line))
+
+  monkeypatch.chdir(cwd)
+  monkeypatch.setattr(sys, "path", list(sys.path))  # the cell may prepend the checkout
+  if not installed:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ttamer_jax" else real(name, *a))
+  namespace = {"get_ipython": Shell}
+  exec(compile(code, "install_cell", "exec"), namespace)
+  # IPython expands {name} from the namespace before running the magic.
+  return [(n, line.format(**namespace)) for n, line in calls], namespace
+
+
+def test_install_cell_does_nothing_when_ttamer_jax_is_importable(monkeypatch, tmp_path):
+  calls, ns = _run_install_cell(monkeypatch, tmp_path, installed=True)
+  assert calls == [] and ns["TTAMER_PIP"] is None
+
+
+def test_install_cell_installs_the_checkout_it_runs_in(monkeypatch, capsys):
+  calls, ns = _run_install_cell(monkeypatch, os.path.join(REPO, "notebooks"), installed=False)
+  assert ns["TTAMER_PIP"] == ["-e", REPO]
+  assert calls == [("pip", "install -q " + shlex.join(["-e", REPO]))]
+  assert sys.path[0] == REPO  # importable in the running kernel, without a restart
+  assert f"pip install -e {REPO}" in capsys.readouterr().out
+
+
+def test_install_cell_installs_from_the_repository_in_colab(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))  # Colab's runtime
+  calls, ns = _run_install_cell(monkeypatch, tmp_path, installed=False)  # /content: no checkout
+  assert ns["TTAMER_PIP"] == [f"ttamer-jax @ git+{URL}"]
+  assert calls == [("pip", f"install -q 'ttamer-jax @ git+{URL}'")]
 
 
 def _kernel_env(tmp_path_factory):
@@ -137,3 +211,7 @@ def test_notebook_runs_top_to_bottom(executed, name):
   assert images >= 1
   for filename in EXPECTED_FILES[name]:
     assert (workdir / filename).stat().st_size > 0
+    # printed with its full path, and named in the notebook's text before it is written
+    assert f"wrote {workdir / filename}" in text, filename
+    prose = "".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert filename.split("/")[0] + "/" in prose, filename

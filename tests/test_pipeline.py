@@ -23,6 +23,10 @@ def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
     res = tj.replay_traces(oracle, synthetic.test)
     np.testing.assert_allclose(sweep.error[i], np.asarray(res.loss).mean(), rtol=1e-6)
     np.testing.assert_allclose(sweep.cost[i], np.asarray(res.cost).mean(), rtol=1e-5)
+    stop, answer = np.asarray(res.stop_stage), np.asarray(res.answer_stage)
+    np.testing.assert_allclose(sweep.recalled_histogram[i],
+                               np.bincount(answer[answer < stop], minlength=synthetic.test.num_stages)
+                               / stop.size, atol=1e-12)
 
 
 def test_comparison_on_the_overthinking_workload(synthetic):
@@ -45,6 +49,21 @@ def test_comparison_on_the_overthinking_workload(synthetic):
   assert fixed["frontier_cost"] is not None and fixed["frontier_cost"] <= 1.0 + 1e-6  # float32 costs
   text = reports.format_operating_points(list(points.values()), comp.full_error)
   assert "| recall |" in text
+  # Only the recall optimum (and the oracle) answer with an earlier exit than the last one run.
+  for name in ("no_recall", "confidence", "per_stage", "entropy", "patience", "fixed_exit"):
+    assert np.all(np.asarray(comp.test[name].recalled_histogram) == 0), name
+  assert np.asarray(comp.test["recall"].recalled_histogram).sum() > 0
+  # The budget table is each family's held-out staircase read at the budgets.
+  rows = {r["policy"]: r for r in P.errors_at_budgets(comp)}
+  assert set(rows) == set(comp.test)
+  for name, res in comp.test.items():
+    expected = frontier.staircase(res.cost_norm, res.error, P.COST_BUDGETS)
+    for e, c, want, budget in zip(rows[name]["error"], rows[name]["cost"], expected, P.COST_BUDGETS):
+      assert (e is None) == (not np.isfinite(want))
+      if e is not None:
+        assert e == pytest.approx(want) and c <= budget
+        # the point used is on the family's grid, with that error
+        assert np.any((np.asarray(res.cost_norm) == c) & (np.asarray(res.error) == e))
 
 
 def test_operating_points_choose_on_calibration_and_report_test():
@@ -58,6 +77,26 @@ def test_operating_points_choose_on_calibration_and_report_test():
   (row,) = P.operating_points(comp, tolerance=0.01)
   assert row["chosen_param"] == 2.0 and row["chosen_cost"] == 0.55 and row["chosen_error"] == 0.125
   assert row["frontier_cost"] == 1.0 and row["frontier_error"] == 0.09
+
+
+def test_errors_at_budgets_least_error_within_each_budget():
+  res = lambda err, cost: tj.ReplaySweep(param=np.arange(4.0), error=np.array(err),
+                                         cost=np.array(cost), cost_norm=np.array(cost),
+                                         stop_histogram=np.zeros((4, 2)), answer_histogram=np.zeros((4, 2)))
+  # costs 0.2 < 0.3 < 0.4 < 0.8; the point at 0.3 is dominated (more error than the one at 0.2)
+  test = {"a": res([0.30, 0.35, 0.20, 0.10], [0.2, 0.3, 0.4, 0.8]),
+          "b": res([0.25, 0.25, 0.25, 0.25], [0.6, 0.7, 0.8, 0.9])}
+  comp = P.PolicyComparison(fitted=None, lams=np.array([0.5]), calibration=test, test=test,
+                            full_error={"calibration": 0.1, "test": 0.1})
+  a, b = P.errors_at_budgets(comp, [0.1, 0.25, 0.5, 0.75])
+  assert a == dict(policy="a", error=[None, 0.30, 0.20, 0.20], cost=[None, 0.2, 0.4, 0.4])
+  assert b == dict(policy="b", error=[None, None, None, 0.25], cost=[None, None, None, 0.6])
+  text = reports.format_budgets([a, b], [0.1, 0.25, 0.5, 0.75])
+  assert text.splitlines()[0].split("  ")[0] == "policy"
+  assert "cost <= 25%" in text and "20.0%<" in text and "25.0%<" not in text.splitlines()[3]
+  legend = reports.budget_legend([a, b])
+  assert "-: the family has no setting" in legend  # every "-" cell is explained
+  assert "-:" not in reports.budget_legend([dict(policy="a", error=[0.2], cost=[0.1])])
 
 
 def test_prepare_and_compare_reject_bad_arguments(synthetic):
@@ -149,3 +188,26 @@ def test_fit_and_save_chooses_lam_by_the_same_rule(synthetic, tmp_path):
   with pytest.raises(ValueError, match="must be even"):
     P.fit_and_save(path, str(tmp_path / "q.npz"), states=3, feature="agree_prev")
   assert not (tmp_path / "q.npz").exists()
+
+
+def test_demo_keeps_compiled_programs_in_its_cache(tmp_path):
+  """enable_compilation_cache: XLA programs go to <cache>/xla; a cache the user set,
+  or caching off, is left alone. In a fresh process (JAX reads it at the first compile)."""
+  import os
+  import subprocess
+  import sys
+
+  script = ("import sys, jax, jax.numpy as jnp\n"
+            "from ttamer_jax.app import pipeline\n"
+            "print(pipeline.enable_compilation_cache(sys.argv[1]))\n"
+            "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_PLATFORMS"] = "cpu"
+  run = lambda arg, **extra: subprocess.run([sys.executable, "-c", script, arg], env=dict(env, **extra),
+                                            capture_output=True, text=True, check=True).stdout.strip()
+  assert run(str(tmp_path / "c")) == str(tmp_path / "c" / "xla")
+  assert os.listdir(tmp_path / "c" / "xla")  # the program was written
+  assert run("") == "None" and sorted(os.listdir(tmp_path)) == ["c"]  # caching off
+  mine = str(tmp_path / "mine")
+  assert run(str(tmp_path / "d"), JAX_COMPILATION_CACHE_DIR=mine) == mine  # the user's wins
+  assert not (tmp_path / "d").exists()

@@ -55,18 +55,35 @@ def test_pareto_recall_highlighted_first_in_legend(tmp_path, figures):
   path = plotting.plot_pareto(_frontiers(), tmp_path / "sub" / "p.png", title="t", full_error=0.05,
                               points={"recall": (0.5, 0.15), "confidence": (None, None)})
   _check_png(path)
-  ax = figures[-1].axes[0]
-  assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title() == "t"
+  ax, gap = figures[-1].axes  # the frontiers, and below them the gaps to recall
+  assert ax.get_ylabel() and ax.get_title() == "t" and gap.get_xlabel() and gap.get_ylabel()
   labels = [t.get_text() for t in ax.get_legend().get_texts()]
   assert labels[0] == plotting.LABELS["recall"]
   assert set(plotting.LABELS[k] for k in _frontiers()) <= set(labels)
   assert "full model's error + 1 point" in labels
   assert "chosen on calibration, measured here" in labels
   lines = {l.get_label(): l for l in ax.get_lines()}
-  recall = lines[plotting.LABELS["recall"]]
-  others = [l for k, l in lines.items() if k != recall.get_label() and not k.startswith("_")]
-  assert all(recall.get_linewidth() > l.get_linewidth() for l in others)
+  recall, no_recall = lines[plotting.LABELS["recall"]], lines[plotting.LABELS["no_recall"]]
+  others = [l for k, l in lines.items()
+            if k not in (recall.get_label(), no_recall.get_label()) and not k.startswith("_")]
+  assert all(recall.get_linewidth() > l.get_linewidth() for l in others + [no_recall])
   assert all(recall.get_zorder() > l.get_zorder() for l in others)
+  # No-recall often coincides with recall: it is drawn above it, thin and dashed, with
+  # hollow markers, so that both stay visible where they agree.
+  assert no_recall.get_zorder() > recall.get_zorder() and no_recall.get_linestyle() == "--"
+  assert no_recall.get_markerfacecolor() == "none"
+  # Every mark is explained: the unlabelled lines are the operating-point stars (one
+  # legend entry) and the full model's error line (the band's entry); no faint points.
+  for line in ax.get_lines():
+    if line.get_label().startswith("_"):
+      assert line.get_marker() == "*" or np.ptp(line.get_ydata()) == 0, line
+    assert line.get_alpha() in (None, 1.0)
+  # The gap panel: family minus recall over the common cost range (here 0.05 and 0.07 apart).
+  gaps = {l.get_label(): l for l in gap.get_lines() if not l.get_label().startswith("_")}
+  assert set(gaps) == {f"{plotting.LABELS[k]} - recall" for k in ("no_recall", "confidence")}
+  np.testing.assert_allclose(gaps[f"{plotting.LABELS['no_recall']} - recall"].get_ydata(), 0.05)
+  np.testing.assert_allclose(gaps[f"{plotting.LABELS['confidence']} - recall"].get_ydata(), 0.07)
+  assert "above 0: recall more" in gap.get_legend().get_title().get_text()
 
 
 def test_pareto_staircase_is_the_front(tmp_path, figures):
@@ -93,17 +110,38 @@ def test_index_heatmap_marks_infinities_and_values(tmp_path, figures):
 
 def test_exit_histograms_two_panels(tmp_path, figures):
   stops = {"recall": [0.5, 0.3, 0.2], "patience": [0.1, 0.6, 0.3]}
-  answers = {"recall": [0.6, 0.3, 0.1], "patience": [0.1, 0.6, 0.3]}
-  _check_png(plotting.plot_exit_histograms(stops, tmp_path / "e.png", answers=answers))
+  # answered by exit i although a later exit ran: recall answers 10% + 5% from earlier exits
+  recalled = {"recall": [0.1, 0.05, 0.0], "patience": [0.0, 0.0, 0.0]}
+  _check_png(plotting.plot_exit_histograms(stops, tmp_path / "e.png", recalled=recalled))
   top, bottom = figures[-1].axes
   assert [p.get_height() for p in top.patches] == pytest.approx([0.5, 0.3, 0.2, 0.1, 0.6, 0.3])
-  assert [p.get_height() for p in bottom.patches] == pytest.approx([0.6, 0.3, 0.1, 0.1, 0.6, 0.3])
+  assert [p.get_height() for p in bottom.patches] == pytest.approx([0.1, 0.05, 0.0, 0.0, 0.0, 0.0])
   assert [t.get_text() for t in bottom.get_xticklabels()] == ["exit 0", "exit 1", "exit 2"]
   assert [t.get_text() for t in top.get_legend().get_texts()] == [
       plotting.LABELS["recall"], plotting.LABELS["patience"]]
+  # The lower panel is what differs with recall, and its legend gives each policy's share.
+  assert "EARLIER" in bottom.get_ylabel() and "later exit was consulted" in bottom.get_title()
+  assert [t.get_text() for t in bottom.get_legend().get_texts()] == [
+      f"{plotting.LABELS['recall']}: 15.0%",
+      f"{plotting.LABELS['patience']}: 0% (every answer from the last exit run)"]
   assert top.get_ylabel() and bottom.get_ylabel()
+  assert not bottom.texts  # bars to show: no note
+  plotting.plot_exit_histograms(stops, tmp_path / "none.png",
+                                recalled={k: [0.0, 0.0, 0.0] for k in stops})
+  (note,) = figures[-1].axes[1].texts  # an empty panel says why it is empty
+  assert note.get_text().startswith("no request answered by an earlier exit")
   plotting.plot_exit_histograms(stops, tmp_path / "one.png")
   assert len(figures[-1].axes) == 1
+
+
+def test_image_paths_are_checked_before_any_work(tmp_path):
+  for name in ("p.png", "p.PDF", "p.svg"):
+    assert plotting.check_image_path(tmp_path / name) == str(tmp_path / name)
+  for name, what in (("f.txt", "extension '.txt'"), ("frontier", "no extension")):
+    with pytest.raises(ValueError, match=f"--plot .*{name}: not an image file name \\({what}\\); "
+                                         "use .png, .pdf or .svg"):
+      plotting.check_image_path(tmp_path / name)
+  assert os.listdir(tmp_path) == []
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):

@@ -17,6 +17,11 @@ POINTS = [dict(policy="recall", chosen_param=0.5, chosen_cost=0.25, chosen_error
 OBJECTIVES = [dict(lam=0.5, recall=0.2, confidence=0.3, hindsight=0.1),
               dict(lam=0.9, recall=0.4, confidence=0.3, hindsight=0.1)]
 FULL_ERROR = {"calibration": 0.1, "test": 0.12}
+BUDGETS = [0.1, 0.5]
+AT_BUDGETS = [dict(policy="recall", error=[None, 0.1], cost=[None, 0.45]),
+              dict(policy="confidence", error=[0.3, 0.15], cost=[0.1, 0.5]),
+              dict(policy="hindsight", error=[0.05, 0.05], cost=[0.1, 0.1])]
+GAPS = {"confidence": 0.012, "hindsight": -0.04}
 
 
 def test_jsonable_and_dumps():
@@ -52,7 +57,27 @@ def test_table_legend():
   text = reports.table_legend(0.02, FULL_ERROR, "latency")
   assert "within 2 points of the full model's (10.00%); latency (share" in text
   assert "(full model: 12.00% error)" in text and "(1 - lam) * latency" in text
-  assert len(text.splitlines()) == 2
+  assert len(text.splitlines()) == 2 and "-:" not in text
+  # A "-" cell (no setting within the tolerance) is explained in one more line.
+  text = reports.table_legend(0.02, FULL_ERROR, "latency", POINTS)
+  assert text.splitlines()[2] == ("-: no setting of that family is within 2 points of the full "
+                                  "model's error on calibration (see the budget table for what "
+                                  "it reaches).")
+
+
+def test_budget_table_legend_and_gaps():
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency").splitlines() == [
+      "policy                   latency <= 10%  latency <= 50%",
+      "-----------------------  --------------  --------------",
+      "recall optimum (ttamer)              -           10.0%<",
+      "confidence threshold             30.0%<          15.0%",
+      "hindsight oracle*                 5.0%            5.0%"]
+  legend = reports.budget_legend(AT_BUDGETS, "latency").splitlines()
+  assert legend[0].startswith("least held-out error with latency share at or below each budget")
+  assert legend[1] == ("-: the family has no setting whose held-out latency share is at or below "
+                       "that budget.")
+  assert reports.gaps_line(GAPS).endswith(
+      "recall more accurate at equal cost): confidence threshold +0.0120, hindsight oracle* -0.0400.")
 
 
 def test_format_index():
@@ -66,6 +91,8 @@ def test_markdown_tables():
   assert lines[0] == ("Full network: test error 12.00% (calibration 10.00%); target: within 1 point.")
   assert lines[4] == "| recall | 0.5000 | 25.0% | 10.0% | 20.0% | 11.0% |"
   assert lines[5] == "| confidence | - | - | - | - | - |"
+  assert lines[-1].startswith("-: no setting of that family is within 1 point")  # "-" explained
+  assert "-:" not in reports.format_operating_points(POINTS[:1], FULL_ERROR, 0.01)
   obj = reports.format_objectives(OBJECTIVES).splitlines()
   assert obj[:2] == ["| lam | recall | confidence | hindsight |", "|---|---|---|---|"]
   assert obj[2] == "| 0.50 | **0.2000** | 0.3000 | 0.1000 |"
@@ -134,14 +161,23 @@ def test_evaluate_text():
 
 def test_sweep_text():
   result = dict(how="fitted on a, measured on b", fitted=dict(num_states=8), lams=np.zeros(3),
-                operating_points=POINTS, objectives=OBJECTIVES, full_error=FULL_ERROR)
+                operating_points=POINTS, objectives=OBJECTIVES, full_error=FULL_ERROR,
+                budgets=BUDGETS, errors_at_budgets=AT_BUDGETS, frontier_gaps=GAPS)
   notes = dict(score="max_softmax", confidence_score="max_softmax", entropy_score="entropy",
                tolerance=0.01)
   lines = reports.sweep_text(result, notes).splitlines()
   assert lines[:3] == ["fitted on a, measured on b",
                        "8 states of max_softmax per stage; 3 lam values; thresholds on max_softmax "
                        "and entropy", ""]
-  assert lines[3] == reports.format_table(POINTS, OBJECTIVES).splitlines()[0]
+  assert lines[3] == reports.format_table(POINTS, OBJECTIVES, "cost").splitlines()[0]
+  assert lines[3].split()[:4] == ["policy", "setting", "cost", "error"]
+  text = "\n".join(lines)
+  # Where the fitted policies win: the least error at each cost budget, and the frontier gaps.
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS) in text
+  assert reports.gaps_line(GAPS) in text
+  # Every "-" in the output is explained by a legend line.
+  assert "\n-: no setting of that family is within 1 point" in text
+  assert "\n-: the family has no setting whose held-out cost share" in text
   assert "wrote" not in lines[-1]
   text = reports.sweep_text(dict(result, plot="f.png"), dict(notes, entropy_score=None))
   assert text.endswith("\n\nwrote f.png") and "thresholds on max_softmax\n" in text
@@ -181,6 +217,7 @@ def demo_result():
                 test_requests=400, chosen_lam=0.755, files=files, full_error=FULL_ERROR,
                 operating_points=POINTS, objectives=OBJECTIVES,
                 frontier_gaps={"no_recall": 0.01, "confidence": -0.002},
+                budgets=BUDGETS, errors_at_budgets=AT_BUDGETS,
                 fitted=dict(score="max_softmax"),
                 info=dict(loaded=False, train_seconds=20.4, test_accuracy=[0.9, 0.95],
                           stage_cost_share=[0.3, 0.7]),
@@ -207,6 +244,9 @@ def test_demo_text_and_report(demo_result):
   report = reports.demo_report(result, notes)
   assert report.startswith("# ttamer demo: digits-cnn, 2 exits\n\nnetwork trained")
   assert "no_recall +0.0100, confidence -0.0020." in report
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency") in report
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency") in text
+  assert reports.gaps_line(result["frontier_gaps"], "latency") in text
   assert "## The deployed policy\n\npolicy.npz: recall[x], chosen by cross-fitting" in report
   assert "Measured on the test split: error 10.0% [9.0%, 11.0%], cost 40.0%" in report
   assert "model check of recall[x]" in text and "model check of recall[x]" in report

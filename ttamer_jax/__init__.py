@@ -54,7 +54,8 @@ from ttamer_jax.data.fitting import (FittedCascade, FittedGraph, fit_cascade,
 from ttamer_jax.data.policy_io import POLICY_FORMAT_VERSION, load_policy, save_policy
 from ttamer_jax.data.synthetic import (TraceWorkload, overthinking_cascade, sample_traces,
                                        synthetic_cascade, synthetic_workload, workload_traces)
-from ttamer_jax.data.tables import load_traces_table, traces_from_table, traces_to_table
+from ttamer_jax.data.tables import (load_traces_table, read_traces, traces_from_table,
+                                    traces_to_table)
 from ttamer_jax.data.traces import (TRACES_FORMAT_VERSION, ExitTraces, load_traces, save_traces,
                                     split_traces)
 from ttamer_jax.evaluation.drift import (DriftMonitor, DriftReport, drift_test, holm,
@@ -116,7 +117,7 @@ __all__ = [
     "soft_fitted_cascade", "batch_serving_cost",
     # data
     "ExitTraces", "split_traces", "save_traces", "load_traces", "TRACES_FORMAT_VERSION",
-    "traces_from_table", "traces_to_table", "load_traces_table",
+    "traces_from_table", "traces_to_table", "load_traces_table", "read_traces",
     "sample_traces", "overthinking_cascade", "workload_traces", "synthetic_cascade",
     "synthetic_workload", "TraceWorkload",
     "Discretiser", "DeployedPolicy", "trace_scores",

@@ -1,9 +1,9 @@
 """The ``ttamer`` command line: the whole job, and each of its steps, from a terminal.
 
     ttamer demo                                   # digits early-exit network -> frontiers, plots, policy
-    ttamer fit TRACES.npz --states 8 --out policy.npz
-    ttamer evaluate policy.npz TRACES.npz
-    ttamer sweep TRACES.npz --lam 0:1:101 --plot frontier.png
+    ttamer fit TRACES --states 8 --out policy.npz # TRACES: .npz, .csv or .parquet
+    ttamer evaluate policy.npz TRACES
+    ttamer sweep TRACES --lam 0:1:101 --plot frontier.png
     ttamer solve CASCADE.npz --lam 0.3
     ttamer bench
 
@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 import sys
+import textwrap
 from typing import Callable
 
 import numpy as np
@@ -140,7 +141,8 @@ def emit(args, run: pipeline.Run, text: Callable | None = None) -> int:
 
 
 def _progress(args) -> bool:
-  return sys.stderr.isatty() and not args.no_progress
+  """Progress on stderr: a tqdm bar on a terminal, else a plain line every few seconds."""
+  return not args.no_progress
 
 
 def _say(text: str) -> None:
@@ -167,7 +169,7 @@ def _fit(args) -> int:
 
 def _evaluate(args) -> int:
   run = pipeline.evaluate_files(args.policy, args.traces, lam=args.lam, resamples=args.resamples,
-                                level=args.level, seed=args.seed)
+                                level=args.level, seed=args.seed, log=_say)
   return emit(args, run, reports.evaluate_text)
 
 
@@ -205,6 +207,7 @@ Exit codes: 0 success, 2 bad arguments or a bad file (one line on stderr, nothin
 written), 1 `ttamer bench` checks failed. --json prints a machine-readable result
 on stdout. File formats: docs/trace_format.md, docs/policy_format.md, docs/cli.md."""
 
+TRACES_HELP = "exit traces: .npz, .csv or .parquet (docs/trace_format.md)"
 # Options several commands take: one definition each (type, default, choices), shared
 # through parent parsers; each command words its own help.
 SHARED = {
@@ -254,18 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
              "oracle, and compares them on the held-out test split. Writes to --out: pareto.png,\n"
              "index_heatmap.png, exit_histograms.png, policy.npz (the recall policy chosen on\n"
              "calibration) + policy.json, the traces, cascade.npz, report.md, results.json.\n\n"
-             "  ttamer demo                 # ~40 s on 2 CPU cores the first time, ~15 s cached\n"
-             "  ttamer demo --quick --out /tmp/demo",
+             "  ttamer demo\n"
+             "  ttamer demo --quick --out /tmp/demo\n\n"
+             + textwrap.fill(f"Takes {pipeline.demo_timing_text()}. Progress goes to stderr: a "
+                             "bar on a terminal, else one line every 5 s (step, ETA, loss); "
+                             "--no-progress: none.", 80),
              states="score bins per exit of the fitted cascade (default 8)",
              tolerance="accuracy tolerance of the operating points (default 0.01 = 1 point)",
-             seed="seed of the split and training (default 0)", no_progress="no progress bars")
+             seed="seed of the split and training (default 0)", no_progress="no progress output")
   demo.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
   demo.add_argument("--quick", action="store_true",
                     help="train a tenth of the steps (a smoke run; worse network)")
   demo.add_argument("--workload", default="digits", choices=pipeline.WORKLOADS,
                     help="built-in workload (default digits; synthetic: no network)")
   demo.add_argument("--cache-dir", default=None,
-                    help="checkpoint cache (default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
+                    help="cache of the trained network and of compiled programs (default "
+                         "$TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
 
   fit = add("fit", "choose a policy for exit traces by cross-fitting, and save it",
@@ -285,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(agree_prev) or the most confident earlier one (agree_best); implies "
                     "--candidates recall",
             seed="seed of the folds and the bootstrap (default 0)",
-            no_progress="no progress lines")
-  fit.add_argument("traces", metavar="TRACES.npz", help="exit traces (docs/trace_format.md)")
+            no_progress="no progress output")
+  fit.add_argument("traces", metavar="TRACES", help=TRACES_HELP)
   fit.add_argument("--out", required=True, metavar="POLICY.npz", help="policy file to write")
   fit.add_argument("--lam", type=lam_or_auto, default="auto",
                    help="trade-off weight in [0, 1] of error vs cost share, or 'auto' (default): "
@@ -309,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
            "each with a percentile-bootstrap confidence interval.\n\n"
            "  ttamer evaluate policy.npz test_traces.npz", seed="bootstrap seed (0)")
   ev.add_argument("policy", metavar="POLICY.npz", help="policy file (ttamer fit / save_policy)")
-  ev.add_argument("traces", metavar="TRACES.npz", help="held-out exit traces")
+  ev.add_argument("traces", metavar="TRACES", help="held-out " + TRACES_HELP)
   ev.add_argument("--lam", type=single_lam, default=None,
                   help="lam of the reported objective (default: the policy's)")
   ev.add_argument("--resamples", type=resample_count, default=1000, help="bootstrap resamples (1000)")
@@ -324,18 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
            states=dict(metavar="K", help="states per stage (8)"),
            score="signal the fitted policies discretise", feature="see `ttamer fit`",
            tolerance="accuracy tolerance of the operating points (0.01)",
-           seed="seed of the split (0)", no_progress="no progress bar")
-  sw.add_argument("traces", metavar="TRACES.npz", help="exit traces (held-out ones with --calibration)")
+           seed="seed of the split (0)", no_progress="no progress output")
+  sw.add_argument("traces", metavar="TRACES", help=TRACES_HELP + "; held out with --calibration")
   sw.add_argument("--lam", type=lam_values, default=None,
                   help="lam grid: START:STOP:NUM, a list a,b,c or one value (default: 201 even "
                        "values plus 30 in [0.99, 0.9999])")
-  sw.add_argument("--calibration", default=None, metavar="CAL.npz",
+  sw.add_argument("--calibration", default=None, metavar="CAL",
                   help="fit on these traces instead of a split of TRACES")
   sw.add_argument("--split", type=fraction, default=0.5,
                   help="share of TRACES used for fitting without --calibration (default 0.5)")
   sw.add_argument("--confidence-score", default=None, metavar="NAME",
                   help="signal of the confidence heuristics (higher = more confident)")
-  sw.add_argument("--plot", default=None, metavar="OUT.png", help="write the Pareto plot here")
+  sw.add_argument("--plot", default=None, metavar="OUT.png",
+                  help="write the Pareto plot here (.png, .pdf, .svg, ...)")
 
   so = add("solve", "exact recall / no-recall / hindsight values and the index table of a cascade",
            "Solves a cascade file (values/init/trans/costs; written by `ttamer demo`,\n"

@@ -40,17 +40,36 @@ from ttamer_jax.data.cascade_io import load_cascade, save_cascade
 from ttamer_jax.data.discretise import PRIMARY_SCORE, trace_scores
 from ttamer_jax.data.files import write_text
 from ttamer_jax.data.fitting import FittedCascade, fit_cascade
-from ttamer_jax.data.traces import ExitTraces, load_traces, save_traces, split_traces
+from ttamer_jax.data.tables import read_traces
+from ttamer_jax.data.traces import ExitTraces, save_traces, split_traces
 from ttamer_jax.evaluation import frontier, metrics, selection
 from ttamer_jax.evaluation.frontier import ReplaySweep
 
 WORKLOADS = ("digits", "sequences", "synthetic", "mnist1d", "sklearn")
+# Measured wall-clock seconds of `ttamer demo` (digits, the defaults) -- quoted by
+# README.md, docs/cli.md and `ttamer demo --help` through :func:`demo_timing_text`
+# (tests/test_docs.py checks that they agree). Reproduce with
+#   rm -rf /tmp/c && time ttamer demo --cache-dir /tmp/c --out /tmp/d1   # first run
+#   time ttamer demo --cache-dir /tmp/c --out /tmp/d2                    # cached
+DEMO_TIMING = dict(first_s=170, cached_s=40, train_s=35,
+                   machine="2 CPU cores (AMD EPYC VM, shared with other jobs: load average 5-7)")
+
+
+def demo_timing_text() -> str:
+  """The demo's measured duration as one phrase (what the docs and ``--help`` quote)."""
+  t = DEMO_TIMING
+  return (f"{t['first_s']} s the first time ({t['train_s']} s of it training the network), "
+          f"{t['cached_s']} s once the network and the compiled programs are cached; measured on "
+          f"{t['machine']}")
 POLICIES = ("recall", "no_recall", "confidence", "per_stage", "entropy", "patience",
             "fixed_exit", "hindsight")
 # lam values at which the demo and `sweep` report the held-out objective.
 OBJECTIVE_LAMS = (0.5, 0.9, 0.97, 0.99)
 # Families shown in the demo's exit histograms (the issue's comparison).
 HISTOGRAM_POLICIES = ("recall", "no_recall", "confidence", "patience", "hindsight")
+# Cost budgets (shares of the full cost) at which the demo and `sweep` report each
+# family's least held-out error.
+COST_BUDGETS = (0.10, 0.25, 0.50, 0.75)
 
 
 def default_lams(num: int = 201) -> np.ndarray:
@@ -264,6 +283,35 @@ def objectives_at(comparison: PolicyComparison, lams: Any) -> list[dict]:
   return rows
 
 
+def errors_at_budgets(comparison: PolicyComparison, budgets: Any = COST_BUDGETS) -> list[dict]:
+  """Least held-out error each family reaches at cost share ``<= budget``, per budget.
+
+  Read off each family's held-out (test) frontier with
+  :func:`~ttamer_jax.evaluation.frontier.staircase` (optimistic: the point is picked
+  on the data it is scored on, like the ``frontier_*`` columns of
+  :func:`operating_points`). Rows ``{policy, error: [B], cost: [B]}`` in the order of
+  ``budgets``; ``cost`` is the cost share of the frontier point that reaches that
+  error. ``None`` where the family has no grid point at or below the budget.
+  """
+  budgets = validation.as_numpy("budgets", budgets, ndim=1).astype(np.float64)
+  rows = []
+  for name, res in comparison.test.items():
+    cost, error = np.asarray(res.cost_norm, np.float64), np.asarray(res.error, np.float64)
+    front = frontier.pareto_front(cost, error)
+    errs = frontier.staircase(cost, error, budgets)
+    row = dict(policy=name, error=[], cost=[])
+    for b, e in zip(budgets, errs):
+      if np.isfinite(e):
+        at = front[np.searchsorted(cost[front], b, side="right") - 1]
+        row["error"].append(float(e))
+        row["cost"].append(float(cost[at]))
+      else:
+        row["error"].append(None)
+        row["cost"].append(None)
+    rows.append(row)
+  return rows
+
+
 def frontier_gaps(comparison: PolicyComparison) -> dict[str, float]:
   """Mean error gap (family minus recall) between held-out frontiers over their common cost range."""
   rec = comparison.test["recall"]
@@ -278,13 +326,16 @@ format_objectives = reports.format_objectives
 
 
 def summarize(comparison: PolicyComparison, tolerance: float = 0.01,
-              objective_lams: Any = OBJECTIVE_LAMS) -> dict:
+              objective_lams: Any = OBJECTIVE_LAMS, budgets: Any = COST_BUDGETS) -> dict:
   """A comparison as plain values: operating points, held-out objectives at
-  ``objective_lams``, frontier gaps, every family's test frontier, the fitted cascade."""
+  ``objective_lams``, least held-out errors at the cost ``budgets``, frontier gaps,
+  every family's test frontier, the fitted cascade."""
   comp = comparison
   return dict(full_error=dict(comp.full_error),
               operating_points=operating_points(comp, tolerance=tolerance),
-              objectives=objectives_at(comp, objective_lams), frontier_gaps=frontier_gaps(comp),
+              objectives=objectives_at(comp, objective_lams),
+              budgets=[float(b) for b in budgets], errors_at_budgets=errors_at_budgets(comp, budgets),
+              frontier_gaps=frontier_gaps(comp),
               frontiers={k: v.rows() for k, v in comp.test.items()},
               fitted=dict(num_stages=comp.fitted.cascade.num_stages,
                           num_states=comp.fitted.cascade.num_states,
@@ -361,6 +412,35 @@ def check_output(path: str, what: str) -> str:
   return path
 
 
+def check_plot(path: str, what: str = "--plot") -> str:
+  """A plot to write: its folder must exist and be writable, its name must end in an
+  image type matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...), and matplotlib
+  must be installed -- checked before any work."""
+  from ttamer_jax.app import plotting
+
+  check_output(path, "plot")
+  check_matplotlib(what)
+  return plotting.check_image_path(path, what)
+
+
+def check_distinct(output: str, what: str, *inputs: str | None) -> None:
+  """An output file must not be one of the input files (it would overwrite it)."""
+  for path in inputs:
+    if path and os.path.exists(output) and os.path.samefile(output, path):
+      raise ValueError(f"{what} {output}: is an input file of this command; choose another name")
+
+
+def read_traces_file(path: str, what: str = "traces") -> ExitTraces:
+  """An input traces file (``.npz``, ``.csv``, ``.parquet``/``.pq``; chosen by extension,
+  :func:`~ttamer_jax.read_traces`): it must exist; a bad file or a missing table
+  dependency is a one-line ``ValueError``."""
+  check_input(path, what)
+  try:
+    return read_traces(path)
+  except ImportError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
 def check_matplotlib(what: str) -> None:
   """``what`` (a flag, a command) needs matplotlib: a one-line error without it."""
   try:
@@ -416,10 +496,12 @@ def fit_and_save(traces_path: str, out: str, *, states: int | None = None, lam: 
   """
   check_input(traces_path, "traces")
   check_output(out, "policy")
+  check_distinct(out, "--out", traces_path)
   if cascade_out:
     check_output(cascade_out, "cascade")
+    check_distinct(cascade_out, "--cascade-out", traces_path, out)
   _check_feature(feature, 8 if states is None else states)
-  traces = load_traces(traces_path)
+  traces = read_traces_file(traces_path)
   score, _, _ = resolve_signals(traces, score)
   cands = fit_candidates(traces, candidates, states=states, score=score, feature=feature,
                          binning=binning)
@@ -458,16 +540,29 @@ def fit_and_save(traces_path: str, out: str, *, states: int | None = None, lam: 
 
 
 def evaluate_files(policy_path: str, traces_path: str, *, lam: float | None = None,
-                   resamples: int = 1000, level: float = 0.95, seed: int = 0) -> Run:
+                   resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                   log: Callable[[str], None] | None = None) -> Run:
   """``ttamer evaluate``: replays a policy file on a traces file, with bootstrap CIs.
 
   ``lam``: of the reported objective (default: the one the policy file records).
-  Result: ``{policy, traces, lam, metadata, evaluation, full_error}``.
+  When the ``.json`` copy beside the policy disagrees with the ``.npz``
+  (:func:`~ttamer_jax.data.policy_io.sidecar_differences`: a hand edit), the ``.npz``
+  rules and ``log`` receives one warning line saying so (also in ``warnings``).
+  Result: ``{policy, traces, lam, metadata, evaluation, full_error, warnings}``.
   """
   check_input(policy_path, "policy")
-  check_input(traces_path, "traces")
-  traces = load_traces(traces_path)
+  traces = read_traces_file(traces_path)
   deployed, meta = policy_io.load_policy(policy_path, with_metadata=True)
+  warnings = []
+  differs = policy_io.sidecar_differences(policy_path, meta)
+  if differs:
+    more = f"; {len(differs) - 3} more" if len(differs) > 3 else ""
+    warnings.append(
+        f"{policy_io.sidecar_path(policy_path)} differs from {policy_path} "
+        f"({'; '.join(differs[:3])}{more}); the .npz rules, edits to the .json copy change "
+        "nothing (pass --lam, or save a new policy with ttamer fit or ttamer_jax.save_policy)")
+  for line in warnings:
+    (log or (lambda text: None))(f"warning: {line}")
   if deployed.num_stages != traces.num_stages:
     raise ValueError(f"{policy_path}: policy built for {deployed.num_stages} stages, but "
                      f"{traces_path} has {traces.num_stages}")
@@ -478,7 +573,7 @@ def evaluate_files(policy_path: str, traces_path: str, *, lam: float | None = No
                         num_resamples=resamples, level=level)
   full_error = float(np.asarray(traces.losses)[:, -1].mean())
   return Run(dict(policy=policy_path, traces=traces_path, lam=float(lam), metadata=meta,
-                  evaluation=ev.as_dict(), full_error=full_error),
+                  evaluation=ev.as_dict(), full_error=full_error, warnings=warnings),
              dict(num_samples=traces.num_samples, level=level, resamples=resamples))
 
 
@@ -503,12 +598,12 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
   if calibration_path:
     check_input(calibration_path, "calibration traces")
   if plot:
-    check_output(plot, "plot")
-    check_matplotlib("--plot")
+    check_plot(plot)
+    check_distinct(plot, "--plot", traces_path, calibration_path)
   _check_feature(feature, states)
-  traces = load_traces(traces_path)
+  traces = read_traces_file(traces_path)
   if calibration_path:
-    calibration, test = load_traces(calibration_path), traces
+    calibration, test = read_traces_file(calibration_path, "calibration traces"), traces
     if calibration.num_stages != test.num_stages:
       raise ValueError(f"{calibration_path}: {calibration.num_stages} stages, but {traces_path} "
                        f"has {test.num_stages}")
@@ -544,8 +639,8 @@ def solve_file(cascade_path: str, *, lams: Any = None, plot: str | None = None) 
   check_input(cascade_path, "cascade")
   lams = np.linspace(0.0, 1.0, 11) if lams is None else np.atleast_1d(np.asarray(lams, np.float64))
   if plot:
-    check_output(plot, "plot")
-    check_matplotlib("--plot")
+    check_plot(plot)
+    check_distinct(plot, "--plot", cascade_path)
     if lams.size != 1:
       raise ValueError("--plot draws one index table: give a single --lam value")
   cascade = load_cascade(cascade_path)
@@ -564,6 +659,24 @@ def solve_file(cascade_path: str, *, lams: Any = None, plot: str | None = None) 
   return Run(result)
 
 
+def enable_compilation_cache(cache_dir: str) -> str | None:
+  """Keeps XLA's compiled programs in ``<cache_dir>/xla`` (JAX's persistent compilation
+  cache), so that a second ``ttamer demo`` loads what the first one compiled instead of
+  compiling it again (most of a cached demo's time without it). A cache the user set up
+  (``$JAX_COMPILATION_CACHE_DIR``) is left as it is. Returns the folder in use, or
+  ``None`` when ``cache_dir`` is empty (caching off) and none is set.
+
+  JAX reads this setting when it compiles its first program; call it before.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current or not cache_dir:
+    return current or None
+  path = os.path.join(cache_dir, "xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the many small ones too
+  return path
+
+
 def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: bool = False,
              states: int = 8, tolerance: float = 0.01, seed: int = 0, cache_dir: str | None = None,
              plots: bool = True, progress: bool = False,
@@ -577,6 +690,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   on the test split next to its model check; writes the plots (``plots``), the
   policy, the traces, the recall family's cascade, ``report.md`` and
   ``results.json`` (the result). ``log``: receives the status lines (``None``: silent).
+  The checkpoint cache (``cache_dir``, default :func:`default_cache_dir`; ``""``: off)
+  also keeps the compiled programs (:func:`enable_compilation_cache`).
   """
   from ttamer_jax.app import plotting
 
@@ -590,11 +705,13 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
     check_matplotlib("ttamer demo (plots; or pass --no-plots)")
   t0 = time.perf_counter()
   cache = default_cache_dir() if cache_dir is None else cache_dir
+  enable_compilation_cache(cache)
   if workload != "synthetic":
-    say(f"[1/3] {workload}: train the early-exit network or load it from the cache "
-        f"({cache or 'caching off'}); record exit traces and per-exit latency ...")
+    say(f"[1/4] {workload}: train the early-exit network or load it from the cache "
+        f"({cache or 'caching off'}; compiled programs too); record exit traces and per-exit "
+        "latency ...")
   prep = prepare(workload, seed=seed, cache_dir=cache, quick=quick, progress=progress)
-  say(f"[2/3] fit a {states}-state cascade on {prep.calibration.num_samples} "
+  say(f"[2/4] fit a {states}-state cascade on {prep.calibration.num_samples} "
       "calibration requests; sweep every policy family ...")
   score, conf, entropy = resolve_signals(prep.calibration)
   comp = compare_policies(prep.calibration, prep.test, num_states=states, score=score,
@@ -631,16 +748,16 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
     files["index_heatmap"] = plotting.plot_index_heatmap(
         recall_policy.policy.index, at("index_heatmap.png"), lam=lam,
         title=f"{prep.name}: dynamic index of the recall family's operating point")
-    stops, answers = {}, {}
+    stops, recalled = {}, {}
     for name in HISTOGRAM_POLICIES:
       row = next(r for r in points if r["policy"] == name)
       i = chosen_index(comp.calibration[name], row["chosen_param"])
       if i is not None:
         stops[name] = np.asarray(comp.test[name].stop_histogram)[i]
-        answers[name] = np.asarray(comp.test[name].answer_histogram)[i]
+        recalled[name] = np.asarray(comp.test[name].recalled_histogram)[i]
     if stops:
       files["exit_histograms"] = plotting.plot_exit_histograms(
-          stops, at("exit_histograms.png"), answers=answers,
+          stops, at("exit_histograms.png"), recalled=recalled,
           title=f"{prep.name}: exits at each policy's operating point (test split)")
   meta = policy_io.save_policy(at("policy.npz"), deployed, lam=sel.solve_lam,
                                full_cost=sel.full_cost, metadata=dict(

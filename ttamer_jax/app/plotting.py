@@ -1,8 +1,10 @@
-"""Plots people would rather look at than tables (matplotlib, optional extra ``plot``).
+"""Plots people would rather look at than tables (matplotlib).
 
-Every function draws on a fresh figure, saves it atomically to ``path`` (PNG by the
-suffix) and returns the path. matplotlib is imported lazily with the ``Agg``
-backend, so the library works without it and plots render without a display.
+Every function draws on a fresh figure, saves it atomically to ``path`` (the
+format by the suffix: ``.png``, ``.pdf``, ``.svg``, ... -- :func:`check_image_path`
+checks it before any work) and returns the path. matplotlib is imported lazily
+with the ``Agg`` backend, so the library imports without it and plots render
+without a display.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ import numpy as np
 from ttamer_jax.app.reports import LABELS, tolerance_text
 from ttamer_jax.data.files import atomic_path
 
-# Recall is the point of the library: draw it last, thick and on top.
+# Recall is the point of the library: drawn thick, first in the legend, above the
+# heuristics. The no-recall optimum often coincides with it over part of the cost
+# range, so it is drawn above it, thin and dashed with hollow markers: where the two
+# agree both stay visible (and the gap panel shows where they differ).
 HIGHLIGHT = "recall"
 _STYLE = {
-    "recall": dict(color="#d62728", lw=2.6, marker="o", ms=4, zorder=10),
-    "no_recall": dict(color="#1f77b4", lw=1.4, marker="s", ms=3),
+    "recall": dict(color="#d62728", lw=3.2, marker="o", ms=5, zorder=10),
+    "no_recall": dict(color="#1f77b4", lw=1.3, ls=(0, (4, 2)), marker="s", ms=5, mfc="none",
+                      mew=1.0, zorder=11),
     "confidence": dict(color="#2ca02c", lw=1.4, marker="^", ms=3),
     "per_stage": dict(color="#98df8a", lw=1.2, marker="v", ms=3),
     "entropy": dict(color="#9467bd", lw=1.4, marker="d", ms=3),
@@ -28,6 +34,10 @@ _STYLE = {
     "hindsight": dict(color="#000000", lw=1.0, ls=":", marker=None),
 }
 # LABELS (what each family is called) is shared with the text tables: reports.LABELS.
+# The families whose error gap to recall the Pareto plot's lower panel draws.
+GAP_FAMILIES = ("no_recall", "confidence")
+# Image types suggested in messages (matplotlib writes more: see check_image_path).
+IMAGE_TYPES = (".png", ".pdf", ".svg")
 
 
 def _pyplot():
@@ -38,6 +48,24 @@ def _pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
+
+
+def check_image_path(path: str | os.PathLike, what: str = "--plot") -> str:
+  """``path`` must end in an image type matplotlib writes (``.png``, ``.pdf``, ``.svg``,
+  ...): checked before any work, so a typo fails at once, not after the computation."""
+  ext = os.path.splitext(os.fspath(path))[1].lower()
+  try:
+    from matplotlib.backend_bases import FigureCanvasBase
+  except ImportError:
+    raise ValueError(f"{what} needs matplotlib (pip install matplotlib)") from None
+  supported = sorted("." + k for k in FigureCanvasBase.get_supported_filetypes())
+  if ext not in supported:
+    got = f"extension {ext!r}" if ext else "no extension"
+    others = ", ".join(x for x in supported if x not in IMAGE_TYPES)
+    raise ValueError(f"{what} {os.fspath(path)}: not an image file name ({got}); use "
+                     f"{', '.join(IMAGE_TYPES[:-1])} or {IMAGE_TYPES[-1]} (matplotlib also "
+                     f"writes {others})")
+  return os.fspath(path)
 
 
 def _save(fig, path: str | os.PathLike) -> str:
@@ -58,37 +86,59 @@ def _front(cost, error):
   return np.asarray(cost, np.float64)[idx], np.asarray(error, np.float64)[idx]
 
 
+def _gap_curve(base, other):
+  """``(cost, error gap)`` of the staircase ``other - base`` over their common cost range."""
+  from ttamer_jax.evaluation.frontier import staircase
+  bc, be = _front(base.cost_norm, base.error)
+  oc, oe = _front(other.cost_norm, other.error)
+  low, high = max(bc[0], oc[0]), max(bc[-1], oc[-1])
+  cuts = np.unique(np.concatenate([[low, high], bc, oc]))
+  cuts = cuts[(cuts >= low) & (cuts <= high)]
+  return cuts, staircase(oc, oe, cuts) - staircase(bc, be, cuts)
+
+
 def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title: str = "",
                 error_label: str = "error rate (held out)",
                 cost_label: str = "mean cost / cost of the full model",
                 full_error: float | None = None, tolerance: float = 0.01,
-                points: Mapping[str, Any] | None = None) -> str:
+                points: Mapping[str, Any] | None = None,
+                gaps: tuple = GAP_FAMILIES) -> str:
   """Error vs normalised cost of every policy family, the recall frontier highlighted.
+
+  The upper panel draws each family's Pareto staircase (its grid points that no
+  other point of the family beats; the dominated ones are left out). When the
+  frontiers include ``"recall"`` and one of ``gaps``, a lower panel draws the error
+  gap ``family - recall`` vs cost over their common cost range (above 0: recall is
+  more accurate at that cost) -- where recall and no-recall coincide on the upper
+  panel, this shows where and by how much they differ.
 
   Args:
     frontiers: ``{name: SweepResult}`` (anything with ``cost_norm`` and ``error``).
-      Each family is drawn as its Pareto staircase plus its raw points.
-    path: output file.
+    path: output file (its suffix names the image type: :func:`check_image_path`).
     title, error_label, cost_label: texts of the title and the axes.
     full_error: if given, a horizontal line at the full model's error and a band
       of ``+tolerance`` above it.
     tolerance: height of that band (0.01: one point of error).
     points: ``{name: (cost_norm, error)}`` operating points to mark (e.g. the
       settings chosen on calibration, measured on test); ``None`` entries skipped.
+    gaps: the families whose gap to recall the lower panel draws.
   """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7.5, 5))
-  names = sorted(frontiers, key=lambda n: n == HIGHLIGHT)  # highlight drawn last
+  gap_names = [g for g in gaps if g in frontiers and g != HIGHLIGHT] if HIGHLIGHT in frontiers else []
+  if gap_names:
+    fig, (ax, gax) = plt.subplots(2, 1, figsize=(9.5, 6.8), sharex=True,
+                                  gridspec_kw=dict(height_ratios=(3, 1.15), hspace=0.08))
+  else:
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    gax = None
+  names = sorted(frontiers, key=lambda n: _STYLE.get(n, {}).get("zorder", 2))
   handles = {}
   for name in names:
     res = frontiers[name]
-    cost, err = np.asarray(res.cost_norm, np.float64), np.asarray(res.error, np.float64)
     style = dict(_STYLE.get(name, dict(lw=1.2, marker=".")))
-    fc, fe = _front(cost, err)
-    ax.plot(cost, err, ls="none", marker=style.get("marker") or ".", ms=2,
-            color=style.get("color"), alpha=0.25)
-    style["drawstyle"] = "steps-post"
-    handles[name], = ax.plot(fc, fe, label=LABELS.get(name, name), **style)
+    fc, fe = _front(res.cost_norm, res.error)
+    handles[name], = ax.plot(fc, fe, label=LABELS.get(name, name), drawstyle="steps-post",
+                             **style)
   for name, point in dict(points or {}).items():
     if point is None or None in tuple(point) or name not in handles:
       continue
@@ -102,7 +152,6 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
     ax.axhline(full_error, color="0.4", lw=0.8)
     extra.append(ax.axhspan(full_error, full_error + tolerance, color="0.85", alpha=0.5, lw=0,
                             label=f"full model's error + {tolerance_text(tolerance)}"))
-  ax.set_xlabel(cost_label)
   ax.set_ylabel(error_label)
   ax.set_title(title or "accuracy / cost frontiers")
   ax.grid(alpha=0.3)
@@ -110,7 +159,22 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
   order = sorted(handles, key=lambda n: (n != HIGHLIGHT, list(frontiers).index(n)))
   ax.legend([handles[n] for n in order] + extra,
             [handles[n].get_label() for n in order] + [h.get_label() for h in extra],
-            fontsize=8, loc="upper right", framealpha=0.9)
+            fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  if gax is None:
+    ax.set_xlabel(cost_label)
+    return _save(fig, path)
+  gax.axhline(0.0, color="k", lw=0.8)
+  for name in gap_names:
+    x, y = _gap_curve(frontiers[HIGHLIGHT], frontiers[name])
+    style = _STYLE.get(name, {})
+    gax.plot(x, y, drawstyle="steps-post", color=style.get("color"), lw=1.4,
+             ls=style.get("ls", "-"), label=f"{LABELS.get(name, name)} - recall")
+  gax.set_xlabel(cost_label)
+  gax.set_ylabel("error gap\nto recall")
+  gax.grid(alpha=0.3)
+  gax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+             title="above 0: recall more\naccurate at equal cost", title_fontsize=7.5,
+             alignment="left")
   return _save(fig, path)
 
 
@@ -165,37 +229,57 @@ def plot_index_heatmap(index: Any, path: str | os.PathLike, *, title: str = "dyn
 
 def plot_exit_histograms(histograms: Mapping[str, Any], path: str | os.PathLike, *,
                          title: str = "where requests stop",
-                         answers: Mapping[str, Any] | None = None) -> str:
-  """Grouped bars: fraction of requests stopped (or answered) at each exit, per policy.
+                         recalled: Mapping[str, Any] | None = None) -> str:
+  """Grouped bars: fraction of requests stopped after each exit, per policy.
 
   Args:
-    histograms: ``{policy: [n]}`` fractions (e.g. ``SweepResult.stop_histogram[i]``).
+    histograms: ``{policy: [n]}`` fractions (e.g. ``ReplaySweep.stop_histogram[i]``).
     path: output file.
     title: figure title.
-    answers: optional ``{policy: [n]}`` fraction *answered* by each exit, drawn in
-      a second panel (with recall, the answering exit can precede the stopping one).
+    recalled: optional ``{policy: [n]}`` fraction of requests *answered by* each exit
+      although a later exit was consulted (``ReplaySweep.recalled_histogram[i]``),
+      drawn in a second panel: what recall does. A policy that answers with the last
+      exit it consulted has no bar there; the legend gives each policy's total share.
   """
   plt = _pyplot()
-  panels = [("stopped after exit", histograms)]
-  if answers:
-    panels.append(("answered by exit", answers))
   names = list(histograms)
   n = np.asarray(histograms[names[0]]).shape[0] if names else 0
-  fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.5, 1.3 * n + 3), 3.2 * len(panels) + 0.6),
+  rows = 2 if recalled else 1
+  fig, axes = plt.subplots(rows, 1, figsize=(max(6.5, 1.3 * n + 3), 3.2 * rows + 0.6),
                            sharex=True, squeeze=False)
   width = 0.8 / max(len(names), 1)
-  for ax, (ylabel, hists) in zip(axes[:, 0], panels):
+  offset = lambda j: (j - (len(names) - 1) / 2) * width
+  style = lambda name: dict(color=_STYLE.get(name, {}).get("color"),
+                            edgecolor="k" if name == HIGHLIGHT else None, linewidth=0.8)
+  top = axes[0, 0]
+  for j, name in enumerate(names):
+    h = np.asarray(histograms[name], np.float64)
+    top.bar(np.arange(h.shape[0]) + offset(j), h, width, label=LABELS.get(name, name), **style(name))
+  top.set_ylabel("fraction stopped\nafter exit")
+  top.set_ylim(0, 1.0)
+  top.grid(axis="y", alpha=0.3)
+  top.set_title(title)
+  top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  if recalled:
+    ax = axes[1, 0]
+    peak = 0.0
     for j, name in enumerate(names):
-      if name not in hists:
-        continue
-      h = np.asarray(hists[name], np.float64)
-      ax.bar(np.arange(h.shape[0]) + (j - (len(names) - 1) / 2) * width, h, width,
-             label=LABELS.get(name, name), color=_STYLE.get(name, {}).get("color"),
-             edgecolor="k" if name == HIGHLIGHT else None, linewidth=0.8)
-    ax.set_ylabel(f"fraction {ylabel}")
-    ax.set_ylim(0, 1.0)
+      h = np.asarray(recalled.get(name, np.zeros(n)), np.float64)
+      peak = max(peak, float(h.max(initial=0.0)))
+      total = float(h.sum())
+      label = (f"{LABELS.get(name, name)}: {100 * total:.1f}%" if total > 0 else
+               f"{LABELS.get(name, name)}: 0% (every answer from the last exit run)")
+      ax.bar(np.arange(n) + offset(j), h, width, label=label, **style(name))
+    ax.set_ylabel("fraction answered by\nan EARLIER exit")
+    ax.set_ylim(0, max(0.05, 1.25 * peak))
+    if peak == 0:  # an empty panel is a result too: say it in words
+      ax.text(0.5, 0.5, "no request answered by an earlier exit than the last one consulted:\n"
+              "at these operating points, every policy answers with the last exit it ran",
+              transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
     ax.grid(axis="y", alpha=0.3)
+    ax.set_title("answered by this exit although a later exit was consulted (recall)",
+                 fontsize=9)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title="share of requests", title_fontsize=7.5)
   axes[-1, 0].set_xticks(range(n), [f"exit {i}" for i in range(n)])
-  axes[0, 0].set_title(title)
-  axes[0, 0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
   return _save(fig, path)

@@ -75,13 +75,14 @@ def setting_label(name: str, param) -> str:
 
 
 # ------------------------------------------------------------------ tables
-def format_table(points: list[dict], objectives: list[dict]) -> str:
-  """Plain-text table: each family's operating point and held-out objectives."""
+def format_table(points: list[dict], objectives: list[dict], cost_word: str = "latency") -> str:
+  """Plain-text table: each family's operating point and held-out objectives (``-``: no
+  setting of the family within the tolerance, :func:`table_legend` says so)."""
   names = [r["policy"] for r in points]
   best = {}
   for row in objectives:  # best deployable value per lam (the oracle is not deployable)
     best[row["lam"]] = min(row[n] for n in names if n != "hindsight")
-  header = ["policy", "setting", "latency", "error"] + [f"J({r['lam']:.2f})" for r in objectives]
+  header = ["policy", "setting", cost_word, "error"] + [f"J({r['lam']:.2f})" for r in objectives]
   rows = []
   for r in points:
     name = r["policy"]
@@ -99,15 +100,62 @@ def format_table(points: list[dict], objectives: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def table_legend(tolerance: float, full_error: Mapping[str, float], cost_word: str) -> str:
-  """What the columns of :func:`format_table` mean."""
+def table_legend(tolerance: float, full_error: Mapping[str, float], cost_word: str,
+                 points: list[dict] | None = None) -> str:
+  """What the columns of :func:`format_table` mean (and its ``-`` cells, when the
+  operating ``points`` have any)."""
+  dash = any(r["chosen_param"] is None for r in points or [])
   return (f"setting: cheapest grid point whose calibration error is within "
           f"{tolerance_text(tolerance)} of the full model's ({100 * full_error['calibration']:.2f}%); "
           f"{cost_word} (share of the full model's) and error measured on the held-out split (full "
           f"model: {100 * full_error['test']:.2f}% error).\n"
           f"J(lam) = lam * error + (1 - lam) * {cost_word}, held out, setting tuned on calibration "
           "per lam; lower is better, < marks the best deployable policy. "
-          "*hindsight is the per-request oracle, not deployable.")
+          "*hindsight is the per-request oracle, not deployable."
+          + (f"\n-: no setting of that family is within {tolerance_text(tolerance)} of the full "
+             "model's error on calibration (see the budget table for what it reaches)."
+             if dash else ""))
+
+
+def format_budgets(rows: list[dict], budgets: list[float], cost_word: str = "cost") -> str:
+  """Plain-text table of :func:`~ttamer_jax.app.pipeline.errors_at_budgets`: each
+  family's least held-out error at each cost budget; ``<`` marks the least deployable
+  error per budget, ``-`` a family with no point at or below that budget."""
+  header = ["policy"] + [f"{cost_word} <= {100 * b:g}%" for b in budgets]
+  best = []
+  for j in range(len(budgets)):
+    vals = [r["error"][j] for r in rows if r["policy"] != "hindsight" and r["error"][j] is not None]
+    best.append(min(vals) if vals else None)
+  lines = []
+  for r in rows:
+    name = r["policy"]
+    cells = [LABELS.get(name, name).replace(" (not deployable)", "*")]
+    for j, e in enumerate(r["error"]):
+      mark = "<" if name != "hindsight" and e is not None and e == best[j] else " "
+      cells.append(pct(e) + mark)
+    lines.append(cells)
+  widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+  fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+  return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+
+
+def budget_legend(rows: list[dict], cost_word: str = "cost") -> str:
+  """What :func:`format_budgets` shows (and its ``-`` cells, when there are any)."""
+  dash = any(e is None for r in rows for e in r["error"])
+  return (f"least held-out error with {cost_word} share at or below each budget, read off each "
+          "family's held-out frontier (optimistic: the point is picked on the data it is scored "
+          "on); < marks the least deployable error."
+          + (f"\n-: the family has no setting whose held-out {cost_word} share is at or below "
+             "that budget." if dash else ""))
+
+
+def gaps_line(gaps: Mapping[str, float], cost_word: str = "cost") -> str:
+  """The mean error gap of each family to the recall frontier, as one line."""
+  return (f"mean error gap to the recall frontier over the common {cost_word} range (positive: "
+          "recall more accurate at equal cost): "
+          + ", ".join(f"{LABELS.get(k, k).replace(' (not deployable)', '*')} {v:+.4f}"
+                      for k, v in gaps.items()) + ".")
 
 
 def format_index(index) -> str:
@@ -142,6 +190,9 @@ def format_operating_points(rows: list[dict], full_error: Mapping[str, float],
     lines.append(f"| {r['policy']} | {_cell(r['chosen_param'])} | {_cell(r['chosen_cost'], True)} | "
                  f"{_cell(r['chosen_error'], True)} | {_cell(r['frontier_cost'], True)} | "
                  f"{_cell(r['frontier_error'], True)} |")
+  if any(r["chosen_param"] is None or r["frontier_cost"] is None for r in rows):
+    lines += ["", f"-: no setting of that family is within {tolerance_text(tolerance)} of the full "
+              "network's error (on calibration for the chosen setting, on test for the frontier)."]
   return "\n".join(lines)
 
 
@@ -244,8 +295,12 @@ def sweep_text(result: Mapping, notes: Mapping) -> str:
            f"{result['fitted']['num_states']} states of {notes['score']} per stage; "
            f"{len(result['lams'])} lam values; thresholds on {notes['confidence_score']}"
            + (f" and {entropy}" if entropy else ""), "",
-           format_table(result["operating_points"], result["objectives"]), "",
-           table_legend(notes["tolerance"], result["full_error"], "cost")]
+           format_table(result["operating_points"], result["objectives"], "cost"), "",
+           table_legend(notes["tolerance"], result["full_error"], "cost",
+                        result["operating_points"]), "",
+           format_budgets(result["errors_at_budgets"], result["budgets"]), "",
+           budget_legend(result["errors_at_budgets"]), "",
+           gaps_line(result["frontier_gaps"])]
   if "plot" in result:
     lines.append(f"\nwrote {result['plot']}")
   return "\n".join(lines)
@@ -302,6 +357,9 @@ def demo_report(result: Mapping, notes: Mapping) -> str:
                                    notes["tolerance"]), "",
            "## Held-out objective lam * error + (1 - lam) * latency (setting tuned on calibration)",
            "", format_objectives(result["objectives"]), "",
+           "## Least held-out error within a latency budget", "", "```",
+           format_budgets(result["errors_at_budgets"], result["budgets"], "latency"), "```", "",
+           budget_legend(result["errors_at_budgets"], "latency"), "",
            "Mean error gap to the recall frontier over the common latency range (positive: recall "
            "better): " + ", ".join(f"{k} {v:+.4f}" for k, v in result["frontier_gaps"].items()) + ".",
            "", "## The deployed policy", "", *selected_lines(result["selected"],
@@ -337,8 +395,12 @@ def demo_text(result: Mapping, notes: Mapping) -> str:
   cost_word = "latency" if notes["trained"] else "cost"
   q = lambda p: p if " " not in p else f'"{p}"'
   lines = [demo_header(result, notes), "", format_table(result["operating_points"],
-                                                        result["objectives"]), "",
-           table_legend(notes["tolerance"], result["full_error"], cost_word), "",
+                                                        result["objectives"], cost_word), "",
+           table_legend(notes["tolerance"], result["full_error"], cost_word,
+                        result["operating_points"]), "",
+           format_budgets(result["errors_at_budgets"], result["budgets"], cost_word), "",
+           budget_legend(result["errors_at_budgets"], cost_word), "",
+           gaps_line(result["frontier_gaps"], cost_word), "",
            *selected_lines(result["selected"], "policy.npz"),
            f"\nwrote ({result['seconds']:.0f} s):"]
   lines += [f"  {key:<19} {path}" for key, path in files.items()]

@@ -27,7 +27,9 @@ def _fmt_seconds(s: float) -> str:
 class LogProgress:
   """An iterable that prints ``desc: i/total (pct) elapsed, ETA[, postfix]`` lines.
 
-  Lines go to ``stream`` at most every ``interval`` seconds, plus one at the end.
+  Lines go to ``stream`` at most every ``interval`` seconds, plus one at the end. The
+  ETA uses the rate after the first item (a first step that compiles would make it
+  absurd) and is left out until two items are done.
   """
 
   def __init__(self, iterable: Iterable[T], *, desc: str, total: int | None = None,
@@ -40,6 +42,9 @@ class LogProgress:
     self.stream = stream
     self.postfix = ""
     self.count = 0
+    # Items per second after the first one (which often includes compilation), for the
+    # ETA; None until two items are done.
+    self.rate = None
 
   def set_postfix_str(self, text: str) -> None:
     self.postfix = text
@@ -50,8 +55,8 @@ class LogProgress:
     if self.total:
       text += f" ({100 * self.count / self.total:.0f}%)"
     text += f", {_fmt_seconds(elapsed)} elapsed"
-    if self.total and self.count and self.count < self.total:
-      text += f", ETA {_fmt_seconds(elapsed / self.count * (self.total - self.count))}"
+    if self.total and self.count < self.total and self.rate is not None:
+      text += f", ETA {_fmt_seconds((self.total - self.count) / self.rate)}"
     if self.postfix:
       text += f", {self.postfix}"
     return text
@@ -59,10 +64,15 @@ class LogProgress:
   def __iter__(self) -> Iterator[T]:
     stream = self.stream or sys.stderr
     start = last = time.perf_counter()
+    first = None
     for item in self.iterable:
       yield item
       self.count += 1
       now = time.perf_counter()
+      if first is None:
+        first = now
+      elif now > first:
+        self.rate = (self.count - 1) / (now - first)
       if now - last >= self.interval:
         print(self.line(now - start), file=stream, flush=True)
         last = now

@@ -7,7 +7,9 @@ structure, number of stages and states, score signal, ``lam``, fit date, library
 version and user fields. Every field carries a SHA-256 checksum; the file is
 written atomically (temporary file + ``os.replace``) and loaded with
 ``allow_pickle=False``. A human-readable copy of the metadata is written beside
-it (``<name>.json``); the loader reads only the ``.npz``.
+it (``<name>.json``); the loader reads only the ``.npz``: the ``.npz`` rules, and
+editing the ``.json`` changes nothing (:func:`sidecar_differences` says when the
+two disagree; ``ttamer evaluate`` prints a warning line then).
 
 Supported policies: :class:`~ttamer_jax.RecallPolicy`,
 :class:`~ttamer_jax.NoRecallPolicy`, the heuristics of
@@ -170,6 +172,38 @@ def sidecar_path(path: str | os.PathLike) -> str:
   return (base if ext == ".npz" else os.fspath(path)) + ".json"
 
 
+def sidecar_differences(path: str | os.PathLike, metadata: dict) -> list[str]:
+  """How the ``.json`` copy beside the policy file ``path`` disagrees with the
+  ``metadata`` the ``.npz`` holds (from :func:`load_policy` ``with_metadata=True``).
+
+  Returns one short description per differing top-level key (``"lam: 0.5 in
+  policy.json, 0.9 in policy.npz"``), or one saying the copy is not valid JSON;
+  ``[]`` when there is no copy or it agrees. The ``.npz`` rules: :func:`load_policy`
+  never reads the copy, so a hand edit of it changes nothing.
+  """
+  side = sidecar_path(path)
+  if os.fspath(side) == os.fspath(path) or not os.path.isfile(side):
+    return []
+  name, npz = os.path.basename(side), os.path.basename(os.fspath(path))
+  try:
+    with open(side, encoding="utf-8") as f:
+      copy = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    return [f"{name} is not a readable JSON document ({type(e).__name__})"]
+  if not isinstance(copy, dict):
+    return [f"{name} does not hold a JSON object"]
+  show = lambda v: json.dumps(v, sort_keys=True)[:60]
+  out = []
+  for key in sorted(set(copy) | set(metadata)):
+    if key not in copy:
+      out.append(f"{key}: missing in {name}, {show(metadata[key])} in {npz}")
+    elif key not in metadata:
+      out.append(f"{key}: {show(copy[key])} in {name}, absent from {npz}")
+    elif copy[key] != metadata[key]:
+      out.append(f"{key}: {show(copy[key])} in {name}, {show(metadata[key])} in {npz}")
+  return out
+
+
 def _encode_answers(model: AnswerModel | None, arrays: dict) -> dict | None:
   if model is None:
     return None
@@ -271,6 +305,10 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
     :class:`DeployedPolicy` (or ``(DeployedPolicy, metadata)``). Corrupt files, a
     wrong format version, inconsistent fields or a stage mismatch raise
     ``ValueError`` naming the field.
+
+  Only the ``.npz`` is read: the metadata is its ``metadata_json`` field, and the
+  ``.json`` copy beside it is for people (editing it changes nothing;
+  :func:`sidecar_differences` lists where it disagrees).
   """
   path = os.fspath(path)
   arrays = read_npz(path, "policy", max_bytes=max_bytes)

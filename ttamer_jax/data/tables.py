@@ -1,4 +1,5 @@
-"""Trace tables: CSV and Parquet files and pandas ``DataFrame`` s (docs/trace_format.md).
+"""Trace tables: CSV and Parquet files and pandas ``DataFrame`` s (docs/trace_format.md),
+and :func:`read_traces`, the one reader of a traces file of any supported kind.
 
 pandas (and pyarrow for Parquet) are imported when a table is read or written,
 never by ``import ttamer_jax``.
@@ -13,9 +14,15 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.data.files import check_expanded_size, check_file_size
-from ttamer_jax.data.traces import ExitTraces
+from ttamer_jax.data.traces import ExitTraces, load_traces
 
 _LONG_REQUIRED = ("sample", "stage", "score", "pred", "loss", "cost")
+# How to get the table dependencies (core dependencies of the package, missing only
+# from an environment installed without them): a line that works from PyPI packages
+# alone, and the one of a checkout.
+INSTALL_HINT = 'pip install pandas pyarrow, or pip install -e . in a ttamer_jax checkout'
+# Extensions :func:`read_traces` reads, and how.
+TRACE_EXTENSIONS = {".npz": "npz", ".csv": "table", ".parquet": "table", ".pq": "table"}
 _WIDE_PREFIXES = ("score", "pred", "loss", "cost")
 
 
@@ -23,7 +30,8 @@ def _pandas():
   try:
     import pandas as pd
   except ImportError:
-    raise ImportError("reading trace tables needs pandas (pip install pandas; Parquet also needs pyarrow)") from None
+    raise ImportError(f"reading trace tables needs pandas (and pyarrow for Parquet): {INSTALL_HINT}"
+                      ) from None
   return pd
 
 
@@ -192,7 +200,7 @@ def _parquet_size(path: str) -> int:
   try:
     import pyarrow.parquet as pq
   except ImportError:
-    raise ImportError("reading Parquet trace tables needs pyarrow (pip install pyarrow)") from None
+    raise ImportError(f"reading Parquet trace tables needs pyarrow: {INSTALL_HINT}") from None
   try:
     meta = pq.read_metadata(path)
     return max(meta.num_rows * meta.num_columns * 8,
@@ -226,3 +234,24 @@ def load_traces_table(path: str | os.PathLike, *, form: str | None = None,
     return traces_from_table(df, form=form)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from None
+
+
+def read_traces(path: str | os.PathLike, *, max_bytes: int | None = None) -> ExitTraces:
+  """Reads a traces file of any supported kind, chosen by its extension.
+
+  ``.npz``: :func:`~ttamer_jax.load_traces` (written by :func:`~ttamer_jax.save_traces`);
+  ``.csv``, ``.parquet`` or ``.pq``: :func:`load_traces_table` (long or wide form; needs
+  pandas, and pyarrow for Parquet). What ``ttamer fit``, ``evaluate`` and ``sweep`` read.
+  Another extension raises ``ValueError`` listing the accepted ones; a bad file raises
+  ``ValueError`` naming the path, the column or field, and the problem.
+  """
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  kind = TRACE_EXTENSIONS.get(ext)
+  if kind is None:
+    what = f"extension {ext!r}" if ext else "no extension"
+    raise ValueError(f"{path}: unknown traces file type ({what}); use one of "
+                     f"{', '.join(TRACE_EXTENSIONS)} (docs/trace_format.md)")
+  if kind == "npz":
+    return load_traces(path, max_bytes=max_bytes)
+  return load_traces_table(path, max_bytes=max_bytes)

@@ -44,6 +44,10 @@ class ReplaySweep:
     cost_norm: ``[P]`` ``cost`` / mean cost of running every stage.
     stop_histogram: ``[P, n]`` fraction of requests stopping after each stage.
     answer_histogram: ``[P, n]`` fraction answered by each stage.
+    recalled_histogram: ``[P, n]`` fraction answered by each stage although a later
+      stage was consulted (recall: the answer is an earlier exit than the last one
+      run); zero for policies that answer with the last stage they consult. ``None``
+      when not recorded.
   """
 
   param: chex.Array
@@ -52,6 +56,7 @@ class ReplaySweep:
   cost_norm: chex.Array
   stop_histogram: chex.Array
   answer_histogram: chex.Array
+  recalled_histogram: chex.Array | None = None
 
   def objective(self, lam) -> chex.Array:
     """``[P]`` unit-free ``J = lam * error + (1 - lam) * cost_norm``."""
@@ -65,7 +70,10 @@ class ReplaySweep:
 
 def _stats(res, n):
   hist = lambda s: jnp.mean(jax.nn.one_hot(s, n), axis=0)
-  return res.loss.mean(), res.cost.mean(), hist(res.stop_stage), hist(res.answer_stage)
+  earlier = (res.answer_stage < res.stop_stage)[:, None]
+  recalled = jnp.mean(jax.nn.one_hot(res.answer_stage, n) * earlier, axis=0)
+  return (res.loss.mean(), res.cost.mean(), hist(res.stop_stage), hist(res.answer_stage),
+          recalled)
 
 
 def _check_traces(traces, n):
@@ -75,12 +83,13 @@ def _check_traces(traces, n):
     raise ValueError(f"traces: have {traces.num_stages} stages, the policies {n}")
 
 
-def _finish(param, loss, cost, stop_h, ans_h, traces) -> ReplaySweep:
+def _finish(param, loss, cost, stop_h, ans_h, rec_h, traces) -> ReplaySweep:
   full = float(np.asarray(traces.cost_matrix(), np.float64).sum(axis=1).mean())
   cost = np.asarray(cost, np.float64)
   return ReplaySweep(param=np.asarray(param), error=np.asarray(loss, np.float64), cost=cost,
                      cost_norm=cost / full if full > 0 else np.zeros_like(cost),
-                     stop_histogram=np.asarray(stop_h), answer_histogram=np.asarray(ans_h))
+                     stop_histogram=np.asarray(stop_h), answer_histogram=np.asarray(ans_h),
+                     recalled_histogram=np.asarray(rec_h))
 
 
 def _lams(lams):
@@ -181,15 +190,16 @@ def hindsight_sweep(traces: ExitTraces, lams: Any) -> ReplaySweep:
   n = losses.shape[1]
   rows = np.arange(losses.shape[0])
   cum = np.cumsum(np.broadcast_to(costs, losses.shape), axis=1)
-  err, cost, stop_h, ans_h = [], [], [], []
+  err, cost, stop_h, ans_h, rec_h = [], [], [], [], []
   for stop in stops:
     answer = np.argmin(np.where(np.arange(n)[None, :] <= stop[:, None], losses, np.inf), axis=1)
     err.append(losses[rows, answer].mean())
     cost.append(cum[rows, stop].mean())
     stop_h.append(np.bincount(stop, minlength=n) / stop.size)
     ans_h.append(np.bincount(answer, minlength=n) / answer.size)
+    rec_h.append(np.bincount(answer[answer < stop], minlength=n) / answer.size)
   return _finish(lams, np.asarray(err), np.asarray(cost), np.asarray(stop_h), np.asarray(ans_h),
-                 traces)
+                 np.asarray(rec_h), traces)
 
 
 # ------------------------------------------------------------------ grids

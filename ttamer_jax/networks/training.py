@@ -31,12 +31,8 @@ from flax import nnx
 
 from ttamer_jax.data.files import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax.core import validation
+from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.networks.nn import MODELS, EarlyExitNet, StaticGraph, build_model, predict
-
-try:  # tqdm is a declared dependency; the import guard keeps bare installs working.
-  from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover
-  _tqdm = None
 
 CHECKPOINT_FORMAT_VERSION = 1
 _META_KEY = "__meta__"
@@ -207,7 +203,8 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
     x: ``[N, *input_shape]`` training inputs.
     y: ``[N]`` int labels.
     config: hyper-parameters and the batch-order seed.
-    progress: show a tqdm progress bar.
+    progress: show progress on stderr: a tqdm bar on a terminal, else one plain line
+      every few seconds (step, loss, ETA; :func:`ttamer_jax.core.progress.progress_iter`).
     aux_loss: optional extra term ``(logits [B, n, C], labels [B]) -> []`` (a
       hashable function: it is a static argument of the compiled step).
 
@@ -230,19 +227,15 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
   x_dev, y_dev, weights = jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights)
   error_weight = jnp.asarray(config.error_weight, jnp.float32)
 
-  bar = _tqdm(total=config.num_steps, desc=f"train {type(model).__name__}", leave=False,
-              disable=not progress) if _tqdm is not None else None
+  bar = progress_iter(range(config.num_steps), desc=f"train {type(model).__name__}",
+                      total=config.num_steps, enabled=progress)
   refresh = max(1, config.num_steps // 50)
   metrics = []
-  for t in range(config.num_steps):
+  for t in bar:
     state, m = _train_step(graph, state, x_dev, y_dev, order[t], weights, error_weight, aux_loss)
     metrics.append(m)
-    if bar is not None:
-      bar.update(1)
-      if progress and (t % refresh == 0 or t == config.num_steps - 1):
-        bar.set_postfix(loss=f"{float(m[0]):.4f}", last_acc=f"{float(m[1]['accuracy'][-1]):.3f}")
-  if bar is not None:
-    bar.close()
+    if progress and (t % refresh == 0 or t == config.num_steps - 1):
+      bar.set_postfix_str(f"loss {float(m[0]):.4f}, last exit acc {float(m[1]['accuracy'][-1]):.3f}")
   nnx.update((model, optimizer), state)
   loss = np.asarray(jnp.stack([m[0] for m in metrics]))
   stacked = {k: np.asarray(jnp.stack([m[1][k] for m in metrics])) for k in metrics[0][1]}
