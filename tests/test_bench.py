@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(numpy_k=[4, 6], mdp_k=[3, 4], sweep_k=[4], sweep_sizes=[1, 16], loop_cap=4,
             mc_k=4, mc_paths=[4000], mc_numpy_cap=4000, max_round_s=0.2,
-            profile_cases=((8, True),))
+            profile_cases=((8, True),), batch_cases=[(4, 1, 8), (5, 3, 4)],
+            replay_n=300, replay_ref_n=100, replay_policies=6)
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -62,12 +63,30 @@ def test_benchmark_sections_pass_their_checks_at_tiny_sizes():
   assert {(r["instances"], r["lams"]) for r in rows} == {(1, 1), (1, 16), (4, 4)}
   bench.bench_mc(TINY, 4, 1, checks)
   bench.bench_profile(TINY, 4, checks)
+  rows = bench.bench_batch(TINY, 4, 1, 100.0, checks)
+  assert [(r["K"], r["instances"], r["lams"]) for r in rows] == TINY["batch_cases"]
+  rows = bench.bench_replay(TINY, 1, checks)
+  assert [r["P"] for r in rows] == [6, 6] and all(r["N"] == 300 for r in rows)
   failed = [c for c in checks.items if not c["ok"]]
   assert not failed, failed
   names = " ".join(c["check"] for c in checks.items)
   for expected in ("numpy recursion agrees", "sweep agrees", "Monte-Carlo within 4 SE",
-                   "no f64 array ops", "no recompilation", "gathers fused", "donates"):
+                   "no f64 array ops", "no recompilation", "gathers fused", "donates",
+                   "batched NumPy sweep agrees", "replay_totals agrees"):
     assert expected in names
+
+
+@pytest.mark.parametrize("lams", [[0.0, 0.4, 1.0], [0.7]])
+def test_batched_numpy_sweep_matches_single_numpy_solves(lams):
+  """The batch reference against the one-solve NumPy recursion (itself checked against
+  the solver above): distinct grids per instance, so padding of the grids is exercised."""
+  cascades = [bench.bench_cascade(20 + i, 4, 5, shared=False) for i in range(3)]
+  arrays = [np.stack([np.asarray(getattr(c, f)) for c in cascades])
+            for f in ("values", "init", "trans", "costs")]
+  batched = bench.numpy_sweep(*arrays, np.asarray(lams, np.float32))
+  for i, c in enumerate(cascades):
+    single = [bench.numpy_solve_recall(*(a[i] for a in arrays), lam) for lam in lams]
+    np.testing.assert_allclose(batched[i], single, rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_mode_code_path_runs_on_cpu_and_writes_json(tmp_path):
@@ -97,3 +116,5 @@ def test_the_script_runs_the_same_suite():
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   assert script.main is bench.main and script.SECTIONS == bench.SECTIONS
+  from ttamer_jax.app import cli
+  assert cli.BENCH_SECTIONS == bench.SECTIONS

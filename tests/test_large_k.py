@@ -10,6 +10,7 @@ import pytest
 import reference as ref
 import ttamer_jax as tj
 from ttamer_jax.core import kernel  # the grid helpers are internal: tested here directly
+from ttamer_jax.core.solvers import solve_recall_on_grid
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -34,9 +35,25 @@ def test_default_chunk_only_above_the_table_size_limit():
 def test_grid_and_positions():
   values = np.array([[0.5, 0.1], [0.1, 0.9]], np.float32)
   grid, pos = kernel.prepare_grid(values)
-  np.testing.assert_array_equal(grid, np.array([0.1, 0.5, 0.9], np.float32))
+  # The distinct losses, then the top one repeated up to the bucketed size.
+  assert grid.size == kernel.GRID_MINIMUM
+  np.testing.assert_array_equal(grid[:3], np.array([0.1, 0.5, 0.9], np.float32))
+  np.testing.assert_array_equal(grid[3:], np.float32(0.9))
   np.testing.assert_array_equal(pos, [[1, 0], [0, 2]])
   assert pos.dtype == np.int32 and grid.dtype == np.float32
+
+
+def test_grid_padding_changes_neither_values_nor_index():
+  """The bucketed grid (top value repeated) solves exactly as the distinct grid."""
+  c = tj.random_cascade(jax.random.PRNGKey(9), 5, 7)
+  grid, pos = kernel.prepare_grid(c.values)
+  distinct = np.unique(np.asarray(c.values))
+  assert grid.size > distinct.size
+  for lam in (0.0, 0.3, 1.0):
+    padded = solve_recall_on_grid(c, lam, grid, pos)
+    exact = solve_recall_on_grid(c, lam, distinct, np.searchsorted(distinct, c.values))
+    assert float(padded.value) == float(exact.value)
+    np.testing.assert_array_equal(padded.index, exact.index)
 
 
 def test_aggregation_switch_warns_and_solves_the_factorised_model():

@@ -39,8 +39,9 @@ from ttamer_jax.core.relaxation import (TuningResult, batch_serving_cost, cascad
                                         soft_solve_no_recall, soft_solve_recall,
                                         threshold_objective, threshold_objective_on_cascade,
                                         tune_thresholds, tune_thresholds_on_cascade)
-from ttamer_jax.core.replay import (MonteCarloEstimate, ReplayResult, monte_carlo, replay,
-                                    replay_cascade, replay_graph, sample_states, simulate_graph)
+from ttamer_jax.core.replay import (MonteCarloEstimate, ReplayResult, ReplayTotals, monte_carlo,
+                                    replay, replay_cascade, replay_graph, replay_totals,
+                                    sample_states, simulate_graph)
 from ttamer_jax.core.sharded import SweepSolutions, sweep
 from ttamer_jax.core.solutions import GraphSolution, NoRecallSolution, RecallSolution
 from ttamer_jax.core.solvers import prophet_value, solve_no_recall, solve_recall
@@ -107,7 +108,8 @@ __all__ = [
     "confidence_threshold", "entropy_threshold", "per_stage_thresholds", "patience_policy",
     "fixed_exit", "hindsight_policy",
     # replay and Monte-Carlo
-    "ReplayResult", "MonteCarloEstimate", "replay", "replay_cascade", "monte_carlo",
+    "ReplayResult", "ReplayTotals", "MonteCarloEstimate", "replay", "replay_totals",
+    "replay_cascade", "monte_carlo",
     "sample_states", "simulate_graph", "replay_graph",
     # relaxation
     "soft_solve_recall", "soft_solve_no_recall", "soft_min_error_bound", "consult_probabilities",

@@ -18,6 +18,12 @@ Sections (each a table, all in the JSON):
            when installed, else a generic sparse backward induction (labelled);
   sweep    ``ttamer_jax.sweep`` over S = I x L pairs in one call vs a Python loop
            of single ``solve_recall`` calls (solves/s);
+  batch    ``ttamer_jax.sweep`` over lams and over many cascades vs the same recursion
+           vectorised over the whole batch in NumPy (goal >= 10x at K = 8, 32), and
+           its GFLOP/s vs the measured matmul rate (goal >= 70% at K >= 128);
+  replay   ``replay_totals`` of 256-policy grids (recall lam grid, threshold grid) on
+           N = 10^6 requests x 8 stages: stage-steps/s (goal >= 2e8) vs the one-policy
+           replay vmapped over the grid, and the blocked program's XLA temp memory;
   mc       Monte-Carlo (sample + replay of the recall policy): stage-steps/s vs a
            vectorised NumPy sampler + replay;
   memory   XLA's buffer assignment of the compiled solver: temp bytes vs one
@@ -25,7 +31,11 @@ Sections (each a table, all in the JSON):
   large    one K = 4096 (``--gpu``: 8192) solve: time and measured peak memory;
   profile  HLO checks: no float64 ops under x64 with float32 inputs, no
            recompilation per lam, gathers fused, sweep buffers donated, and the
-           in-jit grid sort the public solver now avoids.
+           in-jit grid sort the public solver now avoids;
+  select   ``ttamer fit``'s default selection (``fit_policy``) on 10^5 requests x 4
+           stages in a fresh process: first-call and compiled time, peak RSS;
+  compile  first-call time of solve / sweep / replay / evaluate / fit in a fresh
+           process, and the number of compilations as the batch size varies.
 
 Timing: every ratio is measured in alternating rounds (a, b, a, b, ...) after a
 warm-up (compile) call, with ``block_until_ready``; the reported ratio is the
@@ -73,25 +83,35 @@ CONFIGS = {
                 sweep_k=[8, 64], sweep_sizes=[1, 16, 256, 4096], loop_cap=1024,
                 mc_k=16, mc_paths=[10**6, 10**7], mc_numpy_cap=10**7,
                 memory_k=[64, 256, 512, 1024, 2048, 4096], large_k=4096,
-                select_n=100_000, matmul_n=2048, max_round_s=30.0),
+                select_n=100_000, matmul_n=2048, max_round_s=30.0,
+                batch_cases=[(8, 1, 4096), (32, 1, 4096), (128, 1, 512), (256, 1, 64),
+                             (8, 256, 16), (32, 64, 64)],
+                replay_n=10**6, replay_ref_n=10**5, replay_policies=256),
     "quick": dict(floor_k=[16, 64], distinct_max_k=64, numpy_k=[8, 32], mdp_k=[4, 8],
                   sweep_k=[8], sweep_sizes=[1, 16, 256], loop_cap=64,
                   mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
                   memory_k=[64, 128], large_k=256, select_n=2000, matmul_n=512,
-                  max_round_s=5.0),
+                  max_round_s=5.0, batch_cases=[(8, 1, 256), (8, 16, 16)],
+                  replay_n=20_000, replay_ref_n=5000, replay_policies=64, compile_quick=True),
     "gpu": dict(floor_k=[256, 1024, 2048, 4096, 8192], distinct_max_k=4096,
                 numpy_k=[8, 32, 128, 256], mdp_k=[8, 16, 32],
                 sweep_k=[64, 256], sweep_sizes=[1, 16, 256, 4096, 65536], loop_cap=256,
                 mc_k=16, mc_paths=[10**6, 10**7, 10**8], mc_numpy_cap=10**7,
                 memory_k=[1024, 4096, 8192], large_k=8192, select_n=100_000, matmul_n=8192,
-                max_round_s=8.0),
+                max_round_s=8.0,
+                batch_cases=[(8, 1, 4096), (32, 1, 4096), (128, 1, 512), (256, 1, 256),
+                             (8, 256, 16), (32, 64, 64)],
+                replay_n=10**7, replay_ref_n=10**6, replay_policies=256),
     "gpu_quick": dict(floor_k=[64, 128], distinct_max_k=64, numpy_k=[8], mdp_k=[4],
                       sweep_k=[16], sweep_sizes=[1, 16, 1024], loop_cap=16,
                       mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
                       memory_k=[64, 256], large_k=256, select_n=2000, matmul_n=256,
-                      max_round_s=5.0),
+                      max_round_s=5.0, batch_cases=[(8, 1, 256), (8, 16, 16)],
+                      replay_n=20_000, replay_ref_n=5000, replay_policies=64,
+                      compile_quick=True),
 }
-SECTIONS = ("floor", "sweep", "large", "memory", "numpy", "mdp", "mc", "profile", "select")
+SECTIONS = ("floor", "sweep", "batch", "replay", "large", "memory", "numpy", "mdp", "mc",
+            "profile", "select", "compile")
 
 
 # ------------------------------------------------------------------ timing
@@ -740,6 +760,218 @@ def _sweep_aliases(batch, lams) -> bool:
   return "input_output_alias" in text
 
 
+# ---------------------------------------------------------- batched sweeps
+def numpy_sweep(values, init, trans, costs, lams):
+  """``[I, L]`` recall values: the recursion of :func:`numpy_solve_recall` vectorised
+  over a batch of ``I`` cascades (``values [I, n, K]``, ...) and ``L`` lams at once,
+  in the arrays' dtype -- how one would batch it by hand in NumPy."""
+  num, n, k = values.shape
+  dtype = values.dtype
+  grid, pos = kernel.pad_grids(values)                                   # [I, M], [I, n, K]
+  grid, lams = grid.astype(dtype), np.asarray(lams, dtype)
+  xs = lams[None, :, None] * grid[:, None, :]                            # [I, L, M]
+  v = np.repeat(xs[..., None], k, axis=-1)                               # [I, L, M, K]
+  inst, lam_ix, cols = np.arange(num)[:, None, None], np.arange(lams.size)[None, :, None], \
+      np.arange(k)[None, None, :]
+  keep = (1 - lams)[None, :, None, None]
+  for i in range(n - 2, -1, -1):
+    at_l = v[inst, lam_ix, pos[:, i + 1][:, None, :], cols]              # [I, L, K]
+    g = np.where(grid[:, None, :, None] <= values[:, i + 1][:, None, None, :], v,
+                 at_l[:, :, None, :])
+    cont = keep * costs[:, i + 1][:, None, None, None] + g @ np.swapaxes(trans[:, i], -1, -2)[:, None]
+    v = np.minimum(xs[..., None], cont)
+  start = v[inst, lam_ix, pos[:, 0][:, None, :], cols]                  # [I, L, K]
+  return (1 - lams)[None, :] * costs[:, 0][:, None] + np.einsum("ik,ilk->il", init, start)
+
+
+def bench_batch(cfg, n, repeats, peak_gflops, checks):
+  """``tj.sweep`` over lams and over many cascades vs :func:`numpy_sweep` on the same
+  batch (float32 both), and its arithmetic rate vs the measured matmul rate."""
+  rows = []
+  for k, num, num_lams in cfg["batch_cases"]:
+    keys = jax.random.split(jax.random.PRNGKey(700 + k + num), num)
+    batch = jax.vmap(lambda key: _cascade_from(*_random_arrays(key, n, k, True)))(keys)
+    arrays = [np.asarray(a) for a in (batch.values, batch.init, batch.trans, batch.costs)]
+    lams = np.linspace(0.0, 1.0, num_lams, dtype=np.float32)
+    cascades = batch if num > 1 else jax.tree.map(lambda a: a[0], batch)
+    run = lambda: tj.sweep(cascades, lams, return_tables=False).value
+    got = np.asarray(run()).reshape(num, num_lams)
+    diff = float(np.max(np.abs(got - numpy_sweep(*arrays, lams))))
+    checks.add(f"batched NumPy sweep agrees K={k} {num}x{num_lams}", diff <= TOL,
+               f"max diff {diff:.2e}")
+    t_jax, t_np, ratio = paired_times(run, (), lambda: numpy_sweep(*arrays, lams), (),
+                                      repeats=repeats, max_seconds=cfg["max_round_s"])
+    gflops = 2 * (n - 1) * k**3 * num * num_lams / t_jax / 1e9  # M = K: one shared grid
+    goal = "numpy/jax >= 10" if k < 128 else ">= 70% of matmul rate"
+    met = (1 / ratio >= 10) if k < 128 else (gflops >= 0.7 * peak_gflops)
+    rows.append(dict(K=k, instances=num, lams=num_lams, sweep_ms=1e3 * t_jax,
+                     numpy_ms=1e3 * t_np, speedup=1 / ratio, gflops=gflops,
+                     frac_of_matmul=gflops / peak_gflops, goal=goal, met=met,
+                     max_abs_diff=diff))
+    print(f"  batch K={k} {num}x{num_lams}: {1 / ratio:.1f}x numpy, {gflops:.0f} GFLOP/s",
+          flush=True)
+  return rows
+
+
+# ------------------------------------------------------------ grid replays
+def _replay_instance(n: int, k: int, num: int, num_policies: int):
+  """Requests sampled from a random cascade, a recall ``lam`` grid and a threshold grid."""
+  cascade = tj.random_cascade(jax.random.PRNGKey(800), n, k)
+  # Host arrays, as traces loaded from files are.
+  states = np.asarray(tj.sample_states(jax.random.PRNGKey(801), cascade, num))   # [N, n]
+  losses = np.asarray(cascade.values)[np.arange(n), states]                      # [N, n]
+  scores = np.random.default_rng(802).random((num, n), np.float32)
+  lams = np.linspace(0.02, 0.98, num_policies, dtype=np.float32)
+  index = tj.sweep(cascade, lams).index                                           # [P, n, K]
+  recall = tj.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams))
+  thresholds = tj.ThresholdPolicy(
+      thresholds=jnp.broadcast_to(jnp.linspace(0.0, 1.0, num_policies)[:, None],
+                                  (num_policies, n)))
+  return cascade, states, losses, scores, recall, thresholds
+
+
+def _one_policy(policies, axes, p):
+  pick = lambda ax, sub: sub if ax is None else jax.tree.map(lambda x: x[p], sub)
+  return jax.tree.map(pick, axes, policies, is_leaf=lambda x: x is None)
+
+
+def bench_replay(cfg, repeats, checks):
+  """``tj.replay_totals`` of 256-policy grids on ``N`` requests x 8 stages (stage-steps
+  per second) vs the one-policy replay vmapped over the grid, unblocked, on fewer
+  requests; agreement with one-policy replays; XLA temp memory of the blocked program."""
+  from ttamer_jax.core import replay as replay_module
+  n, k, num, num_ref, size = 8, 16, cfg["replay_n"], cfg["replay_ref_n"], cfg["replay_policies"]
+  cascade, states, losses, scores, recall, thresholds = _replay_instance(n, k, num, size)
+  costs = np.asarray(cascade.costs)
+  rows = []
+  families = (("recall lam grid", recall, tj.RecallPolicy.lam_grid_axes(), None),
+              ("threshold grid", thresholds, 0, scores))
+  for name, grid, axes, sc in families:
+    run = lambda s=states, l=losses, sc=sc: tj.replay_totals(grid, s, l, costs, scores=sc,
+                                                             policy_axes=axes).loss
+    tot = tj.replay_totals(grid, states, losses, costs, scores=sc, policy_axes=axes)
+    worst = 0.0
+    for p in (0, size // 2, size - 1):
+      one = tj.replay(_one_policy(grid, axes, p), states, losses, costs, scores=sc)
+      ref = float(np.asarray(one.loss, np.float64).sum())
+      worst = max(worst, abs(float(tot.loss[p]) - ref) / max(1.0, abs(ref)))
+    checks.add(f"replay_totals agrees with one-policy replays ({name})", worst <= 1e-5,
+               f"max rel diff {worst:.2e}")
+    # Reference: the one-policy replay vmapped over the grid, per-request outputs
+    # summed afterwards (what a user writes), on num_ref requests.
+    vmapped = jax.jit(lambda g, s, l, co, sc: jax.tree.map(
+        lambda x: x.sum(-1), jax.vmap(replay_module.replay_compiled,
+                                      in_axes=(axes, None, None, None, None, None))(
+            g, s, l, co, sc, jnp.zeros(s.shape, jnp.int32))))
+    s_ref, l_ref = states[:num_ref], losses[:num_ref]
+    sc_ref = np.zeros_like(l_ref) if sc is None else sc[:num_ref]
+    t_ours, t_ref, _ = paired_times(lambda: run(s_ref, l_ref, sc_ref), (),
+                                    lambda: vmapped(grid, s_ref, l_ref, costs, sc_ref).loss, (),
+                                    repeats=repeats, max_seconds=cfg["max_round_s"])
+    t_full = statistics.median(_timed(run) for _ in range(min(repeats, 3)))
+    block, num_blocks = replay_module.grid_block(num, size)
+    rows_of = lambda dtype: jax.ShapeDtypeStruct((block * num_blocks, n), dtype)
+    compiled = replay_module._replay_totals.lower(
+        grid, rows_of(jnp.int32), rows_of(jnp.float32), rows_of(jnp.float32),
+        rows_of(jnp.float32), rows_of(jnp.int32),
+        jax.ShapeDtypeStruct((block * num_blocks,), jnp.float32), axes, block).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    rows.append(dict(policies=name, P=size, N=num, stages=n,
+                     steps_per_s=num * n * size / t_full, seconds=t_full,
+                     ref_N=num_ref, steps_per_s_at_ref_N=num_ref * n * size / t_ours,
+                     vmapped_ref_steps_per_s=num_ref * n * size / t_ref,
+                     xla_temp_MiB=temp / 2**20,
+                     inputs_MiB=(states.nbytes + losses.nbytes) / 2**20,
+                     unblocked_outputs_MiB=4 * size * num * 4 / 2**20,
+                     goal_met=num * n * size / t_full >= 2e8))
+    print(f"  replay {name}: {rows[-1]['steps_per_s']:.3g} stage-steps/s "
+          f"(vmapped reference {rows[-1]['vmapped_ref_steps_per_s']:.3g} at N={num_ref})",
+          flush=True)
+  return rows
+
+
+# ------------------------------------------------------------- compile time
+def compile_worker(quick: bool) -> dict:
+  """First-call time of each public entry point in this (fresh) process, and the XLA
+  compilations when the batch size then varies: the main program compiles once per
+  bucket of sizes (``core.shapes.bucket_size``), not once per size."""
+  from ttamer_jax.core.shapes import bucket_size
+  compiles = []  # (program name, seconds)
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, fun_name="", **kw: compiles.append((fun_name, secs))
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  n, k = 4, 12
+  cascade = tj.overthinking_cascade(n, k)
+  traces = tj.workload_traces(jax.random.PRNGKey(0), cascade, 2000 if quick else 20000)
+  lam = 0.9
+
+  def first_call(name, fn):
+    before, t0 = len(compiles), time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return dict(entry=name, first_call_s=first, second_call_s=time.perf_counter() - t0,
+                compiles=len(compiles) - before,
+                compile_s=sum(t for _, t in compiles[before:]))
+
+  rows = [first_call("solve_recall", lambda: tj.solve_recall(cascade, lam).value)]
+  policy = tj.recall_policy(cascade, lam)
+  states = np.asarray(tj.sample_states(jax.random.PRNGKey(1), cascade, traces.num_samples))
+  losses = np.asarray(cascade.values)[np.arange(n), states]                       # [N, n]
+  threshold = tj.ThresholdPolicy(thresholds=np.full(n, 0.8, np.float32))
+  rows += [
+      first_call("sweep (64 lams)", lambda: tj.sweep(cascade, np.linspace(0, 1, 64)).value),
+      first_call("replay", lambda: tj.replay(policy, states, losses, cascade.costs).loss),
+      first_call("evaluate", lambda: tj.evaluate(threshold, traces, lam,
+                                                 num_resamples=200).objective),
+      first_call("fit_policy", lambda: (tj.fit_policy(traces, lam), 0)[1]),
+  ]
+  # Then sizes that vary over a factor of ~2 (quick) or ~10: compilations of the
+  # entry's main program vs the buckets those sizes fall in.
+  sizes = [1000, 1003, 1100, 1234, 1500, 1777, 1999] + ([] if quick else [3001, 4567, 9999])
+  for name, program, call, bucket in (
+      ("replay, N varies", "replay_compiled",
+       lambda m: tj.replay(policy, states[:m], losses[:m], cascade.costs).loss, bucket_size),
+      ("sweep, lams vary", "local",
+       lambda m: tj.sweep(cascade, np.linspace(0, 1, m // 10)).value,
+       lambda m: bucket_size(m // 10, minimum=1)),
+      ("evaluate, N varies", "replay_compiled",
+       lambda m: tj.evaluate(threshold, traces.subset(np.arange(m)), lam,
+                             num_resamples=200).objective, bucket_size)):
+    before = len(compiles)
+    t0 = time.perf_counter()
+    for m in sizes:
+      jax.block_until_ready(call(m))
+    new = compiles[before:]
+    rows.append(dict(entry=name, first_call_s=None, second_call_s=None, compiles=len(new),
+                     compile_s=sum(t for _, t in new), sizes=len(sizes),
+                     buckets=len({bucket(m) for m in sizes}),
+                     program_compiles=sum(p == f"jit({program})" for p, _ in new),
+                     total_s=time.perf_counter() - t0))
+  return dict(rows=rows)
+
+
+def bench_compile(cfg, checks):
+  import subprocess
+  args = [sys.executable, "-m", "ttamer_jax.app.bench", "--compile-worker"]
+  args += ["quick"] if cfg.get("compile_quick") else ["full"]
+  proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+  line = next((l for l in proc.stdout.splitlines() if l.startswith("COMPILE ")), None)
+  checks.add("compile-time worker runs (fresh process)", line is not None,
+             proc.stderr[-800:] if line is None else "")
+  if line is None:
+    return []
+  rows = json.loads(line[len("COMPILE "):])["rows"]
+  for r in rows:
+    if "buckets" in r:
+      checks.add(f"{r['entry']}: main program compiled at most once per bucket",
+                 r["program_compiles"] <= r["buckets"],
+                 f"{r['program_compiles']} compilations, {r['sizes']} sizes in "
+                 f"{r['buckets']} buckets")
+  return rows
+
+
 # ------------------------------------------------------------------- output
 def print_table(title, rows):
   if not rows:
@@ -787,6 +1019,12 @@ def run_section(name, cfg, n, repeats, peak, checks, results, titles):
     return bench_large(cfg, n, checks)
   if name == "select":
     return bench_select(cfg, checks)
+  if name == "batch":
+    return bench_batch(cfg, n, repeats, peak, checks)
+  if name == "replay":
+    return bench_replay(cfg, repeats, checks)
+  if name == "compile":
+    return bench_compile(cfg, checks)
   return bench_profile(cfg, n, checks)
 
 
@@ -806,9 +1044,13 @@ def main(argv=None):
                            "(0: no limit); skipped sections are listed in the JSON")
   parser.add_argument("--large-worker", type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument("--select-worker", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--compile-worker", choices=("quick", "full"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.large_worker:
     print("LARGE " + json.dumps(large_worker(12, args.large_worker)), flush=True)
+    return 0
+  if args.compile_worker:
+    print("COMPILE " + json.dumps(compile_worker(args.compile_worker == "quick")), flush=True)
     return 0
   if args.select_worker:
     print("SELECT " + json.dumps(select_worker(args.select_worker)), flush=True)
@@ -840,7 +1082,12 @@ def main(argv=None):
       mc="Monte-Carlo sample + replay of the recall policy (stage-steps/s)",
       memory="solver memory (XLA buffer assignment, compiled not run)",
       large="one large-K solve", profile="profile checks",
-      select="ttamer fit's default selection (fit_policy), fresh process")
+      select="ttamer fit's default selection (fit_policy), fresh process",
+      batch="sweep() over lams / many cascades vs the recursion vectorised over the batch "
+            "in NumPy (float32 both)",
+      replay="replay_totals of policy grids on N requests x 8 stages (stage-steps/s)",
+      compile="first call of each public entry point (fresh process) and compilations "
+              "as the batch size varies")
   done = []
   for name in sections:
     if args.budget_s and time.perf_counter() - start > args.budget_s:

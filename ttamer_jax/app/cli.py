@@ -41,6 +41,10 @@ MAX_RESAMPLES = 1_000_000
 # Seeds become jax.random.PRNGKey(seed): larger ones overflow (or, above 2**32, alias
 # smaller seeds' keys without x64).
 MAX_SEED = 2**32 - 1
+# ttamer_jax.app.bench.SECTIONS, repeated so that --help does not import the bench
+# (tests/test_bench.py checks they agree).
+BENCH_SECTIONS = ("floor", "sweep", "batch", "replay", "large", "memory", "numpy", "mdp", "mc",
+                  "profile", "select", "compile")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -367,9 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
   be.add_argument("--require-gpu", action="store_true", help="fail unless JAX's backend is a GPU")
   be.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (7)")
-  be.add_argument("--sections", default="floor,sweep,large,memory,numpy,mdp,mc,profile,select",
-                  help="comma-separated subset of floor,sweep,large,memory,numpy,mdp,mc,profile,"
-                       "select")
+  be.add_argument("--sections", default=",".join(BENCH_SECTIONS),
+                  help="comma-separated subset of " + ",".join(BENCH_SECTIONS))
   be.add_argument("--out", default="ttamer_bench.json", help="results JSON (./ttamer_bench.json)")
   be.add_argument("--budget-s", type=seconds_value, default=0.0,
                   help="skip the remaining sections after this many seconds (0: no limit)")

@@ -35,8 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import validation
+from ttamer_jax.core.shapes import bucket_size
 
 DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
+# Grids of up to this many distinct losses share one size (and one compiled solver).
+GRID_MINIMUM = 8
 
 # Above this many bytes per [M, K] value table the line solver processes the
 # x-grid in row blocks, keeping two tables alive per stage instead of four.
@@ -56,10 +59,16 @@ def prepare_grid(values: Any) -> tuple[np.ndarray, np.ndarray]:
 
   Returns:
     ``(grid [M], pos [n, K] int32)``: the sorted distinct losses (dtype of
-    ``values``) and ``pos[i, s]`` = row of ``values[i, s]`` in ``grid``.
+    ``values``), padded with copies of the largest to ``M = bucket_size(distinct)``
+    so that cascades fitted on other data (another fold, another lam) reuse the
+    compiled solver; ``pos[i, s]`` = first row of ``values[i, s]`` in ``grid``.
+    Repeating the top value is valid for the kernel: those rows are never a loss's
+    row and only repeat the top row (see :func:`index_from_last_stop`).
   """
   values = np.asarray(values)
   grid = np.unique(values)
+  size = bucket_size(grid.size, minimum=GRID_MINIMUM)
+  grid = np.concatenate([grid, np.full(size - grid.size, grid[-1], grid.dtype)])
   return grid, np.searchsorted(grid, values).astype(np.int32)
 
 
@@ -115,9 +124,12 @@ def default_x_chunk(grid_size: int, num_states: int, itemsize: int = 4) -> int |
 
 
 # ------------------------------------------------------------------ one step
+# Every step below takes optional leading batch axes ``...`` (a batch of ``lam`` sharing
+# one grid): the tables are ``[..., R, K]`` and the continuation's product then runs on
+# all of them at once -- one larger matrix product per stage instead of many small ones.
 def at_losses(v: chex.Array, pos_row: chex.Array) -> chex.Array:
-  """``[K]`` ``V(lam l(t), t)``: row ``pos_row[t]`` of column ``t`` of ``v [M, K]``."""
-  return jnp.take_along_axis(v, pos_row[None, :], axis=0)[0]
+  """``[..., K]`` ``V(lam l(t), t)``: row ``pos_row[t]`` of column ``t`` of ``v [..., M, K]``."""
+  return v[..., pos_row, jnp.arange(pos_row.shape[0])]
 
 
 def carried_table(v_next: chex.Array, grid_rows: chex.Array, at_l: chex.Array,
@@ -127,28 +139,30 @@ def carried_table(v_next: chex.Array, grid_rows: chex.Array, at_l: chex.Array,
   ``x`` itself while ``x <= l(t)`` (compared unscaled), else the row of ``l(t)``
   (``at_l``, from :func:`at_losses`): a select instead of a gather.
   """
-  return jnp.where(grid_rows[:, None] <= l_next[None, :], v_next, at_l[None, :])
+  return jnp.where(grid_rows[:, None] <= l_next[None, :], v_next, at_l[..., None, :])
 
 
 def stop_or_continue(xs: chex.Array, cont: chex.Array) -> tuple[chex.Array, chex.Array]:
-  """``(V [R, K], last_stop [K])`` of one stage on rows ``xs [R]`` of the grid.
+  """``(V [..., R, K], last_stop [..., K])`` of one stage on rows ``xs [..., R]`` of the grid.
 
   ``V = min(x, cont)`` (ties stop); ``last_stop[s]`` is the largest ``x`` of these
   rows where stopping is optimal (``-inf`` if none). :func:`index_from_last_stop`
   turns it into the stored threshold.
   """
-  stop = xs[:, None] <= cont
-  last_stop = jnp.max(jnp.where(stop, xs[:, None], -jnp.inf), axis=0)
-  return jnp.minimum(xs[:, None], cont), last_stop
+  x = xs[..., :, None]
+  last_stop = jnp.max(jnp.where(x <= cont, x, -jnp.inf), axis=-2)
+  return jnp.minimum(x, cont), last_stop
 
 
 def index_from_last_stop(xs: chex.Array, last_stop: chex.Array) -> chex.Array:
-  """``[K]`` thresholds strictly between ``last_stop`` and the next grid value.
+  """``[..., K]`` thresholds strictly between ``last_stop`` and the next grid value.
 
-  ``xs [M]`` is the whole scaled grid, sorted ascending. ``-inf`` stays ``-inf``
+  ``xs [..., M]`` is the whole scaled grid, sorted ascending. ``-inf`` stays ``-inf``
   (never stop); when no grid value lies above ``last_stop`` the threshold is
   ``+inf`` (stop whatever the best-so-far).
   """
+  if xs.ndim > 1:
+    return jax.vmap(index_from_last_stop)(xs, last_stop)
   nxt_row = jnp.searchsorted(xs, last_stop, side="right")
   nxt = jnp.where(nxt_row < xs.shape[0], xs[jnp.minimum(nxt_row, xs.shape[0] - 1)], jnp.inf)
   mid = jnp.where(jnp.isinf(nxt), jnp.inf, 0.5 * (last_stop + nxt))
@@ -161,43 +175,51 @@ Continuation = Callable[[chex.Array, Any], chex.Array]
 
 def backward_scan(xs: chex.Array, grid: chex.Array, pos: chex.Array, values: chex.Array,
                   stage_costs: chex.Array, stage_data: Any, continuation: Continuation, *,
-                  x_chunk: int | None = None, beta: chex.Array | None = None
-                  ) -> tuple[chex.Array, chex.Array | None]:
+                  x_chunk: int | None = None, beta: chex.Array | None = None,
+                  with_index: bool = True) -> tuple[chex.Array, chex.Array | None]:
   """The backward pass over a line of ``n`` stages.
 
   Args:
-    xs: ``[M]`` scaled grid ``lam * grid`` (sorted unless ``beta`` is given).
+    xs: ``[..., M]`` scaled grid ``lam * grid`` (sorted unless ``beta`` is given);
+      leading axes are a batch of ``lam`` sharing the grid, solved together.
     grid: ``[M]`` unscaled grid, containing every entry of ``values``.
     pos: ``[n, K]`` int32 row of each ``values[i, s]`` in ``grid``.
     values: ``[n, K]`` unscaled losses.
-    stage_costs: ``[n-1]`` weighted cost of consulting stage ``i+1`` (e.g.
-      ``(1-lam) costs[1:]``).
+    stage_costs: ``[n-1, ...]`` weighted cost of consulting stage ``i+1`` (e.g.
+      ``(1-lam) costs[1:]``), per batch entry.
     stage_data: pytree with leading axis ``n-1``: what ``continuation`` needs per
       stage (a transition matrix, a pair of factors, ...).
-    continuation: ``(G [R, K], data_i) -> [R, K]`` expectation over the next
+    continuation: ``(G [..., R, K], data_i) -> [..., R, K]`` expectation over the next
       state, ``E[G(x, t) | s]``.
-    x_chunk: rows of the grid per block (bounds memory at about ``2 M K``); the
-      grid is padded to whole blocks with its top value.
+    x_chunk: rows of the grid per block (bounds memory at about ``2 M K``; unbatched
+      ``xs`` only); the grid is padded to whole blocks with its top value.
     beta: soft-min temperature of the relaxation (``V = softmin(x, cont)``, no
       index); ``None`` for the exact recursion.
+    with_index: also compute the dynamic index (skipped: one pass less per stage).
 
   Returns:
-    ``(V_1 [M, K], index [n, K])`` -- ``index`` is ``None`` when ``beta`` is given.
+    ``(V_1 [..., M, K], index [..., n, K])`` -- ``index`` is ``None`` when ``beta``
+    is given or ``with_index`` is false.
   """
   n, k = values.shape
   dtype = values.dtype
+  batch = xs.shape[:-1]
   m = grid.shape[0]
-  chunked = x_chunk is not None and x_chunk < m
+  chunked = x_chunk is not None and x_chunk < m and not batch
   if chunked:
     pad = (-m) % x_chunk
     grid = jnp.concatenate([grid, jnp.full((pad,), grid[-1], grid.dtype)])
     xs = jnp.concatenate([xs, jnp.full((pad,), xs[-1], xs.dtype)])
   rows = grid.shape[0]
+  none = jnp.zeros(batch + (k,), dtype)
 
   def stage_rows(v_rows, grid_rows, xs_rows, at_l, l_next, cost, data):
-    cont = cost + continuation(carried_table(v_rows, grid_rows, at_l, l_next), data)
+    g = carried_table(v_rows, grid_rows, at_l, l_next)
+    cont = cost[..., None, None] + continuation(g, data)
     if beta is not None:
-      return soft_choose(xs_rows[:, None], cont, beta), jnp.zeros((k,), dtype)
+      return soft_choose(xs_rows[..., :, None], cont, beta), none
+    if not with_index:
+      return jnp.minimum(xs_rows[..., :, None], cont), none
     return stop_or_continue(xs_rows, cont)
 
   def step(v_next, stage):
@@ -209,14 +231,14 @@ def backward_scan(xs: chex.Array, grid: chex.Array, pos: chex.Array, values: che
     v_new, last = jax.lax.map(lambda b: stage_rows(*b, at_l, l_next, cost, data), blocks)
     return v_new.reshape(rows, k), jnp.max(last, axis=0)
 
-  v_last = jnp.broadcast_to(xs[:, None], (rows, k)).astype(dtype)
+  v_last = jnp.broadcast_to(xs[..., :, None], batch + (rows, k)).astype(dtype)
   v_first, last_stops = jax.lax.scan(
       step, v_last, (values[1:], pos[1:], stage_costs, stage_data), reverse=True)
-  if beta is not None:
+  if beta is not None or not with_index:
     return v_first, None
-  sigmas = jax.vmap(lambda last: index_from_last_stop(xs, last))(last_stops)
-  index = jnp.concatenate([sigmas, jnp.full((1, k), jnp.inf, dtype)], axis=0)
-  return v_first, index
+  sigmas = jax.vmap(lambda last: index_from_last_stop(xs, last))(last_stops)   # [n-1, ..., K]
+  index = jnp.concatenate([sigmas, jnp.full((1,) + batch + (k,), jnp.inf, dtype)], axis=0)
+  return v_first, jnp.moveaxis(index, 0, -2)
 
 
 def soft_choose(x: chex.Array, cont: chex.Array, beta: chex.Array) -> chex.Array:
@@ -227,5 +249,5 @@ def soft_choose(x: chex.Array, cont: chex.Array, beta: chex.Array) -> chex.Array
 
 def line_value(v_first: chex.Array, pos_first: chex.Array, init: chex.Array, first_cost: chex.Array,
                precision=DEFAULT_PRECISION) -> chex.Array:
-  """``J = first_cost + sum_s init[s] V_1(lam l_1(s), s)``."""
-  return first_cost + jnp.dot(init, at_losses(v_first, pos_first), precision=precision)
+  """``[...]`` ``J = first_cost + sum_s init[s] V_1(lam l_1(s), s)``."""
+  return first_cost + jnp.dot(at_losses(v_first, pos_first), init, precision=precision)

@@ -83,6 +83,12 @@ class RecallPolicy:
   def batch_shape(self) -> tuple[int, ...]:
     return tuple(self.index.shape[:-2])
 
+  @classmethod
+  def lam_grid_axes(cls) -> RecallPolicy:
+    """``jax.vmap`` ``in_axes`` of a ``lam`` grid of one model (``index [P, n, K]``,
+    ``lam [P]``, one shared ``values [n, K]``), e.g. for :func:`~ttamer_jax.replay_totals`."""
+    return trusted(cls, index=0, values=None, lam=0)
+
   def should_stop(self, stage, state, best_loss):
     """Online rule: stop iff ``lam * best_loss <= index[stage, state]``.
 

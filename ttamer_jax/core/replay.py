@@ -20,9 +20,10 @@ import numpy as np
 from ttamer_jax.core import validation
 from ttamer_jax.core.graph import RoutingGraph
 from ttamer_jax.core.model import Cascade, default_float
-from ttamer_jax.core.policies import GraphPolicy
+from ttamer_jax.core.policies import GraphPolicy, MixturePolicy
 from ttamer_jax.core.protocol import (LinePolicy, StageObservation, check_line_policy,
                                       check_single_policy)
+from ttamer_jax.core.shapes import bucket_size
 from ttamer_jax.core.struct import pytree_dataclass
 
 
@@ -144,20 +145,8 @@ def _check_policy_states(policy, k: int, field: str) -> None:
     raise ValueError(f"{field}: has {k} states but the policy's tables have {pk}")
 
 
-def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
-           preds: Any = None) -> ReplayResult:
-  """Runs ``policy`` on ``N`` requests whose every stage was observed.
-
-  Args:
-    policy: a :class:`~ttamer_jax.LinePolicy` (one policy, not a grid).
-    states: ``[N, n]`` int discretised state of every request at every stage.
-    losses: ``[N, n]`` true loss of answering request ``r`` with stage ``i``.
-    costs: ``[n]`` or ``[N, n]`` cost of consulting each stage.
-    scores: optional ``[N, n]`` float raw exit scores (for heuristics).
-    preds: optional ``[N, n]`` int exit predictions (for heuristics).
-  """
-  check_line_policy(policy)
-  check_single_policy(policy)
+def _check_replay_arrays(policy, states, losses, costs, scores, preds) -> None:
+  """The request arrays of a replay (skipped when traced: the caller is inside ``jit``)."""
   arrays = dict(states=states, losses=losses, costs=costs, scores=scores, preds=preds)
   if all(validation.is_concrete(a) for a in arrays.values() if a is not None):
     states_np = _check_states(states, policy)
@@ -183,7 +172,56 @@ def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: 
       preds_np = validation.as_numpy("preds", preds, ndim=2, kind="int")
       validation.check_shape("preds", preds_np, (num, n))
       validation.check_int32("preds", preds_np)
+
+
+def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: Any = None,
+           preds: Any = None) -> ReplayResult:
+  """Runs ``policy`` on ``N`` requests whose every stage was observed.
+
+  Args:
+    policy: a :class:`~ttamer_jax.LinePolicy` (one policy, not a grid).
+    states: ``[N, n]`` int discretised state of every request at every stage.
+    losses: ``[N, n]`` true loss of answering request ``r`` with stage ``i``.
+    costs: ``[n]`` or ``[N, n]`` cost of consulting each stage.
+    scores: optional ``[N, n]`` float raw exit scores (for heuristics).
+    preds: optional ``[N, n]`` int exit predictions (for heuristics).
+  """
+  check_line_policy(policy)
+  check_single_policy(policy)
+  _check_replay_arrays(policy, states, losses, costs, scores, preds)
   return replay_arrays(policy, states, losses, costs, scores, preds)
+
+
+def _pads_freely(policy) -> bool:
+  """Extra (copied) requests change nothing for this policy: no per-request data
+  (the hindsight oracle's stops) and no batch-shaped randomness (a mixture's coins)."""
+  return policy.observes != "true_losses" and not isinstance(policy, MixturePolicy)
+
+
+def _pad_rows(x, size: int):
+  x = jnp.asarray(x)
+  extra = size - x.shape[0]
+  return x if extra == 0 else jnp.concatenate([x, jnp.broadcast_to(x[:1], (extra,) + x.shape[1:])])
+
+
+def _pad_requests(arrays: tuple, size: int) -> tuple:
+  """``[N, ...]`` arrays padded to ``size`` rows with copies of the first request: in
+  NumPy when they are host arrays (no compilation), else in one compiled program
+  (one compilation per ``(N, size)``, not one per array and operation)."""
+  if all(isinstance(x, np.ndarray) for x in arrays):
+    return tuple(np.concatenate([x, np.repeat(x[:1], size - x.shape[0], axis=0)])
+                 for x in arrays)
+  return _pad_requests_compiled(tuple(jnp.asarray(x) for x in arrays), size)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _pad_requests_compiled(arrays, size):
+  return tuple(_pad_rows(x, size) for x in arrays)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _cut_requests(result, num):
+  return jax.tree_util.tree_map(lambda a: a[:num], result)
 
 
 def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=None
@@ -191,13 +229,25 @@ def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=
   """:func:`replay` of trusted inputs (validated by the caller, e.g. :class:`~ttamer_jax.ExitTraces`).
 
   Float inputs keep their dtype; the best-so-far carry takes the wider of the
-  losses' and the policy's estimate dtype.
+  losses' and the policy's estimate dtype. The requests are padded to
+  :func:`bucket_size` (copies of the first; cut off again), so a new batch size
+  rarely compiles the replay anew.
   """
-  num, n = jnp.shape(states)
-  losses = jnp.asarray(losses)
-  scores = jnp.zeros((num, n), losses.dtype) if scores is None else jnp.asarray(scores)
-  preds = jnp.zeros((num, n), jnp.int32) if preds is None else jnp.asarray(preds, jnp.int32)
-  return replay_compiled(policy, jnp.asarray(states, jnp.int32), losses, jnp.asarray(costs), scores, preds)
+  num, n = np.shape(states)
+  as_array = lambda x, dtype=None: (np.asarray(x, dtype) if isinstance(x, np.ndarray)
+                                    else jnp.asarray(x, dtype))
+  losses = as_array(losses)
+  scores = np.zeros((num, n), losses.dtype) if scores is None else as_array(scores)
+  preds = np.zeros((num, n), np.int32) if preds is None else as_array(preds, jnp.int32)
+  states, costs = as_array(states, jnp.int32), as_array(costs)
+  size = bucket_size(num) if _pads_freely(policy) else num
+  if size != num:
+    per_request = (states, losses, scores, preds) + ((costs,) if np.ndim(costs) == 2 else ())
+    padded = _pad_requests(per_request, size)
+    states, losses, scores, preds = padded[:4]
+    costs = padded[4] if len(padded) == 5 else costs
+  res = replay_compiled(policy, states, losses, costs, scores, preds)
+  return res if size == num else _cut_requests(res, num)
 
 
 @jax.jit
@@ -232,6 +282,162 @@ def replay_compiled(policy, states, losses, costs, scores, preds) -> ReplayResul
   cum_costs = jnp.cumsum(jnp.broadcast_to(costs, (num, n)), axis=1)
   return ReplayResult(stop_stage=stop_stage, answer_stage=answer,
                       loss=losses[rows, answer], cost=cum_costs[rows, stop_stage])
+
+
+@pytree_dataclass
+class ReplayTotals:
+  """Summed outcomes of a grid of ``P`` policies replayed on the same ``N`` requests.
+
+  Attributes:
+    loss: ``[P]`` sum of the true losses of the answered stages (float64, NumPy).
+    cost: ``[P]`` sum of the costs of the consulted stages.
+    stop_counts: ``[P, n]`` requests whose last consulted stage is ``i``.
+    answer_counts: ``[P, n]`` requests answered by stage ``i``.
+    num: ``[]`` ``N``.
+  """
+
+  loss: chex.Array
+  cost: chex.Array
+  stop_counts: chex.Array
+  answer_counts: chex.Array
+  num: chex.Array
+
+
+# Requests per replay block of a policy grid: the [P, block] carries stay in cache.
+GRID_BLOCK_ELEMENTS = 1 << 15
+
+
+def replay_totals(policies: LinePolicy, states: Any, losses: Any, costs: Any, *,
+                  scores: Any = None, preds: Any = None, policy_axes: Any = 0) -> ReplayTotals:
+  """Every policy of a grid replayed on the same ``N`` requests, summed.
+
+  What sweeps, tuning and validated fitting need from a replay -- mean loss, mean
+  cost and stop/answer histograms per policy -- without ``[P, N]`` outcome arrays:
+  requests run in blocks of about ``GRID_BLOCK_ELEMENTS / P``, so memory is
+  ``O(P x block)`` for any ``N`` and the carries stay in cache.
+
+  Args:
+    policies: a :class:`~ttamer_jax.LinePolicy` whose leaves named by ``policy_axes``
+      carry a leading grid axis ``P`` (e.g. a heuristic grid from
+      :func:`~ttamer_jax.confidence_grid`, or recall policies of many ``lam``).
+    states, losses, costs, scores, preds: as for :func:`replay`.
+    policy_axes: a ``jax.vmap`` ``in_axes`` prefix of ``policies``: ``0`` (every leaf
+      batched) or :meth:`RecallPolicy.lam_grid_axes` for a ``lam`` grid that shares one
+      values table (its best-so-far is then computed once per block).
+  """
+  check_line_policy(policies, "policies")
+  if not _pads_freely(policies):
+    raise ValueError(f"policies: a {type(policies).__name__} is replayed one at a time "
+                     "(ttamer_jax.replay): its outcome depends on the batch of requests")
+  for name, a in dict(states=states, losses=losses, costs=costs, scores=scores,
+                      preds=preds).items():
+    if a is not None and not validation.is_concrete(a):
+      raise ValueError(f"{name}: replay_totals runs outside jit (it sums blocks on the host); "
+                       "got a traced array")
+  sizes = _grid_sizes(policies, policy_axes)
+  if len(set(sizes)) > 1:
+    raise ValueError(f"policies: the batched leaves have different grid sizes {sorted(set(sizes))}")
+  _check_replay_arrays(policies, states, losses, costs, scores, preds)
+  return replay_totals_arrays(policies, states, losses, costs, scores, preds,
+                              policy_axes=policy_axes)
+
+
+def _grid_sizes(policies, policy_axes) -> list[int]:
+  """Lengths of the grid axes named by ``policy_axes`` (a vmap ``in_axes`` prefix)."""
+  sizes = []
+  try:
+    jax.tree_util.tree_map(
+        lambda ax, sub: ax is None or sizes.extend(
+            np.shape(x)[ax] for x in jax.tree_util.tree_leaves(sub)),
+        policy_axes, policies, is_leaf=lambda x: x is None)
+  except (ValueError, IndexError, TypeError) as e:
+    raise ValueError(f"policy_axes: {policy_axes!r} is not an in_axes prefix of the policies "
+                     f"({e})") from None
+  return sizes
+
+
+def replay_totals_arrays(policies, states, losses, costs, scores=None, preds=None, *,
+                         policy_axes=0) -> ReplayTotals:
+  """:func:`replay_totals` of trusted inputs (validated by the caller)."""
+  num, n = np.shape(states)
+  block, num_blocks = grid_block(num, max(_grid_sizes(policies, policy_axes) + [1]))
+  size = block * num_blocks
+  host = all(isinstance(x, np.ndarray) or x is None for x in (states, losses, costs, scores, preds))
+  xp = np if host else jnp
+  losses = xp.asarray(losses)
+  scores = xp.zeros((num, n), losses.dtype) if scores is None else xp.asarray(scores)
+  preds = xp.zeros((num, n), np.int32) if preds is None else xp.asarray(preds, np.int32)
+  costs = xp.broadcast_to(xp.asarray(costs), (num, n))
+  cols = (xp.asarray(states, np.int32), losses, costs, scores, preds)
+  cols = _pad_requests(cols, size) if size != num else cols
+  # Padded requests weigh nothing in the sums.
+  weights = np.concatenate([np.ones(num, losses.dtype), np.zeros(size - num, losses.dtype)])
+  sums = _replay_totals(policies, *cols, weights, policy_axes, block)
+  # Blocks summed on the host in float64: counts stay exact beyond 2**24 requests.
+  loss, cost, stops, answers = (np.asarray(x, np.float64).sum(0) for x in sums)
+  return ReplayTotals(loss=loss, cost=cost, stop_counts=stops, answer_counts=answers,
+                      num=np.float64(num))
+
+
+def grid_block(num: int, grid_size: int) -> tuple[int, int]:
+  """Requests per block and number of blocks for ``num`` requests x ``grid_size``
+  policies: blocks of ``~GRID_BLOCK_ELEMENTS / grid_size`` requests, both numbers
+  bucketed so that a new ``num`` rarely compiles anew."""
+  block = int(max(64, min(bucket_size(num), GRID_BLOCK_ELEMENTS // grid_size)))
+  return block, bucket_size(-(-num // block), minimum=1)
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _replay_totals(policies, states, losses, costs, scores, preds, weights, policy_axes, block):
+  blocks = [x.reshape((-1, block) + x.shape[1:]) for x in (states, losses, costs, scores, preds,
+                                                           weights)]
+
+  def one_block(args):
+    st, lo, co, sc, pr, w = args
+    return jax.vmap(lambda pol: _block_totals(pol, st, lo, co, sc, pr, w),
+                    in_axes=(policy_axes,))(policies)
+
+  loss, cost, stops, answers = jax.lax.map(one_block, blocks)   # [blocks, P, ...]
+  return loss, cost, stops, answers
+
+
+def _block_totals(policy, states, losses, costs, scores, preds, weights):
+  """One policy on one block of requests: sums accumulated stage by stage.
+
+  The best-so-far is not frozen after a request stops (stopped requests no longer
+  count), so for policies that share their estimates (a ``lam`` grid of one model)
+  it does not depend on the policy and ``vmap`` computes it once per block.
+  """
+  num, n = states.shape
+  obs_by_stage = StageObservation(state=states.T, score=scores.T, pred=preds.T)
+  first_obs = jax.tree_util.tree_map(lambda x: x[0], obs_by_stage)
+  dtype = jnp.result_type(losses.dtype, policy.estimate(0, first_obs).dtype)
+  acc = weights.dtype
+
+  def forward(carry, xs):
+    policy_carry, active, best, best_stage, best_loss = carry
+    stage, obs, loss_i, cum_i = xs
+    if policy.recall:
+      est = policy.estimate(stage, obs).astype(dtype)
+      better = (stage == 0) | (est < best)  # ties keep the earlier stage
+      best = jnp.where(better, est, best)
+      best_stage = jnp.where(better, stage, best_stage)
+      best_loss = jnp.where(better, loss_i, best_loss)
+      answer_stage, answer_loss = best_stage, best_loss
+    else:
+      answer_stage, answer_loss = jnp.full(num, stage), loss_i
+    policy_carry, stop = policy.step(policy_carry, stage, obs, best)
+    stop = active & (stop | (stage == n - 1))
+    w = jnp.where(stop, weights, 0)
+    sums = (jnp.dot(w, answer_loss.astype(acc)), jnp.dot(w, cum_i.astype(acc)), w.sum(),
+            jnp.dot(w, jax.nn.one_hot(answer_stage, n, dtype=acc)))
+    return (policy_carry, active & ~stop, best, best_stage, best_loss), sums
+
+  init = (policy.initial_carry(num), jnp.ones(num, bool), jnp.full(num, jnp.inf, dtype),
+          jnp.zeros(num, jnp.int32), jnp.zeros(num, losses.dtype))
+  xs = (jnp.arange(n, dtype=jnp.int32), obs_by_stage, losses.T, jnp.cumsum(costs, axis=1).T)
+  _, (loss, cost, stops, answers) = jax.lax.scan(forward, init, xs)
+  return loss.sum(), cost.sum(), stops, answers.sum(0)
 
 
 def replay_cascade(policy, cascade: Cascade, states: Any) -> ReplayResult:

@@ -31,22 +31,27 @@ from typing import Any, Sequence
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ttamer_jax.core import kernel, validation
 from ttamer_jax.core.kernel import DEFAULT_PRECISION
 from ttamer_jax.core.model import Cascade
-from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_on_grid
+from ttamer_jax.core.shapes import bucket_size
+from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_lams
 from ttamer_jax.core.struct import pytree_dataclass
 
 # Per-device memory one batch of pairs may use for the solver's working tables
 # (about ``4 M K`` floats per recall solve). Larger batches only amortise
 # dispatch, which is negligible once a batch is this big. On CPUs a batch whose
-# tables stay in cache is faster than one huge batch (measured: K = 64, 4096
-# lams, 64 pairs per batch 2.5x faster than all 4096 at once).
+# tables stay in the core's cache is faster than one large batch: per lam, a
+# 2-core EPYC solved K = 8 at 0.7 us in chunks of <= 1024 lams vs 2.2 us in one
+# of 4096, and K = 128 at 0.32 ms in chunks of 2 vs 0.6 ms in chunks of 16-32
+# (chunk sizes timed one by one). 1 MiB is ~700 lams at K = 8, ~60 at K = 32 and
+# 3 at K = 128.
 MAX_BATCH_BYTES = 1 << 30
-MAX_BATCH_BYTES_CPU = 1 << 23
+MAX_BATCH_BYTES_CPU = 1 << 20
 
 _SOLVERS = ("recall", "no_recall")
 _SHARD = ("auto", "instances", "lams")
@@ -92,7 +97,8 @@ def _stack_cascades(cascades: Sequence[Cascade]) -> Cascade:
 
 def _batched_arrays(cascades) -> tuple[list[np.ndarray], bool]:
   """Validated ``[values [I,n,K], init [I,K], trans [I,n-1,K,K], costs [I,n]]``."""
-  if isinstance(cascades, (list, tuple)):
+  constructed = isinstance(cascades, (list, tuple))  # each passed its constructor's checks
+  if constructed:
     cascades = _stack_cascades(cascades)
   if not isinstance(cascades, Cascade):
     raise ValueError(
@@ -113,6 +119,11 @@ def _batched_arrays(cascades) -> tuple[list[np.ndarray], bool]:
   num, n, k = values.shape
   if num < 1 or n < 1 or k < 1:
     raise ValueError(f"values: every axis must be non-empty, got shape {values.shape}")
+  if single or constructed:
+    # One Cascade (or a list of them) passed its constructor's checks: validated once.
+    return [values, init, trans, costs], single
+  # A batch built inside a transformation (e.g. jax.vmap(random_cascade)) skipped the
+  # constructor's checks: this is its boundary.
   validation.check_shape("init", init, (num, k))
   validation.check_shape("trans", trans, (num, n - 1, k, k))
   validation.check_shape("costs", costs, (num, n))
@@ -159,8 +170,10 @@ def choose_axis(shard: str, num: int, num_lams: int, devices: int) -> str:
   return "instances" if padded(num) * num_lams <= num * padded(num_lams) else "lams"
 
 
-def _global(arrays: list[np.ndarray], shardings: list[NamedSharding]) -> list[jax.Array]:
+def _global(arrays: list[np.ndarray], shardings: list[NamedSharding]) -> list:
   if jax.process_count() == 1:
+    if all(len(sh.mesh.devices.flat) == 1 for sh in shardings):
+      return arrays  # one device: the compiled call transfers them itself, with less overhead
     return jax.device_put(arrays, shardings)  # one batched transfer
   # Several hosts: every process holds the same host arrays and contributes the
   # shards on its own devices.
@@ -200,6 +213,20 @@ def _map(f, xs, batch: int, length: int):
   return jax.lax.map(f, xs, batch_size=batch)
 
 
+def _chunked(f, xs: jax.Array, chunk: int):
+  """``f`` (which takes a ``[C]`` chunk) over ``xs [L]`` in chunks of ``chunk``, in turn."""
+  length = xs.shape[0]
+  if chunk >= length:
+    return f(xs)
+  full = length // chunk * chunk
+  head = jax.lax.map(f, xs[:full].reshape(-1, chunk))
+  head = jax.tree.map(lambda a: a.reshape((full,) + a.shape[2:]), head)
+  if full == length:
+    return head
+  tail = f(xs[full:])
+  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, tail)
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_sweep(mesh: Mesh, axis: str, solver: str, inst_batch: int, lam_batch: int,
                     inst_block: int, lam_block: int, return_tables: bool, precision):
@@ -213,10 +240,14 @@ def compiled_sweep(mesh: Mesh, axis: str, solver: str, inst_batch: int, lam_batc
   def one_instance(args):
     cascade, grid, pos, lam_row = args
 
-    def one_pair(lam):
-      if solver == "recall":
-        sol = solve_recall_on_grid(cascade, lam, grid, pos, precision, None)
+    if solver == "recall":
+      # A chunk of lams is one solve with the batch folded into the matrix products.
+      def lam_chunk(lams):
+        sol = solve_recall_lams(cascade, lams, grid, pos, precision, return_tables)
         return sol.value, sol.index
+      return _chunked(lam_chunk, lam_row, lam_batch)
+
+    def one_pair(lam):
       sol = solve_no_recall_compiled(cascade, lam, precision)
       return sol.value, sol.stop
 
@@ -294,8 +325,12 @@ def sweep(cascades, lams, *, solver: str = "recall", mesh: Mesh | None = None,
 
   devices = mesh.size
   axis = choose_axis(shard, num, num_lams, devices)
-  num_pad = -(-num // devices) * devices if axis == "instances" else num
-  lams_pad = -(-num_lams // devices) * devices if axis == "lams" else num_lams
+  # Padded to a few bucket sizes (edge copies, cut off again): a new number of
+  # instances or lams rarely compiles anew.
+  per_device = lambda size, split: (bucket_size(-(-size // devices), minimum=1) * devices
+                                    if split else bucket_size(size, minimum=1))
+  num_pad = per_device(num, axis == "instances")
+  lams_pad = per_device(num_lams, axis == "lams")
   inst_block = num_pad // devices if axis == "instances" else num_pad
   lam_block = lams_pad // devices if axis == "lams" else lams_pad
   inst_batch, lam_batch = _batch_sizes(

@@ -139,6 +139,30 @@ def solve_recall_on_grid(cascade: Cascade, lam, grid, pos, precision=DEFAULT_PRE
   return RecallSolution(value=value, index=index)
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def solve_recall_lams(cascade: Cascade, lams, grid, pos, precision=DEFAULT_PRECISION,
+                      with_index: bool = True) -> RecallSolution:
+  """:func:`solve_recall_on_grid` for a batch ``lams [C]`` sharing one cascade and grid.
+
+  The batch is folded into the rows of the tables (``[C, M, K]``), so each stage is one
+  ``(C M) x K`` by ``K x K`` matrix product instead of ``C`` small ones: what makes
+  small-``K`` sweeps run at the hardware's speed. Returns ``value [C]`` and ``index
+  [C, n, K]`` (``None`` without ``with_index``). Trusted inputs, as
+  :func:`solve_recall_on_grid`.
+  """
+  dtype = cascade.values.dtype
+  lams = jnp.asarray(lams, dtype)
+  grid = grid.astype(dtype)
+  continuation = lambda g, t_mat: jnp.einsum("...xt,st->...xs", g, t_mat, precision=precision)
+  stage_costs = (1 - lams)[None, :] * cascade.costs[1:, None]                       # [n-1, C]
+  v_first, index = kernel.backward_scan(
+      lams[:, None] * grid[None, :], grid, pos, cascade.values, stage_costs, cascade.trans,
+      continuation, with_index=with_index)
+  value = kernel.line_value(v_first, pos[0], cascade.init, (1 - lams) * cascade.costs[0],
+                            precision)
+  return RecallSolution(value=value, index=index)
+
+
 def solve_no_recall(cascade: Cascade, lam, *, precision=DEFAULT_PRECISION) -> NoRecallSolution:
   """Optimal stopping without recall (answer = last consulted stage).
 

@@ -1,8 +1,8 @@
 """Accuracy/cost frontiers: sweeps, Pareto fronts, area between frontiers.
 
 * :func:`sweep_recall` / :func:`sweep_no_recall`: solve the fitted model for a
-  vector of ``lam`` and replay every policy on held-out traces -- one jitted,
-  ``vmap``-ed call.
+  vector of ``lam`` (one batched solve) and replay every policy on held-out traces
+  (:func:`~ttamer_jax.core.replay.replay_totals`: blocks of requests, memory bounded).
 * :func:`sweep_policies`: replay a batched heuristic (leaves with a leading grid
   axis, e.g. from :func:`confidence_grid`) over its whole parameter grid in one call.
 * :func:`pareto_front`, :func:`frontier_gap` (area between two staircase
@@ -25,9 +25,9 @@ from ttamer_jax.core import heuristics, kernel, validation
 from ttamer_jax.core.kernel import DEFAULT_PRECISION
 from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.protocol import check_line_policy
-from ttamer_jax.core.replay import replay_compiled
-from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_on_grid
-from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.core.replay import replay_totals_arrays
+from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_lams
+from ttamer_jax.core.struct import pytree_dataclass, trusted
 from ttamer_jax.data.discretise import trace_scores
 from ttamer_jax.data.fitting import FittedCascade
 from ttamer_jax.data.traces import ExitTraces
@@ -100,22 +100,22 @@ def _lams(lams):
   return lams
 
 
-@functools.partial(jax.jit, static_argnums=(8,))
-def _sweep_line(cascade, lams, grid, pos, states, losses, costs, preds, recall: bool):
-  n = cascade.num_stages
-  zeros = jnp.zeros(states.shape, losses.dtype)
+@functools.partial(jax.jit, static_argnums=(4,))
+def _line_policies(cascade, lams, grid, pos, recall: bool):
+  """The optimal policies of every ``lam`` (leading axis ``L``): recall ones from one
+  batched solve (``lam`` folded into each stage's matrix product)."""
+  lams = lams.astype(cascade.values.dtype)
+  if recall:
+    index = solve_recall_lams(cascade, lams, grid, pos).index
+    return trusted(RecallPolicy, index=index, values=cascade.values, lam=lams)
+  stop = jax.vmap(lambda lam: solve_no_recall_compiled(cascade, lam, DEFAULT_PRECISION).stop)(lams)
+  return trusted(NoRecallPolicy, stop=stop)
 
-  def one(lam):
-    lam = lam.astype(cascade.values.dtype)
-    if recall:
-      sol = solve_recall_on_grid(cascade, lam, grid, pos, DEFAULT_PRECISION, None)
-      policy = RecallPolicy(index=sol.index, values=cascade.values, lam=lam)
-    else:
-      sol = solve_no_recall_compiled(cascade, lam, DEFAULT_PRECISION)
-      policy = NoRecallPolicy(stop=sol.stop)
-    return _stats(replay_compiled(policy, states, losses, costs, zeros, preds), n)
 
-  return jax.vmap(one)(lams)
+def _grid_stats(policies, states, losses, costs, scores, preds, policy_axes=0):
+  tot = replay_totals_arrays(policies, states, losses, costs, scores, preds, policy_axes=policy_axes)
+  num = tot.num
+  return tot.loss / num, tot.cost / num, tot.stop_counts / num, tot.answer_counts / num
 
 
 def _sweep(fitted: FittedCascade, traces: ExitTraces, lams, recall: bool) -> ReplaySweep:
@@ -125,27 +125,22 @@ def _sweep(fitted: FittedCascade, traces: ExitTraces, lams, recall: bool) -> Rep
   _check_traces(traces, fitted.cascade.num_stages)
   states = fitted.discretiser(trace_scores(traces, fitted.score_name), traces.preds)
   grid, pos = kernel.prepare_grid(fitted.cascade.values)
-  out = _sweep_line(fitted.cascade, jnp.asarray(lams, fitted.cascade.values.dtype), grid, pos,
-                    states, traces.losses, traces.costs, traces.preds, recall)
+  policies = _line_policies(fitted.cascade, jnp.asarray(lams, fitted.cascade.values.dtype), grid,
+                            pos, recall)
+  out = _grid_stats(policies, states, traces.losses, traces.costs, None, traces.preds,
+                    RecallPolicy.lam_grid_axes() if recall else 0)
   return _finish(lams, *out, traces)
 
 
 def sweep_recall(fitted: FittedCascade, traces: ExitTraces, lams: Any) -> ReplaySweep:
   """Recall-optimal policies of ``fitted`` for every ``lam`` replayed on ``traces``
-  (one compiled call: ``vmap`` over ``lam`` of solve + replay)."""
+  (one batched solve, then every policy replayed in blocks of requests)."""
   return _sweep(fitted, traces, lams, True)
 
 
 def sweep_no_recall(fitted: FittedCascade, traces: ExitTraces, lams: Any) -> ReplaySweep:
   """The no-recall optimum of ``fitted`` for every ``lam`` replayed on ``traces``."""
   return _sweep(fitted, traces, lams, False)
-
-
-@jax.jit
-def _sweep_batched(policies, states, losses, costs, scores, preds):
-  n = states.shape[1]
-  return jax.vmap(lambda p: _stats(replay_compiled(p, states, losses, costs, scores, preds), n))(
-      policies)
 
 
 def sweep_policies(policies, params: Any, traces: ExitTraces, *, score_name: str | None = None
@@ -170,7 +165,7 @@ def sweep_policies(policies, params: Any, traces: ExitTraces, *, score_name: str
   _check_traces(traces, policies.num_stages)
   scores = trace_scores(traces, score_name)
   states = np.zeros(np.shape(traces.scores), np.int32)
-  out = _sweep_batched(policies, states, traces.losses, traces.costs, scores, traces.preds)
+  out = _grid_stats(policies, states, traces.losses, traces.costs, scores, traces.preds)
   return _finish(params, *out, traces)
 
 
