@@ -31,17 +31,19 @@ def _one_at_a_time(policies, size, axes, states, losses, costs, scores, preds):
     one = jax.tree_util.tree_map(lambda ax, sub: sub if ax is None else jax.tree_util.tree_map(
         lambda x: x[p], sub), axes, policies, is_leaf=lambda x: x is None)
     res = tj.replay(one, states, losses, costs, scores=scores, preds=preds)
+    stop, answer = np.asarray(res.stop_stage), np.asarray(res.answer_stage)
     rows.append((np.asarray(res.loss, np.float64).sum(), np.asarray(res.cost, np.float64).sum(),
-                 np.bincount(np.asarray(res.stop_stage), minlength=n),
-                 np.bincount(np.asarray(res.answer_stage), minlength=n)))
+                 np.bincount(stop, minlength=n), np.bincount(answer, minlength=n),
+                 np.bincount(answer[answer < stop], minlength=n)))
   return [np.stack(x) for x in zip(*rows)]
 
 
 def _assert_totals_equal(tot, expected, num):
-  loss, cost, stops, answers = expected
+  loss, cost, stops, answers, recalled = expected
   assert float(tot.num) == num
   np.testing.assert_array_equal(tot.stop_counts, stops)
   np.testing.assert_array_equal(tot.answer_counts, answers)
+  np.testing.assert_array_equal(tot.recalled_counts, recalled)
   np.testing.assert_allclose(tot.loss, loss, rtol=1e-6)   # 0/1 losses: sums are exact counts
   np.testing.assert_allclose(tot.cost, cost, rtol=1e-5)
 

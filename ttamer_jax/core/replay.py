@@ -293,6 +293,8 @@ class ReplayTotals:
     cost: ``[P]`` sum of the costs of the consulted stages.
     stop_counts: ``[P, n]`` requests whose last consulted stage is ``i``.
     answer_counts: ``[P, n]`` requests answered by stage ``i``.
+    recalled_counts: ``[P, n]`` requests answered by stage ``i`` although a later
+      stage was consulted (what recall does; zero without recall).
     num: ``[]`` ``N``.
   """
 
@@ -300,6 +302,7 @@ class ReplayTotals:
   cost: chex.Array
   stop_counts: chex.Array
   answer_counts: chex.Array
+  recalled_counts: chex.Array
   num: chex.Array
 
 
@@ -374,9 +377,9 @@ def replay_totals_arrays(policies, states, losses, costs, scores=None, preds=Non
   weights = np.concatenate([np.ones(num, losses.dtype), np.zeros(size - num, losses.dtype)])
   sums = _replay_totals(policies, *cols, weights, policy_axes, block)
   # Blocks summed on the host in float64: counts stay exact beyond 2**24 requests.
-  loss, cost, stops, answers = (np.asarray(x, np.float64).sum(0) for x in sums)
+  loss, cost, stops, answers, recalled = (np.asarray(x, np.float64).sum(0) for x in sums)
   return ReplayTotals(loss=loss, cost=cost, stop_counts=stops, answer_counts=answers,
-                      num=np.float64(num))
+                      recalled_counts=recalled, num=np.float64(num))
 
 
 def grid_block(num: int, grid_size: int) -> tuple[int, int]:
@@ -397,8 +400,7 @@ def _replay_totals(policies, states, losses, costs, scores, preds, weights, poli
     return jax.vmap(lambda pol: _block_totals(pol, st, lo, co, sc, pr, w),
                     in_axes=(policy_axes,))(policies)
 
-  loss, cost, stops, answers = jax.lax.map(one_block, blocks)   # [blocks, P, ...]
-  return loss, cost, stops, answers
+  return jax.lax.map(one_block, blocks)   # each [blocks, P, ...]
 
 
 def _block_totals(policy, states, losses, costs, scores, preds, weights):
@@ -429,15 +431,16 @@ def _block_totals(policy, states, losses, costs, scores, preds, weights):
     policy_carry, stop = policy.step(policy_carry, stage, obs, best)
     stop = active & (stop | (stage == n - 1))
     w = jnp.where(stop, weights, 0)
+    answered = jax.nn.one_hot(answer_stage, n, dtype=acc)
     sums = (jnp.dot(w, answer_loss.astype(acc)), jnp.dot(w, cum_i.astype(acc)), w.sum(),
-            jnp.dot(w, jax.nn.one_hot(answer_stage, n, dtype=acc)))
+            jnp.dot(w, answered), jnp.dot(jnp.where(answer_stage < stage, w, 0), answered))
     return (policy_carry, active & ~stop, best, best_stage, best_loss), sums
 
   init = (policy.initial_carry(num), jnp.ones(num, bool), jnp.full(num, jnp.inf, dtype),
           jnp.zeros(num, jnp.int32), jnp.zeros(num, losses.dtype))
   xs = (jnp.arange(n, dtype=jnp.int32), obs_by_stage, losses.T, jnp.cumsum(costs, axis=1).T)
-  _, (loss, cost, stops, answers) = jax.lax.scan(forward, init, xs)
-  return loss.sum(), cost.sum(), stops, answers.sum(0)
+  _, (loss, cost, stops, answers, recalled) = jax.lax.scan(forward, init, xs)
+  return loss.sum(), cost.sum(), stops, answers.sum(0), recalled.sum(0)
 
 
 def replay_cascade(policy, cascade: Cascade, states: Any) -> ReplayResult:

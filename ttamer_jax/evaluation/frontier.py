@@ -68,14 +68,6 @@ class ReplaySweep:
                                                              self.cost_norm)))]
 
 
-def _stats(res, n):
-  hist = lambda s: jnp.mean(jax.nn.one_hot(s, n), axis=0)
-  earlier = (res.answer_stage < res.stop_stage)[:, None]
-  recalled = jnp.mean(jax.nn.one_hot(res.answer_stage, n) * earlier, axis=0)
-  return (res.loss.mean(), res.cost.mean(), hist(res.stop_stage), hist(res.answer_stage),
-          recalled)
-
-
 def _check_traces(traces, n):
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
@@ -115,7 +107,8 @@ def _line_policies(cascade, lams, grid, pos, recall: bool):
 def _grid_stats(policies, states, losses, costs, scores, preds, policy_axes=0):
   tot = replay_totals_arrays(policies, states, losses, costs, scores, preds, policy_axes=policy_axes)
   num = tot.num
-  return tot.loss / num, tot.cost / num, tot.stop_counts / num, tot.answer_counts / num
+  return (tot.loss / num, tot.cost / num, tot.stop_counts / num, tot.answer_counts / num,
+          tot.recalled_counts / num)
 
 
 def _sweep(fitted: FittedCascade, traces: ExitTraces, lams, recall: bool) -> ReplaySweep:
