@@ -62,6 +62,10 @@ def _parse(argv):
   p.add_argument("--programs", default="chunk,stage",
                  help="serving programs to time: chunk (one program per chunk, the default "
                       "Server), stage (one kernel per stage, host sync per stage)")
+  p.add_argument("--served-costs", action="store_true",
+                 help="also measure the per-stage costs of the serving path "
+                      "(serving.served_stage_costs), report each policy's share by them, and "
+                      "serve a recall policy fitted on them")
   p.add_argument("--tolerance", type=float, default=0.01, help="as ttamer demo")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache-dir", default=None, help="checkpoint cache (default ~/.cache/ttamer_jax)")
@@ -199,6 +203,13 @@ def run_workload(name, args):
     base["selected"] = sel.deployed
   except ValueError as e:
     selected_note = f"not servable: {e}"
+  served_costs = None
+  if args.served_costs:  # per-stage costs as serving runs them, overhead included
+    kw = {} if args.buckets is None else dict(buckets=args.buckets)
+    served_costs = serving.served_stage_costs(model, recall, x, repeats=args.repeats, **kw)
+    refit, _ = recall_at_demo_lam(
+        prep.calibration.replace(costs=served_costs / served_costs.sum()), args.tolerance)
+    base["recall_on_served_costs"] = refit
   policies = {}
   for prog in args.programs:
     for k, d in base.items():
@@ -216,12 +227,19 @@ def run_workload(name, args):
                    padded_share=padded_share(results[k], costs, buckets),
                    mean_stages=float(results[k].num_consulted.mean()), accuracy=acc[k],
                    saving_ratio=(full - ms[k]) / saving_pred if saving_pred > 1e-9 else None)
+    if served_costs is not None:
+      sshare = cost_share(results[k], served_costs)
+      spred = full - sshare * full
+      rows[k].update(served_cost_share=sshare, saving_ratio_served_costs=(
+          (full - ms[k]) / spred if spred > 1e-9 else None))
   overhead = {prog: (ms["all_stages" if prog == "chunk" else f"all_stages [{prog}]"] - full) / n
               for prog in args.programs}
   out = dict(workload=prep.name, batch=int(len(x)), num_stages=n, full_ms=full,
              full_iqr_ms=iqr["full"], full_one_call_ms=ms["full_one_call"],
              full_chunked_ms=ms["full_chunked"], full_accuracy=acc["full"],
              stage_cost_share=costs.tolist(), per_stage_overhead_ms=overhead,
+             served_stage_ms_per_1000=None if served_costs is None else (
+                 1e6 * served_costs).tolist(),
              first_calls_seconds=compile_s, recall_lam=lam, selected=sel.chosen.name,
              selected_note=selected_note, policies=rows, seconds=time.perf_counter() - t0)
   return out
@@ -234,6 +252,8 @@ def format_table(results) -> str:
   for r in results:
     for k, p in r["policies"].items():
       ratio = "n/a" if p["saving_ratio"] is None else f"{p['saving_ratio']:.2f}"
+      if p.get("saving_ratio_served_costs") is not None:
+        ratio += f" (served costs: {p['served_cost_share']:.3f}, {p['saving_ratio_served_costs']:.2f})"
       lines.append(f"| {r['workload']} | {r['batch']} | {k} | {r['full_ms']:.1f} | "
                    f"{p['served_ms']:.1f} | {p['share']:.3f} | {p['predicted_ms']:.1f} | {ratio} | "
                    f"{p['padded_share']:.3f} | {100 * p['accuracy']:.1f}% "

@@ -242,3 +242,9 @@ def test_bad_input_raises_value_error():
     tj.serve(MODEL, deployed, X, buckets=(0, 8))
   with pytest.raises(ValueError, match="y: expected shape"):
     serving.benchmark(MODEL, deployed, X, Y[:3])
+
+
+def test_served_stage_costs_are_per_request_seconds_of_each_stage():
+  deployed = _deployed("recall")
+  costs = serving.served_stage_costs(MODEL, deployed, X[:40], buckets=BUCKETS, repeats=1)
+  assert costs.shape == (N_STAGES,) and (costs >= 0).all() and costs.sum() > 0

@@ -10,18 +10,22 @@ exit (the consulted stage of least policy estimate) under a recall policy, else
 from the last consulted stage.
 
 Design notes:
-  * One jitted kernel per (stage, bucket) computes the block, the head, the
-    signal, the observation, the policy step and the number of requests that
-    continue; one jitted compaction per (bucket in, bucket out) gathers the
-    continuing requests on device (indices computed there). The network
-    parameters and the policy are flattened once, so a call dispatches a flat
-    list of arrays. Per chunk and stage only the continue count (one int, to
-    pick the next bucket) crosses to the host; the ``[5, bucket]`` int32 records
-    (row, stop, answered stage, answer, state) are fetched once per call.
-  * Chunks of the largest bucket are served in lockstep: while the host waits
-    for one chunk's count, the other chunks' kernels are queued, so dispatch
-    and the host's bookkeeping overlap with device work.
-  * Buckets are four per octave, so padding wastes little (the saving a policy
+  * ``Server(program="chunk")`` (default): one compiled program serves a chunk of
+    up to the largest bucket through every stage. Before each stage the requests
+    still served are compacted on device and ``lax.switch`` runs the stage on the
+    smallest bucket that holds them; nothing crosses to the host between stages.
+    One dispatch and one ``[n, 5, chunk]`` int32 transfer (row, stop, answered
+    stage, answer, state) per chunk, and one compilation per server for every
+    batch size (chunks are padded to the largest bucket).
+  * ``Server(program="stage")``: one jitted kernel per (stage, bucket) and one
+    compaction per (bucket in, bucket out), the continue count fetched by the host
+    after each stage to pick the next bucket (chunks served in lockstep so that
+    other chunks' kernels are queued meanwhile). Same answers, more per-stage
+    overhead; kept for comparison (``scripts/serving_overhead.py``).
+  * The network parameters and the policy are flattened once, so a call
+    dispatches a flat list of arrays (flattening an ``nnx.State`` per call costs
+    more than a small stage).
+  * Buckets are evenly spaced, so padding wastes little (the saving a policy
     promises is paid for in rows actually computed).
   * :func:`compile_count` counts kernel traces (one per compilation), so tests
     can assert that nothing recompiles after :func:`warmup`.
@@ -43,16 +47,17 @@ import numpy as np
 from flax import nnx
 
 from ttamer_jax.core import validation
+from ttamer_jax.core.heuristics import FixedExitPolicy
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser
 from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph
 from ttamer_jax.networks.profiling import check_signal_name, exit_signal
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
 from ttamer_jax.networks.training import check_labels
 
-# Four sizes per octave: padding a compacted batch to its bucket wastes under 20%
-# of a stage's rows (about 10% on average), where powers of two waste up to half.
-DEFAULT_BUCKETS = (16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320,
-                   384, 448, 512)
+# Evenly spaced: padding the requests a stage serves to their bucket computes at
+# most 32 extra rows per chunk of 512 (6% of the full network's work on the chunk,
+# 3% on average), where powers of two waste up to half of a stage's rows.
+DEFAULT_BUCKETS = tuple(range(32, 513, 32))
 PROGRAMS = ("chunk", "stage")
 # Chunks served in lockstep (bounds the device memory of one call).
 _IN_FLIGHT = 8
@@ -257,11 +262,12 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
                    buckets: tuple[int, ...], num_stages: int):
   """Serves one chunk through every stage in one program: ``[n, 5, b]`` records.
 
-  ``x`` ``[b, ...]`` is the chunk padded to its bucket ``b`` and ``rows`` ``[b]``
-  the request rows (``-1``: padding). Between stages the continuing requests are
-  compacted on device and a ``lax.switch`` runs the next stage on the smallest
-  bucket that holds them (or skips it when none continues), so the program does
-  the same work as per-stage kernels without a host round trip per stage. Each
+  ``x`` ``[b, ...]`` is the chunk padded to the largest bucket ``b`` and ``rows``
+  ``[b]`` the request rows (``-1``: padding). Before each stage the requests still
+  served are compacted on device and a ``lax.switch`` runs the stage on the
+  smallest bucket that holds them (or skips it when none continues), so the
+  program does the work of per-stage kernels without a host round trip per stage,
+  and one program serves every batch size (one compilation per server). Each
   branch pads its output back to ``b`` rows (a copy of the request state, small
   next to a stage's work). Record ``s`` holds ``(row, stop, answered stage,
   answer, state)`` of the requests stage ``s`` saw (``row = -1`` elsewhere).
@@ -271,8 +277,8 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
   deployed = jax.tree_util.tree_unflatten(policy_def.treedef, policy_leaves)
   b0 = x.shape[0]
   sizes = tuple(s for s in buckets if s < b0) + (b0,)
-  tree, count, record = _stage_math(model, deployed, (x, rows), 0, num_stages)
-  records = [record]
+  tree, count = (x, rows), jnp.sum((rows >= 0).astype(jnp.int32))
+  records = []
 
   def pad(a, fill):
     extra = b0 - a.shape[0]
@@ -280,7 +286,7 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
       return a
     return jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], fill, a.dtype)])
 
-  for stage in range(1, num_stages):
+  for stage in range(num_stages):
     go_on = tree[-1] >= 0
     idx = jnp.nonzero(go_on, size=b0, fill_value=jnp.argmax(go_on))[0].astype(jnp.int32)
 
@@ -288,7 +294,8 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
       sub = _take_rows(tree[:-1], idx[:size])
       sub_rows = jnp.where(jnp.arange(size) < count,
                            jnp.take(tree[-1], idx[:size], mode="clip"), -1)
-      out, new_count, rec = _stage_math(model, deployed, sub + (sub_rows,), stage, num_stages)
+      live = (sub[0], sub_rows) if stage == 0 else sub + (sub_rows,)
+      out, new_count, rec = _stage_math(model, deployed, live, stage, num_stages)
       out = jax.tree_util.tree_map(lambda a: pad(a, 0), out[:-1]) + (pad(out[-1], -1),)
       rec = jnp.concatenate([pad(rec[0], -1)[None], jnp.stack([pad(r, 0) for r in rec[1:]])])
       return out, new_count, rec
@@ -362,13 +369,13 @@ class Server:
                          params_def=self._params_def, policy_def=self._policy_def, stage=stage,
                          num_stages=self.num_stages)
 
-  def _chunks(self, x):
+  def _chunks(self, x, to_cap: bool = False):
     """``(start, size, (x_padded, rows))`` of each chunk of at most the largest bucket
-    (full chunks, then the remainder padded to its bucket)."""
+    (full chunks, then the remainder padded to its bucket, or to the largest)."""
     num, cap = x.shape[0], self.buckets[-1]
     for start in range(0, num, cap):
       m = min(cap, num - start)
-      b = _bucket(self.buckets, m)
+      b = cap if to_cap else _bucket(self.buckets, m)
       rows = np.full(b, -1, np.int32)
       rows[:m] = np.arange(m, dtype=np.int32)
       yield start, m, (jnp.asarray(x[start:start + m][_padded(np.arange(m), b)]),
@@ -386,7 +393,7 @@ class Server:
                          answered_exit=np.zeros(num, np.int32),
                          stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
                          states=np.full((num, n), -1, np.int32))
-    chunks = list(self._chunks(x))
+    chunks = list(self._chunks(x, to_cap=self.program == "chunk"))
     for g in range(0, len(chunks), _IN_FLIGHT):
       group = chunks[g:g + _IN_FLIGHT]
       if self.program == "stage":
@@ -429,8 +436,8 @@ class Server:
   def warmup(self) -> int:
     """Compiles every kernel a call can need; returns how many this call compiled.
 
-    ``program="chunk"``: one program per bucket (the size a chunk is padded to;
-    each program holds every stage at every smaller bucket). ``program="stage"``:
+    ``program="chunk"``: one program (every stage at every bucket; chunks are
+    padded to the largest bucket). ``program="stage"``:
     each stage at each bucket size and each compaction from a bucket to an equal
     or smaller one.
     """
@@ -438,8 +445,9 @@ class Server:
     model, buckets = self.model, self.buckets
     dtype = np.int32 if model.input_kind == "int" else np.float32
     if self.program == "chunk":
-      jax.block_until_ready([self._program(jnp.zeros((b,) + tuple(model.input_shape), dtype),
-                                           jnp.arange(b, dtype=jnp.int32)) for b in buckets])
+      b = buckets[-1]
+      jax.block_until_ready(self._program(jnp.zeros((b,) + tuple(model.input_shape), dtype),
+                                          jnp.arange(b, dtype=jnp.int32)))
       return compile_count() - before
     trees = {}
     for b in buckets:
@@ -531,6 +539,39 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
         break
       prev_pred = pred
   return out
+
+
+def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
+                       buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk",
+                       repeats: int = 9) -> np.ndarray:
+  """``[n]`` seconds per request of each stage as the serving path runs it.
+
+  Serves ``x`` with fixed-exit policies that stop after stage ``k`` (every request
+  runs stages ``0..k``, through the same server, discretiser and score as
+  ``deployed``) for ``k = 0..n-1``, timed in interleaved rounds (medians), and
+  returns the differences of consecutive times divided by the batch size. The
+  costs therefore include whatever serving adds per stage (dispatch, compaction,
+  padding of a full chunk, host round trips under ``program="stage"``), so a
+  policy fitted on them (``traces.replace(costs=c / c.sum())``) predicts the
+  saving serving delivers on batches like ``x``. A difference that noise makes
+  negative is reported as 0.
+  """
+  x = model.check_input(x)
+  repeats = validation.check_positive_int("repeats", repeats)
+  n = model.num_stages
+  servers = [Server(model, deployed.replace(
+      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), stages=n), answers=None),
+      buckets=buckets, program=program) for k in range(n)]
+  for server in servers:
+    server(x)
+  times = np.zeros((repeats, n))
+  for r in range(repeats):
+    for k, server in enumerate(servers):
+      t0 = time.perf_counter()
+      server(x)
+      times[r, k] = time.perf_counter() - t0
+  cumulative = np.median(times, axis=0)
+  return np.maximum(np.diff(cumulative, prepend=0.0), 0.0) / x.shape[0]
 
 
 # -------------------------------------------------------------- benchmark
