@@ -131,15 +131,20 @@ def test_serve_matches_the_unbatched_reference(kind):
     np.testing.assert_array_equal(got.answered_exit, got.stop_stage)
 
 
+@pytest.mark.parametrize("program", serving.PROGRAMS)
 @pytest.mark.parametrize("kind", ("recall", "recall_agree", "recall_agree_best", "no_recall"))
-def test_serve_matches_replay_of_the_traces(kind):
-  """Serving a batch = replaying the same policy on the batch's full exit traces."""
+def test_serve_matches_replay_of_the_traces(kind, program):
+  """Serving a batch = replaying the same policy on the batch's full exit traces:
+  the served decisions (stop stage, answered exit, states seen) are the policy's."""
   deployed = _deployed(kind)
   score = TRACES.signals[deployed.score_name]
   states = deployed.discretiser(score, TRACES.preds)
   rep = tj.replay(deployed.policy, states, TRACES.losses, TRACES.costs, scores=score,
                   preds=TRACES.preds)
-  got = tj.serve(MODEL, deployed, X, buckets=BUCKETS)
+  got = tj.serve(MODEL, deployed, X, buckets=BUCKETS, program=program)
+  np.testing.assert_array_equal(got.consulted,
+                                np.arange(N_STAGES)[None, :] <= got.stop_stage[:, None])
+  np.testing.assert_array_equal(got.states[got.consulted], np.asarray(states)[got.consulted])
   np.testing.assert_array_equal(got.stop_stage, rep.stop_stage)
   np.testing.assert_array_equal(got.answered_exit, rep.answer_stage)
   np.testing.assert_array_equal(got.predictions,
@@ -164,6 +169,27 @@ def test_no_recompilation_after_warmup():
     np.testing.assert_array_equal(got.predictions, whole.predictions[idx])
     np.testing.assert_array_equal(got.stop_stage, whole.stop_stage[idx])
   assert serving.compile_count() == before
+
+
+@pytest.mark.parametrize("kind", ("patience", "recall_agree_best"))
+def test_programs_agree_and_full_network_is_the_last_exit(kind):
+  """One program per chunk and one kernel per stage serve identical results, with
+  several chunks and a remainder (odd batch size), a stage nobody reaches, and a
+  batch smaller than the smallest bucket."""
+  deployed = _deployed(kind)
+  for x in (X[:77], X[:3]):
+    by_chunk = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program="chunk")
+    by_stage = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program="stage")
+    for field in ("predictions", "answered_exit", "stop_stage", "consulted", "states"):
+      np.testing.assert_array_equal(getattr(by_chunk, field), getattr(by_stage, field))
+  server = tj.Server(MODEL, deployed, buckets=BUCKETS)
+  np.testing.assert_array_equal(server.full_network(X[:77]),
+                                np.asarray(TRACES.preds)[:77, -1])
+  stop_first = deployed.replace(policy=tj.FixedExitPolicy(exit_stage=0, stages=N_STAGES))
+  got = tj.serve(MODEL, stop_first, X[:40], buckets=BUCKETS)
+  assert (got.stop_stage == 0).all() and (got.states[:, 1:] == -1).all()
+  with pytest.raises(ValueError, match="program: must be one of"):
+    tj.Server(MODEL, deployed, program="fused")
 
 
 def test_compile_counter_sees_new_buckets():
@@ -216,3 +242,9 @@ def test_bad_input_raises_value_error():
     tj.serve(MODEL, deployed, X, buckets=(0, 8))
   with pytest.raises(ValueError, match="y: expected shape"):
     serving.benchmark(MODEL, deployed, X, Y[:3])
+
+
+def test_served_stage_costs_are_per_request_seconds_of_each_stage():
+  deployed = _deployed("recall")
+  costs = serving.served_stage_costs(MODEL, deployed, X[:40], buckets=BUCKETS, repeats=1)
+  assert costs.shape == (N_STAGES,) and (costs >= 0).all() and costs.sum() > 0

@@ -10,11 +10,23 @@ exit (the consulted stage of least policy estimate) under a recall policy, else
 from the last consulted stage.
 
 Design notes:
-  * One jitted kernel per (stage, bucket) computes the block, the head, the
-    signal, the observation and the policy step; one jitted gather per
-    (stage, bucket in, bucket out) compacts the survivors on device. Only the
-    ``[4, bucket]`` int32 decision (stop, answered stage, answer, state) crosses to the
-    host, which must know how many requests continue to pick the next bucket.
+  * ``Server(program="chunk")`` (default): one compiled program serves a chunk of
+    up to the largest bucket through every stage. Before each stage the requests
+    still served are compacted on device and ``lax.switch`` runs the stage on the
+    smallest bucket that holds them; nothing crosses to the host between stages.
+    One dispatch and one ``[n, 5, chunk]`` int32 transfer (row, stop, answered
+    stage, answer, state) per chunk, and one compilation per server for every
+    batch size (chunks are padded to the largest bucket).
+  * ``Server(program="stage")``: one jitted kernel per (stage, bucket) and one
+    compaction per (bucket in, bucket out), the continue count fetched by the host
+    after each stage to pick the next bucket (chunks served in lockstep so that
+    other chunks' kernels are queued meanwhile). Same answers, more per-stage
+    overhead; kept for comparison (``scripts/serving_overhead.py``).
+  * The network parameters and the policy are flattened once, so a call
+    dispatches a flat list of arrays (flattening an ``nnx.State`` per call costs
+    more than a small stage).
+  * Buckets are evenly spaced, so padding wastes little (the saving a policy
+    promises is paid for in rows actually computed).
   * :func:`compile_count` counts kernel traces (one per compilation), so tests
     can assert that nothing recompiles after :func:`warmup`.
   * :func:`serve_reference` is an unbatched, uncompacted, stage-by-stage
@@ -35,13 +47,20 @@ import numpy as np
 from flax import nnx
 
 from ttamer_jax.core import validation
+from ttamer_jax.core.heuristics import FixedExitPolicy
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser
 from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph
 from ttamer_jax.networks.profiling import check_signal_name, exit_signal
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
 from ttamer_jax.networks.training import check_labels
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Evenly spaced: padding the requests a stage serves to their bucket computes at
+# most 32 extra rows per chunk of 512 (6% of the full network's work on the chunk,
+# 3% on average), where powers of two waste up to half of a stage's rows.
+DEFAULT_BUCKETS = tuple(range(32, 513, 32))
+PROGRAMS = ("chunk", "stage")
+# Chunks served in lockstep (bounds the device memory of one call).
+_IN_FLIGHT = 8
 
 # Kernel traces by kind. A jitted function is traced exactly when it is compiled
 # (a cache miss), so these count compilations. Diagnostic state only.
@@ -133,21 +152,66 @@ def _bucket(buckets: tuple[int, ...], size: int) -> int:
 
 
 # ---------------------------------------------------------------- kernels
-@functools.partial(jax.jit, static_argnames=("graph", "stage", "num_stages"))
-def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
-                  num_stages: int):
-  """One stage on one bucket: ``live`` is the raw input at stage 0, else the request state.
+class _Static:
+  """A hashable pytree structure (``jit`` static argument), hashed once."""
 
-  Request state: ``(h, policy_carry, best, best_stage, best_pred, prev_pred, top_score,
-  top_pred)`` (``top_*``: the most confident exit so far, for the ``agree_best`` feature).
-  Returns the new request state and the ``[4, b]`` int32 decision
-  ``(stop, answered stage, answer, observed state)``.
+  def __init__(self, treedef):
+    self.treedef = treedef
+    self._hash = hash(treedef)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return self is other or (isinstance(other, _Static) and self._hash == other._hash
+                             and self.treedef == other.treedef)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "params_def", "policy_def", "stage",
+                                             "num_stages"))
+def _stage_kernel(graph, params, policy_leaves, live, *, params_def, policy_def, stage: int,
+                  num_stages: int):
+  """One stage on one bucket: ``live`` is ``(x, rows)`` at stage 0, else the request state.
+
+  ``params`` and ``policy_leaves`` are the flattened network state and deployed
+  policy (flattening an ``nnx.State`` on every call costs more than a small
+  stage). Request state: ``(h, policy_carry, best, best_stage, best_pred,
+  prev_pred, top_score, top_pred, rows)`` (``top_*``: the most confident exit so
+  far, for the ``agree_best`` feature; ``rows``: the request's row in the chunk,
+  ``-1`` for padding and, on output, for requests that stop here). Returns the
+  new request state (not compacted), the number of requests that continue, and
+  the ``[5, b]`` int32 record ``(row, stop, answered stage, answer, observed
+  state)`` of the requests this stage saw.
   """
   _TRACES["stage"] += 1
-  model = nnx.merge(graph.graphdef, state)
+  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.treedef, params))
+  deployed = jax.tree_util.tree_unflatten(policy_def.treedef, policy_leaves)
+  return _stage_math(model, deployed, live, stage, num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _compact(tree, *, size: int):
+  """The continuing requests of ``tree`` (``rows >= 0``, in order) in ``size`` rows.
+
+  Rows past the continuing ones repeat the first continuing row (real data: no
+  NaN risk) with ``rows = -1``. The indices are computed on device, so nothing
+  but the count (already on the host) is exchanged."""
+  _TRACES["compact"] += 1
+  rows = tree[-1]
+  go_on = rows >= 0
+  idx = jnp.nonzero(go_on, size=size, fill_value=jnp.argmax(go_on))[0].astype(jnp.int32)
+  out = _take_rows(tree[:-1], idx)
+  valid = jnp.arange(size) < jnp.sum(go_on.astype(jnp.int32))
+  return out + (jnp.where(valid, jnp.take(rows, idx, mode="clip"), -1),)
+
+
+def _stage_math(model, deployed, live, stage: int, num_stages: int):
+  """One stage's block, head, signal, observation and policy step (traced, not jitted).
+
+  Same contract as :func:`_stage_kernel` (whose body this is)."""
   policy = deployed.policy
   if stage == 0:
-    h = live
+    h, rows = live
     b = h.shape[0]
     carry = policy.initial_carry(b)
     best = jnp.full((b,), jnp.inf, jnp.float32)  # Replaced by the estimate under recall.
@@ -157,7 +221,7 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
     top_score = jnp.full((b,), -jnp.inf, jnp.float32)
     top_pred = jnp.zeros((b,), jnp.int32)
   else:
-    h, carry, best, best_stage, best_pred, prev_pred, top_score, top_pred = live
+    h, carry, best, best_stage, best_pred, prev_pred, top_score, top_pred, rows = live
   h, logits, err = model.stage(stage, h)
   score = exit_signal(deployed.score_name, logits, err)
   pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -177,19 +241,95 @@ def _stage_kernel(graph, state, deployed: DeployedPolicy, live, *, stage: int,
   stop = jnp.logical_or(stop, stage == num_stages - 1)
   answer_stage = best_stage if policy.recall else jnp.full_like(best_stage, stage)
   answer = best_pred if policy.recall else pred
-  decision = jnp.stack([stop.astype(jnp.int32), answer_stage, answer, obs.state.astype(jnp.int32)])
-  return (h, carry, best, best_stage, best_pred, pred, top_score, top_pred), decision
+  record = jnp.stack([rows, stop.astype(jnp.int32), answer_stage, answer,
+                      obs.state.astype(jnp.int32)])
+  go_on = jnp.logical_and(rows >= 0, jnp.logical_not(stop))
+  out_rows = jnp.where(go_on, rows, -1)
+  count = jnp.sum(go_on.astype(jnp.int32))
+  return ((h, carry, best, best_stage, best_pred, pred, top_score, top_pred, out_rows), count,
+          record)
 
 
-@jax.jit
-def _gather(tree, idx):
-  _TRACES["gather"] += 1
-  return jax.tree_util.tree_map(lambda a: a[idx], tree)
+def _take_rows(tree, idx):
+  # In-bounds row gathers ("clip": no out-of-bounds masking) are several times faster
+  # on a CPU than default indexing.
+  return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "params_def", "policy_def", "buckets",
+                                             "num_stages"))
+def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_def,
+                   buckets: tuple[int, ...], num_stages: int):
+  """Serves one chunk through every stage in one program: ``[n, 5, b]`` records.
+
+  ``x`` ``[b, ...]`` is the chunk padded to the largest bucket ``b`` and ``rows``
+  ``[b]`` the request rows (``-1``: padding). Before each stage the requests still
+  served are compacted on device and a ``lax.switch`` runs the stage on the
+  smallest bucket that holds them (or skips it when none continues), so the
+  program does the work of per-stage kernels without a host round trip per stage,
+  and one program serves every batch size (one compilation per server). Each
+  branch pads its output back to ``b`` rows (a copy of the request state, small
+  next to a stage's work). Record ``s`` holds ``(row, stop, answered stage,
+  answer, state)`` of the requests stage ``s`` saw (``row = -1`` elsewhere).
+  """
+  _TRACES["chunk"] += 1
+  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.treedef, params))
+  deployed = jax.tree_util.tree_unflatten(policy_def.treedef, policy_leaves)
+  b0 = x.shape[0]
+  sizes = tuple(s for s in buckets if s < b0) + (b0,)
+  tree, count = (x, rows), jnp.sum((rows >= 0).astype(jnp.int32))
+  records = []
+
+  def pad(a, fill):
+    extra = b0 - a.shape[0]
+    if extra == 0:
+      return a
+    return jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], fill, a.dtype)])
+
+  for stage in range(num_stages):
+    go_on = tree[-1] >= 0
+    idx = jnp.nonzero(go_on, size=b0, fill_value=jnp.argmax(go_on))[0].astype(jnp.int32)
+
+    def run(size, tree=tree, idx=idx, count=count, stage=stage):
+      sub = _take_rows(tree[:-1], idx[:size])
+      sub_rows = jnp.where(jnp.arange(size) < count,
+                           jnp.take(tree[-1], idx[:size], mode="clip"), -1)
+      live = (sub[0], sub_rows) if stage == 0 else sub + (sub_rows,)
+      out, new_count, rec = _stage_math(model, deployed, live, stage, num_stages)
+      out = jax.tree_util.tree_map(lambda a: pad(a, 0), out[:-1]) + (pad(out[-1], -1),)
+      rec = jnp.concatenate([pad(rec[0], -1)[None], jnp.stack([pad(r, 0) for r in rec[1:]])])
+      return out, new_count, rec
+
+    shapes = jax.eval_shape(functools.partial(run, sizes[0]))
+
+    def skip(shapes=shapes):  # nobody continues: nothing to compute
+      out = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][:-1])
+      rec = jnp.zeros(shapes[2].shape, jnp.int32).at[0].set(-1)
+      return out + (jnp.full((b0,), -1, jnp.int32),), jnp.zeros((), jnp.int32), rec
+
+    branches = [skip] + [functools.partial(run, s) for s in sizes]
+    which = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count))
+    tree, count, record = jax.lax.switch(which, branches)
+    records.append(record)
+  return jnp.stack(records)
 
 
 def _padded(idx: np.ndarray, size: int) -> np.ndarray:
   """``idx`` padded to ``size`` with copies of its first entry (real rows: no NaN risk)."""
   return np.concatenate([idx, np.full(size - idx.size, idx[0], idx.dtype)]).astype(np.int32)
+
+
+def _store(result: "ServeResult", start: int, stage: int, record: np.ndarray) -> None:
+  """Writes one stage's ``[5, b]`` record of the chunk at ``start`` into ``result``."""
+  seen = record[0] >= 0
+  rows = record[0][seen] + start
+  stop = record[1][seen].astype(bool)
+  result.consulted[rows, stage] = True
+  result.states[rows, stage] = record[4][seen]
+  done = rows[stop]
+  result.stop_stage[done] = stage
+  result.answered_exit[done] = record[2][seen][stop]
+  result.predictions[done] = record[3][seen][stop]
 
 
 # ---------------------------------------------------------------- serving
@@ -199,21 +339,52 @@ class Server:
   Holds a snapshot of the network's parameters (taken at construction: rebuild
   the server after further training), the validated policy and the buckets.
   ``server(x)`` is :func:`serve`; ``server.warmup()`` is :func:`warmup`.
+
+  ``program="chunk"`` (default) serves each chunk in one compiled program (the
+  stages, the compactions and the bucket choice all on device: one dispatch and
+  one transfer per chunk); ``program="stage"`` dispatches one kernel per stage
+  and waits for each stage's continue count on the host (the previous design,
+  kept for comparison: the same answers, more per-stage overhead).
   """
 
   def __init__(self, model: EarlyExitNet, deployed: DeployedPolicy, *,
-               buckets: Sequence[int] = DEFAULT_BUCKETS):
+               buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk"):
     check_deployed(model, deployed)
+    if program not in PROGRAMS:
+      raise ValueError(f"program: must be one of {PROGRAMS}, got {program!r}")
+    self.program = program
     self.model = model
     self.deployed = deployed
     self.buckets = _check_buckets(buckets)
     self.num_stages = model.num_stages
-    graphdef, self._state = nnx.split(model)
+    graphdef, state = nnx.split(model)
     self._graph = StaticGraph(graphdef)
+    self._params, params_def = jax.tree_util.tree_flatten(state)
+    self._params_def = _Static(params_def)
+    self._policy, policy_def = jax.tree_util.tree_flatten(deployed)
+    self._policy_def = _Static(policy_def)
 
   def _run(self, live, stage):
-    return _stage_kernel(self._graph, self._state, self.deployed, live, stage=stage,
+    return _stage_kernel(self._graph, self._params, self._policy, live,
+                         params_def=self._params_def, policy_def=self._policy_def, stage=stage,
                          num_stages=self.num_stages)
+
+  def _chunks(self, x, to_cap: bool = False):
+    """``(start, size, (x_padded, rows))`` of each chunk of at most the largest bucket
+    (full chunks, then the remainder padded to its bucket, or to the largest)."""
+    num, cap = x.shape[0], self.buckets[-1]
+    for start in range(0, num, cap):
+      m = min(cap, num - start)
+      b = cap if to_cap else _bucket(self.buckets, m)
+      rows = np.full(b, -1, np.int32)
+      rows[:m] = np.arange(m, dtype=np.int32)
+      yield start, m, (jnp.asarray(x[start:start + m][_padded(np.arange(m), b)]),
+                       jnp.asarray(rows))
+
+  def _program(self, xb, rows):
+    return _chunk_program(self._graph, self._params, self._policy, xb, rows,
+                          params_def=self._params_def, policy_def=self._policy_def,
+                          buckets=self.buckets, num_stages=self.num_stages)
 
   def __call__(self, x: Any) -> ServeResult:
     x = self.model.check_input(x)
@@ -222,56 +393,92 @@ class Server:
                          answered_exit=np.zeros(num, np.int32),
                          stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
                          states=np.full((num, n), -1, np.int32))
-    for start in range(0, num, self.buckets[-1]):
-      self._serve_chunk(x, np.arange(start, min(start + self.buckets[-1], num)), result)
+    chunks = list(self._chunks(x, to_cap=self.program == "chunk"))
+    for g in range(0, len(chunks), _IN_FLIGHT):
+      group = chunks[g:g + _IN_FLIGHT]
+      if self.program == "stage":
+        self._serve_group(group, result)
+        continue
+      outs = [(start, self._program(*tree)) for start, _, tree in group]  # all dispatched
+      for start, records in outs:
+        for stage, record in enumerate(np.asarray(records)):
+          _store(result, start, stage, record)
     return result
 
-  def _serve_chunk(self, x, rows, result):
-    buckets = self.buckets
-    live_rows = rows
-    live = jnp.asarray(x[rows][_padded(np.arange(rows.size), _bucket(buckets, rows.size))])
-    for stage in range(self.num_stages):
-      live, decision = self._run(live, stage)
-      decision = np.asarray(decision)[:, :live_rows.size]
-      stop = decision[0].astype(bool)
-      result.consulted[live_rows, stage] = True
-      result.states[live_rows, stage] = decision[3]
-      done = live_rows[stop]
-      result.stop_stage[done] = stage
-      result.answered_exit[done] = decision[1][stop]
-      result.predictions[done] = decision[2][stop]
-      keep = np.flatnonzero(~stop)
-      if keep.size == 0:
-        return
-      live_rows = live_rows[keep]
-      live = _gather(live, jnp.asarray(_padded(keep, _bucket(buckets, keep.size))))
+  def _serve_group(self, chunks, result):
+    """Serves a few chunks in lockstep, so that the device always has queued work.
+
+    Per chunk and stage the host waits for one int (the number of requests that
+    continue, to pick the next bucket) while the other chunks' kernels run; the
+    per-request records stay on the device until the group is done."""
+    records = []
+    live = []
+    for start, _, tree in chunks:  # Stage 0 of every chunk, dispatched asynchronously.
+      tree, count, record = self._run(tree, 0)
+      records.append((start, 0, record))
+      live.append((start, tree, count))
+    for stage in range(1, self.num_stages):
+      nxt = []
+      for start, tree, count in live:
+        count = int(count)  # The one host sync per chunk and stage.
+        if count == 0:
+          continue
+        tree = _compact(tree, size=_bucket(self.buckets, count))
+        tree, count, record = self._run(tree, stage)
+        records.append((start, stage, record))
+        nxt.append((start, tree, count))
+      live = nxt
+      if not live:
+        break
+    for start, stage, record in records:
+      _store(result, start, stage, np.asarray(record))
 
   def warmup(self) -> int:
     """Compiles every kernel a call can need; returns how many this call compiled.
 
-    That is each stage at each bucket size and each compaction from a bucket to
-    an equal or smaller one.
+    ``program="chunk"``: one program (every stage at every bucket; chunks are
+    padded to the largest bucket). ``program="stage"``:
+    each stage at each bucket size and each compaction from a bucket to an equal
+    or smaller one.
     """
     before = compile_count()
     model, buckets = self.model, self.buckets
     dtype = np.int32 if model.input_kind == "int" else np.float32
+    if self.program == "chunk":
+      b = buckets[-1]
+      jax.block_until_ready(self._program(jnp.zeros((b,) + tuple(model.input_shape), dtype),
+                                          jnp.arange(b, dtype=jnp.int32)))
+      return compile_count() - before
     trees = {}
     for b in buckets:
-      trees[b], _ = self._run(jnp.zeros((b,) + tuple(model.input_shape), dtype), 0)
+      trees[b] = self._run((jnp.zeros((b,) + tuple(model.input_shape), dtype),
+                            jnp.zeros((b,), jnp.int32)), 0)[0]
     for stage in range(1, self.num_stages):
       nxt = {}
       for b_in in buckets:
         for b_out in buckets:
           if b_out > b_in:
             break
-          nxt[b_out], _ = self._run(_gather(trees[b_in], jnp.zeros((b_out,), jnp.int32)), stage)
+          compacted = _compact(trees[b_in], size=b_out)
+          if b_out not in nxt:
+            nxt[b_out] = self._run(compacted, stage)[0]
       trees = nxt
     jax.block_until_ready(trees)
     return compile_count() - before
 
+  def full_network(self, x: Any) -> np.ndarray:
+    """``[B]`` last-exit predictions of the full network, in this server's chunks and buckets.
+
+    The reference serving is timed against: every stage, no policy, the same
+    padded shapes and the same asynchronous dispatch."""
+    x = self.model.check_input(x)
+    outs = [(m, _last_exit_flat(self._graph, self._params, xb, params_def=self._params_def))
+            for _, m, (xb, _) in self._chunks(x)]
+    return np.concatenate([np.asarray(pred)[:m] for m, pred in outs])
+
 
 def serve(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
-          buckets: Sequence[int] = DEFAULT_BUCKETS) -> ServeResult:
+          buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk") -> ServeResult:
   """Serves ``x`` ``[B, *input_shape]`` with ``deployed`` on ``model``, stage by stage.
 
   Batches larger than the largest bucket are served in chunks of that size. For
@@ -282,13 +489,13 @@ def serve(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
       different number of stages, a policy whose state count differs from the
       discretiser's, a score the network cannot serve, or bad buckets.
   """
-  return Server(model, deployed, buckets=buckets)(x)
+  return Server(model, deployed, buckets=buckets, program=program)(x)
 
 
 def warmup(model: EarlyExitNet, deployed: DeployedPolicy, *,
-           buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+           buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk") -> int:
   """Compiles every kernel :func:`serve` can need; returns how many were compiled."""
-  return Server(model, deployed, buckets=buckets).warmup()
+  return Server(model, deployed, buckets=buckets, program=program).warmup()
 
 
 def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> ServeResult:
@@ -334,6 +541,39 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
   return out
 
 
+def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
+                       buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk",
+                       repeats: int = 9) -> np.ndarray:
+  """``[n]`` seconds per request of each stage as the serving path runs it.
+
+  Serves ``x`` with fixed-exit policies that stop after stage ``k`` (every request
+  runs stages ``0..k``, through the same server, discretiser and score as
+  ``deployed``) for ``k = 0..n-1``, timed in interleaved rounds (medians), and
+  returns the differences of consecutive times divided by the batch size. The
+  costs therefore include whatever serving adds per stage (dispatch, compaction,
+  padding of a full chunk, host round trips under ``program="stage"``), so a
+  policy fitted on them (``traces.replace(costs=c / c.sum())``) predicts the
+  saving serving delivers on batches like ``x``. A difference that noise makes
+  negative is reported as 0.
+  """
+  x = model.check_input(x)
+  repeats = validation.check_positive_int("repeats", repeats)
+  n = model.num_stages
+  servers = [Server(model, deployed.replace(
+      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), stages=n), answers=None),
+      buckets=buckets, program=program) for k in range(n)]
+  for server in servers:
+    server(x)
+  times = np.zeros((repeats, n))
+  for r in range(repeats):
+    for k, server in enumerate(servers):
+      t0 = time.perf_counter()
+      server(x)
+      times[r, k] = time.perf_counter() - t0
+  cumulative = np.median(times, axis=0)
+  return np.maximum(np.diff(cumulative, prepend=0.0), 0.0) / x.shape[0]
+
+
 # -------------------------------------------------------------- benchmark
 @dataclasses.dataclass(frozen=True)
 class ServeBenchmark:
@@ -341,12 +581,17 @@ class ServeBenchmark:
 
   Attributes:
     serve_seconds: median wall time of :func:`serve` on the batch.
-    full_seconds: median wall time of the full network (one jitted call, all exits).
+    full_seconds: median wall time of the full network run the faster of two ways
+      (``min(full_one_call_seconds, full_chunked_seconds)``).
     serve_accuracy: accuracy of the served answers.
     full_accuracy: accuracy of the full network's last exit.
     mean_stages: mean number of stages run per request under the policy.
     batch_size: ``B``.
     repeats: timed calls of each.
+    full_one_call_seconds: the full network as one jitted call on the whole batch.
+    full_chunked_seconds: the full network in the server's chunks and buckets
+      (:meth:`Server.full_network`; on a CPU a batch of thousands can be slower in
+      one call than in chunks of a few hundred).
   """
 
   serve_seconds: float
@@ -356,6 +601,8 @@ class ServeBenchmark:
   mean_stages: float
   batch_size: int
   repeats: int
+  full_one_call_seconds: float = float("nan")
+  full_chunked_seconds: float = float("nan")
 
   @property
   def speedup(self) -> float:
@@ -367,33 +614,46 @@ def _last_exit(graph, state, x):
   return jnp.argmax(nnx.merge(graph.graphdef, state)(x).logits[:, -1], axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "params_def"))
+def _last_exit_flat(graph, params, x, *, params_def):
+  state = jax.tree_util.tree_unflatten(params_def.treedef, params)
+  return jnp.argmax(nnx.merge(graph.graphdef, state)(x).logits[:, -1], axis=-1).astype(jnp.int32)
+
+
 def benchmark(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, y: Any, *,
-              buckets: Sequence[int] = DEFAULT_BUCKETS, repeats: int = 5) -> ServeBenchmark:
-  """Times serving and the full network on the same batch (both warmed up, medians).
+              buckets: Sequence[int] = DEFAULT_BUCKETS, repeats: int = 5,
+              program: str = "chunk") -> ServeBenchmark:
+  """Times serving and the full network on the same batch (all warmed up, medians).
 
   Serving is timed through a :class:`Server` (steady state: validation and the
-  parameter snapshot are done once); the full network is one jitted call on the
-  whole batch that returns the last exit's predictions.
+  parameter snapshot are done once); the full network both as one jitted call on
+  the whole batch and in the server's chunks (:meth:`Server.full_network`), and
+  the faster of the two is the reference. Calls are interleaved, so that machine
+  load affects all alike.
   """
   x = model.check_input(x)
   y = check_labels(model, y, x.shape[0])
   repeats = validation.check_positive_int("repeats", repeats)
-  server = Server(model, deployed, buckets=buckets)
+  server = Server(model, deployed, buckets=buckets, program=program)
   graph, state = StaticGraph(nnx.graphdef(model)), nnx.state(model)
   x_dev = jnp.asarray(x)
   full_pred = np.asarray(_last_exit(graph, state, x_dev))
+  server.full_network(x)
   served = server(x)
-  full_t, serve_t = [], []
-  for _ in range(repeats):  # Interleaved, so that machine load affects both alike.
+  one_t, chunk_t, serve_t = [], [], []
+  for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(_last_exit(graph, state, x_dev))
-    full_t.append(time.perf_counter() - t0)
+    one_t.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    server.full_network(x)
+    chunk_t.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     server(x)
     serve_t.append(time.perf_counter() - t0)
-  return ServeBenchmark(serve_seconds=float(np.median(serve_t)),
-                        full_seconds=float(np.median(full_t)),
+  one, chunked = float(np.median(one_t)), float(np.median(chunk_t))
+  return ServeBenchmark(serve_seconds=float(np.median(serve_t)), full_seconds=min(one, chunked),
                         serve_accuracy=float((served.predictions == y).mean()),
                         full_accuracy=float((full_pred == y).mean()),
                         mean_stages=float(served.num_consulted.mean()), batch_size=int(x.shape[0]),
-                        repeats=repeats)
+                        repeats=repeats, full_one_call_seconds=one, full_chunked_seconds=chunked)
