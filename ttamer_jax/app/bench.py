@@ -927,9 +927,10 @@ def compile_worker(quick: bool) -> dict:
                                                  num_resamples=200).objective),
       first_call("fit_policy", lambda: (tj.fit_policy(traces, lam), 0)[1]),
   ]
-  # Then sizes that vary over a factor of ~2 (quick) or ~10: compilations of the
-  # entry's main program vs the buckets those sizes fall in.
-  sizes = [1000, 1003, 1100, 1234, 1500, 1777, 1999] + ([] if quick else [3001, 4567, 9999])
+  # Then batches of 12 (quick: 7) random sizes between 1000 and 2000, as a server or a
+  # tuning loop sees them: compilations of the entry's main program vs the buckets
+  # those sizes fall in (before bucketing: one per size).
+  sizes = sorted(np.random.default_rng(0).integers(1000, 2000, 7 if quick else 12).tolist())
   for name, program, call, bucket in (
       ("replay, N varies", "replay_compiled",
        lambda m: tj.replay(policy, states[:m], losses[:m], cascade.costs).loss, bucket_size),
