@@ -155,6 +155,11 @@ def _say(text: str) -> None:
 
 
 def _demo(args) -> int:
+  if args.own_process:
+    # JAX's compilation cache is process-wide: only a process of our own turns it on
+    # (before its first compilation), never a caller of ttamer_jax.app.cli.main(argv).
+    cache = pipeline.default_cache_dir() if args.cache_dir is None else args.cache_dir
+    pipeline.enable_compilation_cache(cache)
   run = pipeline.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
                           tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
                           plots=not args.no_plots, progress=_progress(args),
@@ -390,6 +395,7 @@ def _one_line(e: BaseException) -> str:
 def main(argv=None) -> int:
   """Runs ``ttamer`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
   args = build_parser().parse_args(argv)
+  args.own_process = argv is None  # run as the `ttamer` program, not called from Python
   try:
     return COMMANDS[args.command](args)
   except BrokenPipeError:  # `ttamer ... | head`: stop quietly (Python docs' recipe)

@@ -690,8 +690,10 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   on the test split next to its model check; writes the plots (``plots``), the
   policy, the traces, the recall family's cascade, ``report.md`` and
   ``results.json`` (the result). ``log``: receives the status lines (``None``: silent).
-  The checkpoint cache (``cache_dir``, default :func:`default_cache_dir`; ``""``: off)
-  also keeps the compiled programs (:func:`enable_compilation_cache`).
+  The checkpoint cache: ``cache_dir`` (default :func:`default_cache_dir`; ``""``: off).
+  The ``ttamer demo`` program also keeps its compiled programs there
+  (:func:`enable_compilation_cache`); this function leaves JAX's process-wide settings
+  alone.
   """
   from ttamer_jax.app import plotting
 
@@ -705,10 +707,9 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
     check_matplotlib("ttamer demo (plots; or pass --no-plots)")
   t0 = time.perf_counter()
   cache = default_cache_dir() if cache_dir is None else cache_dir
-  enable_compilation_cache(cache)
   if workload != "synthetic":
     say(f"[1/4] {workload}: train the early-exit network or load it from the cache "
-        f"({cache or 'caching off'}; compiled programs too); record exit traces and per-exit "
+        f"({cache or 'caching off'}); record exit traces and per-exit "
         "latency ...")
   prep = prepare(workload, seed=seed, cache_dir=cache, quick=quick, progress=progress)
   say(f"[2/4] fit a {states}-state cascade on {prep.calibration.num_samples} "

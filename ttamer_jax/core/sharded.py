@@ -336,6 +336,13 @@ def sweep(cascades, lams, *, solver: str = "recall", mesh: Mesh | None = None,
   inst_batch, lam_batch = _batch_sizes(
       _pair_bytes(solver, grid.shape[1], n, k, dtype.itemsize), inst_block, lam_block, batch_size,
       mesh.devices.flat[0].platform)
+  if solver == "recall" and lam_batch < lam_block:
+    # Equal chunks (the lams padded by fewer than one per chunk): one compiled chunk
+    # body instead of a body and a tail.
+    chunks = -(-lam_block // lam_batch)
+    lam_batch = -(-lam_block // chunks)
+    lam_block = chunks * lam_batch
+    lams_pad = lam_block * devices if axis == "lams" else lam_block
 
   names = tuple(mesh.axis_names)
   inst_sharding = NamedSharding(mesh, PartitionSpec(names) if axis == "instances" else PartitionSpec())
