@@ -30,7 +30,6 @@ over-thinking cascade). Writes ``<out>/selection.md`` and ``<out>/selection.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
