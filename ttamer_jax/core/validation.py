@@ -149,6 +149,14 @@ def as_float_scalar(name: str, value: Any) -> float:
   return float(arr)
 
 
+def as_nonnegative_scalar(name: str, value: Any) -> float:
+  """A finite real scalar ``>= 0`` as a Python float (``ValueError`` naming ``name``)."""
+  value = as_float_scalar(name, value)
+  if not np.isfinite(value) or value < 0:
+    raise ValueError(f"{name} = {value} must be a finite number >= 0")
+  return value
+
+
 def check_positive_int(name: str, value: Any) -> int:
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name}: must be an integer, got {value!r}")

@@ -100,9 +100,7 @@ def _smoothed_rows(counts: np.ndarray, smoothing: float, prior: np.ndarray) -> n
 
 def _check_fit_args(smoothing, loss_smoothing, prior):
   for name, v in (("smoothing", smoothing), ("loss_smoothing", loss_smoothing)):
-    v = validation.as_float_scalar(name, v)
-    if not np.isfinite(v) or v < 0:
-      raise ValueError(f"{name} = {v} must be a finite number >= 0")
+    validation.as_nonnegative_scalar(name, v)
   if prior not in PRIORS:
     raise ValueError(f"prior: must be one of {PRIORS}, got {prior!r}")
 

@@ -263,9 +263,7 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
   if lam is not None:
     validation.check_scalar_lam(lam)
   if full_cost is not None:
-    full_cost = validation.as_float_scalar("full_cost", full_cost)
-    if not np.isfinite(full_cost) or full_cost < 0:
-      raise ValueError(f"full_cost = {full_cost} must be a finite number >= 0")
+    full_cost = validation.as_nonnegative_scalar("full_cost", full_cost)
   arrays: dict[str, np.ndarray] = {}
   spec = _encode(deployed.policy, "policy", arrays)
   answers = _encode_answers(deployed.answers, arrays)

@@ -234,9 +234,7 @@ def two_sample_test(reference: Any, observed: Any, *, alpha: float = 0.01, test:
     raise ValueError(f"alpha = {alpha!r} must lie in (0, 1)")
   if test not in TESTS:
     raise ValueError(f"test: must be one of {TESTS}, got {test!r}")
-  min_expected = validation.as_float_scalar("min_expected", min_expected)
-  if not np.isfinite(min_expected) or min_expected < 0:
-    raise ValueError(f"min_expected = {min_expected!r} must be a finite number >= 0")
+  min_expected = validation.as_nonnegative_scalar("min_expected", min_expected)
   min_count = validation.check_positive_int("min_count", min_count)
   min_distance = validation.as_float_scalar("min_distance", min_distance)
   if not 0 <= min_distance <= 1:

@@ -374,9 +374,7 @@ def _check_args(traces, lam, tolerance, folds, candidates):
   if lam is not None:
     validation.check_scalar_lam(lam)
   if tolerance is not None:
-    tolerance = validation.as_float_scalar("tolerance", tolerance)
-    if not np.isfinite(tolerance) or tolerance < 0:
-      raise ValueError(f"tolerance = {tolerance} must be a finite number >= 0")
+    tolerance = validation.as_nonnegative_scalar("tolerance", tolerance)
   folds = validation.check_positive_int("folds", folds)
   if not 2 <= folds <= traces.num_samples:
     raise ValueError(f"folds = {folds} must lie in [2, N = {traces.num_samples}]")

@@ -97,9 +97,7 @@ def _solve_slo(fitted, target, kind, key, calibration, max_iter) -> SLOPolicy:
   fitted = _as_fitted(fitted, calibration)
   if kind not in KINDS:  # pragma: no cover - internal
     raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
-  target = validation.as_float_scalar("target", target)
-  if not np.isfinite(target) or target < 0:
-    raise ValueError(f"target = {target} must be a finite number >= 0")
+  target = validation.as_nonnegative_scalar("target", target)
   max_iter = validation.check_positive_int("max_iter", max_iter)
   metrics, source = _metrics_fn(fitted, calibration)
   # ok(lam): the pure policy at lam satisfies the constraint. Error: holds for large

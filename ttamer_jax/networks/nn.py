@@ -344,24 +344,33 @@ def build_model(name: str, config: dict, seed: int = 0) -> EarlyExitNet:
 
 
 # ------------------------------------------------------ batched inference
-class StaticGraph:
-  """An ``nnx.GraphDef`` as a ``jit`` static argument, hashed once.
+class StaticOnce:
+  """A hashable structure (an ``nnx.GraphDef``, a pytree structure) as a ``jit`` static
+  argument, hashed once.
 
   ``jit`` hashes its static arguments on every call, and hashing a GraphDef walks
-  the whole module graph -- more than a small stage kernel costs. Equal graphs
-  (same structure and static attributes) share compiled kernels.
+  the whole module graph -- more than a small stage kernel costs. Equal structures
+  share compiled kernels.
   """
 
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-    self._hash = hash(graphdef)
+  def __init__(self, value):
+    self.value = value
+    self._hash = hash(value)
 
   def __hash__(self):
     return self._hash
 
   def __eq__(self, other):
-    return self is other or (isinstance(other, StaticGraph) and self._hash == other._hash
-                             and self.graphdef == other.graphdef)
+    return self is other or (type(other) is type(self) and self._hash == other._hash
+                             and self.value == other.value)
+
+
+class StaticGraph(StaticOnce):
+  """An ``nnx.GraphDef`` as a ``jit`` static argument (:class:`StaticOnce`)."""
+
+  @property
+  def graphdef(self):
+    return self.value
 
 
 @functools.partial(jax.jit, static_argnames=("graph",))

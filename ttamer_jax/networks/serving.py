@@ -49,7 +49,7 @@ from flax import nnx
 from ttamer_jax.core import validation
 from ttamer_jax.core.heuristics import FixedExitPolicy
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser
-from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph
+from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph, StaticOnce
 from ttamer_jax.networks.profiling import check_signal_name, exit_signal
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
 from ttamer_jax.networks.training import check_labels
@@ -152,21 +152,6 @@ def _bucket(buckets: tuple[int, ...], size: int) -> int:
 
 
 # ---------------------------------------------------------------- kernels
-class _Static:
-  """A hashable pytree structure (``jit`` static argument), hashed once."""
-
-  def __init__(self, treedef):
-    self.treedef = treedef
-    self._hash = hash(treedef)
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return self is other or (isinstance(other, _Static) and self._hash == other._hash
-                             and self.treedef == other.treedef)
-
-
 @functools.partial(jax.jit, static_argnames=("graph", "params_def", "policy_def", "stage",
                                              "num_stages"))
 def _stage_kernel(graph, params, policy_leaves, live, *, params_def, policy_def, stage: int,
@@ -184,8 +169,8 @@ def _stage_kernel(graph, params, policy_leaves, live, *, params_def, policy_def,
   state)`` of the requests this stage saw.
   """
   _TRACES["stage"] += 1
-  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.treedef, params))
-  deployed = jax.tree_util.tree_unflatten(policy_def.treedef, policy_leaves)
+  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.value, params))
+  deployed = jax.tree_util.tree_unflatten(policy_def.value, policy_leaves)
   return _stage_math(model, deployed, live, stage, num_stages)
 
 
@@ -273,8 +258,8 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
   answer, state)`` of the requests stage ``s`` saw (``row = -1`` elsewhere).
   """
   _TRACES["chunk"] += 1
-  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.treedef, params))
-  deployed = jax.tree_util.tree_unflatten(policy_def.treedef, policy_leaves)
+  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.value, params))
+  deployed = jax.tree_util.tree_unflatten(policy_def.value, policy_leaves)
   b0 = x.shape[0]
   sizes = tuple(s for s in buckets if s < b0) + (b0,)
   tree, count = (x, rows), jnp.sum((rows >= 0).astype(jnp.int32))
@@ -360,9 +345,9 @@ class Server:
     graphdef, state = nnx.split(model)
     self._graph = StaticGraph(graphdef)
     self._params, params_def = jax.tree_util.tree_flatten(state)
-    self._params_def = _Static(params_def)
+    self._params_def = StaticOnce(params_def)
     self._policy, policy_def = jax.tree_util.tree_flatten(deployed)
-    self._policy_def = _Static(policy_def)
+    self._policy_def = StaticOnce(policy_def)
 
   def _run(self, live, stage):
     return _stage_kernel(self._graph, self._params, self._policy, live,
@@ -616,7 +601,7 @@ def _last_exit(graph, state, x):
 
 @functools.partial(jax.jit, static_argnames=("graph", "params_def"))
 def _last_exit_flat(graph, params, x, *, params_def):
-  state = jax.tree_util.tree_unflatten(params_def.treedef, params)
+  state = jax.tree_util.tree_unflatten(params_def.value, params)
   return jnp.argmax(nnx.merge(graph.graphdef, state)(x).logits[:, -1], axis=-1).astype(jnp.int32)
 
 
