@@ -208,7 +208,7 @@ def run_workload(name, args):
     kw = {} if args.buckets is None else dict(buckets=args.buckets)
     served_costs = serving.served_stage_costs(model, recall, x, repeats=args.repeats, **kw)
     refit, _ = recall_at_demo_lam(
-        prep.calibration.replace(costs=served_costs / served_costs.sum()), args.tolerance)
+        prep.calibration.replace(costs=serving.cost_shares(served_costs)), args.tolerance)
     base["recall_on_served_costs"] = refit
   policies = {}
   for prog in args.programs:

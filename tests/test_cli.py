@@ -196,6 +196,9 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   deployed, meta = tj.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
   selected = results["selected"]
   assert meta["user"]["chosen"] == selected["name"] and meta["lam"] == selected["solve_lam"]
+  # Which per-stage costs the policy was fitted on (the default: each stage timed alone).
+  assert results["info"]["costs"] == meta["user"]["costs"] == "measured"
+  assert "costs: measured (the policies are fitted" in proc.stdout
   assert "chosen by cross-fitting on the calibration split" in proc.stdout
   test = load_traces(os.path.join(d, "test_traces.npz"))
   ev = tj.evaluate(deployed, test, 0.5, num_resamples=10)
@@ -218,6 +221,7 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   # The report shows where the fitted policies win: least error at each latency budget.
   report = open(os.path.join(d, "report.md")).read()
   assert "## Least held-out error within a latency budget" in report
+  assert "costs: measured (the policies are fitted" in report
   assert "latency <= 25%" in proc.stdout and "mean error gap to the recall frontier" in proc.stdout
 
 
@@ -552,7 +556,8 @@ def test_a_missing_table_dependency_is_one_line(files, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv", [["fit", "x.npz"], ["solve", "c.npz", "--lam", "1.5"],
                                   ["sweep", "t.npz", "--lam", "0:1:0"], ["evaluate", "p.npz"],
-                                  ["demo", "--states", "0"], ["frobnicate"], []])
+                                  ["demo", "--states", "0"], ["demo", "--costs", "bogus"],
+                                  ["frobnicate"], []])
 def test_argparse_errors_exit_2_one_line(capsys, argv):
   with pytest.raises(SystemExit) as e:
     cli.main(argv)
@@ -582,6 +587,22 @@ def test_demo_json_on_synthetic_workload(tmp_path, capsys):
   assert result["workload"] == "synthetic-overthink"
   assert "pareto_plot" not in result["files"] and os.path.exists(result["files"]["policy"])
   assert result["policy"]["lam"] == result["selected"]["solve_lam"]  # the deployed, selected policy
+
+
+def test_demo_costs_option_parses_and_reaches_the_demo(tmp_path, capsys):
+  parser = cli.build_parser()
+  assert parser.parse_args(["demo"]).costs == "measured"
+  assert parser.parse_args(["demo", "--costs", "served"]).costs == "served"
+  with pytest.raises(SystemExit):
+    cli.main(["demo", "--costs", "bogus"])
+  assert "argument --costs: invalid choice: 'bogus'" in capsys.readouterr().err
+  # Passed on to the demo, which refuses it without a network before any work.
+  code, out, err = _main(capsys, ["demo", "--workload", "sklearn", "--costs", "served", "--out",
+                                  str(tmp_path / "d")])
+  assert code == 2 and out == "" and err.strip() == (
+      "ttamer demo: error: costs: 'served' needs a network workload (digits, sequences, "
+      "mnist1d), got 'sklearn'")
+  assert os.listdir(tmp_path) == []
 
 
 def test_compare_with_progress_bar_matches_without():

@@ -1,5 +1,8 @@
 """The end-to-end pipeline: traces -> fitted policy -> comparison -> operating points."""
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -8,11 +11,18 @@ from ttamer_jax.evaluation import selection  # its lam grid
 from ttamer_jax.app import pipeline as P
 from ttamer_jax.app import reports
 from ttamer_jax.evaluation import frontier
+from ttamer_jax.networks import serving
 
 
 @pytest.fixture(scope="module")
 def synthetic():
   return P.prepare("synthetic", seed=0, quick=True)
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+  """One checkpoint cache for this module's digits tests: the network is trained once."""
+  return tmp_path_factory.mktemp("digits_cache")
 
 
 def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
@@ -99,26 +109,58 @@ def test_errors_at_budgets_least_error_within_each_budget():
   assert "-:" not in reports.budget_legend([dict(policy="a", error=[0.2], cost=[0.1])])
 
 
-def test_prepare_and_compare_reject_bad_arguments(synthetic):
+def test_prepare_and_compare_reject_bad_arguments(synthetic, tmp_path):
   with pytest.raises(ValueError, match="workload"):
     P.prepare("imagenet")
+  for workload in ("sklearn", "synthetic"):  # nothing to serve: refused before any work
+    message = (f"costs: 'served' needs a network workload (digits, sequences, mnist1d), "
+               f"got '{workload}'")
+    with pytest.raises(ValueError, match=re.escape(message)):
+      P.prepare(workload, costs="served")
+    with pytest.raises(ValueError, match=re.escape(message)):
+      P.run_demo(str(tmp_path / "d"), workload=workload, costs="served", plots=False)
+  with pytest.raises(ValueError, match=re.escape("costs: must be one of ('measured', 'served'), "
+                                                 "got 'bogus'")):
+    P.prepare("digits", costs="bogus", cache_dir=str(tmp_path))
+  assert os.listdir(tmp_path) == []
   with pytest.raises(ValueError, match="score: traces have no signal 'nope'"):
     P.compare_policies(synthetic.calibration, synthetic.test, score="nope")
   with pytest.raises(ValueError, match="lam"):
     tj.hindsight_sweep(synthetic.test, [1.5])
 
 
-def test_digits_pipeline_quick(tmp_path):
-  prep = P.prepare("digits", seed=0, quick=True, cache_dir=str(tmp_path), progress=False)
+def test_digits_pipeline_quick(digits_cache):
+  prep = P.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False)
   assert prep.calibration.num_stages == 4 and prep.test.num_samples > 300
   np.testing.assert_allclose(np.sum(prep.calibration.costs), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(prep.test.costs, prep.calibration.costs)
-  assert prep.info["checkpoint"] and (tmp_path / prep.info["checkpoint"].split("/")[-1]).exists()
-  again = P.prepare("digits", seed=0, quick=True, cache_dir=str(tmp_path), progress=False)
+  assert prep.info["costs"] == "measured" and "served_stage_cost_share" not in prep.info
+  assert prep.info["checkpoint"] and (digits_cache / prep.info["checkpoint"].split("/")[-1]).exists()
+  again = P.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False)
   assert again.info["loaded"]
   np.testing.assert_array_equal(again.test.preds, prep.test.preds)
   comp = P.compare_policies(prep.calibration, prep.test, num_states=4, lams=np.linspace(0, 1, 11))
   assert np.all(np.isfinite(comp.test["recall"].error))
+
+
+def test_digits_served_costs_are_positive_shares_on_both_splits(digits_cache):
+  """costs="served": both splits carry the serving path's per-stage costs, as floored
+  shares of the served seconds; info keeps the measured shares beside them."""
+  prep = P.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False,
+                   costs="served")
+  costs = np.asarray(prep.calibration.costs)
+  assert costs.shape == (4,) and np.all(costs > 0)
+  np.testing.assert_allclose(costs.sum(), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(prep.test.costs, costs)
+  info = prep.info
+  assert info["costs"] == "served"
+  assert info["stage_cost_share"] == info["served_stage_cost_share"] == costs.tolist()
+  served = np.asarray(info["served_us_per_request"])
+  assert served.shape == (4,) and np.all(served >= 0) and served.sum() > 0
+  np.testing.assert_allclose(costs, serving.cost_shares(served), rtol=1e-5)
+  measured = np.asarray(info["measured_stage_cost_share"])
+  assert measured.shape == (4,) and np.all(measured > 0)
+  np.testing.assert_allclose(measured.sum(), 1.0, rtol=1e-5)
 
 
 def test_the_primary_signal_may_be_named_scores(synthetic):

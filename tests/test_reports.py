@@ -256,3 +256,22 @@ def test_demo_text_and_report(demo_result):
   synthetic = dict(result, info={}, quick=False)
   assert len(reports.demo_header(synthetic, dict(notes, trained=False)).splitlines()) == 2
   assert "(1 - lam) * cost" in reports.demo_text(synthetic, dict(notes, trained=False))
+
+
+def test_demo_report_says_which_costs_the_policies_were_fitted_on(demo_result):
+  result, notes = demo_result
+  served = dict(result, info=dict(result["info"], costs="served", stage_cost_share=[0.4, 0.6],
+                                  measured_stage_cost_share=[0.3, 0.7],
+                                  served_stage_cost_share=[0.4, 0.6],
+                                  served_us_per_request=[10.04, 15.0]))
+  header = reports.demo_header(served, notes).splitlines()
+  assert header[1].endswith("measured latency share per exit: 0.30 0.70")  # both are shown
+  line = ("costs: served (the policies are fitted and the latencies reported on them): each "
+          "stage's latency as the serving path runs it, per-stage overhead included; share per "
+          "exit 0.40 0.60 (10.0 15.0 us per request)")
+  assert header[2] == line
+  assert line in reports.demo_text(served, notes) and line in reports.demo_report(served, notes)
+  measured = dict(result, info=dict(result["info"], costs="measured"))
+  text = reports.demo_report(measured, notes)
+  assert ("costs: measured (the policies are fitted and the latencies reported on them): each "
+          "stage timed alone (--costs served") in text

@@ -248,3 +248,40 @@ def test_served_stage_costs_are_per_request_seconds_of_each_stage():
   deployed = _deployed("recall")
   costs = serving.served_stage_costs(MODEL, deployed, X[:40], buckets=BUCKETS, repeats=1)
   assert costs.shape == (N_STAGES,) and (costs >= 0).all() and costs.sum() > 0
+  shares = serving.cost_shares(costs)
+  assert (shares > 0).all() and shares.sum() == pytest.approx(1.0)
+
+
+def test_served_cost_shares_are_floored_positive_shares():
+  """A stage that timing noise makes free (clamped to 0) keeps a small positive share."""
+  np.testing.assert_allclose(serving.cost_shares([1.0, 3.0]), [0.25, 0.75])
+  shares = serving.cost_shares([0.0, 2e-6, 3e-6], floor=0.01)
+  assert shares.sum() == pytest.approx(1.0) and (shares > 0).all()
+  assert shares[0] == pytest.approx(0.01 / 1.01) and shares[2] / shares[1] == pytest.approx(1.5)
+  assert serving.cost_shares([0.0, 1.0])[0] == pytest.approx(serving.MIN_STAGE_SHARE, rel=1e-2)
+  with pytest.raises(ValueError, match="costs: every stage measured as free"):
+    serving.cost_shares([0.0, 0.0])
+  with pytest.raises(ValueError, match=r"costs\[1\] = -1.0 is negative"):
+    serving.cost_shares([1.0, -1.0])
+  with pytest.raises(ValueError, match="costs"):
+    serving.cost_shares([1.0, np.nan])
+  with pytest.raises(ValueError, match=r"floor: must be in \[0, 1/2\)"):
+    serving.cost_shares([1.0, 1.0], floor=0.5)
+
+
+def test_served_stage_costs_compile_only_the_buckets_fixed_exits_reach():
+  """Fixed-exit serving never compacts: every stage runs on the bucket of its chunk."""
+  assert serving._reached_buckets((8, 16, 24, 32), 40) == (8, 32)
+  assert serving._reached_buckets((8, 16, 24, 32), 64) == (32,)
+  assert serving._reached_buckets((8, 16, 24, 32), 5) == (8, 32)
+  assert serving._reached_buckets(serving.DEFAULT_BUCKETS, 359) == (384, 512)
+  # The per-stage kernels a server with every bucket runs are the reduced server's.
+  deployed = _deployed("recall")
+  fixed = deployed.replace(policy=tj.FixedExitPolicy(exit_stage=N_STAGES - 1, stages=N_STAGES),
+                           answers=None)
+  buckets = (8, 16, 24, 32)
+  few = serving.Server(MODEL, fixed, buckets=serving._reached_buckets(buckets, 40), program="stage")
+  few(X[:40])
+  before = serving.compile_count()
+  serving.Server(MODEL, fixed, buckets=buckets, program="stage")(X[:40])
+  assert serving.compile_count() == before

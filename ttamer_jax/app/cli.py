@@ -162,7 +162,7 @@ def _demo(args) -> int:
     pipeline.enable_compilation_cache(cache)
   run = pipeline.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
                           tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
-                          plots=not args.no_plots, progress=_progress(args),
+                          plots=not args.no_plots, progress=_progress(args), costs=args.costs,
                           log=None if args.json else _say)
   return emit(args, run, reports.demo_text)
 
@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cache of the trained network and of compiled programs (default "
                          "$TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+  demo.add_argument("--costs", default="measured", choices=pipeline.COST_OPTIONS,
+                    help="per-stage costs the policies are fitted on: measured (default; each "
+                         "stage timed alone) or served (each stage as the serving path runs it, "
+                         "its per-stage overhead included; network workloads only)")
 
   fit = add("fit", "choose a policy for exit traces by cross-fitting, and save it",
             "Fits every candidate (T-Tamer optima over several state designs, the simple\n"

@@ -4,7 +4,9 @@ Used by ``ttamer demo`` and ``scripts/reproduce_early_exit.py``:
 
 1. :func:`prepare` trains (or loads from a cache) the workload's early-exit network
    and records exit traces on its calibration and test splits, with per-stage costs
-   measured once (wall clock, on the calibration split) and shared by both.
+   measured once (wall clock, on the calibration split) and shared by both: each
+   stage timed alone (``costs="measured"``) or as the serving path runs it, its
+   per-stage overhead included (``costs="served"``).
 2. :func:`compare_policies` fits a cascade on the calibration traces, sweeps ``lam``
    for the recall and no-recall optima, sweeps each heuristic over its own grid
    (thresholds taken from the calibration traces), and computes the hindsight
@@ -34,10 +36,11 @@ import numpy as np
 
 from ttamer_jax.app import reports
 from ttamer_jax.core import solvers, validation
+from ttamer_jax.core.heuristics import FixedExitPolicy
 from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import policy_io, synthetic
 from ttamer_jax.data.cascade_io import load_cascade, save_cascade
-from ttamer_jax.data.discretise import PRIMARY_SCORE, trace_scores
+from ttamer_jax.data.discretise import PRIMARY_SCORE, DeployedPolicy, trace_scores
 from ttamer_jax.data.files import write_text
 from ttamer_jax.data.fitting import FittedCascade, fit_cascade
 from ttamer_jax.data.tables import read_traces
@@ -46,6 +49,12 @@ from ttamer_jax.evaluation import frontier, metrics, selection
 from ttamer_jax.evaluation.frontier import ReplaySweep
 
 WORKLOADS = ("digits", "sequences", "synthetic", "mnist1d", "sklearn")
+NETWORK_WORKLOADS = ("digits", "sequences", "mnist1d")
+# Per-stage costs the traces carry (and policies are fitted on): "measured", each
+# stage (block + head) timed alone; "served", each stage as the policy-guided
+# Server runs it (serving.served_stage_costs), with the per-stage overhead serving
+# adds (compaction, exit signal, discretiser, policy step, padding).
+COST_OPTIONS = ("measured", "served")
 # Measured wall-clock seconds of `ttamer demo` (digits, the defaults) -- quoted by
 # README.md, docs/cli.md and `ttamer demo --help` through :func:`demo_timing_text`
 # (tests/test_docs.py checks that they agree). Reproduce with
@@ -96,7 +105,10 @@ class Prepared:
     test: held-out traces they are evaluated on.
     model: the trained network (``None`` for trace-only workloads).
     info: what happened: per-exit test accuracy, training seconds or "loaded",
-      measured per-stage milliseconds, checkpoint path.
+      checkpoint path, ``costs`` (which per-stage costs the traces carry) and
+      ``stage_cost_share`` (those costs); with ``costs="served"`` also
+      ``measured_stage_cost_share``, ``served_stage_cost_share`` and
+      ``served_us_per_request`` (the raw served costs, microseconds per request).
     test_inputs: ``(x, y)`` of the test split (for serving benchmarks), or ``None``.
   """
 
@@ -108,8 +120,32 @@ class Prepared:
   test_inputs: Any = None
 
 
+def check_costs(costs: str, workload: str) -> str:
+  """``costs`` must be one of :data:`COST_OPTIONS`; ``"served"`` needs a network to serve."""
+  if costs not in COST_OPTIONS:
+    raise ValueError(f"costs: must be one of {COST_OPTIONS}, got {costs!r}")
+  if costs == "served" and workload not in NETWORK_WORKLOADS:
+    raise ValueError(f"costs: 'served' needs a network workload ({', '.join(NETWORK_WORKLOADS)}), "
+                     f"got {workload!r}")
+  return costs
+
+
+def serving_probe(calibration: ExitTraces, num_states: int = 8) -> DeployedPolicy:
+  """The deployed policy whose serving path :func:`prepare` times for ``costs="served"``.
+
+  The policy deployed is chosen after the costs are known, so this is the demo's
+  default design instead: ``num_states`` quantile bins of the signal the fitted
+  policies read (:func:`resolve_signals`), whose discretiser every stage runs as a
+  deployed policy's does. Its policy runs every stage; the timing replaces it with
+  fixed exits (:func:`~ttamer_jax.networks.serving.served_stage_costs`)."""
+  score, _, _ = resolve_signals(calibration)
+  n = calibration.num_stages
+  fitted = fit_cascade(calibration, num_states, score=score)
+  return fitted.deploy(FixedExitPolicy(exit_stage=n - 1, stages=n))
+
+
 def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick: bool = False,
-            progress: bool = True) -> Prepared:
+            progress: bool = True, costs: str = "measured") -> Prepared:
   """Trains or loads the workload's network and collects calibration and test traces.
 
   Args:
@@ -124,12 +160,21 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
       :func:`default_cache_dir`; ``""`` disables caching).
     quick: train a tenth of the steps (tests, notebooks in a hurry).
     progress: show the training progress bar.
+    costs: per-stage costs of both splits (:data:`COST_OPTIONS`): ``"measured"``,
+      each stage timed alone (:func:`~ttamer_jax.networks.profiling.collect_traces`);
+      ``"served"`` (network workloads only), each stage's seconds per request as
+      the default :class:`~ttamer_jax.Server` runs it on the calibration inputs
+      (:func:`~ttamer_jax.networks.serving.served_stage_costs` with
+      :func:`serving_probe`), per-stage overhead included, as shares floored above
+      0 (:func:`~ttamer_jax.networks.serving.cost_shares`). Compiles the server
+      once per process (a few seconds).
   """
   from ttamer_jax.networks import profiling
   from ttamer_jax.networks import workloads
 
   if workload not in WORKLOADS:
     raise ValueError(f"workload: must be one of {WORKLOADS}, got {workload!r}")
+  check_costs(costs, workload)
   if workload == "synthetic":
     cascade = synthetic.synthetic_cascade(seed, num_stages=5, num_states=8, regime="overthink")
     k_cal, k_test = jax.random.split(jax.random.PRNGKey(seed))
@@ -142,7 +187,7 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
     from ttamer_jax.networks import model_cascade
     mc = model_cascade.model_cascade(seed=seed, num_samples=8000 if quick else 24000)
     return Prepared(name=mc.name, calibration=mc.calibration, test=mc.test, model=None,
-                    info=dict(mc.info, stages=list(mc.stages)))
+                    info=dict(mc.info, stages=list(mc.stages), costs="measured"))
   builders = dict(digits=workloads.digits, sequences=workloads.sequences,
                   mnist1d=workloads.mnist1d)
   wl = builders[workload](seed=seed)
@@ -159,13 +204,23 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
                                         progress=progress)
   cal = profiling.collect_traces(model, wl.calibration.x, wl.calibration.y, cost="measured",
                                  repeats=10 if quick else 20)
-  # One set of measured costs for both splits: the test split is profiled for its
-  # signals only, then given the calibration split's latencies.
+  flops = profiling.measure_stage_costs(model, wl.calibration.x, repeats=5, timed=False).flops
+  info = dict(info, checkpoint=checkpoint, costs=costs,
+              stage_cost_share=np.asarray(cal.costs).tolist(),
+              flops_per_sample=np.asarray(flops).tolist())
+  if costs == "served":
+    from ttamer_jax.networks import serving
+    seconds = serving.served_stage_costs(model, serving_probe(cal), wl.calibration.x,
+                                         repeats=5 if quick else 15)
+    cal = cal.replace(costs=serving.cost_shares(seconds))
+    info.update(measured_stage_cost_share=info["stage_cost_share"],
+                served_stage_cost_share=np.asarray(cal.costs).tolist(),
+                stage_cost_share=np.asarray(cal.costs).tolist(),
+                served_us_per_request=(1e6 * seconds).tolist())
+  # One set of costs for both splits: the test split is profiled for its signals
+  # only, then given the calibration split's latencies.
   test = profiling.collect_traces(model, wl.test.x, wl.test.y, cost="flops")
   test = test.replace(costs=cal.costs)
-  costs = profiling.measure_stage_costs(model, wl.calibration.x, repeats=5, timed=False)
-  info = dict(info, checkpoint=checkpoint, stage_cost_share=np.asarray(cal.costs).tolist(),
-              flops_per_sample=np.asarray(costs.flops).tolist())
   return Prepared(name=wl.name, calibration=cal, test=test, model=model, info=info,
                   test_inputs=(wl.test.x, wl.test.y))
 
@@ -679,7 +734,7 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
 
 def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: bool = False,
              states: int = 8, tolerance: float = 0.01, seed: int = 0, cache_dir: str | None = None,
-             plots: bool = True, progress: bool = False,
+             plots: bool = True, progress: bool = False, costs: str = "measured",
              log: Callable[[str], None] | None = None) -> Run:
   """``ttamer demo``: the whole job on a built-in workload, written to the folder ``out``.
 
@@ -690,6 +745,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   on the test split next to its model check; writes the plots (``plots``), the
   policy, the traces, the recall family's cascade, ``report.md`` and
   ``results.json`` (the result). ``log``: receives the status lines (``None``: silent).
+  ``costs``: the per-stage costs the policies are fitted on (:func:`prepare`; the
+  report and ``info["costs"]`` say which).
   The checkpoint cache: ``cache_dir`` (default :func:`default_cache_dir`; ``""``: off).
   The ``ttamer demo`` program also keeps its compiled programs there
   (:func:`enable_compilation_cache`); this function leaves JAX's process-wide settings
@@ -698,6 +755,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   from ttamer_jax.app import plotting
 
   say = log or (lambda text: None)
+  check_costs(costs, workload)
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out {out}: exists and is not a folder")
   parent = os.path.dirname(os.path.abspath(out))
@@ -708,10 +766,12 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   t0 = time.perf_counter()
   cache = default_cache_dir() if cache_dir is None else cache_dir
   if workload != "synthetic":
+    latency = ("per-exit latency, and each stage's latency as the serving path runs it"
+               if costs == "served" else "per-exit latency")
     say(f"[1/4] {workload}: train the early-exit network or load it from the cache "
-        f"({cache or 'caching off'}); record exit traces and per-exit "
-        "latency ...")
-  prep = prepare(workload, seed=seed, cache_dir=cache, quick=quick, progress=progress)
+        f"({cache or 'caching off'}); record exit traces and {latency} ...")
+  prep = prepare(workload, seed=seed, cache_dir=cache, quick=quick, progress=progress,
+                 costs=costs)
   say(f"[2/4] fit a {states}-state cascade on {prep.calibration.num_samples} "
       "calibration requests; sweep every policy family ...")
   score, conf, entropy = resolve_signals(prep.calibration)
@@ -740,7 +800,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   os.makedirs(out, exist_ok=True)
   files = {}
   at = lambda name: os.path.join(out, name)
-  with_cost = "measured latency" if prep.model is not None else "cost"
+  with_cost = (f"{prep.info.get('costs', 'measured')} latency" if prep.model is not None
+               else "cost")
   if plots:
     files["pareto_plot"] = plotting.plot_pareto(
         comp.test, at("pareto.png"), title=f"{prep.name}: held-out accuracy / {with_cost} frontiers",
@@ -760,10 +821,11 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
       files["exit_histograms"] = plotting.plot_exit_histograms(
           stops, at("exit_histograms.png"), recalled=recalled,
           title=f"{prep.name}: exits at each policy's operating point (test split)")
+  fitted_on = {"costs": prep.info["costs"]} if "costs" in prep.info else {}
   meta = policy_io.save_policy(at("policy.npz"), deployed, lam=sel.solve_lam,
                                full_cost=sel.full_cost, metadata=dict(
                                    source="ttamer demo", workload=prep.name, tolerance=tolerance,
-                                   chosen=sel.chosen.name))
+                                   chosen=sel.chosen.name, **fitted_on))
   files["policy"], files["policy_metadata"] = at("policy.npz"), policy_io.sidecar_path(at("policy.npz"))
   save_traces(at("calibration_traces.npz"), prep.calibration)
   save_traces(at("test_traces.npz"), prep.test)

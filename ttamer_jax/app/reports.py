@@ -337,13 +337,28 @@ def demo_header(result: Mapping, notes: Mapping) -> str:
     how = ("loaded from the cache" if info.get("loaded")
            else f"trained in {info.get('train_seconds') or 0:.0f} s"
            + (" (--quick: a tenth of the steps)" if result["quick"] else ""))
+    measured = info.get("measured_stage_cost_share", info["stage_cost_share"])
     lines.append(f"network {how}; test accuracy per exit: "
                  + " ".join(pct(a) for a in info["test_accuracy"])
                  + "; measured latency share per exit: "
-                 + " ".join(f"{c:.2f}" for c in info["stage_cost_share"]))
+                 + " ".join(f"{c:.2f}" for c in measured))
+  if info.get("costs"):
+    lines.append(costs_line(info))
   lines.append(f"{result['calibration_requests']} calibration / {result['test_requests']} test "
                f"requests; fitted {notes['states']} bins of {result['fitted']['score']} per exit")
   return "\n".join(lines)
+
+
+def costs_line(info: Mapping) -> str:
+  """Which per-stage costs the demo's policies were fitted on (``info["costs"]``)."""
+  head = f"costs: {info['costs']} (the policies are fitted and the latencies reported on them): "
+  if info["costs"] == "served":
+    return (head + "each stage's latency as the serving path runs it, per-stage overhead "
+            "included; share per exit " + " ".join(f"{c:.2f}" for c in info["stage_cost_share"])
+            + " (" + " ".join(f"{u:.1f}" for u in info["served_us_per_request"])
+            + " us per request)")
+  return head + ("each stage timed alone (--costs served: as the serving path runs it, "
+                 "per-stage overhead included)")
 
 
 def demo_report(result: Mapping, notes: Mapping) -> str:
