@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(numpy_k=[4, 6], mdp_k=[3, 4], sweep_k=[4], sweep_sizes=[1, 16], loop_cap=4,
             mc_k=4, mc_paths=[4000], mc_numpy_cap=4000, max_round_s=0.2,
             profile_cases=((8, True),), batch_cases=[(4, 1, 8), (5, 3, 4)],
-            replay_n=300, replay_ref_n=100, replay_policies=6)
+            replay_n=300, replay_ref_n=100, replay_policies=6, matmul_n=64)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -216,3 +216,24 @@ def test_multihost_example_runs_two_processes_on_localhost():
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   assert "processes: 2, devices: 4 (2 per process)" in proc.stdout
   assert "sharded over 4 devices" in proc.stdout and "-> OK" in proc.stdout
+
+
+@pytest.mark.parametrize("k", [3, 32, 33])
+def test_both_table_layouts_of_a_lam_batch_equal_single_solves(k):
+  # K <= kernel.SMALL_K solves a lam batch with the batch in the tables' minor axis
+  # (elementwise expectation), larger K with it leading (one matrix product): both
+  # must give every lam's single solve, values and index.
+  from ttamer_jax.core import kernel, solvers   # internal: the two layouts themselves
+  assert (k <= kernel.SMALL_K) == (k != 33)
+  cascade = tj.random_cascade(jax.random.PRNGKey(k), 4, k)
+  grid, pos = kernel.prepare_grid(cascade.values)
+  lams = np.linspace(0.05, 0.95, 6).astype(np.float32)
+  got = solvers.solve_recall_lams(cascade, lams, grid, pos)
+  for i, lam in enumerate(lams):
+    one = tj.solve_recall(cascade, float(lam))
+    np.testing.assert_allclose(got.value[i], one.value, rtol=1e-6)
+    np.testing.assert_allclose(got.index[i, :-1], one.index[:-1], rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="batch_last"):
+    kernel.backward_scan(jnp.zeros((grid.size, 2)), grid, pos, cascade.values,
+                         jnp.zeros((3, 2)), cascade.trans, lambda g, t: g,
+                         beta=jnp.float32(0.1), batch_last=True)

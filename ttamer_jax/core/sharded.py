@@ -6,8 +6,8 @@ grid; one of its axes -- the *sweep axis* -- is split across the devices of a
 :class:`jax.sharding.Mesh` (by default all devices JAX sees, across every host
 after ``jax.distributed.initialize``), padded to a multiple of the device count.
 Each device solves its block with nested ``vmap``s, in batches bounded by
-:data:`MAX_BATCH_BYTES` (:data:`MAX_BATCH_BYTES_CPU` on CPUs) through
-``jax.lax.map(..., batch_size=...)``, so memory stays flat for any sweep length;
+:data:`MAX_BATCH_BYTES` (on CPUs: recall batches by :data:`MAX_TABLE_BYTES_CPU`,
+others by :data:`MAX_BATCH_BYTES_CPU`) through ``jax.lax.map(..., batch_size=...)``, so memory stays flat for any sweep length;
 there is no communication between devices.
 
 Which axis is sharded (``shard="auto"``): the one whose padding wastes less work,
@@ -44,13 +44,17 @@ from ttamer_jax.core.struct import pytree_dataclass
 
 # Per-device memory one batch of pairs may use for the solver's working tables
 # (about ``4 M K`` floats per recall solve). Larger batches only amortise
-# dispatch, which is negligible once a batch is this big. On CPUs a batch whose
-# tables stay in the core's cache is faster than one large batch: per lam, a
-# 2-core EPYC solved K = 8 at 0.7 us in chunks of <= 1024 lams vs 2.2 us in one
-# of 4096, and K = 128 at 0.32 ms in chunks of 2 vs 0.6 ms in chunks of 16-32
-# (chunk sizes timed one by one). 1 MiB is ~700 lams at K = 8, ~60 at K = 32 and
-# 3 at K = 128.
+# dispatch, which is negligible once a batch is this big.
 MAX_BATCH_BYTES = 1 << 30
+# On CPUs a recall batch is sized by its value table ([M, K] per pair) instead:
+# tables of <= 128 KiB stay in a core's cache, and the elementwise passes of a
+# larger batch ran 3-10x slower per entry on a 2-core EPYC (K = 8, 16, 32: chunks
+# of 512, 128, 32 lams vs twice that). Above kernel.SMALL_K the per-stage product
+# needs rows more than cache: K = 64 .. 256 ran at 150-320 GFLOP/s in chunks of 8
+# lams vs 130-180 in chunks of 1-2 (BENCHMARKS.md, issue 16).
+MAX_TABLE_BYTES_CPU = 1 << 17
+MIN_PRODUCT_LAMS_CPU = 8
+MAX_PRODUCT_BYTES_CPU = 1 << 23
 MAX_BATCH_BYTES_CPU = 1 << 20
 
 _SOLVERS = ("recall", "no_recall")
@@ -197,17 +201,38 @@ def _pair_bytes(solver: str, m: int, n: int, k: int, itemsize: int) -> int:
   return (3 * k + n * k) * itemsize
 
 
+def _cpu_recall_pairs(m: int, k: int, itemsize: int) -> int:
+  """Pairs per batch of a recall sweep on a CPU (see :data:`MAX_TABLE_BYTES_CPU`)."""
+  table = m * k * itemsize
+  pairs = MAX_TABLE_BYTES_CPU // table
+  if k > kernel.SMALL_K:
+    pairs = max(pairs, min(MIN_PRODUCT_LAMS_CPU, MAX_PRODUCT_BYTES_CPU // table))
+  return max(1, pairs)
+
+
 def _batch_sizes(pair_bytes: int, inst_block: int, lam_block: int,
-                 batch_size: int | None, platform: str) -> tuple[int, int]:
+                 batch_size: int | None, platform: str,
+                 cpu_recall_pairs: int | None = None) -> tuple[int, int]:
   """Instances x lams solved at once per device (a ``lax.map`` step)."""
   budget = MAX_BATCH_BYTES_CPU if platform == "cpu" else MAX_BATCH_BYTES
-  pairs = batch_size if batch_size is not None else max(1, budget // pair_bytes)
+  if batch_size is not None:
+    pairs = batch_size
+  elif platform == "cpu" and cpu_recall_pairs is not None:
+    pairs = cpu_recall_pairs
+  else:
+    pairs = max(1, budget // pair_bytes)
   lam_batch = min(lam_block, pairs)
   inst_batch = min(inst_block, max(1, pairs // lam_batch))
   return inst_batch, lam_batch
 
 
 def _map(f, xs, batch: int, length: int):
+  # One element at a time without vmap: a size-1 batch axis in front of the lam-minor
+  # small-K tables made XLA:CPU's passes ~3x slower (K = 32).
+  if batch == 1:
+    if length == 1:
+      return jax.tree.map(lambda a: a[None], f(jax.tree.map(lambda a: a[0], xs)))
+    return jax.lax.map(f, xs)
   if batch >= length:
     return jax.vmap(f)(xs)
   return jax.lax.map(f, xs, batch_size=batch)
@@ -297,7 +322,8 @@ def sweep(cascades, lams, *, solver: str = "recall", mesh: Mesh | None = None,
       is split across devices (see the module docstring).
     return_tables: also return the ``[n, K]`` policy table of every pair.
     batch_size: pairs solved at once per device; default from
-      :data:`MAX_BATCH_BYTES` (:data:`MAX_BATCH_BYTES_CPU` on CPUs). Only the
+      :data:`MAX_BATCH_BYTES` (CPUs: :data:`MAX_TABLE_BYTES_CPU` for recall,
+      :data:`MAX_BATCH_BYTES_CPU` otherwise). Only the
       shapes of the matrix products depend on it (results agree to rounding).
     precision: matmul precision.
 
@@ -335,7 +361,8 @@ def sweep(cascades, lams, *, solver: str = "recall", mesh: Mesh | None = None,
   lam_block = lams_pad // devices if axis == "lams" else lams_pad
   inst_batch, lam_batch = _batch_sizes(
       _pair_bytes(solver, grid.shape[1], n, k, dtype.itemsize), inst_block, lam_block, batch_size,
-      mesh.devices.flat[0].platform)
+      mesh.devices.flat[0].platform,
+      _cpu_recall_pairs(grid.shape[1], k, dtype.itemsize) if solver == "recall" else None)
   if solver == "recall" and lam_batch < lam_block:
     # Equal chunks (the lams padded by fewer than one per chunk): one compiled chunk
     # body instead of a body and a tail.

@@ -144,22 +144,30 @@ def solve_recall_lams(cascade: Cascade, lams, grid, pos, precision=DEFAULT_PRECI
                       with_index: bool = True) -> RecallSolution:
   """:func:`solve_recall_on_grid` for a batch ``lams [C]`` sharing one cascade and grid.
 
-  The batch is folded into the rows of the tables (``[C, M, K]``), so each stage is one
-  ``(C M) x K`` by ``K x K`` matrix product instead of ``C`` small ones: what makes
-  small-``K`` sweeps run at the hardware's speed. Returns ``value [C]`` and ``index
+  The batch is folded into the tables: ``[C, M, K]`` for ``K >`` :data:`~ttamer_jax.core.kernel.SMALL_K`,
+  so each stage is one ``(C M) x K`` by ``K x K`` matrix product instead of ``C`` small
+  ones; ``[M, K, C]`` for smaller ``K``, where the expectation is ``K`` multiply-adds
+  per entry vectorised over the lams (kernel's two layouts). Returns ``value [C]`` and ``index
   [C, n, K]`` (``None`` without ``with_index``). Trusted inputs, as
   :func:`solve_recall_on_grid`.
   """
   dtype = cascade.values.dtype
   lams = jnp.asarray(lams, dtype)
   grid = grid.astype(dtype)
-  continuation = lambda g, t_mat: jnp.einsum("...xt,st->...xs", g, t_mat, precision=precision)
   stage_costs = (1 - lams)[None, :] * cascade.costs[1:, None]                       # [n-1, C]
+  batch_last = cascade.num_states <= kernel.SMALL_K
+  if batch_last:
+    # Tables [M, K, C]: E[G | s] as K multiply-adds per entry, vectorised over the lams.
+    continuation = lambda g, t_mat: jnp.sum(t_mat.T[None, :, :, None] * g[:, :, None, :], axis=1)
+    xs = grid[:, None] * lams[None, :]                                               # [M, C]
+  else:
+    continuation = lambda g, t_mat: jnp.einsum("...xt,st->...xs", g, t_mat, precision=precision)
+    xs = lams[:, None] * grid[None, :]                                               # [C, M]
   v_first, index = kernel.backward_scan(
-      lams[:, None] * grid[None, :], grid, pos, cascade.values, stage_costs, cascade.trans,
-      continuation, with_index=with_index)
+      xs, grid, pos, cascade.values, stage_costs, cascade.trans, continuation,
+      with_index=with_index, batch_last=batch_last)
   value = kernel.line_value(v_first, pos[0], cascade.init, (1 - lams) * cascade.costs[0],
-                            precision)
+                            precision, batch_last)
   return RecallSolution(value=value, index=index)
 
 
