@@ -141,3 +141,21 @@ def test_replay_compiles_once_per_bucket_and_padding_changes_nothing():
   head = tj.replay(policy, states[:7], losses[:7], costs)       # padded 7 -> 64 rows
   np.testing.assert_array_equal(head.stop_stage, res.stop_stage[:7])
   np.testing.assert_array_equal(head.loss, res.loss[:7])
+
+
+def test_a_new_but_equal_policy_axes_does_not_recompile():
+  """``lam_grid_axes()`` builds a new pytree each call; equal axes must reuse the
+  compiled grid replay (they once recompiled on every call: 82 compilations in one
+  ``fit_policy``)."""
+  n, k = 4, 3
+  cascade = tj.random_cascade(jax.random.PRNGKey(5), n, k)
+  lams = np.linspace(0.1, 0.9, 4)
+  index = jnp.stack([tj.solve_recall(cascade, lam).index for lam in lams])
+  grid = tj.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams, jnp.float32))
+  states, losses, scores, preds = _requests(9, 100, n, k)
+  costs = np.asarray(cascade.costs)
+  first = tj.replay_totals(grid, states, losses, costs, policy_axes=tj.RecallPolicy.lam_grid_axes())
+  before = replay_module._replay_totals._cache_size()
+  again = tj.replay_totals(grid, states, losses, costs, policy_axes=tj.RecallPolicy.lam_grid_axes())
+  assert replay_module._replay_totals._cache_size() == before
+  np.testing.assert_array_equal(first.stop_counts, again.stop_counts)
