@@ -893,7 +893,8 @@ def bench_replay(cfg, repeats, checks):
     compiled = replay_module._replay_totals.lower(
         grid, rows_of(jnp.int32), rows_of(jnp.float32), rows_of(jnp.float32),
         rows_of(jnp.float32), rows_of(jnp.int32),
-        jax.ShapeDtypeStruct((block * num_blocks,), jnp.float32), axes, block).compile()
+        jax.ShapeDtypeStruct((block * num_blocks,), jnp.float32), replay_module.static_axes(axes),
+        block).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     rows.append(dict(policies=name, P=size, N=num, stages=n,
                      steps_per_s=num * n * size / t_full, seconds=t_full,

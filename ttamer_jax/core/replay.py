@@ -375,11 +375,7 @@ def replay_totals_arrays(policies, states, losses, costs, scores=None, preds=Non
   cols = _pad_requests(cols, size) if size != num else cols
   # Padded requests weigh nothing in the sums.
   weights = np.concatenate([np.ones(num, losses.dtype), np.zeros(size - num, losses.dtype)])
-  # The axes go to jit as (treedef, leaves), which hash by value: an axes pytree such
-  # as RecallPolicy.lam_grid_axes() hashes by identity, and each new one recompiled
-  # (fit_policy: 82 compilations of this program instead of 10, 32 s of compiling).
-  axes_leaves, axes_def = jax.tree_util.tree_flatten(policy_axes)
-  sums = _replay_totals(policies, *cols, weights, (axes_def, tuple(axes_leaves)), block)
+  sums = _replay_totals(policies, *cols, weights, static_axes(policy_axes), block)
   # Blocks summed on the host in float64: counts stay exact beyond 2**24 requests.
   loss, cost, stops, answers, recalled = (np.asarray(x, np.float64).sum(0) for x in sums)
   return ReplayTotals(loss=loss, cost=cost, stop_counts=stops, answer_counts=answers,
@@ -392,6 +388,16 @@ def grid_block(num: int, grid_size: int) -> tuple[int, int]:
   bucketed so that a new ``num`` rarely compiles anew."""
   block = int(max(64, min(bucket_size(num), GRID_BLOCK_ELEMENTS // grid_size)))
   return block, bucket_size(-(-num // block), minimum=1)
+
+
+def static_axes(policy_axes: Any) -> tuple[Any, tuple]:
+  """``policy_axes`` as a static jit argument that hashes by value: ``(treedef, leaves)``.
+
+  An axes pytree such as :meth:`RecallPolicy.lam_grid_axes` hashes by identity, so each
+  new one recompiled the grid replay (``fit_policy``: 82 compilations of it instead
+  of 10, 32 s of compiling)."""
+  leaves, treedef = jax.tree_util.tree_flatten(policy_axes)
+  return treedef, tuple(leaves)
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8))
