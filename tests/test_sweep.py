@@ -237,18 +237,3 @@ def test_both_table_layouts_of_a_lam_batch_equal_single_solves(k):
     kernel.backward_scan(jnp.zeros((grid.size, 2)), grid, pos, cascade.values,
                          jnp.zeros((3, 2)), cascade.trans, lambda g, t: g,
                          beta=jnp.float32(0.1), batch_last=True)
-
-
-@pytest.mark.parametrize("batch_size", [2 * LAMS.size, 3 * LAMS.size])
-def test_groups_of_cascades_as_pairs_equal_single_solves(batch_size):
-  # Small K on CPUs: groups of whole lam rows solved as one batch of (cascade, lam)
-  # pairs, each with its own grid (solvers.solve_recall_pairs); 7 cascades in groups
-  # of 2 or 3 leave a remainder group.
-  batch = _batch(7)
-  result = tj.sweep(batch, LAMS, batch_size=batch_size)
-  value, index = _single_solves(batch, np.broadcast_to(LAMS, (7, LAMS.size)))
-  np.testing.assert_allclose(result.value, value, rtol=1e-6, atol=1e-7)
-  # At lam = 1 stages are free and stop/continue tie exactly wherever continuing cannot
-  # help: which side a tie lands on is rounding (sum order), so compare lam < 1 there.
-  assert LAMS[-1] == 1.0
-  np.testing.assert_allclose(result.index[:, :-1, :-1], index[:, :-1, :-1], rtol=1e-6, atol=1e-7)

@@ -139,10 +139,7 @@ def default_x_chunk(grid_size: int, num_states: int, itemsize: int = 4) -> int |
 # (:data:`SMALL_K`).
 def at_losses(v: chex.Array, pos_row: chex.Array, batch_last: bool = False) -> chex.Array:
   """``V(lam l(t), t)``: row ``pos_row[t]`` of column ``t`` of ``v [..., M, K]``
-  (``[..., K]``), or of ``v [M, K, C]`` with ``batch_last`` (``[K, C]``; ``pos_row``
-  ``[K]`` shared by the batch or ``[K, C]`` per entry)."""
-  if batch_last and pos_row.ndim == 2:
-    return jnp.take_along_axis(v, pos_row[None], axis=0)[0]
+  (``[..., K]``), or of ``v [M, K, C]`` with ``batch_last`` (``[K, C]``)."""
   cols = jnp.arange(pos_row.shape[0])
   return v[pos_row, cols] if batch_last else v[..., pos_row, cols]
 
@@ -152,15 +149,11 @@ def carried_table(v_next: chex.Array, grid_rows: chex.Array, at_l: chex.Array,
   """``G[x, t] = V_next(min(x, lam l_next(t)), t)`` on rows ``grid_rows`` of the grid.
 
   ``x`` itself while ``x <= l(t)`` (compared unscaled), else the row of ``l(t)``
-  (``at_l``, from :func:`at_losses`): a select instead of a gather. With
-  ``batch_last``, ``grid_rows [R]`` and ``l_next [K]`` may carry the batch axis too
-  (``[R, C]``, ``[K, C]``: an own grid per entry, e.g. pairs of cascades and lams).
+  (``at_l``, from :func:`at_losses`): a select instead of a gather.
   """
-  if batch_last:
-    keep = jnp.expand_dims(grid_rows, 1) <= l_next[None]   # [R, K] or [R, K, C]
-    keep = keep if keep.ndim == 3 else keep[:, :, None]
-    return jnp.where(keep, v_next, at_l[None])
   keep = grid_rows[:, None] <= l_next[None, :]
+  if batch_last:
+    return jnp.where(keep[:, :, None], v_next, at_l[None])
   return jnp.where(keep, v_next, at_l[..., None, :])
 
 
@@ -224,14 +217,13 @@ def backward_scan(xs: chex.Array, grid: chex.Array, pos: chex.Array, values: che
     with_index: also compute the dynamic index (skipped: one pass less per stage).
     batch_last: ``xs`` is ``[M, C]`` and the tables ``[M, K, C]`` (the trailing layout
       above; exact recursion, no ``x_chunk``); ``continuation`` then maps ``[R, K, C]``
-      to ``[R, K, C]``. ``grid``, ``pos`` and ``values`` may then also carry the batch
-      axis last (``[M, C]``, ``[n, K, C]``): an own cascade per entry.
+      to ``[R, K, C]``.
 
   Returns:
     ``(V_1 [..., M, K], index [..., n, K])`` (``V_1 [M, K, C]`` with ``batch_last``)
     -- ``index`` is ``None`` when ``beta`` is given or ``with_index`` is false.
   """
-  n, k = values.shape[:2]
+  n, k = values.shape
   dtype = values.dtype
   if batch_last and (beta is not None or xs.ndim != 2):
     raise ValueError("batch_last: needs xs [M, C] and the exact recursion (no beta)")
@@ -287,8 +279,6 @@ def line_value(v_first: chex.Array, pos_first: chex.Array, init: chex.Array, fir
                precision=DEFAULT_PRECISION, batch_last: bool = False) -> chex.Array:
   """``[...]`` ``J = first_cost + sum_s init[s] V_1(lam l_1(s), s)`` (``[C]`` with ``batch_last``)."""
   start = at_losses(v_first, pos_first, batch_last)
-  if batch_last and init.ndim == 2:   # an own init [K, C] per entry
-    return first_cost + jnp.sum(init * start, axis=0)
   if batch_last:
     return first_cost + jnp.dot(init, start, precision=precision)
   return first_cost + jnp.dot(start, init, precision=precision)

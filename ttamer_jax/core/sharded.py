@@ -39,7 +39,7 @@ from ttamer_jax.core import kernel, validation
 from ttamer_jax.core.kernel import DEFAULT_PRECISION
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.shapes import bucket_size
-from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_lams, solve_recall_pairs
+from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_lams
 from ttamer_jax.core.struct import pytree_dataclass
 
 # Per-device memory one batch of pairs may use for the solver's working tables
@@ -238,25 +238,23 @@ def _map(f, xs, batch: int, length: int):
   return jax.lax.map(f, xs, batch_size=batch)
 
 
-def _chunked(f, xs: Any, chunk: int):
-  """``f`` (which takes a chunk of ``C`` leading entries of every leaf of ``xs``) over
-  all ``L`` entries in chunks of ``chunk``, in turn."""
-  length = jax.tree.leaves(xs)[0].shape[0]
+def _chunked(f, xs: jax.Array, chunk: int):
+  """``f`` (which takes a ``[C]`` chunk) over ``xs [L]`` in chunks of ``chunk``, in turn."""
+  length = xs.shape[0]
   if chunk >= length:
     return f(xs)
   full = length // chunk * chunk
-  head = jax.lax.map(f, jax.tree.map(lambda a: a[:full].reshape((-1, chunk) + a.shape[1:]), xs))
+  head = jax.lax.map(f, xs[:full].reshape(-1, chunk))
   head = jax.tree.map(lambda a: a.reshape((full,) + a.shape[2:]), head)
   if full == length:
     return head
-  tail = f(jax.tree.map(lambda a: a[full:], xs))
+  tail = f(xs[full:])
   return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head, tail)
 
 
 @functools.lru_cache(maxsize=64)
 def compiled_sweep(mesh: Mesh, axis: str, solver: str, inst_batch: int, lam_batch: int,
-                    inst_block: int, lam_block: int, return_tables: bool, precision,
-                    pairs: bool = False):
+                    inst_block: int, lam_block: int, return_tables: bool, precision):
   names = tuple(mesh.axis_names)
   if axis == "instances":
     inst, lam_spec = PartitionSpec(names), PartitionSpec(names, None)
@@ -281,15 +279,8 @@ def compiled_sweep(mesh: Mesh, axis: str, solver: str, inst_batch: int, lam_batc
     value, table = _map(one_pair, lam_row, lam_batch, lam_block)
     return (value, table) if return_tables else (value, None)
 
-  def instance_group(args):
-    # Whole lam rows of a group of cascades as one batch of pairs (small K, CPU).
-    sol = solve_recall_pairs(*args, return_tables)
-    return sol.value, sol.index
-
   def local(values, init, trans, costs, grid, pos, lam_grid):
     cascade = jax.tree.unflatten(_CASCADE_TREEDEF, [values, init, trans, costs])
-    if pairs and inst_batch > 1:
-      return _chunked(instance_group, (cascade, lam_grid, grid, pos), inst_batch)
     return _map(one_instance, (cascade, grid, pos, lam_grid), inst_batch, inst_block)
 
   out_specs = (lam_spec, table_spec if return_tables else None)
@@ -390,13 +381,8 @@ def sweep(cascades, lams, *, solver: str = "recall", mesh: Mesh | None = None,
   # A fresh buffer: it is donated, and CPU transfers may alias host memory.
   host.append(np.array(_pad(_pad(lam_grid, 0, num_pad), 1, lams_pad), dtype, copy=True))
   inputs = _global(host, [inst_sharding] * 6 + [lam_sharding])
-  # Small K on CPUs: groups of cascades solved as one batch of (cascade, lam) pairs in
-  # the trailing layout (solvers.solve_recall_pairs); elsewhere the per-pair copies of
-  # the transition matrices would outgrow the batch budget.
-  pairs = (solver == "recall" and k <= kernel.SMALL_K
-           and mesh.devices.flat[0].platform == "cpu")
   fn = compiled_sweep(mesh, axis, solver, inst_batch, lam_batch, inst_block, lam_block,
-                       bool(return_tables), precision, pairs)
+                       bool(return_tables), precision)
   value, table = fn(*inputs)
   if num_pad != num or lams_pad != num_lams:
     value, table = _trim(value, table, num, num_lams)

@@ -180,39 +180,6 @@ def solve_no_recall(cascade: Cascade, lam, *, precision=DEFAULT_PRECISION) -> No
   return solve_no_recall_compiled(cascade, lam, precision)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def solve_recall_pairs(cascades: Cascade, lams, grids, positions,
-                       with_index: bool = True) -> RecallSolution:
-  """:func:`solve_recall_lams` for ``I`` cascades with ``L`` lams each, small ``K``.
-
-  ``cascades`` is batched (leaves ``[I, ...]``), ``lams [I, L]``, ``grids [I, M]``
-  (one padded size), ``positions [I, n, K]``. The ``I L`` pairs are solved together
-  in the trailing layout (tables ``[M, K, I L]``), each pair with its own grid and
-  transition matrices -- for ``K <=`` :data:`~ttamer_jax.core.kernel.SMALL_K`, where a
-  ``vmap`` over cascades would leave only ``L`` entries in the vectorised axis.
-  Memory: the transition matrices are copied per pair (``(n-1) K^2`` floats each).
-  Returns ``value [I, L]`` and ``index [I, L, n, K]`` (``None`` without ``with_index``).
-  """
-  num, num_lams = lams.shape
-  dtype = cascades.values.dtype
-  lams = jnp.asarray(lams, dtype).reshape(-1)                                      # [B]
-  per_pair = lambda a: jnp.moveaxis(                                               # [..., B]
-      jnp.broadcast_to(a[:, None], (num, num_lams) + a.shape[1:]).reshape((-1,) + a.shape[1:]),
-      0, -1)
-  grid = per_pair(grids.astype(dtype))                                             # [M, B]
-  values, pos = per_pair(cascades.values), per_pair(positions)                     # [n, K, B]
-  trans_ts = jnp.swapaxes(per_pair(cascades.trans), 1, 2)                          # [n-1, t, s, B]
-  costs = per_pair(cascades.costs)                                                 # [n, B]
-  continuation = lambda g, t_ts: jnp.sum(t_ts[None] * g[:, :, None, :], axis=1)
-  v_first, index = kernel.backward_scan(
-      grid * lams[None, :], grid, pos, values, (1 - lams) * costs[1:], trans_ts, continuation,
-      with_index=with_index, batch_last=True)
-  value = kernel.line_value(v_first, pos[0], per_pair(cascades.init), (1 - lams) * costs[0],
-                            batch_last=True)
-  index = None if index is None else index.reshape(num, num_lams, *index.shape[1:])
-  return RecallSolution(value=value.reshape(num, num_lams), index=index)
-
-
 @functools.partial(jax.jit, static_argnums=(2,))
 def solve_no_recall_compiled(cascade: Cascade, lam, precision=DEFAULT_PRECISION
                              ) -> NoRecallSolution:
