@@ -63,7 +63,7 @@ def test_benchmark_sections_pass_their_checks_at_tiny_sizes():
   assert {(r["instances"], r["lams"]) for r in rows} == {(1, 1), (1, 16), (4, 4)}
   bench.bench_mc(TINY, 4, 1, checks)
   bench.bench_profile(TINY, 4, checks)
-  rows = bench.bench_batch(TINY, 4, 1, 100.0, checks)
+  rows = bench.bench_batch(TINY, 4, 1, checks)
   assert [(r["K"], r["instances"], r["lams"]) for r in rows] == TINY["batch_cases"]
   rows = bench.bench_replay(TINY, 1, checks)
   assert [r["P"] for r in rows] == [6, 6] and all(r["N"] == 300 for r in rows)

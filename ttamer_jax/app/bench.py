@@ -353,17 +353,22 @@ def numpy_monte_carlo(seed, values, init, trans, costs, index, lam, num_paths, c
 
 
 # ---------------------------------------------------------------- sections
+def matmul_fn(size: int, dtype=jnp.float32):
+  """``(fn, (a,), flops)``: one ``[size, size] @ [size, size]`` at the solver's precision."""
+  a = jax.random.uniform(jax.random.PRNGKey(0), (size, size), dtype)
+  return jax.jit(lambda a: jnp.dot(a, a, precision=P)), (a,), 2 * size**3
+
+
 def matmul_rate(size: int, dtype=jnp.float32) -> float:
   """Measured GFLOP/s of one ``[size, size] @ [size, size]`` at the solver's precision."""
-  a = jax.random.uniform(jax.random.PRNGKey(0), (size, size), dtype)
-  mm = jax.jit(lambda a: jnp.dot(a, a, precision=P))
-  _run(mm, (a,))
+  mm, args, flops = matmul_fn(size, dtype)
+  _run(mm, args)
   times = []
   for _ in range(5):
     t0 = time.perf_counter()
-    _run(mm, (a,))
+    _run(mm, args)
     times.append(time.perf_counter() - t0)
-  return 2 * size**3 / statistics.median(times) / 1e9
+  return flops / statistics.median(times) / 1e9
 
 
 def matmul_floor_fn(grid_size: int):
@@ -793,14 +798,11 @@ def numpy_sweep(values, init, trans, costs, lams):
   return (1 - lams)[None, :] * costs[:, 0][:, None] + np.einsum("ik,ilk->il", init, start)
 
 
-def bench_batch(cfg, n, repeats, peak_gflops, checks):
+def bench_batch(cfg, n, repeats, checks):
   """``tj.sweep`` over lams and over many cascades vs :func:`numpy_sweep` on the same
-  batch (float32 both), and its arithmetic rate vs the measured matmul rate."""
+  batch (float32 both), and its arithmetic rate vs the matmul rate in the same rounds."""
   rows = []
-  size = cfg["matmul_n"]
-  square = jax.random.uniform(jax.random.PRNGKey(0), (size, size), jnp.float32)
-  matmul = jax.jit(lambda a: jnp.dot(a, a, precision=P))
-  mm_flops = 2 * size**3
+  matmul, square, mm_flops = matmul_fn(cfg["matmul_n"])
   for k, num, num_lams in cfg["batch_cases"]:
     keys = jax.random.split(jax.random.PRNGKey(700 + k + num), num)
     batch = jax.vmap(lambda key: _cascade_from(*_random_arrays(key, n, k, True)))(keys)
@@ -818,8 +820,8 @@ def bench_batch(cfg, n, repeats, peak_gflops, checks):
     gflops = flops / t_jax / 1e9
     # The matmul rate in the same rounds (one measurement of it at start-up moved
     # between 180 and 400 GFLOP/s on a shared 2-core machine).
-    t_sweep, t_mm, mm_ratio = paired_times(run, (), matmul, (square,), repeats=repeats,
-                                           max_seconds=cfg["max_round_s"], settle=True)
+    _, t_mm, mm_ratio = paired_times(run, (), matmul, square, repeats=repeats,
+                                     max_seconds=cfg["max_round_s"], settle=True)
     frac = flops / (mm_flops * mm_ratio)
     goal = "numpy/jax >= 10" if k < 128 else ">= 70% of matmul rate"
     met = (1 / ratio >= 10) if k < 128 else (frac >= 0.7)
@@ -1041,7 +1043,7 @@ def run_section(name, cfg, n, repeats, peak, checks, results, titles):
   if name == "select":
     return bench_select(cfg, checks)
   if name == "batch":
-    return bench_batch(cfg, n, repeats, peak, checks)
+    return bench_batch(cfg, n, repeats, checks)
   if name == "replay":
     return bench_replay(cfg, repeats, checks)
   if name == "compile":
