@@ -7,8 +7,8 @@ grid; one of its axes -- the *sweep axis* -- is split across the devices of a
 after ``jax.distributed.initialize``), padded to a multiple of the device count.
 Each device solves its block with nested ``vmap``s, in batches bounded by
 :data:`MAX_BATCH_BYTES` (on CPUs: recall batches by :data:`MAX_TABLE_BYTES_CPU`,
-others by :data:`MAX_BATCH_BYTES_CPU`) through ``jax.lax.map(..., batch_size=...)``, so memory stays flat for any sweep length;
-there is no communication between devices.
+others by :data:`MAX_BATCH_BYTES_CPU`) through ``jax.lax.map(..., batch_size=...)``,
+so memory stays flat for any sweep length; there is no communication between devices.
 
 Which axis is sharded (``shard="auto"``): the one whose padding wastes less work,
 instances on a tie (then each device holds only its own instances' transition
@@ -201,26 +201,20 @@ def _pair_bytes(solver: str, m: int, n: int, k: int, itemsize: int) -> int:
   return (3 * k + n * k) * itemsize
 
 
-def _cpu_recall_pairs(m: int, k: int, itemsize: int) -> int:
-  """Pairs per batch of a recall sweep on a CPU (see :data:`MAX_TABLE_BYTES_CPU`)."""
-  table = m * k * itemsize
-  pairs = MAX_TABLE_BYTES_CPU // table
-  if k > kernel.SMALL_K:
-    pairs = max(pairs, min(MIN_PRODUCT_LAMS_CPU, MAX_PRODUCT_BYTES_CPU // table))
-  return max(1, pairs)
-
-
-def _batch_sizes(pair_bytes: int, inst_block: int, lam_block: int,
-                 batch_size: int | None, platform: str,
-                 cpu_recall_pairs: int | None = None) -> tuple[int, int]:
-  """Instances x lams solved at once per device (a ``lax.map`` step)."""
+def _default_pairs(solver: str, m: int, n: int, k: int, itemsize: int, platform: str) -> int:
+  """Pairs solved at once per device when ``batch_size`` is not given."""
+  if platform == "cpu" and solver == "recall":   # sized by the value table (see above)
+    table = m * k * itemsize
+    pairs = MAX_TABLE_BYTES_CPU // table
+    if k > kernel.SMALL_K:
+      pairs = max(pairs, min(MIN_PRODUCT_LAMS_CPU, MAX_PRODUCT_BYTES_CPU // table))
+    return max(1, pairs)
   budget = MAX_BATCH_BYTES_CPU if platform == "cpu" else MAX_BATCH_BYTES
-  if batch_size is not None:
-    pairs = batch_size
-  elif platform == "cpu" and cpu_recall_pairs is not None:
-    pairs = cpu_recall_pairs
-  else:
-    pairs = max(1, budget // pair_bytes)
+  return max(1, budget // _pair_bytes(solver, m, n, k, itemsize))
+
+
+def _batch_sizes(pairs: int, inst_block: int, lam_block: int) -> tuple[int, int]:
+  """Instances x lams solved at once per device (a ``lax.map`` step), ``pairs`` in all."""
   lam_batch = min(lam_block, pairs)
   inst_batch = min(inst_block, max(1, pairs // lam_batch))
   return inst_batch, lam_batch
@@ -359,10 +353,9 @@ def sweep(cascades, lams, *, solver: str = "recall", mesh: Mesh | None = None,
   lams_pad = per_device(num_lams, axis == "lams")
   inst_block = num_pad // devices if axis == "instances" else num_pad
   lam_block = lams_pad // devices if axis == "lams" else lams_pad
-  inst_batch, lam_batch = _batch_sizes(
-      _pair_bytes(solver, grid.shape[1], n, k, dtype.itemsize), inst_block, lam_block, batch_size,
-      mesh.devices.flat[0].platform,
-      _cpu_recall_pairs(grid.shape[1], k, dtype.itemsize) if solver == "recall" else None)
+  pairs = batch_size if batch_size is not None else _default_pairs(
+      solver, grid.shape[1], n, k, dtype.itemsize, mesh.devices.flat[0].platform)
+  inst_batch, lam_batch = _batch_sizes(pairs, inst_block, lam_block)
   if solver == "recall" and lam_batch < lam_block:
     # Equal chunks (the lams padded by fewer than one per chunk): one compiled chunk
     # body instead of a body and a tail.
