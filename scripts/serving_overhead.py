@@ -13,9 +13,11 @@ checkpoints from the cache), fits
     point within the tolerance of the last exit's error),
 
 and serves the test inputs with each, interleaving timed calls with the full
-network, under each serving program (``--programs``: ``chunk``, the default
-``Server``, one compiled program per chunk; ``stage``, one kernel per stage with
-a host round trip per stage). The full network is timed as one jitted call on the
+network, under each serving program (``--programs``: ``batch``, the default
+``Server``, one compiled program per group of chunks with each stage's requests
+queued across the group; ``chunk``, one compiled program per chunk; ``stage``, one
+kernel per stage with a host round trip per stage; the first listed is reported
+without a suffix). The full network is timed as one jitted call on the
 whole batch and in the server's chunks; ``full_ms`` is the faster. Per policy it
 reports
 
@@ -59,9 +61,11 @@ def _parse(argv):
   p.add_argument("--repeats", type=int, default=9, help="interleaved timed calls of each")
   p.add_argument("--buckets", default="",
                  help="comma-separated bucket sizes (default: the Server's default)")
-  p.add_argument("--programs", default="chunk,stage",
-                 help="serving programs to time: chunk (one program per chunk, the default "
-                      "Server), stage (one kernel per stage, host sync per stage)")
+  p.add_argument("--programs", default="batch,chunk",
+                 help="serving programs to time: batch (the default Server: one program per "
+                      "group of chunks, each stage's requests queued across the group), chunk "
+                      "(one program per chunk), stage (one kernel per stage, host sync per "
+                      "stage)")
   p.add_argument("--served-costs", action="store_true",
                  help="also measure the per-stage costs of the serving path "
                       "(serving.served_stage_costs), report each policy's share by them, and "
@@ -77,8 +81,8 @@ def _parse(argv):
     p.error(f"--workloads: unknown {bad or 'empty'}; choose from {','.join(WORKLOADS)}")
   args.workloads = names
   args.programs = [q.strip() for q in args.programs.split(",") if q.strip()]
-  if not args.programs or set(args.programs) - {"chunk", "stage"}:
-    p.error(f"--programs: expected a subset of chunk,stage, got {args.programs}")
+  if not args.programs or set(args.programs) - {"batch", "chunk", "stage"}:
+    p.error(f"--programs: expected a subset of batch,chunk,stage, got {args.programs}")
   if args.batch < 0:
     p.error("--batch must be >= 0")
   if args.repeats < 1:
@@ -117,22 +121,31 @@ def cost_share(served, costs) -> float:
   return float((served.consulted @ costs).mean() / costs.sum())
 
 
-def padded_share(served, costs, buckets) -> float:
+def padded_share(served, costs, server) -> float:
   """Share of the full cost in rows actually computed, padding included.
 
-  Per chunk of the largest bucket, stage ``i`` computes its continuing requests
-  padded to their bucket; the full network (``Server.full_network``) computes the
-  chunk padded to its bucket at every stage. What serving can deliver at best
-  with these buckets (the gap to ``share`` is the padding)."""
+  ``program="batch"``: per group, stage ``i`` computes its continuing requests in
+  full chunks of the largest bucket plus the remainder padded to its bucket;
+  otherwise per chunk of the largest bucket, stage ``i`` computes its continuing
+  requests padded to their bucket. The full network (``Server.full_network``)
+  computes each chunk padded to its bucket at every stage. What serving can
+  deliver at best with these buckets (the gap to ``share`` is the padding)."""
   from ttamer_jax.networks import serving
   costs = np.asarray(costs, np.float64)
+  buckets = server.buckets
   cap, num = buckets[-1], served.consulted.shape[0]
+
+  def rows(count):
+    full, rest = divmod(int(count), cap)
+    return full * cap + (serving._bucket(buckets, rest) if rest else 0)
+
   run = full = 0.0
   for start in range(0, num, cap):
-    counts = served.consulted[start:start + cap].sum(axis=0)
-    padded = np.array([serving._bucket(buckets, int(c)) if c else 0 for c in counts])
-    run += padded @ costs
-    full += serving._bucket(buckets, int(counts[0])) * costs.sum()
+    full += serving._bucket(buckets, min(cap, num - start)) * costs.sum()
+  group = cap * (server.group_chunks if server.program == "batch" else 1)
+  for start in range(0, num, group):
+    counts = served.consulted[start:start + group].sum(axis=0)
+    run += np.array([rows(c) for c in counts]) @ costs
   return float(run / full)
 
 
@@ -176,7 +189,7 @@ def time_policies(model, policies, x, y, *, buckets, repeats):
   ms["full"], iqr["full"] = ms[full_key], iqr[full_key]
   acc = {k: float((r.predictions == y).mean()) for k, r in results.items()}
   acc["full"] = float((full_pred == y).mean())
-  return ms, iqr, results, acc, compile_s, ref.buckets
+  return ms, iqr, results, acc, compile_s, servers
 
 
 def run_workload(name, args):
@@ -213,9 +226,9 @@ def run_workload(name, args):
   policies = {}
   for prog in args.programs:
     for k, d in base.items():
-      if prog == "chunk" or k != "selected":
-        policies[k if prog == "chunk" else f"{k} [{prog}]"] = (d, prog)
-  ms, iqr, results, acc, compile_s, buckets = time_policies(
+      if prog == args.programs[0] or k != "selected":
+        policies[k if prog == args.programs[0] else f"{k} [{prog}]"] = (d, prog)
+  ms, iqr, results, acc, compile_s, servers = time_policies(
       model, policies, x, y, buckets=args.buckets, repeats=args.repeats)
   full = ms["full"]
   rows = {}
@@ -224,7 +237,7 @@ def run_workload(name, args):
     predicted = share * full
     saving_pred = full - predicted
     rows[k] = dict(served_ms=ms[k], served_iqr_ms=iqr[k], share=share, predicted_ms=predicted,
-                   padded_share=padded_share(results[k], costs, buckets),
+                   padded_share=padded_share(results[k], costs, servers[k]),
                    mean_stages=float(results[k].num_consulted.mean()), accuracy=acc[k],
                    saving_ratio=(full - ms[k]) / saving_pred if saving_pred > 1e-9 else None)
     if served_costs is not None:
@@ -232,7 +245,7 @@ def run_workload(name, args):
       spred = full - sshare * full
       rows[k].update(served_cost_share=sshare, saving_ratio_served_costs=(
           (full - ms[k]) / spred if spred > 1e-9 else None))
-  overhead = {prog: (ms["all_stages" if prog == "chunk" else f"all_stages [{prog}]"] - full) / n
+  overhead = {prog: (ms["all_stages" if prog == args.programs[0] else f"all_stages [{prog}]"] - full) / n
               for prog in args.programs}
   out = dict(workload=prep.name, batch=int(len(x)), num_stages=n, full_ms=full,
              full_iqr_ms=iqr["full"], full_one_call_ms=ms["full_one_call"],

@@ -1,6 +1,7 @@
 """Policy-guided batched serving against an unbatched reference and against replay."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -172,16 +173,26 @@ def test_no_recompilation_after_warmup():
 
 
 @pytest.mark.parametrize("kind", ("patience", "recall_agree_best"))
-def test_programs_agree_and_full_network_is_the_last_exit(kind):
-  """One program per chunk and one kernel per stage serve identical results, with
-  several chunks and a remainder (odd batch size), a stage nobody reaches, and a
-  batch smaller than the smallest bucket."""
+def test_programs_agree_and_full_network_is_the_last_exit(kind, monkeypatch):
+  """The three serving programs serve identical results, with several chunks and a
+  remainder (odd batch size), a stage nobody reaches, and a batch smaller than the
+  smallest bucket; the batch program with groups of one chunk (several groups)
+  and of up to eight (a loop over full chunks, then the remainder)."""
   deployed = _deployed(kind)
-  for x in (X[:77], X[:3]):
-    by_chunk = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program="chunk")
+  for x in (X[:77], X[:3], X[:64]):
     by_stage = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program="stage")
-    for field in ("predictions", "answered_exit", "stop_stage", "consulted", "states"):
-      np.testing.assert_array_equal(getattr(by_chunk, field), getattr(by_stage, field))
+    servers = [tj.Server(MODEL, deployed, buckets=BUCKETS, program=p) for p in ("chunk", "batch")]
+    monkeypatch.setattr(serving, "GROUP_BYTES", 1 << 40)
+    servers.append(tj.Server(MODEL, deployed, buckets=BUCKETS, program="batch"))
+    monkeypatch.setattr(serving, "GROUP_BYTES", 1)
+    servers.append(tj.Server(MODEL, deployed, buckets=BUCKETS, program="batch"))
+    monkeypatch.undo()
+    assert [s.group_chunks for s in servers[2:]] == [8, 1]
+    for server in servers:
+      got = server(x)
+      for field in ("predictions", "answered_exit", "stop_stage", "consulted", "states"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(by_stage, field),
+                                      err_msg=f"{server.program} x {server.group_chunks}: {field}")
   server = tj.Server(MODEL, deployed, buckets=BUCKETS)
   np.testing.assert_array_equal(server.full_network(X[:77]),
                                 np.asarray(TRACES.preds)[:77, -1])
@@ -285,3 +296,24 @@ def test_served_stage_costs_compile_only_the_buckets_fixed_exits_reach():
   before = serving.compile_count()
   serving.Server(MODEL, fixed, buckets=buckets, program="stage")(X[:40])
   assert serving.compile_count() == before
+
+
+def test_batch_groups_hold_as_many_chunks_as_fit_the_state_budget():
+  budget = serving.GROUP_BYTES  # 6 MiB
+  assert serving._group_chunks(budget // 512, 512) == 1  # one chunk of 512 fits exactly
+  assert serving._group_chunks(budget // 1024, 512) == 2
+  assert serving._group_chunks(budget // 4096, 512) == 8
+  assert serving._group_chunks(1, 512) == 8  # never more than _IN_FLIGHT chunks
+  assert serving._group_chunks(budget, 512) == 1  # at least one, even over budget
+  # The request state of the test MLP: its widest block output plus the recall
+  # bookkeeping (estimate, best stage and answer, last answer, top score and
+  # answer, row: 7 x 4 bytes) and the policy's carry.
+  deployed = _deployed("recall")
+  h = jnp.zeros((1,) + tuple(MODEL.input_shape), jnp.float32)
+  biggest = 0
+  for i in range(N_STAGES):
+    h = MODEL.stage(i, h)[0]
+    biggest = max(biggest, h.size * h.dtype.itemsize)
+  carry = deployed.policy.initial_carry(1)
+  carry_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(carry))
+  assert serving._state_bytes_per_request(MODEL, deployed) == biggest + 7 * 4 + carry_bytes

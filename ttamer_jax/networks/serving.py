@@ -10,13 +10,21 @@ exit (the consulted stage of least policy estimate) under a recall policy, else
 from the last consulted stage.
 
 Design notes:
-  * ``Server(program="chunk")`` (default): one compiled program serves a chunk of
-    up to the largest bucket through every stage. Before each stage the requests
-    still served are compacted on device and ``lax.switch`` runs the stage on the
-    smallest bucket that holds them; nothing crosses to the host between stages.
-    One dispatch and one ``[n, 5, chunk]`` int32 transfer (row, stop, answered
-    stage, answer, state) per chunk, and one compilation per server for every
-    batch size (chunks are padded to the largest bucket).
+  * ``Server(program="batch")`` (default): one compiled program serves a group of
+    up to 8 chunks of the largest bucket stage by stage. Each stage queues the
+    requests still served across the group and runs on full chunks of them (a
+    loop) plus one remainder on the smallest bucket that holds it (a
+    ``lax.switch``), so later stages run on few, full batches; each chunk gathers
+    its requests from the previous stage's outputs (one copy per request served).
+    Nothing crosses to the host between stages: one dispatch and one
+    ``[n, 5, rows]`` int32 transfer (row, stop, answered stage, answer, state) per
+    group. Groups hold as many chunks (a power of two) as keep a stage's request
+    state within :data:`GROUP_BYTES` (in cache on a CPU), so a server compiles at
+    most four group sizes.
+  * ``Server(program="chunk")``: one compiled program per chunk of up to the
+    largest bucket, compacted before each stage and padded back to the chunk
+    size (the previous default; its later stages run on the small remainders of
+    each chunk separately).
   * ``Server(program="stage")``: one jitted kernel per (stage, bucket) and one
     compaction per (bucket in, bucket out), the continue count fetched by the host
     after each stage to pick the next bucket (chunks served in lockstep so that
@@ -58,9 +66,16 @@ from ttamer_jax.networks.training import check_labels
 # most 32 extra rows per chunk of 512 (6% of the full network's work on the chunk,
 # 3% on average), where powers of two waste up to half of a stage's rows.
 DEFAULT_BUCKETS = tuple(range(32, 513, 32))
-PROGRAMS = ("chunk", "stage")
+PROGRAMS = ("batch", "chunk", "stage")
 # Chunks served in lockstep (bounds the device memory of one call).
 _IN_FLIGHT = 8
+# program="batch" queues a stage's requests across a group of up to _IN_FLIGHT
+# chunks, as many as keep one stage's request state (every group row) within
+# GROUP_BYTES. Measured on a 2-core EPYC (scripts/serving_overhead.py): mnist1d's
+# 5 KiB per request served 2x slower in groups of 2048 rows than of 1024, where
+# the state stays in cache; sequences (1.5 KiB per request) gains from groups of
+# 2048-4096 (its later stages then run on full chunks).
+GROUP_BYTES = 6 << 20
 
 # Kernel traces by kind. A jitted function is traced exactly when it is compiled
 # (a cache miss), so these count compilations. Diagnostic state only.
@@ -299,6 +314,132 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
   return jnp.stack(records)
 
 
+def _rows_at(tree, rows, idx, count, offset, size: int):
+  """Rows ``offset .. offset + size`` of the queue ``idx`` gathered from ``tree``.
+
+  ``idx[i]`` is the row of ``tree`` holding the ``i``-th queued request; ``count``
+  requests are queued, so positions past it get row ``-1`` (padding: their data
+  repeats a real row, no NaN risk)."""
+  pick = jax.lax.dynamic_slice_in_dim(idx, offset, size)
+  sub_rows = jnp.where(offset + jnp.arange(size) < count, jnp.take(rows, pick, mode="clip"), -1)
+  return _take_rows(tree, pick), sub_rows
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "params_def", "policy_def", "buckets",
+                                             "num_stages"))
+def _batch_program(graph, params, policy_leaves, x, num, *, params_def, policy_def,
+                   buckets: tuple[int, ...], num_stages: int):
+  """Serves a group of ``G`` chunks stage by stage in one program: ``[n, 5, R]`` records.
+
+  ``x`` ``[R, ...]`` (``R = G * b``, ``b`` the largest bucket) holds ``num``
+  requests in its first rows (the rest repeat a real row). Each stage queues the
+  requests still served across the whole group and runs its block on full chunks
+  of ``b`` of them (a loop with as many turns as full chunks) and once on the
+  smallest bucket that holds the remainder (a ``lax.switch``), so a later stage's
+  few continuing requests are not spread over many small, padded batches. Each
+  chunk gathers its rows straight from the previous stage's outputs and writes
+  its outputs in place, so per stage the requests served are copied once. Record
+  ``s`` holds ``(row, stop, answered stage, answer, state)`` of the requests stage
+  ``s`` saw (``row = -1`` elsewhere).
+  """
+  _TRACES["batch"] += 1
+  model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.value, params))
+  deployed = jax.tree_util.tree_unflatten(policy_def.value, policy_leaves)
+  cap, total = buckets[-1], x.shape[0]
+  positions = jnp.arange(total, dtype=jnp.int32)
+  tree, rows = (x,), jnp.where(positions < num, positions, -1)
+  idx, count = positions, jnp.asarray(num, jnp.int32)
+  records = []
+  # Request-state buffers of stages two back are dead: a new stage writes into one
+  # of equal shape (in place) instead of zeroing a fresh one. Their stale rows are
+  # never read as requests (row -1), only as finite padding.
+  spare = []
+
+  def reuse(shape, dtype):
+    for i, a in enumerate(spare):
+      if a.shape == shape and a.dtype == dtype:
+        return spare.pop(i)
+    return jnp.zeros(shape, dtype)
+
+  for stage in range(num_stages):
+
+    def live_at(offset, size, tree=tree, rows=rows, idx=idx, count=count, stage=stage):
+      sub, sub_rows = _rows_at(tree, rows, idx, count, offset, size)
+      return (sub[0], sub_rows) if stage == 0 else sub + (sub_rows,)
+
+    def run(offset, size, live_at=live_at, stage=stage):
+      """The stage on ``size`` queued requests from ``offset``, padded to ``cap`` rows."""
+      out, _, rec = _stage_math(model, deployed, live_at(offset, size), stage, num_stages)
+      pad = lambda a, fill, axis=0: jnp.pad(a, [(0, cap - size) if i == axis else (0, 0)
+                                                for i in range(a.ndim)], constant_values=fill)
+      return (jax.tree_util.tree_map(lambda a: pad(a, 0), out[:-1]), pad(out[-1], -1),
+              jnp.concatenate([pad(rec[:1], -1, 1), pad(rec[1:], 0, 1)]))
+
+    def put(bufs, chunk, offset):
+      # Outside any lax.switch: a dynamic_update_slice of a conditional's operand made
+      # XLA:CPU run the digits CNN's remainder 5x slower.
+      upd = lambda axis: lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, offset, axis)
+      return (jax.tree_util.tree_map(upd(0), bufs[0], chunk[0]), upd(0)(bufs[1], chunk[1]),
+              upd(1)(bufs[2], chunk[2]))
+
+    shapes = jax.eval_shape(functools.partial(run, 0, cap))
+    bufs = (jax.tree_util.tree_map(lambda a: reuse((total,) + a.shape[1:], a.dtype), shapes[0]),
+            jnp.full((total,), -1, jnp.int32),
+            jnp.zeros((shapes[2].shape[0], total), jnp.int32).at[0].set(-1))
+    # Full chunks in a loop, then the remainder (1 to ``cap`` requests, so it is
+    # written inside the group) on its bucket.
+    full = (jnp.maximum(count, 1) - 1) // cap
+    bufs = jax.lax.fori_loop(0, full, lambda j, b, run=run: put(b, run(j * cap, cap), j * cap),
+                             bufs)
+    rest = count - full * cap
+
+    def skip(shapes=shapes):  # nobody continues: a chunk of padding
+      state = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes[0])
+      return (state, jnp.full((cap,), -1, jnp.int32),
+              jnp.zeros(shapes[2].shape, jnp.int32).at[0].set(-1))
+
+    # (Not a select between the remainder and the buffer's rows: XLA:CPU then fused
+    # the digits CNN's convolutions into slow loops, 5x slower.)
+    branches = [skip] + [functools.partial(run, full * cap, s) for s in buckets]
+    which = jnp.where(rest == 0, 0, 1 + jnp.searchsorted(jnp.asarray(buckets, jnp.int32), rest))
+    bufs = put(bufs, jax.lax.switch(which, branches), full * cap)
+    if stage > 0:
+      spare.extend(jax.tree_util.tree_leaves(tree))
+    tree, rows, record = bufs
+    records.append(record)
+    go_on = rows >= 0
+    idx = jnp.nonzero(go_on, size=total, fill_value=0)[0].astype(jnp.int32)
+    count = jnp.sum(go_on.astype(jnp.int32))
+  return jnp.stack(records)
+
+
+def _state_bytes_per_request(model: EarlyExitNet, deployed: DeployedPolicy) -> int:
+  """The largest request state (block output, policy carry, bookkeeping) any stage
+  hands to the next, in bytes per request (shapes only: nothing is computed)."""
+  n = model.num_stages
+  dtype = jnp.int32 if model.input_kind == "int" else jnp.float32
+
+  def states(x):
+    live, out = (x, jnp.zeros((1,), jnp.int32)), []
+    for stage in range(n):
+      live, _, _ = _stage_math(model, deployed, live, stage, n)
+      out.append(live)
+    return out
+
+  shapes = jax.eval_shape(states, jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), dtype))
+  return max(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(live))
+             for live in shapes)
+
+
+def _group_chunks(bytes_per_request: int, cap: int) -> int:
+  """Chunks per ``program="batch"`` group: the most (a power of two, at most
+  ``_IN_FLIGHT``) whose request state fits in :data:`GROUP_BYTES`; at least one."""
+  chunks = 1
+  while chunks * 2 <= _IN_FLIGHT and chunks * 2 * cap * bytes_per_request <= GROUP_BYTES:
+    chunks *= 2
+  return chunks
+
+
 def _padded(idx: np.ndarray, size: int) -> np.ndarray:
   """``idx`` padded to ``size`` with copies of its first entry (real rows: no NaN risk)."""
   return np.concatenate([idx, np.full(size - idx.size, idx[0], idx.dtype)]).astype(np.int32)
@@ -325,15 +466,22 @@ class Server:
   the server after further training), the validated policy and the buckets.
   ``server(x)`` is :func:`serve`; ``server.warmup()`` is :func:`warmup`.
 
-  ``program="chunk"`` (default) serves each chunk in one compiled program (the
-  stages, the compactions and the bucket choice all on device: one dispatch and
-  one transfer per chunk); ``program="stage"`` dispatches one kernel per stage
-  and waits for each stage's continue count on the host (the previous design,
-  kept for comparison: the same answers, more per-stage overhead).
+  ``program="batch"`` (default) serves each group of chunks in one compiled
+  program, stage by stage, each stage on the requests still served queued across
+  the group; ``program="chunk"`` serves each chunk in one program (the stages, the
+  compactions and the bucket choice all on device); ``program="stage"``
+  dispatches one kernel per stage and waits for each stage's continue count on
+  the host. All three serve the same answers (kept for comparison:
+  ``scripts/serving_overhead.py --programs batch,chunk,stage``).
+
+  Attributes (besides the constructor's arguments):
+    group_chunks: chunks of the largest bucket per ``program="batch"`` group (a
+      power of two, at most 8): as many as keep a stage's request state within
+      :data:`GROUP_BYTES`.
   """
 
   def __init__(self, model: EarlyExitNet, deployed: DeployedPolicy, *,
-               buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk"):
+               buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "batch"):
     check_deployed(model, deployed)
     if program not in PROGRAMS:
       raise ValueError(f"program: must be one of {PROGRAMS}, got {program!r}")
@@ -348,6 +496,7 @@ class Server:
     self._params_def = StaticOnce(params_def)
     self._policy, policy_def = jax.tree_util.tree_flatten(deployed)
     self._policy_def = StaticOnce(policy_def)
+    self.group_chunks = _group_chunks(_state_bytes_per_request(model, deployed), self.buckets[-1])
 
   def _run(self, live, stage):
     return _stage_kernel(self._graph, self._params, self._policy, live,
@@ -366,6 +515,25 @@ class Server:
       yield start, m, (jnp.asarray(x[start:start + m][_padded(np.arange(m), b)]),
                        jnp.asarray(rows))
 
+  def _groups(self, x):
+    """``(start, size, x_group)`` of each group of at most ``group_chunks`` chunks:
+    the group's requests padded (with copies of its first) to a power-of-two number
+    of chunks, so that few group sizes are ever compiled."""
+    num, cap = x.shape[0], self.buckets[-1]
+    most = self.group_chunks * cap
+    for start in range(0, num, most):
+      m = min(most, num - start)
+      chunks = 1 << (-(-m // cap) - 1).bit_length()
+      group = np.empty((chunks * cap,) + x.shape[1:], x.dtype)
+      group[:m] = x[start:start + m]
+      group[m:] = x[start]
+      yield start, m, group
+
+  def _batch(self, x_group, num):
+    return _batch_program(self._graph, self._params, self._policy, x_group, np.int32(num),
+                          params_def=self._params_def, policy_def=self._policy_def,
+                          buckets=self.buckets, num_stages=self.num_stages)
+
   def _program(self, xb, rows):
     return _chunk_program(self._graph, self._params, self._policy, xb, rows,
                           params_def=self._params_def, policy_def=self._policy_def,
@@ -378,6 +546,11 @@ class Server:
                          answered_exit=np.zeros(num, np.int32),
                          stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
                          states=np.full((num, n), -1, np.int32))
+    if self.program == "batch":
+      for start, records in [(start, self._batch(xg, m)) for start, m, xg in self._groups(x)]:
+        for stage, record in enumerate(np.asarray(records)):
+          _store(result, start, stage, record)
+      return result
     chunks = list(self._chunks(x, to_cap=self.program == "chunk"))
     for g in range(0, len(chunks), _IN_FLIGHT):
       group = chunks[g:g + _IN_FLIGHT]
@@ -421,14 +594,23 @@ class Server:
   def warmup(self) -> int:
     """Compiles every kernel a call can need; returns how many this call compiled.
 
-    ``program="chunk"``: one program (every stage at every bucket; chunks are
-    padded to the largest bucket). ``program="stage"``:
+    ``program="batch"``: one program per group size (1, 2, 4, ... up to
+    ``group_chunks`` chunks). ``program="chunk"``: one program (every stage at
+    every bucket; chunks are padded to the largest bucket). ``program="stage"``:
     each stage at each bucket size and each compaction from a bucket to an equal
     or smaller one.
     """
     before = compile_count()
     model, buckets = self.model, self.buckets
     dtype = np.int32 if model.input_kind == "int" else np.float32
+    if self.program == "batch":
+      chunks = 1
+      while chunks <= self.group_chunks:
+        rows = chunks * buckets[-1]
+        jax.block_until_ready(self._batch(np.zeros((rows,) + tuple(model.input_shape), dtype),
+                                          rows))
+        chunks *= 2
+      return compile_count() - before
     if self.program == "chunk":
       b = buckets[-1]
       jax.block_until_ready(self._program(jnp.zeros((b,) + tuple(model.input_shape), dtype),
@@ -463,7 +645,7 @@ class Server:
 
 
 def serve(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
-          buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk") -> ServeResult:
+          buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "batch") -> ServeResult:
   """Serves ``x`` ``[B, *input_shape]`` with ``deployed`` on ``model``, stage by stage.
 
   Batches larger than the largest bucket are served in chunks of that size. For
@@ -478,7 +660,7 @@ def serve(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
 
 
 def warmup(model: EarlyExitNet, deployed: DeployedPolicy, *,
-           buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk") -> int:
+           buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "batch") -> int:
   """Compiles every kernel :func:`serve` can need; returns how many were compiled."""
   return Server(model, deployed, buckets=buckets, program=program).warmup()
 
@@ -538,7 +720,7 @@ def _reached_buckets(buckets: tuple[int, ...], num: int) -> tuple[int, ...]:
 
 
 def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
-                       buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "chunk",
+                       buckets: Sequence[int] = DEFAULT_BUCKETS, program: str = "batch",
                        repeats: int = 9) -> np.ndarray:
   """``[n]`` seconds per request of each stage as the serving path runs it.
 
@@ -653,7 +835,7 @@ def _last_exit_flat(graph, params, x, *, params_def):
 
 def benchmark(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, y: Any, *,
               buckets: Sequence[int] = DEFAULT_BUCKETS, repeats: int = 5,
-              program: str = "chunk") -> ServeBenchmark:
+              program: str = "batch") -> ServeBenchmark:
   """Times serving and the full network on the same batch (all warmed up, medians).
 
   Serving is timed through a :class:`Server` (steady state: validation and the
