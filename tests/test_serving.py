@@ -299,7 +299,7 @@ def test_served_stage_costs_compile_only_the_buckets_fixed_exits_reach():
 
 
 def test_batch_groups_hold_as_many_chunks_as_fit_the_state_budget():
-  budget = serving.GROUP_BYTES  # 6 MiB
+  budget = serving.GROUP_BYTES
   assert serving._group_chunks(budget // 512, 512) == 1  # one chunk of 512 fits exactly
   assert serving._group_chunks(budget // 1024, 512) == 2
   assert serving._group_chunks(budget // 4096, 512) == 8

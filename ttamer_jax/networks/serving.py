@@ -71,11 +71,11 @@ PROGRAMS = ("batch", "chunk", "stage")
 _IN_FLIGHT = 8
 # program="batch" queues a stage's requests across a group of up to _IN_FLIGHT
 # chunks, as many as keep one stage's request state (every group row) within
-# GROUP_BYTES. Measured on a 2-core EPYC (scripts/serving_overhead.py): mnist1d's
-# 5 KiB per request served 2x slower in groups of 2048 rows than of 1024, where
-# the state stays in cache; sequences (1.5 KiB per request) gains from groups of
-# 2048-4096 (its later stages then run on full chunks).
-GROUP_BYTES = 6 << 20
+# GROUP_BYTES. Measured on a 2-core EPYC (2 MiB L2 per core, scripts/
+# serving_overhead.py): mnist1d (5 KiB per request) served slower in groups of
+# 1024 rows than of 512, and much slower in groups of 4096; sequences (1.7 KiB)
+# gains from groups of 2048 (its later stages then run on full chunks).
+GROUP_BYTES = 4 << 20
 
 # Kernel traces by kind. A jitted function is traced exactly when it is compiled
 # (a cache miss), so these count compilations. Diagnostic state only.
