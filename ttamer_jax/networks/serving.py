@@ -376,8 +376,8 @@ def _batch_program(graph, params, policy_leaves, x, num, *, params_def, policy_d
               jnp.concatenate([pad(rec[:1], -1, 1), pad(rec[1:], 0, 1)]))
 
     def put(bufs, chunk, offset):
-      # Outside any lax.switch: a dynamic_update_slice of a conditional's operand made
-      # XLA:CPU run the digits CNN's remainder 5x slower.
+      # Outside any lax.switch: with the update inside the branches (on the buffers
+      # passed in as operands) XLA:CPU served the digits CNN's remainder 5x slower.
       upd = lambda axis: lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a, offset, axis)
       return (jax.tree_util.tree_map(upd(0), bufs[0], chunk[0]), upd(0)(bufs[1], chunk[1]),
               upd(1)(bufs[2], chunk[2]))
@@ -398,8 +398,8 @@ def _batch_program(graph, params, policy_leaves, x, num, *, params_def, policy_d
       return (state, jnp.full((cap,), -1, jnp.int32),
               jnp.zeros(shapes[2].shape, jnp.int32).at[0].set(-1))
 
-    # (Not a select between the remainder and the buffer's rows: XLA:CPU then fused
-    # the digits CNN's convolutions into slow loops, 5x slower.)
+    # (Not a jnp.where between the remainder and the buffer's rows, which also
+    # served the digits CNN 5x slower on XLA:CPU.)
     branches = [skip] + [functools.partial(run, full * cap, s) for s in buckets]
     which = jnp.where(rest == 0, 0, 1 + jnp.searchsorted(jnp.asarray(buckets, jnp.int32), rest))
     bufs = put(bufs, jax.lax.switch(which, branches), full * cap)
