@@ -317,3 +317,7 @@ def test_batch_groups_hold_as_many_chunks_as_fit_the_state_budget():
   carry = deployed.policy.initial_carry(1)
   carry_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(carry))
   assert serving._state_bytes_per_request(MODEL, deployed) == biggest + 7 * 4 + carry_bytes
+  # A policy read from a file holds NumPy arrays: sizing its groups must not index
+  # them with traced states (it did: a TracerArrayConversionError).
+  as_numpy = jax.tree_util.tree_map(np.asarray, deployed)
+  assert serving._state_bytes_per_request(MODEL, as_numpy) == biggest + 7 * 4 + carry_bytes

@@ -419,14 +419,15 @@ def _state_bytes_per_request(model: EarlyExitNet, deployed: DeployedPolicy) -> i
   n = model.num_stages
   dtype = jnp.int32 if model.input_kind == "int" else jnp.float32
 
-  def states(x):
+  def states(x, deployed):  # The policy as an argument: its leaves may be NumPy arrays.
     live, out = (x, jnp.zeros((1,), jnp.int32)), []
     for stage in range(n):
       live, _, _ = _stage_math(model, deployed, live, stage, n)
       out.append(live)
     return out
 
-  shapes = jax.eval_shape(states, jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), dtype))
+  shapes = jax.eval_shape(states, jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), dtype),
+                          deployed)
   return max(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(live))
              for live in shapes)
 
