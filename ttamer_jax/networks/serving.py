@@ -197,12 +197,9 @@ def _compact(tree, *, size: int):
   NaN risk) with ``rows = -1``. The indices are computed on device, so nothing
   but the count (already on the host) is exchanged."""
   _TRACES["compact"] += 1
-  rows = tree[-1]
-  go_on = rows >= 0
+  go_on = tree[-1] >= 0
   idx = jnp.nonzero(go_on, size=size, fill_value=jnp.argmax(go_on))[0].astype(jnp.int32)
-  out = _take_rows(tree[:-1], idx)
-  valid = jnp.arange(size) < jnp.sum(go_on.astype(jnp.int32))
-  return out + (jnp.where(valid, jnp.take(rows, idx, mode="clip"), -1),)
+  return _queued(tree[:-1], tree[-1], idx, jnp.sum(go_on.astype(jnp.int32)), 0, size)
 
 
 def _stage_math(model, deployed, live, stage: int, num_stages: int):
@@ -256,6 +253,31 @@ def _take_rows(tree, idx):
   return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), tree)
 
 
+def _queued(state, rows, idx, count, offset, size: int):
+  """The request state ``live`` of queue positions ``offset .. offset + size``.
+
+  ``idx[i]`` is the row of ``state`` (a tuple of ``[R, ...]`` arrays) and ``rows``
+  holding the ``i``-th queued request; ``count`` requests are queued, so positions
+  past it get row ``-1`` (padding: their data repeats a real row, no NaN risk).
+  Returns ``state`` rows ``+ (rows,)``, as :func:`_stage_math` takes them."""
+  pick = jax.lax.dynamic_slice_in_dim(idx, offset, size)
+  sub_rows = jnp.where(offset + jnp.arange(size) < count, jnp.take(rows, pick, mode="clip"), -1)
+  return _take_rows(state, pick) + (sub_rows,)
+
+
+def _padded_output(out, record, size: int):
+  """A stage's output request state (``out``: state ``+ (rows,)``) and ``[5, b]``
+  record padded to ``size`` rows: state with 0, rows and the record's row with -1
+  (padding, never a request), the rest of the record with 0."""
+  def pad(a, fill, axis=0):
+    widths = [(0, size - a.shape[axis]) if i == axis else (0, 0) for i in range(a.ndim)]
+    return jnp.pad(a, widths, constant_values=fill)
+
+  state = jax.tree_util.tree_map(lambda a: pad(a, 0), out[:-1])
+  return (state + (pad(out[-1], -1),),
+          jnp.concatenate([pad(record[:1], -1, 1), pad(record[1:], 0, 1)]))
+
+
 @functools.partial(jax.jit, static_argnames=("graph", "params_def", "policy_def", "buckets",
                                              "num_stages"))
 def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_def,
@@ -279,25 +301,14 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
   sizes = tuple(s for s in buckets if s < b0) + (b0,)
   tree, count = (x, rows), jnp.sum((rows >= 0).astype(jnp.int32))
   records = []
-
-  def pad(a, fill):
-    extra = b0 - a.shape[0]
-    if extra == 0:
-      return a
-    return jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], fill, a.dtype)])
-
   for stage in range(num_stages):
     go_on = tree[-1] >= 0
     idx = jnp.nonzero(go_on, size=b0, fill_value=jnp.argmax(go_on))[0].astype(jnp.int32)
 
     def run(size, tree=tree, idx=idx, count=count, stage=stage):
-      sub = _take_rows(tree[:-1], idx[:size])
-      sub_rows = jnp.where(jnp.arange(size) < count,
-                           jnp.take(tree[-1], idx[:size], mode="clip"), -1)
-      live = (sub[0], sub_rows) if stage == 0 else sub + (sub_rows,)
+      live = _queued(tree[:-1], tree[-1], idx, count, 0, size)
       out, new_count, rec = _stage_math(model, deployed, live, stage, num_stages)
-      out = jax.tree_util.tree_map(lambda a: pad(a, 0), out[:-1]) + (pad(out[-1], -1),)
-      rec = jnp.concatenate([pad(rec[0], -1)[None], jnp.stack([pad(r, 0) for r in rec[1:]])])
+      out, rec = _padded_output(out, rec, b0)
       return out, new_count, rec
 
     shapes = jax.eval_shape(functools.partial(run, sizes[0]))
@@ -312,17 +323,6 @@ def _chunk_program(graph, params, policy_leaves, x, rows, *, params_def, policy_
     tree, count, record = jax.lax.switch(which, branches)
     records.append(record)
   return jnp.stack(records)
-
-
-def _rows_at(tree, rows, idx, count, offset, size: int):
-  """Rows ``offset .. offset + size`` of the queue ``idx`` gathered from ``tree``.
-
-  ``idx[i]`` is the row of ``tree`` holding the ``i``-th queued request; ``count``
-  requests are queued, so positions past it get row ``-1`` (padding: their data
-  repeats a real row, no NaN risk)."""
-  pick = jax.lax.dynamic_slice_in_dim(idx, offset, size)
-  sub_rows = jnp.where(offset + jnp.arange(size) < count, jnp.take(rows, pick, mode="clip"), -1)
-  return _take_rows(tree, pick), sub_rows
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "params_def", "policy_def", "buckets",
@@ -363,17 +363,12 @@ def _batch_program(graph, params, policy_leaves, x, num, *, params_def, policy_d
 
   for stage in range(num_stages):
 
-    def live_at(offset, size, tree=tree, rows=rows, idx=idx, count=count, stage=stage):
-      sub, sub_rows = _rows_at(tree, rows, idx, count, offset, size)
-      return (sub[0], sub_rows) if stage == 0 else sub + (sub_rows,)
-
-    def run(offset, size, live_at=live_at, stage=stage):
+    def run(offset, size, tree=tree, rows=rows, idx=idx, count=count, stage=stage):
       """The stage on ``size`` queued requests from ``offset``, padded to ``cap`` rows."""
-      out, _, rec = _stage_math(model, deployed, live_at(offset, size), stage, num_stages)
-      pad = lambda a, fill, axis=0: jnp.pad(a, [(0, cap - size) if i == axis else (0, 0)
-                                                for i in range(a.ndim)], constant_values=fill)
-      return (jax.tree_util.tree_map(lambda a: pad(a, 0), out[:-1]), pad(out[-1], -1),
-              jnp.concatenate([pad(rec[:1], -1, 1), pad(rec[1:], 0, 1)]))
+      live = _queued(tree, rows, idx, count, offset, size)
+      out, _, rec = _stage_math(model, deployed, live, stage, num_stages)
+      out, rec = _padded_output(out, rec, cap)
+      return out[:-1], out[-1], rec
 
     def put(bufs, chunk, offset):
       # Outside any lax.switch: with the update inside the branches (on the buffers
