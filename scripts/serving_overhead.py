@@ -248,7 +248,7 @@ def run_workload(name, args):
     if served_costs is not None:
       sshare = cost_share(results[k], served_costs)
       spred = full - sshare * full
-      # Modelled serving time in seconds: each request's consulted stages at their
+      # Modelled serving time in ms: each request's consulted stages at their
       # served cost (absolute; includes the exit heads and decisions the full network
       # does not run, so every-stage serving is modelled slower than the full network).
       modelled = 1e3 * float((results[k].consulted @ served_costs).sum())
