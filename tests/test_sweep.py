@@ -91,6 +91,30 @@ def test_distinct_grid_sizes_are_padded_consistently():
       assert abs(float(result.value[i, j]) - float(tj.solve_recall(c, float(lam)).value)) <= 1e-7
 
 
+@pytest.mark.parametrize("kind", ["distinct", "ties", "shared", "one instance"])
+def test_padded_grids_are_each_instances_own_grid(kind):
+  """``kernel.pad_grids`` (one sort of every instance) against ``prepare_grid`` per instance:
+  the same grid padded with its top value to the largest bucket, the same first rows."""
+  from ttamer_jax.core import kernel
+  rng = np.random.default_rng(3)
+  values = {"distinct": rng.uniform(size=(6, 4, 5)),
+            "ties": rng.integers(0, 4, size=(6, 4, 5)).astype(float) / 4,
+            "shared": np.broadcast_to(rng.uniform(size=(4, 5)), (6, 4, 5)).copy(),
+            "one instance": rng.uniform(size=(1, 4, 5))}[kind].astype(np.float32)
+  if kind == "ties":
+    values[2] = 0.5                                  # an instance with one distinct loss
+    values[0, 0, 0] = -0.0                           # equal to 0.0: one grid value
+  grid, pos = kernel.pad_grids(values)
+  singles = [kernel.prepare_grid(v) for v in values]
+  m = max(g.size for g, _ in singles)
+  assert grid.shape == (len(values), m) and pos.dtype == np.int32
+  for i, (g, p) in enumerate(singles):
+    np.testing.assert_array_equal(grid[i, :g.size], g)
+    assert np.all(grid[i, g.size:] == g[-1])
+    np.testing.assert_array_equal(pos[i], p)
+    np.testing.assert_array_equal(grid[i][pos[i]], values[i])
+
+
 def test_no_recompilation_for_new_lams():
   batch = _batch()
   tj.sweep(batch, LAMS)

@@ -110,13 +110,29 @@ def grid_for(values: Any) -> tuple[Any, Any]:
 def pad_grids(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-instance grids of ``values [I, n, K]`` padded with their maximum to one size ``M``.
 
-  Padding with the top value is valid for the kernel: padded rows are never the
-  row of a loss (``pos`` points at first occurrences) and only repeat the top row.
+  :func:`prepare_grid` of every instance at once (one sort of the ``[I, n K]``
+  losses instead of ``I`` calls: 256 instances took 12 ms in a Python loop). Padding
+  with the top value is valid for the kernel: padded rows are never the row of a
+  loss (``pos`` points at first occurrences) and only repeat the top row.
   """
-  grids, positions = zip(*(prepare_grid(v) for v in values))
-  m = max(g.size for g in grids)
-  grid = np.stack([np.concatenate([g, np.full(m - g.size, g[-1], g.dtype)]) for g in grids])
-  return grid, np.stack(positions)
+  values = np.asarray(values)
+  num, n, k = values.shape
+  if num > 1 and (values == values[:1]).all():   # one loss grid for all (e.g. a shared discretisation)
+    grid, pos = prepare_grid(values[0])
+    return np.repeat(grid[None], num, axis=0), np.repeat(pos[None], num, axis=0)
+  flat = values.reshape(num, n * k)
+  order = np.argsort(flat, axis=1, kind="stable")
+  rows = np.arange(num)[:, None]
+  ordered = flat[rows, order]
+  # Rank of each sorted entry among its row's distinct values (equal values share one).
+  rank = np.zeros((num, n * k), np.int32)
+  np.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1, out=rank[:, 1:])
+  size = bucket_size(int(rank[:, -1].max()) + 1, minimum=GRID_MINIMUM)
+  grid = np.repeat(ordered[:, -1:], size, axis=1)
+  grid[rows, rank] = ordered                        # duplicates write the same value
+  pos = np.empty_like(rank)
+  pos[rows, order] = rank
+  return grid, pos.reshape(num, n, k)
 
 
 def default_x_chunk(grid_size: int, num_states: int, itemsize: int = 4) -> int | None:
