@@ -75,6 +75,11 @@ def _parse(argv):
                  help="also measure the per-stage costs of the serving path "
                       "(serving.served_stage_costs), report each policy's share by them, and "
                       "serve a recall policy fitted on them")
+  p.add_argument("--batch-costs", action="store_true",
+                 help="also measure each stage's per-batch and per-request served time "
+                      "(serving.served_cost_model), report each policy's serving time as "
+                      "that model prices it, and refit the recall policy on the per-request "
+                      "costs it implies at the policy's own reach (a fixed point)")
   p.add_argument("--tolerance", type=float, default=0.01, help="as ttamer demo")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cache-dir", default=None, help="checkpoint cache (default ~/.cache/ttamer_jax)")
@@ -111,6 +116,30 @@ def recall_at_demo_lam(calibration, tolerance):
   i, _ = frontier.cheapest_within(sweep.cost_norm, sweep.error, full_error, tolerance)
   lam = float(np.asarray(sweep.param)[i])
   return fitted.recall_policy(lam), lam
+
+
+def reach_fractions(deployed, traces) -> np.ndarray:
+  """``[n]`` fraction of the requests of ``traces`` that consult each stage under ``deployed``."""
+  from ttamer_jax.evaluation.metrics import replay_traces
+  stop = np.asarray(replay_traces(deployed, traces).stop_stage)
+  return (stop[:, None] >= np.arange(traces.num_stages)[None, :]).mean(axis=0)
+
+
+def refit_on_batch_costs(calibration, cost_model, tolerance, iterations=6):
+  """The recall policy fitted on the per-request costs ``cost_model`` implies at the
+  policy's own reach: start from every request reaching every stage, refit until the
+  reach (rounded to 1%) repeats. Returns ``(deployed, lam, reach, iterations run)``."""
+  from ttamer_jax.networks import serving
+  reach, seen = np.ones(calibration.num_stages), set()
+  for it in range(1, iterations + 1):
+    costs = serving.cost_shares(cost_model.per_request_costs(reach))
+    deployed, lam = recall_at_demo_lam(calibration.replace(costs=costs), tolerance)
+    reach = reach_fractions(deployed, calibration)
+    key = tuple(np.round(reach, 2))
+    if key in seen:
+      break
+    seen.add(key)
+  return deployed, lam, reach, it
 
 
 def every_stage(deployed, num_stages):
@@ -228,6 +257,15 @@ def run_workload(name, args):
     refit, _ = recall_at_demo_lam(
         prep.calibration.replace(costs=serving.cost_shares(served_costs)), args.tolerance)
     base["recall_on_served_costs"] = refit
+  cost_model = batch_refit = None
+  if args.batch_costs:
+    kw = {} if args.buckets is None else dict(buckets=args.buckets)
+    cost_model = serving.served_cost_model(model, recall, x, repeats=args.repeats, **kw)
+    refit, refit_lam, refit_reach, refit_iters = refit_on_batch_costs(
+        prep.calibration, cost_model, args.tolerance)
+    base["recall_on_batch_costs"] = refit
+    batch_refit = dict(lam=refit_lam, calibration_reach=refit_reach.tolist(),
+                       iterations=refit_iters)
   policies = {}
   for prog in args.programs:
     for k, d in base.items():
@@ -255,6 +293,14 @@ def run_workload(name, args):
       rows[k].update(served_cost_share=sshare, saving_ratio_served_costs=(
           (full - ms[k]) / spred if spred > 1e-9 else None), modelled_served_ms=modelled,
           served_over_modelled=ms[k] / modelled)
+    if cost_model is not None:
+      # The serving time the per-batch + per-request model prices at this policy's reach
+      # on the served batch (modelled), next to the measured one.
+      reach = results[k].consulted.mean(axis=0)
+      modelled_b = 1e3 * cost_model.seconds(reach)
+      rows[k].update(batch_modelled_ms=modelled_b, served_over_batch_modelled=ms[k] / modelled_b,
+                     saving_ratio_batch_model=(full - ms[k]) / (full - modelled_b)
+                     if full - modelled_b > 1e-9 else None)
   overhead = {prog: (ms["all_stages" if prog == args.programs[0] else f"all_stages [{prog}]"] - full) / n
               for prog in args.programs}
   out = dict(workload=prep.name, batch=int(len(x)), num_stages=n, full_ms=full,
@@ -263,6 +309,10 @@ def run_workload(name, args):
              stage_cost_share=costs.tolist(), per_stage_overhead_ms=overhead,
              served_stage_ms_per_1000=None if served_costs is None else (
                  1e6 * served_costs).tolist(),
+             per_batch_ms=None if cost_model is None else (1e3 * cost_model.per_batch).tolist(),
+             per_request_us=None if cost_model is None else (
+                 1e6 * cost_model.per_request).tolist(),
+             batch_cost_refit=batch_refit,
              first_calls_seconds=compile_s, recall_lam=lam, selected=sel.chosen.name,
              selected_note=selected_note, policies=rows, seconds=time.perf_counter() - t0)
   return out
@@ -279,6 +329,11 @@ def format_table(results) -> str:
         ratio += f" (served costs: {p['served_cost_share']:.3f}, {p['saving_ratio_served_costs']:.2f})"
       if p.get("modelled_served_ms") is not None:
         ratio += f" [modelled {p['modelled_served_ms']:.1f} ms, measured/modelled {p['served_over_modelled']:.2f}]"
+      if p.get("batch_modelled_ms") is not None:
+        sr = p["saving_ratio_batch_model"]
+        ratio += (f" {{batch model {p['batch_modelled_ms']:.1f} ms, measured/modelled "
+                  f"{p['served_over_batch_modelled']:.2f}, saving ratio "
+                  f"{'n/a' if sr is None else f'{sr:.2f}'}}}")
       lines.append(f"| {r['workload']} | {r['batch']} | {k} | {r['full_ms']:.1f} | "
                    f"{p['served_ms']:.1f} | {p['share']:.3f} | {p['predicted_ms']:.1f} | {ratio} | "
                    f"{p['padded_share']:.3f} | {100 * p['accuracy']:.1f}% "
@@ -302,6 +357,10 @@ def main(argv=None):
           f"per-stage overhead ms ((all stages - full) / n): {ovh}; first calls "
           f"{r['first_calls_seconds']:.1f} s; selected: {r['selected']}{note}; "
           f"recall lam {r['recall_lam']:.4f}", flush=True)
+    if r["per_batch_ms"] is not None:
+      print(f"  per stage: per-batch ms {np.round(r['per_batch_ms'], 2).tolist()}, per-request us "
+            f"{np.round(r['per_request_us'], 1).tolist()}; batch-cost refit {r['batch_cost_refit']}",
+            flush=True)
   load = os.getloadavg()
   meta = dict(command="python scripts/serving_overhead.py " + " ".join(
       argv if argv is not None else sys.argv[1:]), machine=platform.platform(),

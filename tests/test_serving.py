@@ -263,6 +263,46 @@ def test_served_stage_costs_are_per_request_seconds_of_each_stage():
   assert (shares > 0).all() and shares.sum() == pytest.approx(1.0)
 
 
+def test_served_cost_model_recovers_per_batch_and_per_request_parts(monkeypatch):
+  """The fit against a serving time known in closed form: stage ``k`` of a batch of ``b``
+  takes ``a[k] + c[k] * b`` seconds (served_stage_costs returns it per request)."""
+  a, c = np.array([2e-3, 1e-3, 0.0]), np.array([1e-5, 3e-5, 2e-5])
+  monkeypatch.setattr(serving, "served_stage_costs",
+                      lambda model, deployed, x, **kw: (a + c * len(x)) / len(x))
+  model = serving.served_cost_model(MODEL, _deployed("recall"), X[:40], fraction=4)
+  np.testing.assert_allclose(model.per_batch, a, atol=1e-12)
+  np.testing.assert_allclose(model.per_request, c, rtol=1e-9)
+  assert model.batch_size == 40
+  # Every request at every stage: the whole batch's time; none past stage 0: stage 0 only.
+  assert model.seconds([1, 1, 1]) == pytest.approx(float(np.sum(a + 40 * c)))
+  assert model.seconds([1, 0, 0]) == pytest.approx(a[0] + 40 * c[0])
+  # A quarter of the batch (10 requests) shares stage 1's per-batch part.
+  np.testing.assert_allclose(model.per_request_costs([1, 0.25, 0.25]),
+                             c + a / np.array([40, 10, 10]))
+  # Unreached stage: priced as if one request paid its per-batch part.
+  assert model.per_request_costs([1, 0, 0])[1] == pytest.approx(c[1] + a[1])
+
+
+def test_served_cost_model_validates_its_inputs():
+  model = serving.ServedCostModel(per_batch=np.zeros(3), per_request=np.ones(3), batch_size=8)
+  with pytest.raises(ValueError, match="reach"):
+    model.seconds([1.0, 0.5])
+  with pytest.raises(ValueError, match=r"reach: fractions"):
+    model.per_request_costs([1.0, 1.5, 0.0])
+  with pytest.raises(ValueError, match="fraction"):
+    serving.served_cost_model(MODEL, _deployed("recall"), X[:6], fraction=4)
+  with pytest.raises(ValueError, match="fraction"):
+    serving.served_cost_model(MODEL, _deployed("recall"), X[:40], fraction=1)
+
+
+def test_served_cost_model_on_a_real_server():
+  model = serving.served_cost_model(MODEL, _deployed("recall"), X[:40], buckets=BUCKETS,
+                                    repeats=1)
+  assert model.per_batch.shape == model.per_request.shape == (N_STAGES,)
+  assert (model.per_batch >= 0).all() and (model.per_request >= 0).all()
+  assert model.seconds(np.ones(N_STAGES)) > 0
+
+
 def test_served_cost_shares_are_floored_positive_shares():
   """A stage that timing noise makes free (clamped to 0) keeps a small positive share."""
   np.testing.assert_allclose(serving.cost_shares([1.0, 3.0]), [0.25, 0.75])
