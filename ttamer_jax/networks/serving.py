@@ -758,12 +758,13 @@ def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
 class ServedCostModel:
   """Seconds serving a batch spends on each stage: ``per_batch + per_request * count``.
 
-  A stage run on fewer requests is not proportionally cheaper: its kernels have a
-  fixed cost per call (the digits CNN on 2 CPU cores: ~1.5 ms per stage, against
-  11-31 us per request). Per-request costs measured on whole batches
-  (:func:`served_stage_costs`) therefore under-price the later stages of a policy
-  that stops most requests early; this model prices them at the number of requests
-  that reach them (:meth:`seconds`, :meth:`per_request_costs`).
+  A stage served to fewer requests is not proportionally cheaper: fitted on two
+  batch sizes, a stage's served time has a part that does not shrink with the batch
+  (the digits CNN on 2 CPU cores: 1.6-2.5 ms per stage beside 7-28 us per request;
+  per-call work and the padding of the remainder to its bucket). Per-request costs
+  measured on whole batches (:func:`served_stage_costs`) then under-price the later
+  stages of a policy that stops most requests early; this model prices them at the
+  number of requests that reach them (:meth:`seconds`, :meth:`per_request_costs`).
 
   Attributes:
     per_batch: ``[n]`` seconds stage ``k`` adds to a served batch that any request
