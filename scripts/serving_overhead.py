@@ -251,15 +251,14 @@ def run_workload(name, args):
   except ValueError as e:
     selected_note = f"not servable: {e}"
   served_costs = None
+  kw = {} if args.buckets is None else dict(buckets=args.buckets)
   if args.served_costs:  # per-stage costs as serving runs them, overhead included
-    kw = {} if args.buckets is None else dict(buckets=args.buckets)
     served_costs = serving.served_stage_costs(model, recall, x, repeats=args.repeats, **kw)
     refit, _ = recall_at_demo_lam(
         prep.calibration.replace(costs=serving.cost_shares(served_costs)), args.tolerance)
     base["recall_on_served_costs"] = refit
   cost_model = batch_refit = None
   if args.batch_costs:
-    kw = {} if args.buckets is None else dict(buckets=args.buckets)
     cost_model = serving.served_cost_model(model, recall, x, repeats=args.repeats, **kw)
     refit, refit_lam, refit_reach, refit_iters = refit_on_batch_costs(
         prep.calibration, cost_model, args.tolerance)

@@ -801,9 +801,10 @@ def numpy_sweep(values, init, trans, costs, lams):
 def batch_products_fn(num: int, num_lams: int, m: int, k: int):
   """The stage products of :func:`tj.sweep` alone on the same batch: per ``(instance, lam
   chunk)`` the ``n - 1`` dependent expectations ``E[G | s]`` of the solver's layout (lam-minor
-  ``[M, K, C]`` multiply-adds up to ``kernel.SMALL_K``, else ``[C, M, K] x [K, K]``), chunked and
-  batched over instances as the sweep does, without the selects, minima and look-ups around
-  them -- what a sweep cannot go below with XLA's arithmetic."""
+  ``[M, K, C]`` multiply-adds up to ``kernel.SMALL_K``, else ``[C, M, K] x [K, K]``), in the
+  sweep's default chunk of lams and batch of instances (the bench's lam counts are bucket sizes
+  that the chunk divides, so the sweep pads nothing), without the selects, minima and look-ups
+  around them -- what a sweep cannot go below with XLA's arithmetic."""
   pairs = sharded._default_pairs("recall", m, 0, k, 4, jax.devices()[0].platform)
   inst_batch, lam_batch = sharded._batch_sizes(pairs, num, num_lams)
   chunks = -(-num_lams // lam_batch)

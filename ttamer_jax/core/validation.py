@@ -80,9 +80,9 @@ def check_stochastic(name: str, arr: np.ndarray, tol: float = ROW_SUM_TOL) -> No
       raise ValueError(f"{name}{fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} exceeds 1 (not a probability)")
   if arr.shape[-1] == 0:
     return
-  # einsum's sum over a short last axis is 1.3-1.5x faster than ndarray.sum's.
-  sums = np.einsum("...k->...", arr.astype(np.float64, copy=False) if arr.dtype.kind != "f"
-                   else arr, dtype=np.float64)
+  # einsum's sum over a short last axis is 1.3-1.5x faster than ndarray.sum's; it casts
+  # every numeric dtype to float64 itself.
+  sums = np.einsum("...k->...", arr, dtype=np.float64)
   off = np.abs(sums - 1.0) > tol
   if off.any():
     i = int(np.flatnonzero(off)[0])
