@@ -760,8 +760,9 @@ class ServedCostModel:
 
   A stage served to fewer requests is not proportionally cheaper: fitted on two
   batch sizes, a stage's served time has a part that does not shrink with the batch
-  (the digits CNN on 2 CPU cores: 1.6-2.5 ms per stage beside 7-28 us per request;
-  per-call work and the padding of the remainder to its bucket). Per-request costs
+  (the digits CNN on 2 CPU cores: 1.6-2.5 ms at three of its four stages beside 7-28 us
+  per request; whatever serving adds per call, such as a remainder padded to its
+  bucket). Per-request costs
   measured on whole batches (:func:`served_stage_costs`) then under-price the later
   stages of a policy that stops most requests early; this model prices them at the
   number of requests that reach them (:meth:`seconds`, :meth:`per_request_costs`).
