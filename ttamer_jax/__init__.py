@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ttamer_jax.core.counting import fit_cascade_arrays
 from ttamer_jax.core.factored import AggregatedCascade, aggregate_cascade, solve_recall_aggregated
 from ttamer_jax.core.graph import RoutingGraph, line_graph, skip_line, solve_graph_recall, tree_graph
 from ttamer_jax.core.heuristics import (FixedExitPolicy, HindsightPolicy, PatiencePolicy,
@@ -116,7 +117,7 @@ __all__ = [
     "cascade_from_logits", "threshold_objective", "threshold_objective_on_cascade",
     "recall_threshold_objective_on_cascade", "tune_thresholds", "tune_thresholds_on_cascade",
     "exhaustive_thresholds_on_cascade", "grid_search_threshold", "TuningResult",
-    "soft_fitted_cascade", "batch_serving_cost",
+    "soft_fitted_cascade", "batch_serving_cost", "fit_cascade_arrays",
     # data
     "ExitTraces", "split_traces", "save_traces", "load_traces", "TRACES_FORMAT_VERSION",
     "traces_from_table", "traces_to_table", "load_traces_table", "read_traces",

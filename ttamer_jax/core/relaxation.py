@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttamer_jax.core import kernel, validation
+from ttamer_jax.core import counting, kernel, validation
 from ttamer_jax.core.kernel import DEFAULT_PRECISION
 from ttamer_jax.core.model import Cascade
 
@@ -434,12 +434,9 @@ def soft_fitted_cascade(confidence: chex.Array, error: chex.Array, costs: chex.A
   centers = (jnp.arange(num_bins) + 0.5) / num_bins
   width = 1.0 / num_bins if width is None else width
   q = jax.nn.softmax(-0.5 * ((confidence[..., None] - centers) / width) ** 2, axis=-1)  # [B, n, K]
-  mass = q.sum(0)                                                                        # [n, K]
-  mean_err = error.mean(0)                                                               # [n]
-  values = ((q * error[..., None]).sum(0) + smoothing * mean_err[:, None]) / (mass + smoothing)
-  init = (mass[0] + smoothing) / (mass[0] + smoothing).sum()
-  pairs = jnp.einsum("bis,bit->ist", q[:, :-1], q[:, 1:]) + smoothing                  # [n-1, K, K]
-  trans = pairs / pairs.sum(-1, keepdims=True)
+  ones = jnp.ones(num_bins, q.dtype)
+  values, init, trans, _ = counting.fitted_tables(q, error, jnp.ones(q.shape[0], q.dtype), ones, ones,
+                                                  smoothing, smoothing)
   return Cascade(values=values, init=init, trans=trans, costs=costs)
 
 

@@ -117,6 +117,39 @@ class Discretiser:
       return jnp.take_along_axis(preds, j, axis=1)
     return jnp.concatenate([preds[:, :1], preds[:, :-1]], axis=1)      # the previous exit
 
+  def host_states(self, scores: Any, preds: Any = None) -> np.ndarray:
+    """``[N, n]`` int32 states computed in NumPy on the host: the same states as
+    :meth:`__call__` (float32 comparisons, first-on-ties references) without a
+    compiled program per input shape -- what fitting and selection use on concrete
+    traces."""
+    edges = np.asarray(self.edges, np.float32)
+    raw = np.asarray(scores)
+    scores = raw.astype(np.float32)
+    num, n = scores.shape
+    if n != self.num_stages:
+      raise ValueError(f"scores: has {n} stages but the discretiser has {self.num_stages}")
+    bins = np.stack([np.searchsorted(edges[i], scores[:, i], side="right") for i in range(n)],
+                    axis=1).astype(np.int32)
+    if self.feature is None:
+      return bins
+    if preds is None:
+      return 2 * bins
+    preds = np.asarray(preds)
+    if self.feature == "agree_best":
+      # Reference of stage i: the first earlier exit whose score reaches the running maximum.
+      # Compared in JAX's default float, as reference_preds compares.
+      ref = raw.astype(jax.dtypes.canonicalize_dtype(np.float64))
+      best = np.maximum.accumulate(ref, axis=1)
+      prior = np.concatenate([np.full((num, 1), -np.inf, ref.dtype), best[:, :-1]], axis=1)
+      pos = np.arange(n)
+      hit = (pos[None, None, :] < pos[None, :, None]) & (ref[:, None, :] >= prior[:, :, None])
+      refs = np.take_along_axis(preds, np.argmax(hit, axis=-1), axis=1)
+    else:
+      refs = np.concatenate([preds[:, :1], preds[:, :-1]], axis=1)
+    agree = (preds == refs).astype(np.int32)
+    agree[:, 0] = 0
+    return 2 * bins + agree
+
   def __call__(self, scores: chex.Array, preds: chex.Array | None = None) -> chex.Array:
     """``[N, n]`` int32 states of every sample at every stage."""
     scores = jnp.asarray(scores)

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ttamer_jax.core import validation
+from ttamer_jax.core import counting, validation
 from ttamer_jax.core.graph import RoutingGraph, skip_costs
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import no_recall_policy, recall_policy
@@ -139,7 +143,7 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
     raise ValueError(f"discretiser: has {discretiser.num_stages} stages but the traces have "
                      f"{traces.num_stages}")
   _check_table_bytes(discretiser.num_states, pairs(traces.num_stages))
-  states = np.asarray(discretiser(scores, traces.preds))
+  states = discretiser.host_states(scores, traces.preds)
   return discretiser, states
 
 
@@ -188,6 +192,40 @@ def _prior_row(kind: str, possible: np.ndarray, next_states: np.ndarray) -> np.n
     return possible
   freq = np.bincount(next_states, minlength=possible.shape[0]) * possible
   return possible.sum() * freq / max(freq.sum(), 1.0) if freq.sum() > 0 else possible
+
+
+def request_bucket(num: int) -> int:
+  """Padded request count of the compiled fits: powers of two (at least 64), so a new
+  number of requests rarely compiles anew (padding has weight 0)."""
+  return max(64, 1 << int(np.ceil(np.log2(max(int(num), 1)))))
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _fit_tables(states, losses, weights, possible, first_possible, smoothing, loss_smoothing,
+                num_states, marginal):
+  assign = jax.nn.one_hot(states, num_states, dtype=jnp.result_type(float))
+  return counting.fitted_tables(assign, losses, weights, possible, first_possible, smoothing,
+                                loss_smoothing, marginal)
+
+
+def _fit_states(states: np.ndarray, losses: np.ndarray, stage_costs: np.ndarray, k: int,
+                first_possible: np.ndarray, smoothing: float, loss_smoothing: float, prior: str
+                ) -> tuple[Cascade, np.ndarray, float]:
+  """``(cascade, counts [n, K], full cost)`` of validated host states: one compiled
+  counting program (:func:`ttamer_jax.core.counting.fitted_tables`) per ``(n, K)`` and
+  request bucket."""
+  num = states.shape[0]
+  size = request_bucket(num)
+  pad = lambda x: np.concatenate([x, np.zeros((size - num,) + x.shape[1:], x.dtype)])
+  dtype = jax.dtypes.canonicalize_dtype(np.float64)
+  weights = pad(np.ones(num, dtype))
+  values, init, trans, counts = _fit_tables(
+      pad(states.astype(np.int32)), pad(np.asarray(losses, dtype)), weights, np.ones(k, dtype),
+      np.asarray(first_possible, dtype), np.asarray(smoothing, dtype),
+      np.asarray(loss_smoothing, dtype), k, prior == "marginal")
+  costs, full = unit_free_costs(stage_costs)
+  cascade = Cascade(values=values, init=init, trans=trans, costs=costs)
+  return cascade, np.rint(np.asarray(counts, np.float64)), full
 
 
 # ------------------------------------------------------------------ line cascade
@@ -257,18 +295,9 @@ def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: s
   """
   _check_fit_args(smoothing, loss_smoothing, prior)
   disc, states = _discretise(traces, num_states, binning, score, score_range, feature, discretiser)
-  k, n = disc.num_states, traces.num_stages
-  losses = np.asarray(traces.losses, np.float64)
-  values, counts = _calibrated_values(states, losses, k, loss_smoothing)
-  first = _first_stage_prior(disc)
-  init = _smoothed_rows(np.bincount(states[:, 0], minlength=k).astype(np.float64), smoothing,
-                        _prior_row(prior, first, states[:, 0]))
-  trans = np.zeros((n - 1, k, k))
-  for i in range(n - 1):
-    row_prior = _prior_row(prior, np.ones(k), states[:, i + 1])
-    trans[i] = _smoothed_rows(_pair_counts(states[:, i], states[:, i + 1], k), smoothing, row_prior)
-  costs, full = unit_free_costs(_stage_costs(traces))
-  cascade = Cascade(values=values, init=init, trans=trans, costs=costs)
+  cascade, counts, full = _fit_states(states, np.asarray(traces.losses), _stage_costs(traces),
+                                      disc.num_states, _first_stage_prior(disc), smoothing,
+                                      loss_smoothing, prior)
   return FittedCascade(cascade=cascade, discretiser=disc, counts=counts, cost_scale=np.asarray(full),
                        score_name=PRIMARY_SCORE if score is None else score)
 
