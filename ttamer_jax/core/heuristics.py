@@ -61,7 +61,7 @@ class ThresholdPolicy:
         raise ValueError(f"thresholds{np.argwhere(np.isnan(t))[0].tolist()} is nan")
       # The session's float (float64 under jax_enable_x64): a float64 score equal to its
       # threshold must compare equal, not against a float32-rounded copy.
-      object.__setattr__(self, "thresholds", jnp.asarray(t, default_float()))
+      object.__setattr__(self, "thresholds", validation.device_array(t, default_float()))
 
   @property
   def num_stages(self) -> int:
@@ -83,24 +83,34 @@ class ThresholdPolicy:
     return carry, stop
 
 
+def _shared_threshold(threshold, num_stages: int) -> chex.Array:
+  """``[n]`` copies of one threshold; a traced one (tuning inside ``jit``) is
+  broadcast as it is, its rank checked."""
+  n = validation.check_positive_int("num_stages", num_stages)
+  if validation.is_concrete(threshold):
+    return np.full((n,), validation.as_float_scalar("threshold", threshold))
+  if np.ndim(threshold) != 0:
+    raise ValueError(f"threshold: expected a number, got shape {np.shape(threshold)}")
+  return jnp.full((n,), threshold, default_float())
+
+
 def confidence_threshold(threshold, num_stages: int) -> ThresholdPolicy:
   """One confidence threshold for every stage: exit once ``score >= threshold``."""
-  n = validation.check_positive_int("num_stages", num_stages)
-  t = validation.as_float_scalar("threshold", threshold)
-  return ThresholdPolicy(thresholds=np.full((n,), t), direction="above")
+  return ThresholdPolicy(thresholds=_shared_threshold(threshold, num_stages), direction="above")
 
 
 def per_stage_thresholds(thresholds, direction: str = "above") -> ThresholdPolicy:
   """A threshold per stage (``[n]``)."""
-  thresholds = validation.as_numpy("thresholds", thresholds, ndim=1)
+  if validation.is_concrete(thresholds):
+    thresholds = validation.as_numpy("thresholds", thresholds, ndim=1)
+  elif np.ndim(thresholds) != 1:
+    raise ValueError(f"thresholds: expected shape [n], got {np.shape(thresholds)}")
   return ThresholdPolicy(thresholds=thresholds, direction=direction)
 
 
 def entropy_threshold(threshold, num_stages: int) -> ThresholdPolicy:
   """One entropy threshold: exit once the exit's entropy ``<= threshold``."""
-  n = validation.check_positive_int("num_stages", num_stages)
-  t = validation.as_float_scalar("threshold", threshold)
-  return ThresholdPolicy(thresholds=np.full((n,), t), direction="below")
+  return ThresholdPolicy(thresholds=_shared_threshold(threshold, num_stages), direction="below")
 
 
 @pytree_dataclass(static=("stages",))
@@ -128,7 +138,7 @@ class PatiencePolicy:
       p = validation.as_numpy("patience", self.patience, kind="int")
       if p.size and p.min() < 1:
         raise ValueError(f"patience = {p.min()} must be >= 1")
-      object.__setattr__(self, "patience", jnp.asarray(p, jnp.int32))
+      object.__setattr__(self, "patience", validation.device_array(p, np.int32))
 
   @property
   def num_stages(self) -> int:
@@ -178,7 +188,7 @@ class FixedExitPolicy:
       k = validation.as_numpy("exit_stage", self.exit_stage, kind="int")
       if k.size and (k.min() < 0 or k.max() >= n):
         raise ValueError(f"exit_stage = {int(k.min() if k.min() < 0 else k.max())} outside 0..{n - 1}")
-      object.__setattr__(self, "exit_stage", jnp.asarray(k, jnp.int32))
+      object.__setattr__(self, "exit_stage", validation.device_array(k, np.int32))
 
   @property
   def num_stages(self) -> int:
@@ -273,7 +283,11 @@ def hindsight_policy(losses: Any, costs: Any, lam) -> HindsightPolicy:
   Args:
     losses: ``[N, n]`` true losses; costs: ``[n]`` or ``[N, n]``; lam in [0, 1].
   Ties pick the earliest ``k``, so the answer is the earliest stage of least loss.
+  Runs on the host (float64 stops per request).
   """
+  validation.refuse_traced("hindsight_policy", "inside jit, ttamer_jax.prophet_value is the "
+                           "hindsight optimum of a model (docs/jit.md)", losses=losses,
+                           costs=costs, lam=lam)
   validation.check_scalar_lam(lam)
   losses, costs = check_losses_and_costs(losses, costs)
   stops = hindsight_stops(losses, costs, np.asarray([float(lam)]))[0]

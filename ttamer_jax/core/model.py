@@ -38,7 +38,7 @@ def _validated_cascade_arrays(values, init, trans, costs):
   validation.check_stochastic("init", init)
   validation.check_stochastic("trans", trans)
   dtype = default_float()
-  return tuple(jnp.asarray(validation.to_float(name, a, dtype)) for name, a in
+  return tuple(validation.device_array(validation.to_float(name, a, dtype)) for name, a in
                (("values", values), ("init", init), ("trans", trans), ("costs", costs)))
 
 

@@ -130,7 +130,7 @@ class NoRecallPolicy:
         if not np.isin(stop, (0, 1)).all():
           raise ValueError(f"stop: must be a bool table, got dtype {stop.dtype} with values "
                            "other than 0 and 1")
-        object.__setattr__(self, "stop", jnp.asarray(stop, bool))
+        object.__setattr__(self, "stop", validation.device_array(stop, bool))
 
   @property
   def num_stages(self) -> int:

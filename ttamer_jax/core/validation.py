@@ -3,7 +3,9 @@
 Every check runs outside ``jit`` on concrete arrays and raises ``ValueError``
 naming the field, the first offending index and the rule broken. Values that are
 JAX tracers (the caller is inside ``jit``/``vmap``) cannot be inspected and are
-passed through unchecked: validation belongs at the boundary.
+passed through unchecked: validation belongs at the boundary. Functions that
+only run at the boundary (quantile bins, selection, file I/O, host-side sums)
+refuse tracers with :func:`refuse_traced`, naming the ``jit``-able alternative.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Absolute tolerance on |sum(row) - 1| for probability vectors. Loose enough for
@@ -22,6 +25,42 @@ ROW_SUM_TOL = 1e-5
 def is_concrete(x: Any) -> bool:
   """True when ``x`` holds data we can look at (not an abstract tracer)."""
   return not isinstance(x, jax.core.Tracer)
+
+
+def is_staging() -> bool:
+  """True inside a staged trace (``jit``, ``scan``, ``eval_shape``): there even a
+  constant becomes a tracer, so host code (NumPy on ``jnp`` results) cannot run. Under
+  ``vmap``/``grad`` alone, or ``jax.ensure_compile_time_eval()``, constants stay
+  concrete."""
+  return not is_concrete(jnp.asarray(0))
+
+
+def refuse_traced(function: str, alternative: str, **values: Any) -> None:
+  """``ValueError`` naming ``function``, the traced field and the ``jit``-able
+  ``alternative`` when ``function`` -- which runs on the host, on concrete arrays -- is
+  given a traced value (any pytree leaf of ``values``) or is called inside ``jit``.
+
+  Without it the caller would get JAX's ``TracerArrayConversionError`` from deep
+  inside, or a misleading "cannot be converted to an array".
+  """
+  for name, value in values.items():
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(value)):
+      raise ValueError(f"{name}: {function} runs at the boundary on concrete arrays, got a traced "
+                       f"value (inside jit, vmap or grad); {alternative}")
+  if is_staging():
+    raise ValueError(f"{function}: runs at the boundary on concrete arrays, but was called inside "
+                     f"jit (call it outside, or under jax.ensure_compile_time_eval() when every "
+                     f"input is concrete); {alternative}")
+
+
+def device_array(x: Any, dtype: Any = None) -> jax.Array:
+  """``x`` on the default device as a JAX array of ``dtype``: a host copy is converted
+  by NumPy and transferred (``jnp.asarray`` of a NumPy array compiles a small program
+  per shape and dtype, which added up to dozens per fit); a JAX array is cast."""
+  if isinstance(x, jax.Array):
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+  arr = np.asarray(x, dtype)
+  return jax.device_put(arr.astype(jax.dtypes.canonicalize_dtype(arr.dtype), copy=False))
 
 
 def fmt_index(flat_index: int, shape: Sequence[int]) -> str:

@@ -222,14 +222,24 @@ def fit_answer_model(traces: ExitTraces, *, score: str | None = None) -> AnswerM
 
 
 def fold_ids(key: chex.PRNGKey, num: int, folds: int) -> np.ndarray:
-  """``[num]`` fold of each request: a random permutation cut into ``folds`` near-equal parts."""
+  """``[num]`` fold of each request: a random permutation cut into ``folds`` near-equal parts.
+
+  Drawn with NumPy from a seed of ``key`` (deterministic given ``key``): a JAX
+  permutation would compile a program for every new ``num``."""
   folds = validation.check_positive_int("folds", folds)
   if folds < 2 or folds > num:
     raise ValueError(f"folds = {folds} must lie in [2, N = {num}]")
-  perm = np.asarray(jax.random.permutation(key, num))
+  perm = np.random.default_rng(key_seed(key)).permutation(num)
   out = np.empty(num, np.int32)
   out[perm] = np.arange(num) % folds
   return out
+
+
+def key_seed(key) -> np.ndarray:
+  """A NumPy seed from a JAX PRNG key (legacy ``[2]`` uint32 data or a typed key)."""
+  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return np.asarray(key, np.uint32).reshape(-1)
 
 
 def cross_fitted_transform(traces: ExitTraces, folds: Any, *, score: str | None = None

@@ -37,7 +37,7 @@ def _validated_edges(edges) -> chex.Array:
       i, j = np.argwhere(bad)[0]
       raise ValueError(f"edges[{i}, {j + 1}] = {float(arr[i, j + 1])!r} < edges[{i}, {j}] = {float(arr[i, j])!r} "
                        "(bin edges must be non-decreasing along each stage)")
-  return jnp.asarray(validation.to_float("edges", arr, np.float32))
+  return validation.device_array(validation.to_float("edges", arr, np.float32))
 
 
 @pytree_dataclass(static=("feature",))

@@ -46,6 +46,13 @@ PRIORS = ("uniform", "marginal")
 # half-way (4 GiB: K = 4096 with up to 33 stages).
 MAX_FIT_TABLE_BYTES = 1 << 32
 
+# What the ValueError of a fit called inside jit names instead (docs/jit.md): bins need
+# sorting (quantiles), so they are fitted once, outside; counting is jit-able.
+JIT_FIT = ("inside jit, fit the bins outside it (ttamer_jax.fit_discretiser), then call the "
+           "Discretiser and ttamer_jax.fit_cascade_arrays inside (docs/jit.md)")
+JIT_BINS = ("fit the bins once outside jit and call the Discretiser inside it "
+            "(ttamer_jax.Discretiser(edges) also takes traced edges; docs/jit.md)")
+
 
 # ------------------------------------------------------------------ discretiser
 def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
@@ -59,7 +66,12 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
       leave bins empty) or ``"uniform"`` (equal width on ``score_range``).
     score_range: ``(low, high)`` for uniform bins; default: each stage's min/max.
     feature: ``None``, ``"agree_prev"`` or ``"agree_best"`` (see :class:`Discretiser`).
+
+  Runs on the host (quantiles sort); inside ``jit`` it raises ``ValueError`` naming
+  the alternative: bins fitted outside, the :class:`Discretiser` called inside.
   """
+  validation.refuse_traced("fit_discretiser", JIT_BINS, scores=scores, num_bins=num_bins,
+                           score_range=score_range)
   b = validation.check_positive_int("num_bins", num_bins)
   if binning not in BINNINGS:
     raise ValueError(f"binning: must be one of {BINNINGS}, got {binning!r}")
@@ -194,10 +206,16 @@ def _prior_row(kind: str, possible: np.ndarray, next_states: np.ndarray) -> np.n
   return possible.sum() * freq / max(freq.sum(), 1.0) if freq.sum() > 0 else possible
 
 
+# Fewest requests a compiled fit is padded to: every calibration set up to this size
+# shares one program per shape of the rest (the demo's 359, a few thousand), at the
+# price of counting padding of weight 0, which costs well under a millisecond here.
+MIN_REQUEST_BUCKET = 4096
+
+
 def request_bucket(num: int) -> int:
-  """Padded request count of the compiled fits: powers of two (at least 64), so a new
-  number of requests rarely compiles anew (padding has weight 0)."""
-  return max(64, 1 << int(np.ceil(np.log2(max(int(num), 1)))))
+  """Padded request count of the compiled fits: :data:`MIN_REQUEST_BUCKET`, then powers
+  of two, so a new number of requests rarely compiles anew (padding has weight 0)."""
+  return max(MIN_REQUEST_BUCKET, 1 << int(np.ceil(np.log2(max(int(num), 1)))))
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8))
@@ -292,7 +310,13 @@ def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: s
 
   Returns:
     :class:`FittedCascade`; its costs are shares of the full cost (unit-free ``lam``).
+
+  Runs on the host; inside ``jit`` use :func:`ttamer_jax.fit_cascade_arrays` on the
+  states of a :class:`Discretiser` fitted outside (docs/jit.md).
   """
+  validation.refuse_traced("fit_cascade", JIT_FIT, traces=traces, num_states=num_states,
+                           smoothing=smoothing, loss_smoothing=loss_smoothing,
+                           score_range=score_range, discretiser=discretiser)
   _check_fit_args(smoothing, loss_smoothing, prior)
   disc, states = _discretise(traces, num_states, binning, score, score_range, feature, discretiser)
   cascade, counts, full = _fit_states(states, np.asarray(traces.losses), _stage_costs(traces),
@@ -321,7 +345,14 @@ def fit_cascade_from_states(states: Any, losses: Any, costs: Any, num_states: in
     costs: ``[n]`` or ``[N, n]`` costs (>= 0).
     num_states: ``K`` (default: the largest state + 1).
     smoothing, loss_smoothing, prior: as :func:`fit_cascade`.
+
+  Runs on the host; :func:`ttamer_jax.fit_cascade_arrays` gives the same cascade
+  inside ``jit`` / ``vmap`` / ``grad``.
   """
+  validation.refuse_traced(
+      "fit_cascade_from_states", "inside jit, ttamer_jax.fit_cascade_arrays fits the same "
+      "cascade (docs/jit.md)", states=states, losses=losses, costs=costs, num_states=num_states,
+      smoothing=smoothing, loss_smoothing=loss_smoothing)
   traces, k = _state_traces(states, losses, costs, num_states)
   return fit_cascade(traces, discretiser=Discretiser.identity(traces.num_stages, k),
                      score=STATE_SIGNAL, smoothing=smoothing, loss_smoothing=loss_smoothing,
@@ -332,6 +363,9 @@ def traces_with_states(states: Any, losses: Any, costs: Any, num_states: int | N
                        preds: Any = None) -> ExitTraces:
   """:class:`ExitTraces` whose signal ``"state"`` (and primary scores) are known states
   ``[N, n]`` -- what a policy from :func:`fit_cascade_from_states` replays on."""
+  validation.refuse_traced("traces_with_states", "inside jit, replay a policy on the states "
+                           "with ttamer_jax.replay (docs/jit.md)", states=states, losses=losses,
+                           costs=costs, num_states=num_states, preds=preds)
   return _state_traces(states, losses, costs, num_states, preds)[0]
 
 
@@ -383,8 +417,15 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
   head_costs[j]``; by default the traces' (mean) stage costs are the block costs
   and heads are free. ``skip_first`` lets the root enter any stage, each entry with
   that stage's smoothed empirical state distribution. Agreement features are not
-  defined when exits are skipped, so they are rejected here.
+  defined when exits are skipped, so they are rejected here. Runs on the host (no
+  ``jit``-able skip-line fit; docs/jit.md).
   """
+  validation.refuse_traced(
+      "fit_skip_line", "there is no jit-able skip-line fit; inside jit, fit a line with "
+      "ttamer_jax.fit_cascade_arrays on the states of a Discretiser fitted outside (docs/jit.md)",
+      traces=traces, num_states=num_states, smoothing=smoothing, loss_smoothing=loss_smoothing,
+      score_range=score_range, discretiser=discretiser, block_costs=block_costs,
+      head_costs=head_costs)
   _check_fit_args(smoothing, loss_smoothing, prior)
   if discretiser is not None and not isinstance(discretiser, Discretiser):
     raise ValueError(f"discretiser: expected a Discretiser, got {type(discretiser).__name__}")

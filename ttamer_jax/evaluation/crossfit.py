@@ -1,0 +1,284 @@
+"""Cross-fitting every candidate of a selection as a few batched programs (DESIGN.md section 11).
+
+A fold is a weight vector: fold ``f`` fits on the requests outside it (weight 1)
+and is replayed on the requests inside it; the refit on all requests is one more
+"fold" of all-one weights. So every (candidate, fold) of one family is one
+instance of one compiled program:
+
+* **T-Tamer** (per solver kind): bin the instance's score table with its own edges
+  (padded to a shared number of bins), count (:func:`~ttamer_jax.core.counting.fitted_tables`,
+  states padded to a shared ``K``), solve at the traced ``lam``, replay every
+  request, and evaluate the fitted model exactly (what the model predicts);
+* **simple rules** (per rule type): replay the fold's grid of parameters on every
+  request, pick the parameter of least ``J`` on the fold's training requests, keep
+  the picked parameter's outcome;
+* **posterior-answer calibrators**: every (fold, inner fold) calibrator fitted by
+  weighted Newton steps and applied to every request.
+
+Requests are padded to a power-of-two bucket with weight 0, so a new number of
+requests rarely compiles anew; the host only fits bin edges (quantiles) and
+gathers each request's out-of-fold outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ttamer_jax.core import counting, kernel
+from ttamer_jax.core.model import Cascade
+from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
+from ttamer_jax.core.replay import replay_compiled
+from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_on_grid
+from ttamer_jax.core.struct import pytree_dataclass, trusted
+from ttamer_jax.data import answers as answer_models
+from ttamer_jax.data.discretise import Discretiser
+from ttamer_jax.data.fitting import request_bucket
+from ttamer_jax.evaluation.exact import _no_recall_metrics, _recall_metrics
+
+FEATURE_CODES = {None: 0, "agree_prev": 1, "agree_best": 2}
+
+
+# ------------------------------------------------------------------ host tables
+@dataclasses.dataclass(frozen=True)
+class Tables:
+  """Per-request arrays the instances read, padded to a request bucket.
+
+  Attributes:
+    scores: ``[S, N, n]`` float32 score tables (an exit signal, or virtual
+      posterior-answer scores of one fold).
+    preds: ``[S, N, n]`` int32 predictions of those stages.
+    losses: ``[S, N, n]`` true losses of those stages.
+    weights: ``[G, N]`` training weights of each fold (``G = F + 1``: the last is
+      the refit on every request; 0 on padding).
+    num: ``N`` before padding.
+  """
+
+  scores: np.ndarray
+  preds: np.ndarray
+  losses: np.ndarray
+  weights: np.ndarray
+  num: int
+
+
+def pad_requests(x: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+  """``x`` with its request axis padded to ``size`` by zeros."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return np.pad(x, pad)
+
+
+def fold_weights(fold_ids: np.ndarray, folds: int, size: int) -> np.ndarray:
+  """``[F + 1, size]`` training weights: outside fold ``f``, then every request."""
+  num = fold_ids.size
+  w = np.zeros((folds + 1, size), np.float32)
+  w[:folds, :num] = fold_ids[None, :] != np.arange(folds)[:, None]
+  w[folds, :num] = 1.0
+  return w
+
+
+# ------------------------------------------------------------------ T-Tamer instances
+@pytree_dataclass
+class Instances:
+  """A batch of (candidate, fold) fits of one solver kind.
+
+  Attributes:
+    fit_table: ``[I]`` table the fit counts on (the fold's training view).
+    replay_table: ``[I]`` table the policy is replayed on.
+    fold: ``[I]`` row of :attr:`Tables.weights` the fit uses.
+    edges: ``[I, n, B - 1]`` bin edges, padded with ``+inf`` (never reached).
+    feature: ``[I]`` code of the agreement feature (:data:`FEATURE_CODES`).
+    num_states: ``[I]`` the candidate's own ``K`` (states beyond it are padding).
+    smoothing: ``[I]`` pseudo-counts of transitions and losses.
+    costs: ``[I, n]`` unit-free stage costs of the fold's training requests.
+  """
+
+  fit_table: chex.Array
+  replay_table: chex.Array
+  fold: chex.Array
+  edges: chex.Array
+  feature: chex.Array
+  num_states: chex.Array
+  smoothing: chex.Array
+  costs: chex.Array
+
+
+@pytree_dataclass
+class InstanceOutcomes:
+  """What each instance's policy did and what its model says.
+
+  Attributes:
+    loss: ``[I, N]`` true loss of each request's answer (replay table).
+    cost: ``[I, N]`` raw cost of each request.
+    modelled: ``[I, 2]`` the fitted model's exact ``(error, cost share)`` of its policy.
+    values, init, trans, counts: the fitted tables (``[I, n, K]``, ``[I, K]``,
+      ``[I, n-1, K, K]``, ``[I, n, K]``).
+    table: ``[I, n, K]`` the policy's index (recall) or stop table (no recall).
+  """
+
+  loss: chex.Array
+  cost: chex.Array
+  modelled: chex.Array
+  values: chex.Array
+  init: chex.Array
+  trans: chex.Array
+  counts: chex.Array
+  table: chex.Array
+
+
+def _instance_states(edges, feature, scores, preds):
+  """``[N, n]`` states of one instance: :class:`Discretiser` semantics with traced
+  edges and a traced feature code."""
+  n = scores.shape[1]
+  scores32 = scores.astype(jnp.float32)
+  bins = jnp.stack([jnp.searchsorted(edges[i], scores32[:, i], side="right") for i in range(n)],
+                   axis=1).astype(jnp.int32)
+  prev = Discretiser(edges=edges, feature="agree_prev").reference_preds(scores, preds)
+  best = Discretiser(edges=edges, feature="agree_best").reference_preds(scores, preds)
+  ref = jnp.where(feature == 2, best, prev)
+  agree = ((preds == ref) & (jnp.arange(n) > 0)[None, :]).astype(jnp.int32)
+  return jnp.where(feature > 0, 2 * bins + agree, bins)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def ttamer_outcomes(inst: Instances, scores, preds, losses, weights, num_states: int,
+                    recall: bool, raw_costs, lam) -> InstanceOutcomes:
+  """Fit, solve at ``lam``, replay and evaluate every instance (one program per kind,
+  ``K`` bucket and request bucket)."""
+  k = num_states
+  dtype = jnp.result_type(float)
+  lam = jnp.asarray(lam, dtype)
+  states_of = jnp.arange(k)
+
+  def one(x):
+    fit_t, rep_t, fold, edges, feature, kc, smoothing, costs = x
+    possible = (states_of < kc).astype(dtype)
+    first = possible * jnp.where(feature > 0, states_of % 2 == 0, True)
+    fit_states = _instance_states(edges, feature, scores[fit_t], preds[fit_t])
+    values, init, trans, counts = counting.fitted_tables(
+        jax.nn.one_hot(fit_states, k, dtype=dtype), losses[fit_t], weights[fold], possible, first,
+        smoothing, smoothing)
+    cascade = trusted(Cascade, values=values, init=init, trans=trans, costs=costs.astype(dtype))
+    if recall:
+      grid, pos = kernel.grid_for(values)
+      index = solve_recall_on_grid(cascade, lam, grid, pos).index
+      policy = trusted(RecallPolicy, index=index, values=values, lam=lam)
+      table = index
+      metrics = _recall_metrics(cascade, policy)
+    else:
+      table = solve_no_recall_compiled(cascade, lam).stop
+      policy = trusted(NoRecallPolicy, stop=table)
+      metrics = _no_recall_metrics(cascade, policy)
+    rep_states = _instance_states(edges, feature, scores[rep_t], preds[rep_t])
+    zeros = jnp.zeros(rep_states.shape, dtype)
+    res = replay_compiled(policy, rep_states, losses[rep_t], raw_costs, zeros,
+                          jnp.zeros(rep_states.shape, jnp.int32))
+    return (res.loss, res.cost, jnp.stack([metrics.loss, metrics.cost]), values, init, trans,
+            counts, table.astype(dtype))
+
+  fields = (inst.fit_table, inst.replay_table, inst.fold, inst.edges, inst.feature,
+            inst.num_states, inst.smoothing, inst.costs)
+  out = jax.lax.map(one, fields)
+  return InstanceOutcomes(*out)
+
+
+# ------------------------------------------------------------------ simple rules
+@jax.jit
+def rule_outcomes(policies, scores, preds, losses, raw_costs, weights, full_costs, lam):
+  """Per fold: the grid of ``P`` policies (leading axes ``[G, P]``) replayed on every
+  request, the parameter of least training ``J`` picked (first on ties), and its
+  outcome kept. Returns ``(picked [G], loss [G, N], cost [G, N])``."""
+  dtype = jnp.result_type(float)
+  lam = jnp.asarray(lam, dtype)
+  zeros = jnp.zeros(scores.shape, jnp.int32)
+
+  def one(x):
+    grid, w, full = x
+    res = jax.vmap(lambda p: replay_compiled(p, zeros, losses, raw_costs, scores, preds))(grid)
+    total = jnp.sum(w)
+    err = res.loss.astype(dtype) @ w / total
+    cost = res.cost.astype(dtype) @ w / total
+    share = jnp.where(full > 0, cost / jnp.where(full > 0, full, 1.0), 0.0)
+    i = jnp.argmin(lam * err + (1 - lam) * share)
+    return i, res.loss[i], res.cost[i]
+
+  return jax.lax.map(one, (policies, weights.astype(dtype), full_costs.astype(dtype)))
+
+
+# ------------------------------------------------------------------ answer calibrators
+@functools.partial(jax.jit, static_argnums=(4,))
+def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
+  """Every calibrator of ``weights [M, N]`` fitted and applied to every request.
+
+  The same ridge logistic regressions as :func:`ttamer_jax.fit_answer_model` (each
+  calibrator standardises with its own requests' mean and spread, then takes
+  :data:`~ttamer_jax.data.answers.NEWTON_STEPS` Newton steps), but all ``M`` at once:
+  a standardised coefficient vector ``w`` acts on the raw features as ``T_m w``
+  (``T_m`` scales by ``1 / scale`` and moves the mean into the intercept), so the
+  gradient and Hessian of every calibrator are products with the *shared* raw
+  features (``T_m^T X^T diag(.) X T_m``): one ``[N, M]`` pass per pair and step
+  instead of ``M`` passes. Returns ``(weights [M, P, D], mean [M, P, D], scale [M, P, D],
+  confidence [M, N, n], answer [M, N, n])``.
+  """
+  dtype = scores.dtype
+  n = scores.shape[1]
+  raw = answer_models._raw_features(scores, preds, unit)                  # [N, P, D]
+  d = raw.shape[-1]
+  total = weights.sum(1)                                                  # [M]
+  mean = jnp.einsum("mn,npd->mpd", weights, raw) / total[:, None, None]
+  var = jnp.einsum("mn,npd->mpd", weights, raw ** 2) / total[:, None, None] - mean ** 2
+  # E[x^2] - mean^2 leaves rounding noise where a feature is constant: treat a
+  # spread below float precision of the mean as none (fit_answer_model's scale 1).
+  constant = var <= 1e-6 * (mean ** 2 + 1.0)
+  scale = jnp.where(constant, 1.0, jnp.sqrt(jnp.maximum(var, 0.0))).at[..., 0].set(1.0)
+  mean = mean.at[..., 0].set(0.0)
+  _, pj = answer_models._pairs(n)
+  targets = jnp.clip(scaled_losses[:, pj], 0.0, 1.0)                      # [N, P]
+  ridge = answer_models.RIDGE * total[:, None, None] * jnp.eye(d, dtype=dtype).at[0, 0].set(0.0)
+  jitter = 1e-6 * jnp.eye(d, dtype=dtype)
+
+  def pair(args):
+    x, y, mu, sd = args                                  # [N, D], [N], [M, D], [M, D]
+    # T_m: raw coefficients = T_m @ standardised ones.
+    t_mat = jnp.zeros((mu.shape[0], d, d), dtype)
+    t_mat = t_mat.at[:, jnp.arange(d), jnp.arange(d)].set(1.0 / sd)
+    t_mat = t_mat.at[:, 0, :].add(-mu / sd)
+
+    def step(w, _):                                      # w: [M, D] standardised
+      a = jnp.einsum("mde,me->md", t_mat, w)                                 # raw coefficients
+      p = jax.nn.sigmoid(x @ a.T)                                            # [N, M]
+      g_raw = (weights.T * (p - y[:, None])).T @ x                           # [M, D]
+      s = weights.T * p * (1 - p)                                            # [N, M]
+      h_raw = jnp.einsum("nm,nd,ne->mde", s, x, x)
+      grad = jnp.einsum("mdk,md->mk", t_mat, g_raw) + jnp.einsum("mde,me->md", ridge, w)
+      hess = jnp.einsum("mdk,mde,mel->mkl", t_mat, h_raw, t_mat) + ridge + jitter
+      return w - jnp.linalg.solve(hess, grad[..., None])[..., 0], None
+
+    w, _ = jax.lax.scan(step, jnp.zeros((mu.shape[0], d), dtype), None,
+                        length=answer_models.NEWTON_STEPS)
+    return w
+
+  coef = jax.lax.map(pair, (raw.transpose(1, 0, 2), targets.T, mean.transpose(1, 0, 2),
+                            scale.transpose(1, 0, 2)))                        # [P, M, D]
+  coef = coef.transpose(1, 0, 2)
+
+  def apply(args):
+    cw, mu, sd = args
+    model = trusted(answer_models.AnswerModel, weights=cw, mean=mu, scale=sd,
+                    loss_scale=jnp.ones((), dtype), score_name="scores", unit_scores=unit)
+    return answer_models._answers(model, scores, preds)
+
+  conf, answer = jax.lax.map(apply, (coef, mean, scale))
+  return coef, mean, scale, conf, answer
+
+
+def subkeys(key, num: int) -> np.ndarray:
+  """``[num, 2]`` uint32 keys drawn on the host from ``key`` (no compiled program,
+  unlike ``jax.random.split``); any of them is a valid legacy PRNG key."""
+  rng = np.random.default_rng(answer_models.key_seed(key))
+  return rng.integers(0, 2**32, (num, 2), dtype=np.uint32)
