@@ -30,6 +30,7 @@ over-thinking cascade). Writes ``<out>/selection.md`` and ``<out>/selection.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -58,6 +59,17 @@ def _j(res, lam, full) -> np.ndarray:
   return lam * np.asarray(res.loss, np.float64) + (1 - lam) * np.asarray(res.cost, np.float64) / full
 
 
+def previous_rule(scores):
+  """The choice rule before issue 23: least cross-fitted J, a T-Tamer candidate within
+  one paired SE of the best winning the tie (kept here to measure the change)."""
+  best = min(scores, key=lambda s: s.objective)
+  if best.candidate.ttamer:
+    return best
+  tied = [s for s in scores if s.candidate.ttamer
+          and selection.paired_se(s, best)[0] <= selection.paired_se(s, best)[1]]
+  return min(tied, key=lambda s: s.objective) if tied else best
+
+
 def run_one(prep, lam: float, seed: int, num_resamples: int) -> dict:
   cal, test = prep.calibration, prep.test
   key = jax.random.PRNGKey(seed)
@@ -67,6 +79,9 @@ def run_one(prep, lam: float, seed: int, num_resamples: int) -> dict:
   full = test.full_cost()
   per = {"selected": _j(tj.replay_traces(sel.deployed, test), lam, full)}
   point = selection.OperatingPoint(lam, None)
+  old = previous_rule(list(sel.scores))
+  per["previous_rule"] = (per["selected"] if old is sel.chosen else _j(
+      tj.replay_traces(selection.refit(old.candidate, cal, point, key=key).deployed, test), lam, full))
   for name, cand in BASELINES.items():
     fitted = selection.refit(cand, cal, point, key=key)
     per[name] = _j(tj.replay_traces(fitted.deployed, test), lam, full)
@@ -78,6 +93,7 @@ def run_one(prep, lam: float, seed: int, num_resamples: int) -> dict:
   check = sel.model_check
   out = dict(
       lam=lam, selected=sel.chosen.name, selected_is_ttamer=sel.chosen.candidate.ttamer,
+      previous_rule_selected=old.name,
       runner_up=None if sel.runner_up is None else sel.runner_up.name,
       cross_fitted_j=sel.chosen.objective, fit_seconds=fit_seconds,
       test_j={k: float(v.mean()) for k, v in per.items()},
@@ -94,31 +110,45 @@ def run_one(prep, lam: float, seed: int, num_resamples: int) -> dict:
   return out
 
 
+def subsample(prep, size, seed: int):
+  """``prep`` with a random ``size`` of its calibration requests (``None``: all of them)."""
+  if size is None or size >= prep.calibration.num_samples:
+    return prep
+  keep = np.sort(np.random.default_rng(1000 + seed).permutation(prep.calibration.num_samples)[:size])
+  return dataclasses.replace(prep, calibration=prep.calibration.subset(keep))
+
+
 def run_workload(name: str, seeds, args) -> list[dict]:
   rows = []
   for seed in seeds:
     t0 = time.perf_counter()
-    prep = pipeline.prepare(name, seed=seed, cache_dir=args.cache_dir, quick=args.quick,
-                            progress=sys.stderr.isatty())
-    print(f"[{name} seed {seed}] {prep.calibration.num_samples} calibration / "
-          f"{prep.test.num_samples} test requests, {prep.calibration.num_stages} stages "
-          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    for lam in args.lams:
-      row = run_one(prep, lam, seed, args.resamples)
-      row.update(workload=prep.name, seed=seed, calibration=prep.calibration.num_samples,
-                 test=prep.test.num_samples)
-      rows.append(row)
-      print(f"  lam {lam}: selected {row['selected']} J {row['test_j']['selected']:.4f} vs "
-            f"{row['best_rule']} {row['test_j'][row['best_rule']]:.4f} "
-            f"(diff {row['diff']:+.4f} +- {row['diff_se']:.4f}; fit {row['fit_seconds']:.0f} s)",
-            file=sys.stderr, flush=True)
+    full_prep = pipeline.prepare(name, seed=seed, cache_dir=args.cache_dir, quick=args.quick,
+                                 progress=sys.stderr.isatty())
+    for size in args.sizes:
+      prep = subsample(full_prep, size, seed)
+      print(f"[{name} seed {seed}] {prep.calibration.num_samples} calibration / "
+            f"{prep.test.num_samples} test requests, {prep.calibration.num_stages} stages "
+            f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+      rows += [run_row(prep, size, lam, seed, args) for lam in args.lams]
   return rows
+
+
+def run_row(prep, size, lam: float, seed: int, args) -> dict:
+  row = run_one(prep, lam, seed, args.resamples)
+  row.update(workload=prep.name if size is None else f"{prep.name} @{size}", seed=seed,
+             calibration=prep.calibration.num_samples, test=prep.test.num_samples)
+  print(f"  lam {lam}: selected {row['selected']} J {row['test_j']['selected']:.4f} vs "
+        f"{row['best_rule']} {row['test_j'][row['best_rule']]:.4f} "
+        f"(diff {row['diff']:+.4f} +- {row['diff_se']:.4f}; previous rule "
+        f"{row['test_j']['previous_rule']:.4f}; fit {row['fit_seconds']:.1f} s)",
+        file=sys.stderr, flush=True)
+  return row
 
 
 def summary(rows: list[dict]) -> tuple[str, dict]:
   workloads = list(dict.fromkeys(r["workload"] for r in rows))
-  lines = ["| workload | lam | selected (seeds) | J selected | J best rule | rel. diff | worst seed diff / SE | J plain recall | modelled J (cross-fitted) vs measured |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| workload | lam | selected (seeds) | J selected | J best rule | rel. diff | worst seed diff / SE | J previous rule | J plain recall | modelled J (cross-fitted) vs measured |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   rel_by_workload, violations = {}, []
   for w in workloads:
     rel_all = []
@@ -127,6 +157,7 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
       js = np.mean([r["test_j"]["selected"] for r in rs])
       jr = np.mean([r["test_j"][r["best_rule"]] for r in rs])
       jp = np.mean([r["test_j"]["recall_8bins"] for r in rs])
+      jo = np.mean([r["test_j"]["previous_rule"] for r in rs])
       rel = (js - jr) / jr if jr > 0 else 0.0
       rel_all.append(rel)
       z = max(r["diff"] / r["diff_se"] if r["diff_se"] > 0 else 0.0 for r in rs)
@@ -135,7 +166,7 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
       names = sorted({r["selected"] for r in rs})
       mc = [f"{r['modelled_j']:.4f}/{r['cross_fitted_measured_j']:.4f}" for r in rs if "modelled_j" in r]
       lines.append(f"| {w} | {lam} | {'; '.join(names)} | {js:.4f} | {jr:.4f} | {100 * rel:+.1f}% | "
-                   f"{z:+.2f} | {jp:.4f} | {', '.join(mc)} |")
+                   f"{z:+.2f} | {jo:.4f} | {jp:.4f} | {', '.join(mc)} |")
     rel_by_workload[w] = float(np.mean(rel_all))
   mean_rel = float(np.mean(list(rel_by_workload.values()))) if rel_by_workload else 0.0
   lines += ["", "Mean relative difference of held-out J, selected vs best simple rule, per workload: "
@@ -143,7 +174,9 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
             + f"; over the workloads {100 * mean_rel:+.1f}%.",
             "Cells where the selected policy is worse than the best rule by more than one standard "
             "error in some seed: " + (", ".join(f"{w} lam {l} ({z:.1f} SE)" for w, l, z in violations)
-                                     or "none") + "."]
+                                     or "none") + "; by more than two: "
+            + (", ".join(f"{w} lam {l} ({z:.1f} SE)" for w, l, z in violations if z > 2) or "none")
+            + "."]
   return "\n".join(lines), dict(relative_by_workload=rel_by_workload, mean_relative=mean_rel,
                                 violations=violations)
 
@@ -157,7 +190,11 @@ def main(argv=None) -> int:
   ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
   ap.add_argument("--resamples", type=int, default=1000)
   ap.add_argument("--cache-dir", default=None)
+  ap.add_argument("--calibration-sizes", default="full",
+                  help="comma-separated: 'full' and/or numbers of calibration requests to "
+                       "subsample (e.g. full,500,1000); the test split is unchanged")
   args = ap.parse_args(argv)
+  args.sizes = [None if x.strip() == "full" else int(x) for x in args.calibration_sizes.split(",")]
   args.lams = [float(x) for x in args.lams.split(",")]
   seeds = [int(x) for x in args.seeds.split(",")]
   os.makedirs(args.out, exist_ok=True)

@@ -118,3 +118,19 @@ def test_the_script_runs_the_same_suite():
   assert script.main is bench.main and script.SECTIONS == bench.SECTIONS
   from ttamer_jax.app import cli
   assert cli.BENCH_SECTIONS == bench.SECTIONS
+
+
+def test_select_section_measures_a_fresh_process(capsys):
+  """The select section at its smallest: one fresh process, one cold fit_policy call
+  on generated 300 x 3 traces; the table's columns, and positive numbers."""
+  checks = bench.Checks()
+  cfg = dict(select_source="synthetic", select_stages=3, select_runs=[("b", [300])])
+  rows = bench.bench_select(cfg, checks)
+  assert checks.ok, checks.items
+  assert [r["case"] for r in rows] == ["(b) fit_policy, cold"]
+  (row,) = rows
+  assert list(row) == ["case", "requests", "stages", "wall_s", "compilations", "peak_rss_MiB"]
+  assert (row["requests"], row["stages"]) == (300, 3)
+  assert row["wall_s"] > 0 and row["compilations"] > 0 and row["peak_rss_MiB"] > 0
+  bench.print_table("select", rows)
+  assert "wall_s | compilations | peak_rss_MiB" in capsys.readouterr().out

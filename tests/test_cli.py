@@ -660,3 +660,45 @@ def test_console_script_is_declared():
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
     project = tomllib.load(f)["project"]
   assert project["scripts"]["ttamer"] == "ttamer_jax.app.cli:main"
+
+
+# ------------------------------------------------------------------ compilation cache
+CACHE_ARGV = {"demo": ["demo"], "fit": ["fit", "t.npz", "--out", "p.npz"],
+              "evaluate": ["evaluate", "p.npz", "t.npz"], "sweep": ["sweep", "t.npz"],
+              "solve": ["solve", "c.npz"], "bench": ["bench"]}
+
+
+def test_every_command_turns_on_the_compilation_cache(monkeypatch, tmp_path):
+  """As the `ttamer` program (argv from sys.argv) every command keeps its compiled programs
+  in --cache-dir (default $TTAMER_CACHE; '' off; bench only when asked); called from Python
+  (main(argv)), none touches JAX's process-wide settings. The work itself is stubbed."""
+  assert set(CACHE_ARGV) == set(cli.COMMANDS)
+  calls = []
+  monkeypatch.setattr(pipeline, "enable_compilation_cache", lambda d: calls.append(d) or d or None)
+  monkeypatch.setenv("TTAMER_CACHE", str(tmp_path / "home"))
+  mine = str(tmp_path / "mine")
+  for command, argv in CACHE_ARGV.items():
+    monkeypatch.setitem(cli.COMMANDS, command, lambda args: 0)
+    default = "" if command == "bench" else str(tmp_path / "home")
+    for extra, want in (([], default), (["--cache-dir", mine], mine), (["--cache-dir", ""], "")):
+      monkeypatch.setattr(sys, "argv", ["ttamer", *argv, *extra])
+      calls.clear()
+      assert cli.main() == 0
+      assert calls == [want], (command, extra)
+    calls.clear()
+    assert cli.main([*argv, "--cache-dir", mine]) == 0 and calls == []
+
+
+def test_a_command_writes_its_compiled_programs_to_the_cache(tmp_path):
+  """End to end, in fresh processes (JAX reads the setting at its first compilation)."""
+  path = str(tmp_path / "c.npz")
+  save_cascade(path, tj.demo_cascade(3, 4))
+  env = {k: v for k, v in _env(str(tmp_path / "home")).items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  solve = ["solve", path, "--lam", "0.3", "--json", "--cache-dir"]
+  runs = {"given": solve + [str(tmp_path / "given")], "off": solve + [""]}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    procs = dict(zip(runs, pool.map(lambda argv: _ttamer(argv, env, str(tmp_path)), runs.values())))
+  for proc in procs.values():
+    _ok(proc)
+  assert os.listdir(tmp_path / "given" / "xla")  # compiled programs were written
+  assert not (tmp_path / "home").exists()          # off: nothing in the default cache either

@@ -115,6 +115,7 @@ def test_a_folds_policy_never_sees_that_folds_losses():
 COUNT = textwrap.dedent("""
     import json, sys
     import jax
+    import numpy as np
     counts = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: counts.append(event)
@@ -127,6 +128,17 @@ COUNT = textwrap.dedent("""
       before = len(counts)
       tj.fit_policy(_traces(num, 3), 0.9, num_resamples=100)
       out.append(len(counts) - before)
+    # Replay-based evaluation and sweeps on new request counts.
+    fitted = tj.fit_cascade(_traces(400, 4), 8, score="max_softmax")
+    lams = np.linspace(0, 1, 11)
+    for num in (500, 501, 2999):
+      tr = _traces(num, 5)
+      for call in (lambda: tj.evaluate(fitted.recall_policy(0.9), tr, 0.9, num_resamples=100),
+                   lambda: tj.sweep_recall(fitted, tr, lams),
+                   lambda: tj.sweep_no_recall(fitted, tr, lams)):
+        before = len(counts)
+        call()
+        out.append(len(counts) - before)
     print(json.dumps(out))
 """)
 
@@ -139,7 +151,10 @@ def test_a_selection_compiles_a_handful_of_programs():
   res = subprocess.run([sys.executable, "-c", COUNT, os.path.dirname(__file__)], env=env,
                        capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
-  cold, again, larger = json.loads(res.stdout.strip().splitlines()[-1])
-  print(f"\ncompilations: cold {cold}, 421 requests {again}, 3001 requests {larger}")
+  counts = json.loads(res.stdout.strip().splitlines()[-1])
+  (cold, again, larger), replays = counts[:3], np.reshape(counts[3:], (3, 3))
+  print(f"\ncompilations: fit_policy cold {cold}, 421 requests {again}, 3001 requests {larger}; "
+        f"evaluate / sweep_recall / sweep_no_recall at 500, 501, 2999 requests: {replays.tolist()}")
   assert cold <= 12
   assert again <= 2 and larger <= 2
+  assert replays[1:].max() <= 2      # each function, each new request count

@@ -275,3 +275,56 @@ def test_bad_tables_raise():
     tj.traces_from_table(wide.iloc[:0])
   with pytest.raises(ValueError, match="expected a pandas DataFrame"):
     tj.traces_from_table({"score_0": [1.0]})
+
+
+# ------------------------------------------------------------------ inside jit
+def _trace_fields(num=12, n=3):
+  rng = np.random.default_rng(0)
+  return dict(scores=rng.random((num, n)).astype(np.float32),
+              preds=rng.integers(0, 4, (num, n)).astype(np.int32),
+              losses=rng.random((num, n)).astype(np.float32), costs=np.ones(n, np.float32),
+              signals={"entropy": rng.random((num, n)).astype(np.float32)},
+              labels=rng.integers(0, 4, num).astype(np.int32))
+
+
+def test_traces_built_inside_jit_check_shapes_and_dtype_kinds():
+  fields = _trace_fields()
+
+  def build(scores, **changes):
+    return tj.ExitTraces(**{**fields, "scores": scores, **changes})
+
+  good = jax.jit(lambda s: build(s))(fields["scores"])
+  host = tj.ExitTraces(**fields)
+  for name in ("scores", "preds", "losses", "costs", "labels"):
+    np.testing.assert_array_equal(np.asarray(getattr(good, name)), getattr(host, name))
+    assert getattr(good, name).dtype == getattr(host, name).dtype, name  # cast the same way
+  np.testing.assert_array_equal(np.asarray(good.signals["entropy"]), host.signals["entropy"])
+  per_request = jax.jit(lambda s: build(s, costs=s + 1).costs)(fields["scores"])
+  assert per_request.shape == (12, 3)
+  batched = jax.vmap(lambda s: build(s).scores.sum())(np.stack([fields["scores"]] * 2))
+  assert batched.shape == (2,)
+  bad = [
+      (dict(preds=fields["preds"][:5]), r"^preds: expected shape \(12, 3\), got \(5, 3\)"),
+      (dict(preds=fields["scores"]), r"^preds: must be an integer array, got dtype float32"),
+      (dict(losses=fields["losses"][:, :2]), r"^losses: expected shape \(12, 3\)"),
+      (dict(losses=np.array(["a"] * 36).reshape(12, 3)), r"^losses: must be a numeric array"),
+      (dict(costs=np.ones(4)), r"^costs: expected shape \(3,\) or \(12, 3\), got \(4,\)"),
+      (dict(costs=np.ones((12, 2))), r"^costs: expected shape"),
+      (dict(signals={"entropy": fields["scores"][:, :1]}),
+       r"^signals\['entropy'\]: expected shape"),
+      (dict(signals={"": fields["scores"]}), r"^signals: keys must be non-empty strings"),
+      (dict(signals=[fields["scores"]]), r"^signals: expected a mapping"),
+      (dict(labels=fields["labels"][:3]), r"^labels: expected shape \(12,\)"),
+      (dict(labels=fields["scores"][:, 0]), r"^labels: must be an integer array"),
+  ]
+  for changes, match in bad:
+    with pytest.raises(ValueError, match=match):
+      jax.jit(lambda s: build(s, **changes).scores)(fields["scores"])
+  with pytest.raises(ValueError, match=r"^scores: expected 2 dimensions, got shape \(12,\)"):
+    jax.jit(lambda s: build(s).scores)(fields["scores"][:, 0])
+  with pytest.raises(ValueError, match=r"^scores: expected N, n >= 1"):
+    jax.jit(lambda s: build(s, preds=np.zeros((12, 0), np.int32), losses=np.zeros((12, 0)),
+                            costs=np.zeros(0), signals=None).scores)(np.zeros((12, 0)))
+  # Traced leaves other than the scores are checked the same way.
+  with pytest.raises(ValueError, match=r"^preds: must be an integer array"):
+    jax.jit(lambda p: tj.ExitTraces(**{**fields, "preds": p}).preds)(fields["scores"])

@@ -6,9 +6,11 @@ otherwise use, in one run.
     python scripts/bench.py --gpu           # accelerator sizes: K up to 8192, sweeps up to 65536 lams
     python scripts/bench.py --gpu --quick   # the --gpu code path at tiny sizes (runs on a CPU)
     python scripts/bench.py --sections floor,numpy   # a subset
+    python scripts/bench.py --sections select --select-traces ttamer_demo_out/calibration_traces.npz
     ttamer bench                            # the same, --quick sizes by default (--full for CPU sizes)
 
-Sections (each a table, all in the JSON):
+Sections (each a table, all in the JSON; all but the opt-in ``select`` run by
+default, and it too with ``--quick``):
   floor    ``solve_recall`` vs its own n-1 matrix products, and vs the machine's
            measured matmul rate;
   numpy    vs a vectorised NumPy implementation of the same recursion (one solve,
@@ -32,8 +34,19 @@ Sections (each a table, all in the JSON):
   profile  HLO checks: no float64 ops under x64 with float32 inputs, no
            recompilation per lam, gathers fused, sweep buffers donated, and the
            in-jit grid sort the public solver now avoids;
-  select   ``ttamer fit``'s default selection (``fit_policy``) on 10^5 requests x 4
-           stages in a fresh process: first-call and compiled time, peak RSS;
+  select   the validated fitting path (cross-fitted selection, ``fit_policy`` at
+           lam 0.9), each run in a fresh process with JAX's persistent compilation
+           cache off: wall seconds of each call, XLA compilations during it and the
+           process's peak RSS (ru_maxrss, so far). (a) the whole ``ttamer fit TRACES
+           --lam 0.9 --out P`` command (wall time of the process) on
+           ``--select-traces PATH`` (e.g. the demo's calibration_traces.npz), else
+           on generated 400 x 4 traces; (b) 10^4 requests x 4 stages, cold then
+           warm (second call, same data); (c) 10^5 x 4, cold and warm; (d) 10^4,
+           then 10^4 + 37, then 3,001 requests in one process. Traces: 4 of the 5
+           stages of ``model_cascade`` (scikit-learn, trained offline, ~1 min; fixed
+           costs), rows resampled with a fixed seed past its 10,500; ``--quick``:
+           synthetic traces, (a) and 2000, 2000, 2037. Opt-in (~4 min, 2 cores):
+           ``python scripts/bench.py --sections select [--select-traces PATH]``;
   compile  first-call time of solve / sweep / replay / evaluate / fit in a fresh
            process, and the number of compilations as the batch size varies.
 
@@ -75,6 +88,15 @@ from ttamer_jax.core.solvers import solve_recall_on_grid  # noqa: E402
 P = kernel.DEFAULT_PRECISION
 TOL = 1e-5  # |value - reference| <= TOL * max(1, |reference|)
 
+# select: (case, request counts) per fresh process -- "a" the whole `ttamer fit` command,
+# else one fit_policy call per count -- on traces of select_stages exits cut from
+# select_source (see bench_select).
+SELECT_FULL = dict(select_source="model_cascade", select_stages=4,
+                   select_runs=[("a", [400]), ("b", [10_000, 10_000]),
+                                ("c", [100_000, 100_000]), ("d", [10_000, 10_037, 3_001])])
+SELECT_QUICK = dict(select_source="synthetic", select_stages=4,
+                    select_runs=[("a", [400]), ("b", [2000, 2000, 2037])])
+
 # Sizes per mode: floor/memory K lists, distinct-grid K cap, NumPy/MDP K lists,
 # sweep (K list, pair counts, loop cap), Monte-Carlo path counts (NumPy cap), large K.
 CONFIGS = {
@@ -83,21 +105,21 @@ CONFIGS = {
                 sweep_k=[8, 64], sweep_sizes=[1, 16, 256, 4096], loop_cap=1024,
                 mc_k=16, mc_paths=[10**6, 10**7], mc_numpy_cap=10**7,
                 memory_k=[64, 256, 512, 1024, 2048, 4096], large_k=4096,
-                select_n=100_000, matmul_n=2048, max_round_s=30.0,
+                matmul_n=2048, max_round_s=30.0, **SELECT_FULL,
                 batch_cases=[(8, 1, 4096), (32, 1, 4096), (128, 1, 512), (256, 1, 64),
                              (8, 256, 16), (32, 64, 64)],
                 replay_n=10**6, replay_ref_n=10**5, replay_policies=256),
     "quick": dict(floor_k=[16, 64], distinct_max_k=64, numpy_k=[8, 32], mdp_k=[4, 8],
                   sweep_k=[8], sweep_sizes=[1, 16, 256], loop_cap=64,
                   mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
-                  memory_k=[64, 128], large_k=256, select_n=2000, matmul_n=512,
+                  memory_k=[64, 128], large_k=256, matmul_n=512, **SELECT_QUICK,
                   max_round_s=5.0, batch_cases=[(8, 1, 256), (8, 16, 16)],
                   replay_n=20_000, replay_ref_n=5000, replay_policies=64, compile_quick=True),
     "gpu": dict(floor_k=[256, 1024, 2048, 4096, 8192], distinct_max_k=4096,
                 numpy_k=[8, 32, 128, 256], mdp_k=[8, 16, 32],
                 sweep_k=[64, 256], sweep_sizes=[1, 16, 256, 4096, 65536], loop_cap=256,
                 mc_k=16, mc_paths=[10**6, 10**7, 10**8], mc_numpy_cap=10**7,
-                memory_k=[1024, 4096, 8192], large_k=8192, select_n=100_000, matmul_n=8192,
+                memory_k=[1024, 4096, 8192], large_k=8192, matmul_n=8192, **SELECT_FULL,
                 max_round_s=8.0,
                 batch_cases=[(8, 1, 4096), (32, 1, 4096), (128, 1, 512), (256, 1, 256),
                              (8, 256, 16), (32, 64, 64)],
@@ -105,13 +127,15 @@ CONFIGS = {
     "gpu_quick": dict(floor_k=[64, 128], distinct_max_k=64, numpy_k=[8], mdp_k=[4],
                       sweep_k=[16], sweep_sizes=[1, 16, 1024], loop_cap=16,
                       mc_k=8, mc_paths=[10**5], mc_numpy_cap=10**5,
-                      memory_k=[64, 256], large_k=256, select_n=2000, matmul_n=256,
+                      memory_k=[64, 256], large_k=256, matmul_n=256, **SELECT_QUICK,
                       max_round_s=5.0, batch_cases=[(8, 1, 256), (8, 16, 16)],
                       replay_n=20_000, replay_ref_n=5000, replay_policies=64,
                       compile_quick=True),
 }
 SECTIONS = ("floor", "sweep", "batch", "replay", "large", "memory", "numpy", "mdp", "mc",
             "profile", "select", "compile")
+# Run only when named (--sections) outside --quick: the full select takes ~4 min.
+OPT_IN = ("select",)
 
 
 # ------------------------------------------------------------------ timing
@@ -621,38 +645,136 @@ def large_worker(n: int, k: int) -> dict:
               value=float(sol.value), how_measured=how)
 
 
-def select_worker(num: int) -> dict:
-  """``ttamer fit``'s default selection on ``num`` requests x 4 stages, in this (fresh)
-  process: wall time including compilation (what a user waits) and peak memory."""
-  cascade = tj.overthinking_cascade(4, 12)
-  traces = tj.workload_traces(jax.random.PRNGKey(0), cascade, num)
-  before = _rss_bytes()
+# ------------------------------------------------------------------ select
+# The validated fitting path (``ttamer fit`` / ``fit_policy``), every process fresh and
+# JAX's persistent compilation cache off, so "cold" is what a new user process pays.
+SELECT_LAM = 0.9
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# model_cascade's stages kept for n stages: the first n - 1 and boosting. Its measured
+# timings are replaced by these fixed ms per request (tree, logistic, naive_bayes,
+# forest, boosting; medians once measured on a 2-core CPU), so the files are
+# deterministic; fit_policy normalises costs by their sum, so only ratios matter.
+SELECT_MC_COSTS = (0.0011, 0.0031, 0.0029, 0.105, 0.096)
+# `ttamer fit` in this (fresh) interpreter as `python -m ttamer_jax` runs it, with a
+# listener that counts XLA compilations; reports them and the peak RSS at exit.
+SELECT_CLI = """\
+import atexit, resource, runpy, sys, jax
+n = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: n.append(1) if event == {event!r} else None)
+atexit.register(lambda: print("SELECT " + '{{"compilations": %d, "peak_rss_MiB": %.1f}}' % (
+    len(n), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True))
+sys.argv = ["ttamer"] + sys.argv[1:]
+runpy.run_module("ttamer_jax", run_name="__main__", alter_sys=True)
+""".format(event=COMPILE_EVENT)
+
+
+def select_base_traces(source: str, stages: int) -> tj.ExitTraces:
+  """Calibration traces the ``select`` files are cut from: ``"model_cascade"`` (five
+  scikit-learn models, 10,500 requests; ~1 min to train) or ``"synthetic"`` (4000)."""
+  if source == "synthetic":
+    return tj.synthetic_workload(seed=0, num_stages=stages, sizes=(1, 4000, 1)).calibration
+  from ttamer_jax.networks.model_cascade import model_cascade
+  cal = model_cascade(seed=0, num_samples=30_000, fractions=(0.3, 0.35, 0.35),
+                      repeats=1).calibration
+  cols = [*range(stages - 1), 4]
+  pick = lambda a: np.asarray(a)[:, cols]
+  return tj.ExitTraces(scores=pick(cal.scores), preds=pick(cal.preds), losses=pick(cal.losses),
+                       costs=np.asarray(SELECT_MC_COSTS, np.float32)[cols],
+                       signals={k: pick(v) for k, v in cal.signals.items()}, labels=cal.labels)
+
+
+def select_traces_file(folder: str, base: tj.ExitTraces, num: int, tag: str) -> str:
+  """``num`` requests of ``base`` saved in ``folder`` (once): its first rows, or rows
+  drawn with replacement (fixed seed) when it has fewer."""
+  path = os.path.join(folder, f"{tag}_{num}x{base.num_stages}.npz")
+  if not os.path.exists(path):
+    rows = (np.arange(num) if num <= base.num_samples
+            else np.random.default_rng(0).integers(0, base.num_samples, num))
+    tj.save_traces(path, base.subset(rows))
+  return path
+
+
+def select_worker(calls) -> list:
+  """``fit_policy(traces, SELECT_LAM)`` on each ``[case, path]`` in turn, in this (fresh)
+  process: wall seconds of the call (loading excluded), XLA compilations during it,
+  and the process's peak RSS so far."""
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(secs) if event == COMPILE_EVENT else None)
+  rows = []
+  for case, path in calls:
+    traces = tj.load_traces(path)
+    before, t0 = len(compiles), time.perf_counter()
+    tj.fit_policy(traces, SELECT_LAM)
+    wall = time.perf_counter() - t0
+    rows.append(dict(case=case, requests=traces.num_samples, stages=traces.num_stages,
+                     wall_s=wall, compilations=len(compiles) - before,
+                     peak_rss_MiB=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+  return rows
+
+
+def _select_process(args, env, checks, what):
+  """Runs ``args`` (prints ``SELECT <json>``); returns (the JSON or None, wall seconds)."""
+  import subprocess
   t0 = time.perf_counter()
-  sel = tj.fit_policy(traces, 0.9)
-  seconds = time.perf_counter() - t0
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  t0 = time.perf_counter()
-  tj.fit_policy(traces, 0.9)
-  warm = time.perf_counter() - t0
-  return dict(requests=num, stages=4, candidates=len(sel.scores), folds=sel.folds,
-              seconds=seconds, seconds_compiled=warm, chosen=sel.chosen.name,
-              peak_rss_MiB=peak / 2**20, rss_before_MiB=before / 2**20)
+  proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
+  wall = time.perf_counter() - t0
+  line = next((l for l in proc.stdout.splitlines() if l.startswith("SELECT ")), None)
+  ok = proc.returncode == 0 and line is not None
+  checks.add(f"{what} runs (fresh process)", ok, "" if ok else (proc.stderr or proc.stdout)[-400:])
+  return (json.loads(line[len("SELECT "):]) if ok else None), wall
+
+
+def _call_labels(sizes):
+  return ["cold" if i == 0 else "warm (same data)" if num == sizes[i - 1] else "new N"
+          for i, num in enumerate(sizes)]
 
 
 def bench_select(cfg, checks):
-  import subprocess
-  num = cfg["select_n"]
-  proc = subprocess.run([sys.executable, "-m", "ttamer_jax.app.bench", "--select-worker", str(num)],
-                        capture_output=True, text=True, timeout=1800)
-  line = next((l for l in proc.stdout.splitlines() if l.startswith("SELECT ")), None)
-  checks.add(f"fit_policy on {num} requests x 4 stages runs (fresh process)", line is not None,
-             proc.stderr[-300:] if line is None else "")
-  if line is None:
-    return []
-  row = json.loads(line[len("SELECT "):])
-  print(f"  select {num} requests: {row['seconds']:.1f} s first call ({row['seconds_compiled']:.1f} s "
-        f"compiled), peak RSS {row['peak_rss_MiB']:.0f} MiB, chose {row['chosen']}", flush=True)
-  return [row]
+  """Each run of ``cfg["select_runs"]`` (``(case, sizes)``) in a fresh process: ``"a"``,
+  the whole ``ttamer fit`` command on ``cfg["select_traces"]`` (else generated traces
+  of ``sizes[0]`` requests), timed from outside; else one ``fit_policy`` call per size."""
+  import tempfile
+  stages, source = cfg.get("select_stages", 4), cfg.get("select_source", "model_cascade")
+  given = cfg.get("select_traces")
+  runs = [(case, list(sizes)) for case, sizes in cfg["select_runs"]]
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="ttamer_bench_select_") as folder:
+    # The same ttamer_jax (as bench_large); no persistent cache: none given, none on.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tj.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAX_ENABLE_COMPILATION_CACHE="false", TTAMER_CACHE=os.path.join(folder, "cache"),
+               PYTHONPATH=os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p))
+    base = []  # generated once, on first use
+
+    def path(num):
+      if not base:
+        t0 = time.perf_counter()
+        base.append(select_base_traces(source, stages))
+        print(f"  {source} traces ({base[0].num_samples} x {stages}): "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+      return select_traces_file(folder, base[0], num, source)
+
+    for case, sizes in runs:
+      if case == "a":
+        traces = given or path(sizes[0])
+        data = tj.load_traces(traces)
+        args = [sys.executable, "-c", SELECT_CLI, "fit", traces, "--lam", str(SELECT_LAM),
+                "--out", os.path.join(folder, "policy.npz")]
+        out, wall = _select_process(args, env, checks, "(a) ttamer fit")
+        new = [dict(case="(a) ttamer fit, whole command", requests=data.num_samples,
+                    stages=data.num_stages, wall_s=wall, **out)] if out else []
+      else:
+        calls = [[f"({case}) fit_policy, {label}", path(num)]
+                 for label, num in zip(_call_labels(sizes), sizes)]
+        args = [sys.executable, "-m", "ttamer_jax.app.bench", "--select-worker", json.dumps(calls)]
+        new = _select_process(args, env, checks, f"({case}) fit_policy on {sizes}")[0] or []
+      for r in new:
+        print(f"  {r['case']}: {r['requests']} x {r['stages']}, {r['wall_s']:.1f} s, "
+              f"{r['compilations']} compilations, peak RSS {r['peak_rss_MiB']:.0f} MiB", flush=True)
+      rows += new
+  return rows
 
 
 def bench_large(cfg, n, checks):
@@ -1098,14 +1220,18 @@ def main(argv=None):
   parser.add_argument("--require-gpu", action="store_true",
                       help="fail unless JAX's default backend is a GPU")
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--sections", default=",".join(SECTIONS),
-                      help=f"comma-separated subset of {','.join(SECTIONS)}")
+  parser.add_argument("--sections", default=None,
+                      help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
+                           f"outside --quick all but {','.join(OPT_IN)})")
+  parser.add_argument("--select-traces", default=None, metavar="PATH",
+                      help="select section: case (a) fits these traces (e.g. the demo's "
+                           "calibration_traces.npz) instead of generated ones")
   parser.add_argument("--out", default="bench_results.json")
   parser.add_argument("--budget-s", type=float, default=0.0,
                       help="skip the remaining sections once this many seconds have passed "
                            "(0: no limit); skipped sections are listed in the JSON")
   parser.add_argument("--large-worker", type=int, default=0, help=argparse.SUPPRESS)
-  parser.add_argument("--select-worker", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--select-worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--compile-worker", choices=("quick", "full"), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.large_worker:
@@ -1115,9 +1241,10 @@ def main(argv=None):
     print("COMPILE " + json.dumps(compile_worker(args.compile_worker == "quick")), flush=True)
     return 0
   if args.select_worker:
-    print("SELECT " + json.dumps(select_worker(args.select_worker)), flush=True)
+    print("SELECT " + json.dumps(select_worker(json.loads(args.select_worker))), flush=True)
     return 0
-  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  default = [s for s in SECTIONS if args.quick or s not in OPT_IN]
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()] if args.sections else default
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
@@ -1127,6 +1254,8 @@ def main(argv=None):
     return 2
   mode = ("gpu_quick" if args.quick else "gpu") if args.gpu else ("quick" if args.quick else "cpu")
   cfg = CONFIGS[mode]
+  if args.select_traces:
+    cfg = dict(cfg, select_traces=args.select_traces)
   n = 12
   checks = Checks()
   results = dict(machine=machine_info(), mode=mode, command=" ".join(["python"] + sys.argv),
@@ -1144,7 +1273,8 @@ def main(argv=None):
       mc="Monte-Carlo sample + replay of the recall policy (stage-steps/s)",
       memory="solver memory (XLA buffer assignment, compiled not run)",
       large="one large-K solve", profile="profile checks",
-      select="ttamer fit's default selection (fit_policy), fresh process",
+      select=f"validated fitting path (ttamer fit / fit_policy, lam {SELECT_LAM}), each run "
+             "a fresh process, no persistent compilation cache",
       batch="sweep() over lams / many cascades vs the recursion vectorised over the batch "
             "in NumPy (float32 both)",
       replay="replay_totals of policy grids on N requests x 8 stages (stage-steps/s)",

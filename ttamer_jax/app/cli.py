@@ -154,12 +154,19 @@ def _say(text: str) -> None:
   print(text, file=sys.stderr, flush=True)
 
 
+def compilation_cache(args) -> str | None:
+  """Turns on JAX's persistent compilation cache in ``<--cache-dir>/xla`` (default
+  :func:`pipeline.default_cache_dir`; ``''``: off), so that a second run of a command
+  loads its compiled programs instead of compiling them again. A cache the user set
+  up (``$JAX_COMPILATION_CACHE_DIR``) wins. ``ttamer bench`` times compilation, so
+  it caches only when given ``--cache-dir``. Returns the folder in use, or ``None``."""
+  cache = args.cache_dir
+  if cache is None:
+    cache = "" if args.command == "bench" else pipeline.default_cache_dir()
+  return pipeline.enable_compilation_cache(cache)
+
+
 def _demo(args) -> int:
-  if args.own_process:
-    # JAX's compilation cache is process-wide: only a process of our own turns it on
-    # (before its first compilation), never a caller of ttamer_jax.app.cli.main(argv).
-    cache = pipeline.default_cache_dir() if args.cache_dir is None else args.cache_dir
-    pipeline.enable_compilation_cache(cache)
   run = pipeline.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
                           tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
                           plots=not args.no_plots, progress=_progress(args), costs=args.costs,
@@ -227,7 +234,11 @@ SHARED = {
     "--tolerance": dict(type=fraction, default=0.01),
     "--score": dict(default=None, metavar="NAME"),
     "--feature": dict(default=None, choices=("agree_prev", "agree_best")),
+    "--cache-dir": dict(default=None, metavar="DIR"),
 }
+CACHE_HELP = ("JAX's persistent compilation cache goes to DIR/xla (default $TTAMER_CACHE, "
+              "$XDG_CACHE_HOME/ttamer_jax or ~/.cache/ttamer_jax; '' disables; "
+              "$JAX_COMPILATION_CACHE_DIR, if set, wins)")
 
 
 def _shared(**options) -> argparse.ArgumentParser:
@@ -235,6 +246,7 @@ def _shared(**options) -> argparse.ArgumentParser:
   ``name=dict(help=..., metavar=...)``); ``no_progress`` names ``--no-progress``."""
   parent = argparse.ArgumentParser(add_help=False)
   parent.add_argument("--json", **SHARED["--json"])
+  options.setdefault("cache_dir", CACHE_HELP)
   for name, extra in options.items():
     flag = "--" + name.replace("_", "-")
     parent.add_argument(flag, **{**SHARED[flag], **(extra if isinstance(extra, dict)
@@ -273,15 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "--no-progress: none.", 80),
              states="score bins per exit of the fitted cascade (default 8)",
              tolerance="accuracy tolerance of the operating points (default 0.01 = 1 point)",
-             seed="seed of the split and training (default 0)", no_progress="no progress output")
+             seed="seed of the split and training (default 0)", no_progress="no progress output",
+             cache_dir="cache of the trained network, and of compiled programs in DIR/xla "
+                       "(default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
   demo.add_argument("--quick", action="store_true",
                     help="train a tenth of the steps (a smoke run; worse network)")
   demo.add_argument("--workload", default="digits", choices=pipeline.WORKLOADS,
                     help="built-in workload (default digits; synthetic: no network)")
-  demo.add_argument("--cache-dir", default=None,
-                    help="cache of the trained network and of compiled programs (default "
-                         "$TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
   demo.add_argument("--costs", default="measured", choices=pipeline.COST_OPTIONS,
                     help="per-stage costs the policies are fitted on: measured (default; each "
@@ -374,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
            "to NumPy / a general MDP solver, sweeps, Monte-Carlo, memory, profile checks.\n"
            "Defaults to the --quick sizes (under a minute); --full runs the CPU sizes.\n\n"
            "  ttamer bench\n"
-           "  ttamer bench --sections numpy,sweep --repeats 3 --json")
+           "  ttamer bench --sections numpy,sweep --repeats 3 --json",
+           cache_dir="keep compiled programs in DIR/xla (default: off -- the bench times "
+                     "compilation, which a warm cache would replace by loading)")
   be.add_argument("--quick", action="store_true", help="small sizes (the default)")
   be.add_argument("--full", action="store_true", help="the full CPU sizes (~10 min on 2 cores)")
   be.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
@@ -401,6 +414,10 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   args.own_process = argv is None  # run as the `ttamer` program, not called from Python
   try:
+    if args.own_process:
+      # JAX's compilation cache is process-wide: only a process of our own turns it on
+      # (before its first compilation), never a caller of ttamer_jax.app.cli.main(argv).
+      compilation_cache(args)
     return COMMANDS[args.command](args)
   except BrokenPipeError:  # `ttamer ... | head`: stop quietly (Python docs' recipe)
     with contextlib.suppress(OSError):

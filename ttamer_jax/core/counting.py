@@ -59,26 +59,52 @@ def marginal_prior(possible: chex.Array, mass: chex.Array) -> chex.Array:
   return jnp.where(total > 0, possible.sum() * freq / jnp.where(total > 0, total, 1.0), possible)
 
 
+def state_counts(assign: chex.Array, losses: chex.Array, weights: chex.Array):
+  """``(counts [n, K], loss sums [n, K], pair counts [n-1, K, K])`` of soft or one-hot
+  assignments ``[N, n, K]``: the products ``w @ A_i``, ``A_i^T (w * loss_i)`` and
+  ``A_i^T diag(w) A_{i+1}`` (differentiable in ``assign``)."""
+  weighted = assign * weights[:, None, None]                            # [N, n, K]
+  counts = weighted.sum(0)
+  sums = jnp.einsum("rik,ri->ik", weighted, losses)
+  pairs = jnp.einsum("rik,ril->ikl", weighted[:, :-1], assign[:, 1:])
+  return counts, sums, pairs
+
+
+def hard_state_counts(states: chex.Array, losses: chex.Array, weights: chex.Array, k: int):
+  """:func:`state_counts` of int states ``[N, n]``: the same products with one-hot
+  matrices, computed as segment sums (``O(N n)`` instead of ``O(N n K^2)``)."""
+  n = states.shape[1]
+  sum_into = lambda ids, x, size: jax.ops.segment_sum(x, ids, num_segments=size)
+  counts = jnp.stack([sum_into(states[:, i], weights, k) for i in range(n)])
+  sums = jnp.stack([sum_into(states[:, i], weights * losses[:, i], k) for i in range(n)])
+  pairs = jnp.stack([sum_into(states[:, i] * k + states[:, i + 1], weights, k * k).reshape(k, k)
+                     for i in range(n - 1)]) if n > 1 else jnp.zeros((0, k, k), weights.dtype)
+  return counts, sums, pairs
+
+
 def fitted_tables(assign: chex.Array, losses: chex.Array, weights: chex.Array,
                   possible: chex.Array, first_possible: chex.Array, smoothing,
-                  loss_smoothing, marginal: bool = False):
+                  loss_smoothing, marginal: bool = False, num_states: int | None = None):
   """``(values [n, K], init [K], trans [n-1, K, K], counts [n, K])`` of one fit.
 
   Args:
-    assign: ``[N, n, K]`` state assignments (one-hot, or soft rows summing to 1).
+    assign: ``[N, n, K]`` state assignments (one-hot, or soft rows summing to 1), or
+      ``[N, n]`` int states with ``num_states`` given.
     losses: ``[N, n]`` true losses.
     weights: ``[N]`` request weights (0: not counted, e.g. padding or a held-out fold).
     possible: ``[K]`` 1 on the states a stage can be in (0 on padding states).
     first_possible: ``[K]`` the states the first stage can be in.
     smoothing, loss_smoothing: pseudo-counts (module docstring); may be traced.
     marginal: static; ``prior="marginal"`` instead of ``"uniform"``.
+    num_states: static ``K`` of int ``assign``.
   """
-  dtype = assign.dtype
+  dtype = jnp.result_type(float) if num_states is not None else assign.dtype
   w = weights.astype(dtype)
   losses = losses.astype(dtype)
-  weighted = assign * w[:, None, None]                                  # [N, n, K]
-  counts = weighted.sum(0)                                              # [n, K]
-  sums = jnp.einsum("rik,ri->ik", weighted, losses)                     # [n, K]
+  if num_states is not None:
+    counts, sums, pairs = hard_state_counts(assign, losses, w, num_states)
+  else:
+    counts, sums, pairs = state_counts(assign, losses, w)
   total = jnp.maximum(w.sum(), jnp.finfo(dtype).tiny)
   stage_mean = (w @ losses / total)[:, None]                            # [n, 1]
   denom = counts + loss_smoothing
@@ -90,7 +116,6 @@ def fitted_tables(assign: chex.Array, losses: chex.Array, weights: chex.Array,
   possible = possible.astype(dtype)
   init_prior = marginal_prior(first, counts[0]) if marginal else first
   init = smoothed_rows(counts[0], smoothing, init_prior)
-  pairs = jnp.einsum("rik,ril->ikl", weighted[:, :-1], assign[:, 1:])   # [n-1, K, K]
   if marginal:
     row_prior = jax.vmap(lambda m: marginal_prior(possible, m))(counts[1:])[:, None, :]
   else:
@@ -152,16 +177,13 @@ def fit_cascade_arrays(states: Any, losses: Any, costs: Any, num_states: int, *,
                                               loss_smoothing)):
     _check_arrays(states, losses, costs, weights, smoothing, loss_smoothing, k, soft)
   dtype = jnp.result_type(float)
-  if soft:
-    assign = jnp.asarray(states, dtype)
-  else:
-    assign = jax.nn.one_hot(jnp.asarray(states, jnp.int32), k, dtype=dtype)
+  assign = jnp.asarray(states, dtype) if soft else jnp.asarray(states, jnp.int32)
   losses = jnp.asarray(losses, dtype)
   num = losses.shape[0]
   w = jnp.ones(num, dtype) if weights is None else jnp.asarray(weights, dtype)
   ones = jnp.ones(k, dtype)
   values, init, trans, _ = fitted_tables(assign, losses, w, ones, ones, smoothing, loss_smoothing,
-                                         prior == "marginal")
+                                         prior == "marginal", None if soft else k)
   stage_costs = weighted_stage_costs(jnp.asarray(costs, dtype), w)
   return trusted(Cascade, values=values, init=init, trans=trans, costs=unit_free(stage_costs))
 

@@ -215,7 +215,12 @@ def aggregate_cascade(cascade: Cascade, num_meta: int, *, num_iters: int = 50,
   Returns:
     ``(AggregatedCascade, kl [n-1])``: the factorised model and the visit-weighted
     KL divergence of each fitted transition.
+
+  Runs on the host (EM with restarts); the aggregated cascade it returns is solved
+  inside ``jit`` like any other.
   """
+  validation.refuse_traced("aggregate_cascade", "aggregate outside jit and pass the "
+                           "AggregatedCascade in (docs/jit.md)", cascade=cascade)
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a Cascade, got {type(cascade).__name__}")
   n, k = cascade.num_stages, cascade.num_states

@@ -247,7 +247,12 @@ def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=
     states, losses, scores, preds = padded[:4]
     costs = padded[4] if len(padded) == 5 else costs
   res = replay_compiled(policy, states, losses, costs, scores, preds)
-  return res if size == num else _cut_requests(res, num)
+  if size == num:
+    return res
+  if all(isinstance(x, np.ndarray) for x in (states, losses, scores, preds)):
+    # Host input: cut on the host too (a compiled cut is one program per (N, bucket)).
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:num], res)
+  return _cut_requests(res, num)
 
 
 @jax.jit
@@ -333,16 +338,17 @@ def replay_totals(policies: LinePolicy, states: Any, losses: Any, costs: Any, *,
     policy_axes: a ``jax.vmap`` ``in_axes`` prefix of ``policies``: ``0`` (every leaf
       batched) or :meth:`RecallPolicy.lam_grid_axes` for a ``lam`` grid that shares one
       values table (its best-so-far is then computed once per block).
+
+  Runs on the host (it adds the blocks in float64); inside ``jit``, ``jax.vmap``
+  :func:`replay` over the policies.
   """
+  validation.refuse_traced("replay_totals", "inside jit, jax.vmap ttamer_jax.replay over the "
+                           "policies (docs/jit.md)", policies=policies, states=states,
+                           losses=losses, costs=costs, scores=scores, preds=preds)
   check_line_policy(policies, "policies")
   if not _pads_freely(policies):
     raise ValueError(f"policies: a {type(policies).__name__} is replayed one at a time "
                      "(ttamer_jax.replay): its outcome depends on the batch of requests")
-  for name, a in dict(states=states, losses=losses, costs=costs, scores=scores,
-                      preds=preds).items():
-    if a is not None and not validation.is_concrete(a):
-      raise ValueError(f"{name}: replay_totals runs outside jit (it sums blocks on the host); "
-                       "got a traced array")
   sizes = _grid_sizes(policies, policy_axes)
   if len(set(sizes)) > 1:
     raise ValueError(f"policies: the batched leaves have different grid sizes {sorted(set(sizes))}")

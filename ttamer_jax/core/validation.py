@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 # Absolute tolerance on |sum(row) - 1| for probability vectors. Loose enough for
@@ -27,12 +26,15 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+_ZERO = np.zeros((), np.int32)
+
+
 def is_staging() -> bool:
   """True inside a staged trace (``jit``, ``scan``, ``eval_shape``): there even a
   constant becomes a tracer, so host code (NumPy on ``jnp`` results) cannot run. Under
   ``vmap``/``grad`` alone, or ``jax.ensure_compile_time_eval()``, constants stay
-  concrete."""
-  return not is_concrete(jnp.asarray(0))
+  concrete. (A transfer, not ``jnp.asarray(0)``, which compiles a program.)"""
+  return not is_concrete(jax.device_put(_ZERO))
 
 
 def refuse_traced(function: str, alternative: str, **values: Any) -> None:

@@ -50,16 +50,16 @@ NEWTON_STEPS = 12
 _CLIP = 1e-4
 
 
-def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
   """``(i [P], j [P])`` of every pair ``j <= i`` (``P = n (n + 1) / 2``), row-major in ``i``."""
   i, j = np.tril_indices(n)
   return i.astype(np.int32), j.astype(np.int32)
 
 
-def _raw_features(scores: chex.Array, preds: chex.Array, unit: bool) -> chex.Array:
+def pair_features(scores: chex.Array, preds: chex.Array, unit: bool) -> chex.Array:
   """``[N, P, D]`` unstandardised features of every pair (jnp, traceable)."""
   n = scores.shape[1]
-  pi, pj = _pairs(n)
+  pi, pj = pair_indices(n)
   s_j, s_i = scores[:, pj], scores[:, pi]
   logit = (jnp.log(jnp.clip(s_j, _CLIP, 1 - _CLIP)) - jnp.log1p(-jnp.clip(s_j, _CLIP, 1 - _CLIP))
            if unit else s_j)
@@ -116,7 +116,7 @@ class AnswerModel:
       raise ValueError(f"traces: have {traces.num_stages} stages but the answer model was "
                        f"fitted on {self.num_stages}")
     scores = np.asarray(trace_scores(traces, self.score_name))
-    conf, answer = (np.asarray(x) for x in _answers(self, jnp.asarray(scores),
+    conf, answer = (np.asarray(x) for x in posterior_answers(self, jnp.asarray(scores),
                                                      jnp.asarray(traces.preds)))
     rows = np.arange(traces.num_samples)[:, None]
     preds = np.asarray(traces.preds)[rows, answer]
@@ -129,16 +129,18 @@ class AnswerModel:
 @jax.jit
 def _posteriors(model: AnswerModel, scores, preds):
   n = scores.shape[1]
-  feats = (_raw_features(scores, preds, model.unit_scores) - model.mean) / model.scale
+  feats = (pair_features(scores, preds, model.unit_scores) - model.mean) / model.scale
   logits = jnp.einsum("npd,pd->np", feats, model.weights)
   q = jax.nn.sigmoid(logits) * model.loss_scale                       # [N, P]
-  pi, pj = _pairs(n)
+  pi, pj = pair_indices(n)
   out = jnp.full((scores.shape[0], n, n), jnp.inf, q.dtype)
   return out.at[:, pi, pj].set(q)
 
 
 @jax.jit
-def _answers(model: AnswerModel, scores, preds):
+def posterior_answers(model: AnswerModel, scores, preds):
+  """``(confidence [N, n], answer [N, n])`` of every virtual stage (compiled; traced
+  inputs welcome, e.g. every calibrator of a cross-fitting batch)."""
   q = _posteriors(model, scores, preds)                               # [N, n, n]
   answer = jnp.argmin(q, axis=-1).astype(jnp.int32)                   # earliest on ties
   best = jnp.take_along_axis(q, answer[..., None], axis=-1)[..., 0]
@@ -179,7 +181,7 @@ def _fit_pairs(scores, preds, losses, weights, unit: bool, steps: int):
   """Standardisation and logistic weights of every pair, on padded requests
   (``weights`` 0 on padding). Returns ``(weights [P, D], mean [P, D], scale [P, D])``."""
   n = scores.shape[1]
-  raw = _raw_features(scores, preds, unit)                               # [N, P, D]
+  raw = pair_features(scores, preds, unit)                               # [N, P, D]
   total = jnp.sum(weights)
   mean = jnp.einsum("n,npd->pd", weights, raw) / total
   var = jnp.einsum("n,npd->pd", weights, (raw - mean) ** 2) / total
@@ -187,7 +189,7 @@ def _fit_pairs(scores, preds, losses, weights, unit: bool, steps: int):
   mean = mean.at[:, 0].set(0.0)
   scale = jnp.where(scale > 1e-12, scale, 1.0).at[:, 0].set(1.0)
   feats = ((raw - mean) / scale).transpose(1, 0, 2)                       # [P, N, D]
-  _, pj = _pairs(n)
+  _, pj = pair_indices(n)
   targets = jnp.clip(losses[:, pj], 0.0, 1.0).T                           # [P, N]
   return _newton(feats, targets, weights, steps), mean, scale
 

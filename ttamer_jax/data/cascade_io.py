@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from ttamer_jax.core import validation
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.data.archive import check_format_version, read_npz, write_npz_atomic
 
@@ -35,6 +36,8 @@ _FIELDS = ("values", "init", "trans", "costs")
 
 def save_cascade(path: str | os.PathLike, cascade: Cascade) -> None:
   """Writes ``cascade`` to ``path`` (``.npz``, format :data:`CASCADE_FORMAT_VERSION`)."""
+  validation.refuse_traced("save_cascade", "write files outside jit (or from "
+                           "jax.debug.callback)", cascade=cascade)
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
   arrays = {f: np.asarray(getattr(cascade, f)) for f in _FIELDS}

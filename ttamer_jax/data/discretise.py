@@ -151,7 +151,11 @@ class Discretiser:
     return 2 * bins + agree
 
   def __call__(self, scores: chex.Array, preds: chex.Array | None = None) -> chex.Array:
-    """``[N, n]`` int32 states of every sample at every stage."""
+    """``[N, n]`` int32 states of every sample at every stage (a NumPy array for NumPy
+    input: binned on the host, :meth:`host_states`, without a program per shape)."""
+    if isinstance(scores, np.ndarray) and (preds is None or isinstance(preds, np.ndarray)) \
+        and validation.is_concrete(self.edges) and scores.ndim == 2:
+      return self.host_states(scores, preds)
     scores = jnp.asarray(scores)
     n = scores.shape[1]
     if validation.is_concrete(scores) and n != self.num_stages:

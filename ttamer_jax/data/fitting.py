@@ -26,7 +26,6 @@ import functools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import counting, validation
@@ -159,7 +158,8 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
   return discretiser, states
 
 
-def _stage_costs(traces: ExitTraces) -> np.ndarray:
+def mean_stage_costs(traces: ExitTraces) -> np.ndarray:
+  """``[n]`` mean cost of each stage (the per-stage costs themselves when given so)."""
   costs = np.asarray(traces.costs, np.float64)
   return costs if costs.ndim == 1 else costs.mean(axis=0)
 
@@ -221,9 +221,8 @@ def request_bucket(num: int) -> int:
 @functools.partial(jax.jit, static_argnums=(7, 8))
 def _fit_tables(states, losses, weights, possible, first_possible, smoothing, loss_smoothing,
                 num_states, marginal):
-  assign = jax.nn.one_hot(states, num_states, dtype=jnp.result_type(float))
-  return counting.fitted_tables(assign, losses, weights, possible, first_possible, smoothing,
-                                loss_smoothing, marginal)
+  return counting.fitted_tables(states, losses, weights, possible, first_possible, smoothing,
+                                loss_smoothing, marginal, num_states)
 
 
 def _fit_states(states: np.ndarray, losses: np.ndarray, stage_costs: np.ndarray, k: int,
@@ -319,7 +318,7 @@ def fit_cascade(traces: ExitTraces, num_states: int | None = None, *, binning: s
                            score_range=score_range, discretiser=discretiser)
   _check_fit_args(smoothing, loss_smoothing, prior)
   disc, states = _discretise(traces, num_states, binning, score, score_range, feature, discretiser)
-  cascade, counts, full = _fit_states(states, np.asarray(traces.losses), _stage_costs(traces),
+  cascade, counts, full = _fit_states(states, np.asarray(traces.losses), mean_stage_costs(traces),
                                       disc.num_states, _first_stage_prior(disc), smoothing,
                                       loss_smoothing, prior)
   return FittedCascade(cascade=cascade, discretiser=disc, counts=counts, cost_scale=np.asarray(full),
@@ -435,7 +434,7 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
   disc, states = _discretise(traces, num_states, binning, score, score_range, None, discretiser,
                              pairs=lambda n: n * (n - 1) // 2)
   k, n = disc.num_states, traces.num_stages
-  stage_costs = _stage_costs(traces)
+  stage_costs = mean_stage_costs(traces)
   block, head = skip_costs(block_costs, head_costs, np.asarray(stage_costs, np.float64))
   _, full = unit_free_costs(block + head)   # consulting every stage in turn
   block, head = unit_free_costs(block, full)[0], unit_free_costs(head, full)[0]

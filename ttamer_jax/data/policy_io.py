@@ -252,6 +252,8 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
       units), recorded as ``full_cost``: the policy's costs were shares of it, so
       its ``lam`` is unit-free.
   """
+  validation.refuse_traced("save_policy", "write files outside jit (or from jax.debug.callback)",
+                           deployed=deployed, lam=lam, full_cost=full_cost)
   if not isinstance(deployed, DeployedPolicy):
     raise ValueError(f"deployed: expected a DeployedPolicy, got {type(deployed).__name__}")
   n, k = check_consistent(deployed, "deployed")

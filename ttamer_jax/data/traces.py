@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import validation
@@ -60,6 +61,51 @@ def _validated_traces(scores, preds, losses, costs, signals, labels):
           as_float("costs", costs), checked, labels)
 
 
+def _traced_array(name: str, x: Any, ndim: int, kinds: str, what: str):
+  """``x`` as a ``jnp`` array after the checks a tracer allows: rank and dtype kind."""
+  if validation.is_concrete(x):  # a concrete field beside traced ones
+    x = validation.as_numpy(name, x)
+  if x.dtype.kind not in kinds:
+    raise ValueError(f"{name}: must be {what}, got dtype {x.dtype}")
+  if np.ndim(x) != ndim:
+    raise ValueError(f"{name}: expected {ndim} dimensions, got shape {np.shape(x)}")
+  return jnp.asarray(x)
+
+
+def _traced_traces(scores, preds, losses, costs, signals, labels):
+  """What can be checked when a field is traced (built inside ``jit``/``vmap``): shapes
+  and dtype kinds, not values; fields cast as :func:`_validated_traces` casts them."""
+  dtype = default_float()
+  real = lambda name, x, ndim=2: _traced_array(name, x, ndim, "biuf", "a real number array")
+  whole = lambda name, x, ndim: _traced_array(name, x, ndim, "biu", "an integer array")
+  scores = real("scores", scores)
+  num, n = scores.shape
+  if num < 1 or n < 1:
+    raise ValueError(f"scores: expected N, n >= 1, got shape {scores.shape}")
+  preds = whole("preds", preds, 2)
+  validation.check_shape("preds", preds, (num, n))
+  losses = real("losses", losses)
+  validation.check_shape("losses", losses, (num, n))
+  costs = real("costs", costs, np.ndim(costs))
+  if costs.shape not in ((n,), (num, n)):
+    raise ValueError(f"costs: expected shape ({n},) or ({num}, {n}), got {costs.shape}")
+  if signals is not None and not isinstance(signals, Mapping):
+    raise ValueError(f"signals: expected a mapping {{name: [N, n] array}}, got {type(signals).__name__}")
+  checked = {}
+  for name, sig in dict(signals or {}).items():
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"signals: keys must be non-empty strings, got {name!r}")
+    sig = real(f"signals[{name!r}]", sig)
+    validation.check_shape(f"signals[{name!r}]", sig, (num, n))
+    checked[name] = sig.astype(dtype)
+  if labels is not None:
+    labels = whole("labels", labels, 1)
+    validation.check_shape("labels", labels, (num,))
+    labels = labels.astype(jnp.int32)
+  return (scores.astype(dtype), preds.astype(jnp.int32), losses.astype(dtype), costs.astype(dtype),
+          checked, labels)
+
+
 @pytree_dataclass
 class ExitTraces:
   """Per-sample, per-stage records of ``N`` requests through ``n`` stages.
@@ -67,7 +113,9 @@ class ExitTraces:
   Constructing validates every field once (``ValueError`` naming the field, the
   index and the rule) and stores host NumPy arrays: floats in the session's
   default dtype (float32, or float64 under ``jax_enable_x64``), ints as int32.
-  Code that receives an ``ExitTraces`` trusts it.
+  Code that receives an ``ExitTraces`` trusts it. Built from traced arrays (inside
+  ``jit``/``vmap``), only shapes and dtype kinds can be checked; the fields are then
+  ``jnp`` arrays cast the same way.
 
   Attributes:
     scores: ``[N, n]`` float primary score of each exit (the signal that fitting
@@ -94,10 +142,9 @@ class ExitTraces:
     leaves = [self.scores, self.preds, self.losses, self.costs, *dict(signals).values()]
     if self.labels is not None:
       leaves.append(self.labels)
-    if not all(validation.is_concrete(x) for x in leaves):
-      return
-    arrays = _validated_traces(self.scores, self.preds, self.losses, self.costs, self.signals,
-                               self.labels)
+    check = (_validated_traces if all(validation.is_concrete(x) for x in leaves)
+             else _traced_traces)
+    arrays = check(self.scores, self.preds, self.losses, self.costs, self.signals, self.labels)
     for name, arr in zip(("scores", "preds", "losses", "costs", "signals", "labels"), arrays):
       object.__setattr__(self, name, arr)
 
@@ -171,6 +218,8 @@ def save_traces(path: str | os.PathLike, traces: ExitTraces) -> None:
   ``signal_names [S]`` with ``signal_0 .. signal_{S-1}``, optional ``labels``, and
   per-field checksums. Written atomically; loaded with ``allow_pickle=False``.
   """
+  validation.refuse_traced("save_traces", "write files outside jit (or from "
+                           "jax.debug.callback)", traces=traces)
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
   names = sorted(traces.signals)

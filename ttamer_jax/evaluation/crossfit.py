@@ -39,7 +39,7 @@ from ttamer_jax.core.struct import pytree_dataclass, trusted
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.discretise import Discretiser
 from ttamer_jax.data.fitting import request_bucket
-from ttamer_jax.evaluation.exact import _no_recall_metrics, _recall_metrics
+from ttamer_jax.evaluation.exact import no_recall_metrics_compiled, recall_metrics_compiled
 
 FEATURE_CODES = {None: 0, "agree_prev": 1, "agree_best": 2}
 
@@ -138,11 +138,11 @@ def _instance_states(edges, feature, scores, preds):
   scores32 = scores.astype(jnp.float32)
   bins = jnp.stack([jnp.searchsorted(edges[i], scores32[:, i], side="right") for i in range(n)],
                    axis=1).astype(jnp.int32)
-  prev = Discretiser(edges=edges, feature="agree_prev").reference_preds(scores, preds)
-  best = Discretiser(edges=edges, feature="agree_best").reference_preds(scores, preds)
-  ref = jnp.where(feature == 2, best, prev)
-  agree = ((preds == ref) & (jnp.arange(n) > 0)[None, :]).astype(jnp.int32)
-  return jnp.where(feature > 0, 2 * bins + agree, bins)
+  # One branch runs per instance (the agree_best reference costs [N, n, n]).
+  agree = lambda name: lambda: 2 * bins + (
+      (preds == Discretiser(edges=edges, feature=name).reference_preds(scores, preds))
+      & (jnp.arange(n) > 0)[None, :]).astype(jnp.int32)
+  return jax.lax.switch(feature, [lambda: bins, agree("agree_prev"), agree("agree_best")])
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
@@ -161,19 +161,19 @@ def ttamer_outcomes(inst: Instances, scores, preds, losses, weights, num_states:
     first = possible * jnp.where(feature > 0, states_of % 2 == 0, True)
     fit_states = _instance_states(edges, feature, scores[fit_t], preds[fit_t])
     values, init, trans, counts = counting.fitted_tables(
-        jax.nn.one_hot(fit_states, k, dtype=dtype), losses[fit_t], weights[fold], possible, first,
-        smoothing, smoothing)
+        fit_states, losses[fit_t], weights[fold], possible, first, smoothing, smoothing,
+        num_states=k)
     cascade = trusted(Cascade, values=values, init=init, trans=trans, costs=costs.astype(dtype))
     if recall:
       grid, pos = kernel.grid_for(values)
       index = solve_recall_on_grid(cascade, lam, grid, pos).index
       policy = trusted(RecallPolicy, index=index, values=values, lam=lam)
       table = index
-      metrics = _recall_metrics(cascade, policy)
+      metrics = recall_metrics_compiled(cascade, policy)
     else:
       table = solve_no_recall_compiled(cascade, lam).stop
       policy = trusted(NoRecallPolicy, stop=table)
-      metrics = _no_recall_metrics(cascade, policy)
+      metrics = no_recall_metrics_compiled(cascade, policy)
     rep_states = _instance_states(edges, feature, scores[rep_t], preds[rep_t])
     zeros = jnp.zeros(rep_states.shape, dtype)
     res = replay_compiled(policy, rep_states, losses[rep_t], raw_costs, zeros,
@@ -227,7 +227,7 @@ def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
   """
   dtype = scores.dtype
   n = scores.shape[1]
-  raw = answer_models._raw_features(scores, preds, unit)                  # [N, P, D]
+  raw = answer_models.pair_features(scores, preds, unit)                  # [N, P, D]
   d = raw.shape[-1]
   total = weights.sum(1)                                                  # [M]
   mean = jnp.einsum("mn,npd->mpd", weights, raw) / total[:, None, None]
@@ -237,13 +237,15 @@ def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
   constant = var <= 1e-6 * (mean ** 2 + 1.0)
   scale = jnp.where(constant, 1.0, jnp.sqrt(jnp.maximum(var, 0.0))).at[..., 0].set(1.0)
   mean = mean.at[..., 0].set(0.0)
-  _, pj = answer_models._pairs(n)
+  _, pj = answer_models.pair_indices(n)
   targets = jnp.clip(scaled_losses[:, pj], 0.0, 1.0)                      # [N, P]
   ridge = answer_models.RIDGE * total[:, None, None] * jnp.eye(d, dtype=dtype).at[0, 0].set(0.0)
   jitter = 1e-6 * jnp.eye(d, dtype=dtype)
 
   def pair(args):
     x, y, mu, sd = args                                  # [N, D], [N], [M, D], [M, D]
+    # Every calibrator's raw Hessian is one product with the shared outer products.
+    xx = (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], d * d)
     # T_m: raw coefficients = T_m @ standardised ones.
     t_mat = jnp.zeros((mu.shape[0], d, d), dtype)
     t_mat = t_mat.at[:, jnp.arange(d), jnp.arange(d)].set(1.0 / sd)
@@ -254,7 +256,7 @@ def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
       p = jax.nn.sigmoid(x @ a.T)                                            # [N, M]
       g_raw = (weights.T * (p - y[:, None])).T @ x                           # [M, D]
       s = weights.T * p * (1 - p)                                            # [N, M]
-      h_raw = jnp.einsum("nm,nd,ne->mde", s, x, x)
+      h_raw = (s.T @ xx).reshape(-1, d, d)
       grad = jnp.einsum("mdk,md->mk", t_mat, g_raw) + jnp.einsum("mde,me->md", ridge, w)
       hess = jnp.einsum("mdk,mde,mel->mkl", t_mat, h_raw, t_mat) + ridge + jitter
       return w - jnp.linalg.solve(hess, grad[..., None])[..., 0], None
@@ -271,7 +273,7 @@ def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
     cw, mu, sd = args
     model = trusted(answer_models.AnswerModel, weights=cw, mean=mu, scale=sd,
                     loss_scale=jnp.ones((), dtype), score_name="scores", unit_scores=unit)
-    return answer_models._answers(model, scores, preds)
+    return answer_models.posterior_answers(model, scores, preds)
 
   conf, answer = jax.lax.map(apply, (coef, mean, scale))
   return coef, mean, scale, conf, answer

@@ -86,7 +86,7 @@ def policy_metrics(cascade: Cascade, policy) -> PolicyMetrics:
   if jax.tree_util.tree_leaves(policy.initial_carry(1)):
     raise ValueError(f"policy: {type(policy).__name__} keeps per-request memory; exact evaluation "
                      "supports memoryless policies")
-  fn = _recall_metrics if policy.recall else _no_recall_metrics
+  fn = recall_metrics_compiled if policy.recall else no_recall_metrics_compiled
   return fn(cascade, policy)
 
 
@@ -95,7 +95,8 @@ def _observation(states):
 
 
 @jax.jit
-def _no_recall_metrics(cascade: Cascade, policy) -> PolicyMetrics:
+def no_recall_metrics_compiled(cascade: Cascade, policy) -> PolicyMetrics:
+  """:func:`policy_metrics` of a no-recall line policy (trusted; traceable)."""
   values, trans, costs = cascade.values, cascade.trans, cascade.costs
   n, k = values.shape
   states = jnp.arange(k, dtype=jnp.int32)
@@ -120,7 +121,8 @@ def _no_recall_metrics(cascade: Cascade, policy) -> PolicyMetrics:
 
 
 @jax.jit
-def _recall_metrics(cascade: Cascade, policy) -> PolicyMetrics:
+def recall_metrics_compiled(cascade: Cascade, policy) -> PolicyMetrics:
+  """:func:`policy_metrics` of a memoryless recall line policy (trusted; traceable)."""
   values, trans, costs = cascade.values, cascade.trans, cascade.costs
   n, k = values.shape
   m = n * k

@@ -68,6 +68,12 @@ class ReplaySweep:
                                                              self.cost_norm)))]
 
 
+# What a frontier sweep called inside jit names instead (docs/jit.md): they sum on the
+# host (replay_totals) and bin with quantiles.
+JIT_SWEEP = ("inside jit, jax.vmap ttamer_jax.recall_policy (or a heuristic) over lam and replay "
+             "the states with ttamer_jax.replay (docs/jit.md)")
+
+
 def _check_traces(traces, n):
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
@@ -112,6 +118,8 @@ def _grid_stats(policies, states, losses, costs, scores, preds, policy_axes=0):
 
 
 def _sweep(fitted: FittedCascade, traces: ExitTraces, lams, recall: bool) -> ReplaySweep:
+  validation.refuse_traced("sweep_recall" if recall else "sweep_no_recall", JIT_SWEEP,
+                           fitted=fitted, traces=traces, lams=lams)
   if not isinstance(fitted, FittedCascade):
     raise ValueError(f"fitted: expected a FittedCascade, got {type(fitted).__name__}")
   lams = _lams(lams)
@@ -147,6 +155,8 @@ def sweep_policies(policies, params: Any, traces: ExitTraces, *, score_name: str
     traces: the traces to replay on.
     score_name: the signal the heuristic reads (default: primary scores).
   """
+  validation.refuse_traced("sweep_policies", JIT_SWEEP, policies=policies, params=params,
+                           traces=traces)
   params = validation.as_numpy("params", params, ndim=1)
   sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(policies)}
   if sizes != {params.shape[0]}:
@@ -169,6 +179,8 @@ def hindsight_sweep(traces: ExitTraces, lams: Any) -> ReplaySweep:
   rule, :func:`ttamer_jax.core.heuristics.hindsight_stops`) and is answered by
   its consulted stage of least true loss (the earliest on ties).
   """
+  validation.refuse_traced("hindsight_sweep", "inside jit, ttamer_jax.prophet_value is the "
+                           "hindsight optimum of a model (docs/jit.md)", traces=traces, lams=lams)
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
   lams = _lams(lams)
@@ -191,6 +203,10 @@ def hindsight_sweep(traces: ExitTraces, lams: Any) -> ReplaySweep:
 
 
 # ------------------------------------------------------------------ grids
+JIT_GRID = ("build the grid outside jit; inside it, a heuristic takes traced thresholds "
+            "(ttamer_jax.confidence_threshold, ttamer_jax.per_stage_thresholds)")
+
+
 def _levels(num: int) -> np.ndarray:
   return np.linspace(0.0, 1.0, validation.check_positive_int("num", num))
 
@@ -203,6 +219,7 @@ def _pooled_thresholds(scores: np.ndarray, num: int) -> np.ndarray:
 def confidence_grid(traces: ExitTraces, score_name: str | None = None, num: int = 64):
   """One threshold for every stage (``score >= t``) at quantiles of the pooled scores
   (plus ``-inf``/``+inf``: always the first / always the last exit)."""
+  validation.refuse_traced("confidence_grid", JIT_GRID, traces=traces)
   t = _pooled_thresholds(np.asarray(trace_scores(traces, score_name)), num)
   n = traces.num_stages
   return heuristics.ThresholdPolicy(thresholds=np.repeat(t[:, None], n, 1), direction="above"), t
@@ -210,6 +227,7 @@ def confidence_grid(traces: ExitTraces, score_name: str | None = None, num: int 
 
 def entropy_grid(traces: ExitTraces, score_name: str | None = "entropy", num: int = 64):
   """One entropy threshold for every stage (``score <= t``)."""
+  validation.refuse_traced("entropy_grid", JIT_GRID, traces=traces)
   t = _pooled_thresholds(np.asarray(trace_scores(traces, score_name)), num)
   n = traces.num_stages
   return heuristics.ThresholdPolicy(thresholds=np.repeat(t[:, None], n, 1), direction="below"), t
@@ -219,6 +237,7 @@ def per_stage_grid(traces: ExitTraces, score_name: str | None = None, num: int =
                    direction: str = "above"):
   """Per-stage thresholds at a common quantile level ``q`` of each stage's own scores
   (exit at stage i iff its score is in stage i's top ``1 - q``); ``params`` = ``q``."""
+  validation.refuse_traced("per_stage_grid", JIT_GRID, traces=traces)
   scores = np.asarray(trace_scores(traces, score_name), np.float64)
   levels = _levels(num)
   t = np.quantile(scores, levels, axis=0)                          # [P, n]
@@ -246,6 +265,7 @@ def heuristic_sweeps(calibration: ExitTraces, traces: ExitTraces, *,
   Keys: ``"confidence"``, ``"per_stage"`` (on ``confidence_score``), ``"entropy"``
   (when ``entropy_score`` is given), ``"patience"``, ``"fixed_exit"``.
   """
+  validation.refuse_traced("heuristic_sweeps", JIT_SWEEP, calibration=calibration, traces=traces)
   n = calibration.num_stages
   grids = {"confidence": (confidence_grid(calibration, confidence_score, num), confidence_score),
            "per_stage": (per_stage_grid(calibration, confidence_score, num), confidence_score)}

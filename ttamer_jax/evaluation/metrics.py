@@ -26,6 +26,12 @@ from ttamer_jax.data.discretise import DeployedPolicy, check_consistent, trace_s
 from ttamer_jax.data.traces import ExitTraces
 
 
+# What the ValueError of a host-side evaluation inside jit names instead (docs/jit.md).
+JIT_REPLAY = ("inside jit, discretise with the policy's Discretiser and replay the states with "
+              "ttamer_jax.replay (docs/jit.md)")
+JIT_MEANS = "inside jit, average the replay's loss and cost with jnp (docs/jit.md)"
+
+
 # ------------------------------------------------------------------ replay
 def trace_inputs(policy, traces: ExitTraces, *, score_name: str | None = None):
   """``(line_policy, states, scores, preds)`` to replay ``policy`` on ``traces``.
@@ -58,8 +64,10 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
   """Replays ``policy`` on every request of ``traces`` with the true losses and costs.
 
   A :class:`DeployedPolicy` with an answer model replays on its virtual
-  posterior-answer stages (:meth:`DeployedPolicy.stage_traces`).
+  posterior-answer stages (:meth:`DeployedPolicy.stage_traces`). Runs on the host;
+  inside ``jit`` use :func:`ttamer_jax.replay` on states (docs/jit.md).
   """
+  validation.refuse_traced("replay_traces", JIT_REPLAY, policy=policy, traces=traces)
   if isinstance(policy, DeployedPolicy) and isinstance(traces, ExitTraces):
     traces = policy.stage_traces(traces)
   line, states, scores, preds = trace_inputs(policy, traces, score_name=score_name)
@@ -95,6 +103,8 @@ def bootstrap_means(key: chex.PRNGKey, columns: Any, num_resamples: int = 1000) 
   means, and bootstrapping many statistics of the same requests costs about as
   much as one. Deterministic given ``key``.
   """
+  validation.refuse_traced("bootstrap_means", JIT_MEANS, key=key, columns=columns,
+                           num_resamples=num_resamples)
   num_resamples = validation.check_positive_int("num_resamples", num_resamples)
   columns = np.asarray(columns, np.float64)
   if columns.ndim != 2 or columns.shape[0] < 1:
@@ -216,7 +226,12 @@ def evaluate(policy, traces: ExitTraces, lam, *, key: chex.PRNGKey | None = None
     key: PRNG key of the bootstrap (default ``PRNGKey(0)``: reproducible).
     num_resamples: bootstrap resamples.
     level: confidence level of the intervals.
+
+  Runs on the host (bootstrap, histograms); inside ``jit`` use
+  :func:`ttamer_jax.replay` on states and average its ``loss`` and ``cost`` (docs/jit.md).
   """
+  validation.refuse_traced("evaluate", JIT_REPLAY, policy=policy, traces=traces, lam=lam, key=key,
+                           num_resamples=num_resamples, level=level)
   validation.check_scalar_lam(lam)
   _check_level(level)
   key = None if key is None else check_key(key)
@@ -252,6 +267,8 @@ def compare_results(a: ReplayResult, b: ReplayResult, lam, *, full_cost: float =
   Objectives are ``lam * loss + (1 - lam) * cost / full_cost`` (``full_cost``: the
   mean cost of running every stage; :func:`compare` passes the traces').
   """
+  validation.refuse_traced("compare_results", JIT_MEANS, a=a, b=b, lam=lam, full_cost=full_cost,
+                           key=key, level=level)
   validation.check_scalar_lam(lam)
   _check_level(level)
   key = jax.random.PRNGKey(0) if key is None else check_key(key)
@@ -274,6 +291,8 @@ def compare_objectives(oa: np.ndarray, ob: np.ndarray, *, key, num_resamples: in
 def compare(policy_a, policy_b, traces: ExitTraces, lam, *, key=None, num_resamples: int = 1000,
             level: float = 0.95, score_name: str | None = None) -> Comparison:
   """Replays both policies on ``traces`` and compares them request by request."""
+  validation.refuse_traced("compare", JIT_REPLAY, policy_a=policy_a, policy_b=policy_b,
+                           traces=traces, lam=lam, key=key)
   return compare_results(replay_traces(policy_a, traces, score_name=score_name),
                          replay_traces(policy_b, traces, score_name=score_name), lam,
                          full_cost=traces.full_cost(), key=key, num_resamples=num_resamples,

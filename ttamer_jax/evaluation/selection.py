@@ -49,7 +49,7 @@ from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
-from ttamer_jax.data.fitting import (FittedCascade, _stage_costs, fit_cascade, fit_discretiser,
+from ttamer_jax.data.fitting import (FittedCascade, fit_cascade, fit_discretiser, mean_stage_costs,
                                      request_bucket, unit_free_costs)
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
@@ -420,6 +420,10 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
     num_resamples, level: bootstrap of the reported intervals.
     progress: a progress line per candidate.
   """
+  validation.refuse_traced(
+      "fit_policy", "inside jit, fit bins outside (ttamer_jax.fit_discretiser), then "
+      "ttamer_jax.fit_cascade_arrays with fold weights, ttamer_jax.solve_recall and "
+      "ttamer_jax.replay (docs/jit.md)", traces=traces, lam=lam)
   candidates = default_candidates(traces) if candidates is None else candidates
   tolerance, folds, candidates = _check_args(traces, lam, tolerance, folds, candidates)
   # Keys drawn on the host: jax.random.split / fold_in would each compile a program.
@@ -821,7 +825,7 @@ def _ttamer_final(c, out, last, disc, traces, lam, answers) -> FittedCandidate:
   """The refit (last fold: every request) as a deployable :class:`FittedCandidate`,
   its tables cut back to the candidate's own ``K``."""
   k = c.num_states
-  costs, full = unit_free_costs(_stage_costs(traces))
+  costs, full = unit_free_costs(mean_stage_costs(traces))
   cascade = Cascade(values=out.values[last][:, :k], init=out.init[last][:k],
                     trans=out.trans[last][:, :k, :k], costs=costs)
   fitted = FittedCascade(cascade=cascade, discretiser=disc, counts=np.rint(out.counts[last][:, :k]),
