@@ -47,32 +47,58 @@ def _setup(traces, folds=4):
   return ids, k_inner
 
 
-def test_batched_outcomes_are_the_host_loops_request_by_request():
+def _training_grid(cand, train, point, k_inner, f, folds):
+  """The host path's grid on a fold's training requests: ``(params [P], error [P],
+  cost share [P], last exit's error)`` (a rule's parameters, or the lams of a T-Tamer
+  candidate in tolerance mode)."""
+  if not cand.ttamer:
+    policies, grid = S._rule_grid(cand, train)
+    sweep = tj.sweep_policies(policies, grid, train, score_name=cand.score)
+    on = train
+  else:
+    key = crossfit.subkeys(k_inner, folds + 1)[f]
+    on = S.posterior_traces(train, cand.score, key=key) if cand.answers == "posterior" else None
+    fitted = S.fit_model(cand, train, key=key, virtual=on)
+    on = train if on is None else on
+    import dataclasses
+    sweep = (tj.sweep_recall if cand.kind == "recall" else tj.sweep_no_recall)(
+        dataclasses.replace(fitted, answers=None), on, S.AUTO_LAMS)
+    grid = S.AUTO_LAMS
+  return grid, np.asarray(sweep.error), np.asarray(sweep.cost_norm), S._last_exit_error(on)
+
+
+@pytest.mark.parametrize("point", [S.OperatingPoint(0.8, None), S.OperatingPoint(None, 0.02)],
+                         ids=["lam", "tolerance"])
+def test_batched_outcomes_are_the_host_loops_request_by_request(point):
   tr = _traces(500, 0)
-  lam, folds = 0.8, 4
+  folds = 4
   ids, k_inner = _setup(tr, folds)
-  batch = S._cross_fit_batched(CANDIDATES, tr, ids, folds, lam, k_inner)
+  batch = S._cross_fit_batched(CANDIDATES, tr, ids, folds, point, k_inner)
   splits = [(np.flatnonzero(ids != f), np.flatnonzero(ids == f)) for f in range(folds)]
-  point = S.OperatingPoint(lam, None)
   for cand, (loss, cost, params, modelled) in zip(CANDIDATES, batch.outcomes):
     h_loss, h_cost, h_params, h_modelled = S._cross_fitted(cand, tr, splits, point, k_inner, {})
     same = np.ones(tr.num_samples, bool)
-    for f in np.flatnonzero(params != h_params):
-      # A rule's parameter may differ only where two grid points tie on the training folds
-      # (float32 sums here, float64 there, break exact ties differently).
-      assert not cand.ttamer, cand.name
-      train = tr.subset(splits[f][0])
-      policies, grid = S._rule_grid(cand, train)
-      j = tj.sweep_policies(policies, grid, train, score_name=cand.score).objective(lam)
-      pick = lambda p: float(np.asarray(j)[np.argmin(np.abs(grid - p))])
-      assert pick(params[f]) == pytest.approx(pick(h_params[f]), abs=1e-6), cand.name
+    for f in np.flatnonzero(~np.isclose(params, h_params, rtol=0, atol=1e-6)):
+      # An operating point may differ only where two grid points tie on the training
+      # folds (float32 sums here, float64 there, break exact ties differently).
+      grid, err, share, ref = _training_grid(cand, tr.subset(splits[f][0]), point, k_inner, f,
+                                             folds)
+      at = lambda p: int(np.argmin(np.abs(grid - p)))
+      a, b = at(params[f]), at(h_params[f])
+      if point.lam is not None:
+        j = point.lam * err + (1 - point.lam) * share
+        assert j[a] == pytest.approx(j[b], abs=1e-6), cand.name
+      else:
+        ok = err <= ref + point.tolerance + 1e-6
+        assert ok[a] == ok[b] and share[a] == pytest.approx(share[b], abs=1e-6), cand.name
       same[splits[f][1]] = False
     np.testing.assert_allclose(loss[same], h_loss[same], atol=1e-6, err_msg=cand.name)
     np.testing.assert_allclose(cost[same], h_cost[same], rtol=1e-6, err_msg=cand.name)
-    if cand.ttamer:  # float32 counting vs float64: the model's own numbers to rounding
-      np.testing.assert_allclose(modelled, h_modelled, rtol=2e-3, atol=1e-4, err_msg=cand.name)
-    else:
+    if not cand.ttamer:
       assert modelled is None and h_modelled is None
+    elif same.all():
+      # float32 counting vs float64: the model's own numbers to rounding
+      np.testing.assert_allclose(modelled, h_modelled, rtol=2e-3, atol=1e-4, err_msg=cand.name)
 
 
 def test_the_refit_is_the_host_fit_on_every_request():

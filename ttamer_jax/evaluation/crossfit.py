@@ -96,6 +96,7 @@ class Instances:
     num_states: ``[I]`` the candidate's own ``K`` (states beyond it are padding).
     smoothing: ``[I]`` pseudo-counts of transitions and losses.
     costs: ``[I, n]`` unit-free stage costs of the fold's training requests.
+    full: ``[I]`` mean raw cost of running every stage on those requests.
   """
 
   fit_table: chex.Array
@@ -106,6 +107,7 @@ class Instances:
   num_states: chex.Array
   smoothing: chex.Array
   costs: chex.Array
+  full: chex.Array
 
 
 @pytree_dataclass
@@ -119,6 +121,7 @@ class InstanceOutcomes:
     values, init, trans, counts: the fitted tables (``[I, n, K]``, ``[I, K]``,
       ``[I, n-1, K, K]``, ``[I, n, K]``).
     table: ``[I, n, K]`` the policy's index (recall) or stop table (no recall).
+    lam: ``[I]`` the ``lam`` each model was solved at.
   """
 
   loss: chex.Array
@@ -129,6 +132,7 @@ class InstanceOutcomes:
   trans: chex.Array
   counts: chex.Array
   table: chex.Array
+  lam: chex.Array
 
 
 def _instance_states(edges, feature, scores, preds):
@@ -145,54 +149,87 @@ def _instance_states(edges, feature, scores, preds):
   return jax.lax.switch(feature, [lambda: bins, agree("agree_prev"), agree("agree_best")])
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
+def pick_point(error, share, reference, lam, tolerance, by_tolerance: bool):
+  """Row of a grid's training ``(error [P], cost share [P])``: least ``J`` at ``lam``, or
+  (``by_tolerance``) the cheapest within ``tolerance`` of ``reference`` (the last exit's
+  error), else the most accurate -- :class:`~ttamer_jax.evaluation.selection.OperatingPoint`
+  in the program. Ties: the first row."""
+  if not by_tolerance:
+    return jnp.argmin(lam * error + (1 - lam) * share)
+  ok = error <= reference + tolerance
+  return jnp.where(ok.any(), jnp.argmin(jnp.where(ok, share, jnp.inf)), jnp.argmin(error))
+
+
+def _weighted_mean(x, w):
+  return x.astype(w.dtype) @ w / jnp.maximum(w.sum(), jnp.finfo(w.dtype).tiny)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
 def ttamer_outcomes(inst: Instances, scores, preds, losses, weights, num_states: int,
-                    recall: bool, raw_costs, lam) -> InstanceOutcomes:
-  """Fit, solve at ``lam``, replay and evaluate every instance (one program per kind,
-  ``K`` bucket and request bucket)."""
+                    recall: bool, by_tolerance: bool, raw_costs, lam, lams, tolerance
+                    ) -> InstanceOutcomes:
+  """Fit, solve, replay and evaluate every instance (one program per kind, ``K`` bucket,
+  request bucket and mode).
+
+  With ``lam`` each model is solved at ``lam``; ``by_tolerance``, at the ``lam`` of the
+  grid ``lams`` whose policy is the cheapest within ``tolerance`` of the last exit's
+  error when replayed on the instance's own training requests."""
   k = num_states
   dtype = jnp.result_type(float)
   lam = jnp.asarray(lam, dtype)
   states_of = jnp.arange(k)
 
   def one(x):
-    fit_t, rep_t, fold, edges, feature, kc, smoothing, costs = x
+    fit_t, rep_t, fold, edges, feature, kc, smoothing, costs, full = x
     possible = (states_of < kc).astype(dtype)
     first = possible * jnp.where(feature > 0, states_of % 2 == 0, True)
+    w = weights[fold]
     fit_states = _instance_states(edges, feature, scores[fit_t], preds[fit_t])
     values, init, trans, counts = counting.fitted_tables(
-        fit_states, losses[fit_t], weights[fold], possible, first, smoothing, smoothing,
-        num_states=k)
+        fit_states, losses[fit_t], w, possible, first, smoothing, smoothing, num_states=k)
     cascade = trusted(Cascade, values=values, init=init, trans=trans, costs=costs.astype(dtype))
-    if recall:
-      grid, pos = kernel.grid_for(values)
-      index = solve_recall_on_grid(cascade, lam, grid, pos).index
-      policy = trusted(RecallPolicy, index=index, values=values, lam=lam)
-      table = index
-      metrics = recall_metrics_compiled(cascade, policy)
+    zeros = jnp.zeros(fit_states.shape, dtype)
+    zero_preds = jnp.zeros(fit_states.shape, jnp.int32)
+
+    def solved(lam_v):
+      if recall:
+        grid, pos = kernel.grid_for(values)
+        index = solve_recall_on_grid(cascade, lam_v, grid, pos).index
+        return trusted(RecallPolicy, index=index, values=values, lam=lam_v), index
+      stop = solve_no_recall_compiled(cascade, lam_v).stop
+      return trusted(NoRecallPolicy, stop=stop), stop
+
+    if by_tolerance:
+      def on_training(lam_v):
+        res = replay_compiled(solved(lam_v)[0], fit_states, losses[fit_t], raw_costs, zeros,
+                              zero_preds)
+        return _weighted_mean(res.loss, w), _weighted_mean(res.cost, w)
+
+      err, cost = jax.lax.map(on_training, lams.astype(dtype))
+      share = jnp.where(full > 0, cost / jnp.where(full > 0, full, 1.0), 0.0)
+      reference = _weighted_mean(losses[fit_t][:, -1], w)
+      lam_i = lams.astype(dtype)[pick_point(err, share, reference, lam, tolerance, True)]
     else:
-      table = solve_no_recall_compiled(cascade, lam).stop
-      policy = trusted(NoRecallPolicy, stop=table)
-      metrics = no_recall_metrics_compiled(cascade, policy)
+      lam_i = lam
+    policy, table = solved(lam_i)
+    metrics = (recall_metrics_compiled if recall else no_recall_metrics_compiled)(cascade, policy)
     rep_states = _instance_states(edges, feature, scores[rep_t], preds[rep_t])
-    zeros = jnp.zeros(rep_states.shape, dtype)
-    res = replay_compiled(policy, rep_states, losses[rep_t], raw_costs, zeros,
-                          jnp.zeros(rep_states.shape, jnp.int32))
+    res = replay_compiled(policy, rep_states, losses[rep_t], raw_costs, zeros, zero_preds)
     return (res.loss, res.cost, jnp.stack([metrics.loss, metrics.cost]), values, init, trans,
-            counts, table.astype(dtype))
+            counts, table.astype(dtype), lam_i)
 
   fields = (inst.fit_table, inst.replay_table, inst.fold, inst.edges, inst.feature,
-            inst.num_states, inst.smoothing, inst.costs)
-  out = jax.lax.map(one, fields)
-  return InstanceOutcomes(*out)
+            inst.num_states, inst.smoothing, inst.costs, inst.full)
+  return InstanceOutcomes(*jax.lax.map(one, fields))
 
 
 # ------------------------------------------------------------------ simple rules
-@jax.jit
-def rule_outcomes(policies, scores, preds, losses, raw_costs, weights, full_costs, lam):
+@functools.partial(jax.jit, static_argnums=(9,))
+def rule_outcomes(policies, scores, preds, losses, raw_costs, weights, full_costs, lam, tolerance,
+                  by_tolerance: bool):
   """Per fold: the grid of ``P`` policies (leading axes ``[G, P]``) replayed on every
-  request, the parameter of least training ``J`` picked (first on ties), and its
-  outcome kept. Returns ``(picked [G], loss [G, N], cost [G, N])``."""
+  request, the operating point picked on the fold's training requests (:func:`pick_point`),
+  and its outcome kept. Returns ``(picked [G], loss [G, N], cost [G, N])``."""
   dtype = jnp.result_type(float)
   lam = jnp.asarray(lam, dtype)
   zeros = jnp.zeros(scores.shape, jnp.int32)
@@ -200,11 +237,10 @@ def rule_outcomes(policies, scores, preds, losses, raw_costs, weights, full_cost
   def one(x):
     grid, w, full = x
     res = jax.vmap(lambda p: replay_compiled(p, zeros, losses, raw_costs, scores, preds))(grid)
-    total = jnp.sum(w)
-    err = res.loss.astype(dtype) @ w / total
-    cost = res.cost.astype(dtype) @ w / total
+    err = _weighted_mean(res.loss, w)
+    cost = _weighted_mean(res.cost, w)
     share = jnp.where(full > 0, cost / jnp.where(full > 0, full, 1.0), 0.0)
-    i = jnp.argmin(lam * err + (1 - lam) * share)
+    i = pick_point(err, share, _weighted_mean(losses[:, -1], w), lam, tolerance, by_tolerance)
     return i, res.loss[i], res.cost[i]
 
   return jax.lax.map(one, (policies, weights.astype(dtype), full_costs.astype(dtype)))

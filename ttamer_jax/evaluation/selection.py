@@ -15,9 +15,10 @@ on the calibration traces only (DESIGN.md section 5):
    rules, then fewer states, then richer designs; :func:`simplicity`). The chosen
    candidate is refitted on all the calibration traces and returned ready to deploy.
 
-Cross-fitting with ``lam`` runs as a few batched programs (every candidate x fold of
-one family in one call; :mod:`ttamer_jax.evaluation.crossfit`); tolerance mode
-still fits candidate by candidate.
+Cross-fitting runs as a few batched programs: every candidate x fold of one family,
+and the refit on every request, in one call (:mod:`ttamer_jax.evaluation.crossfit`).
+:func:`fit_at` / :func:`refit` fit one candidate on the host (scripts, and the
+reference the batched programs are tested against).
 
 Candidates (:func:`default_candidates`): recall and no-recall optima over several
 state designs -- score signal, number of bins, binning, the agreement feature,
@@ -433,15 +434,8 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
   full = traces.full_cost()
   reference = float(np.mean(np.asarray(traces.losses, np.float64)[:, -1]))
   point = OperatingPoint(lam=None if lam is None else float(lam), tolerance=tolerance)
-  batch = None
-  if lam is not None:
-    batch = _cross_fit_batched(candidates, traces, ids, folds, float(lam), k_inner)
-    outcomes = batch.outcomes
-  else:
-    splits = [(np.flatnonzero(ids != f), np.flatnonzero(ids == f)) for f in range(folds)]
-    cache: dict = {}
-    outcomes = [_cross_fitted(cand, traces, splits, point, k_inner, cache) for cand in
-                progress_iter(candidates, desc="fit: cross-fitting candidates", enabled=progress)]
+  batch = _cross_fit_batched(candidates, traces, ids, folds, point, k_inner, progress=progress)
+  outcomes = batch.outcomes
   scores = _scores(candidates, outcomes, point.lam, full, k_boot, num_resamples, level)
   notes, met = [], None
   if lam is not None:
@@ -462,20 +456,15 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
   runner = rest[0] if rest else None
   versus = None if runner is None else _paired(chosen, runner, level)
   index_of = {s.candidate: i for i, s in enumerate(scores)}
-  refit_of = (lambda s: batch.final(index_of[s.candidate])) if batch is not None else (
-      lambda s: refit(s.candidate, traces, point, key=k_final))
-  final = refit_of(chosen)
+  final = batch.final(index_of[chosen.candidate])
   check = None
   checked = chosen if chosen.candidate.ttamer else next(
       (s for s in [chosen] + rest if s.candidate.ttamer), None)
   if checked is not None:
-    if batch is not None:
-      loss, cost, pred = batch.in_sample[index_of[checked.candidate]]
-      check = _model_check_of(checked, loss, cost, pred, point.lam, full, k_boot, num_resamples,
-                              level)
-    else:
-      checked_fit = final if checked is chosen else refit_of(checked)
-      check = _model_check(checked, checked_fit, traces, point, full, k_boot, num_resamples, level)
+    loss, cost, pred = batch.in_sample[index_of[checked.candidate]]
+    # J at the target lam, or (tolerance mode) at the lam the refit was solved at.
+    j_lam = point.lam if point.lam is not None else batch.final(index_of[checked.candidate]).param
+    check = _model_check_of(checked, loss, cost, pred, j_lam, full, k_boot, num_resamples, level)
     if check.warning():
       notes.append(check.warning())
   return PolicySelection(
@@ -502,26 +491,11 @@ class OperatingPoint:
     return i
 
 
-def _model_check(score: CandidateScore, final: FittedCandidate, traces: ExitTraces,
-                 point: OperatingPoint, full: float, key, num_resamples: int, level: float
-                 ) -> model_check.ModelCheck:
-  # J at the target lam, or (tolerance mode) at the lam the model was solved at.
-  j_lam = point.lam if point.lam is not None else final.param
-  res = replay_traces(final.deployed, traces)
-  means, cis = model_check.measured(res.loss, res.cost, j_lam, full, key=key,
-                                    num_resamples=num_resamples, level=level)
-  in_sample = model_check.quantities(model_check.predicted(final.fitted, final.deployed, j_lam),
-                                     means, cis)
-  err, cost = score.modelled
-  cross = model_check.quantities(np.asarray([err, cost, j_lam * err + (1 - j_lam) * cost]),
-                                 *score.measured(j_lam, level))
-  return model_check.ModelCheck(policy=score.name, lam=j_lam, in_sample=in_sample,
-                                cross_fitted=cross)
-
-
 def _model_check_of(score: CandidateScore, loss, cost, pred, lam: float, full: float, key,
                     num_resamples: int, level: float) -> model_check.ModelCheck:
-  """:func:`_model_check` from the batched refit's in-sample replay and prediction."""
+  """The model check of a candidate: what its refit's model predicts next to its replay
+  on every request (in sample), and what the fold models predicted next to the
+  cross-fitted replay."""
   means, cis = model_check.measured(loss, cost, lam, full, key=key, num_resamples=num_resamples,
                                     level=level)
   err, cst = pred
@@ -575,7 +549,8 @@ def _last_exit_error(traces: ExitTraces) -> float:
 
 
 def _cross_fitted(cand, traces, splits, point, key, cache):
-  """Out-of-fold ``(loss [N], cost [N], params [F], modelled [3] or None)`` of a candidate."""
+  """Out-of-fold ``(loss [N], cost [N], params [F], modelled [2] or None)`` of a candidate,
+  fitted fold by fold on the host: the reference the batched programs are tested against."""
   num = traces.num_samples
   loss, cost, params, modelled = np.zeros(num), np.zeros(num), [], []
   for f, (train_idx, held_idx) in enumerate(splits):
@@ -644,9 +619,9 @@ class _Batch:
   Attributes:
     outcomes: per candidate ``(loss [N], cost [N], params [F], modelled [2] or None)``,
       each request's outcome from the fold that did not see it.
-    finals: per candidate the refit on every request (a :class:`FittedCandidate`),
-      built on demand by :meth:`final`.
-    in_sample: per T-Tamer candidate ``(loss [N], cost [N], predicted [2])`` of the
+    builders: per candidate, a function building the refit on every request (a
+      :class:`FittedCandidate`) from the batch's last "fold".
+    in_sample: per T-Tamer candidate ``(loss [N], cost [N], predicted [2])``: the
       refit replayed on every request, and what its model predicts.
   """
 
@@ -658,173 +633,220 @@ class _Batch:
     return self.builders[index]()
 
 
-def _cross_fit_batched(candidates, traces: ExitTraces, ids: np.ndarray, folds: int, lam: float,
-                       key) -> _Batch:
-  """Every candidate cross-fitted over ``folds`` and refitted on all requests, in one
-  program per family (:mod:`ttamer_jax.evaluation.crossfit`)."""
-  num, n = traces.num_samples, traces.num_stages
-  size = request_bucket(num)
-  groups = folds + 1
+@dataclasses.dataclass(frozen=True)
+class _Folds:
+  """What every family of one selection shares (host arrays, requests padded to ``size``).
+
+  Attributes:
+    traces: the calibration traces.
+    ids: ``[N]`` fold of each request.
+    weights: ``[G, size]`` training weights of the ``G = F + 1`` fits (the last: every request).
+    train: the ``G`` index arrays of those training requests.
+    full: ``[G]`` mean raw cost of running every stage on each fit's training requests.
+    unit_costs: ``[G, n]`` unit-free stage costs of each fit's training requests.
+    raw_costs: ``[n]`` or ``[size, n]`` raw costs of the replays.
+    point: how operating points are chosen (``lam``, or ``tolerance``).
+  """
+
+  traces: ExitTraces
+  ids: np.ndarray
+  weights: np.ndarray
+  train: tuple
+  full: np.ndarray
+  unit_costs: np.ndarray
+  raw_costs: np.ndarray
+  point: "OperatingPoint"
+
+  @property
+  def groups(self) -> int:
+    return self.weights.shape[0]
+
+  @property
+  def size(self) -> int:
+    return self.weights.shape[1]
+
+  def out_of_fold(self, per_fit: np.ndarray, first: int) -> np.ndarray:
+    """``[N]`` each request's value from the fit (rows ``first..first+F``) that held it out."""
+    num = self.ids.size
+    return np.asarray(per_fit[first + self.ids, np.arange(num)], np.float64)
+
+  def point_args(self, dtype) -> tuple:
+    lam, tol = self.point.lam, self.point.tolerance
+    return (np.asarray(0.0 if lam is None else lam, dtype),
+            np.asarray(0.0 if tol is None else tol, dtype), lam is None)
+
+
+def _folds(traces: ExitTraces, ids: np.ndarray, folds: int, point: "OperatingPoint") -> _Folds:
+  size = request_bucket(traces.num_samples)
   weights = crossfit.fold_weights(ids, folds, size)
-  train = [np.flatnonzero(weights[g, :num] > 0) for g in range(groups)]
-  losses = np.asarray(traces.losses, np.float64)
-  preds = np.asarray(traces.preds, np.int32)
-  raw_costs = np.asarray(traces.costs, np.float64)
-  if raw_costs.ndim == 2:
-    raw_costs = crossfit.pad_requests(raw_costs, size)
+  train = tuple(np.flatnonzero(w[:traces.num_samples] > 0) for w in weights)
   row_costs = np.asarray(traces.cost_matrix(), np.float64)
-  fold_full = np.asarray([row_costs[t].sum(1).mean() for t in train])
-  fold_stage_costs = np.stack([row_costs[t].mean(0) for t in train])          # [G, n]
-  fold_unit_costs = np.stack([unit_free_costs(c)[0] for c in fold_stage_costs])
-  dtype = jax.dtypes.canonicalize_dtype(np.float64)
+  raw = np.asarray(traces.costs, np.float64)
+  return _Folds(traces=traces, ids=ids, weights=weights, train=train,
+                full=np.asarray([row_costs[t].sum(1).mean() for t in train]),
+                unit_costs=np.stack([unit_free_costs(row_costs[t].mean(0))[0] for t in train]),
+                raw_costs=crossfit.pad_requests(raw, size) if raw.ndim == 2 else raw, point=point)
 
-  # Score tables: one per exit signal, two per (posterior signal, fold).
-  t_scores, t_preds, t_losses, table_of = [], [], [], {}
 
-  def add_table(name, sc, pr, lo):
-    table_of[name] = len(t_scores)
-    t_scores.append(crossfit.pad_requests(np.asarray(sc, np.float32), size))
-    t_preds.append(crossfit.pad_requests(np.asarray(pr, np.int32), size))
-    t_losses.append(crossfit.pad_requests(np.asarray(lo, dtype), size))
+class _Tables:
+  """Score tables the T-Tamer instances read: one per exit signal, two per (posterior
+  signal, fit) -- the fit's training view and its replay view."""
 
-  ttamer = [(i, c) for i, c in enumerate(candidates) if c.ttamer]
-  for _, c in ttamer:
-    if c.answers == "exits" and ("exits", c.score) not in table_of:
-      add_table(("exits", c.score), trace_scores(traces, c.score), preds, losses)
-  answer_models_final = {}
-  posterior_scores = sorted({c.score or "" for _, c in ttamer if c.answers == "posterior"})
-  for score in posterior_scores:
-    answer_models_final[score] = _posterior_tables(
-        traces, score or None, train, groups, size, key, add_table)
+  def __init__(self, size: int):
+    self.size, self.index = size, {}
+    self.scores, self.preds, self.losses = [], [], []
 
+  def add(self, name, scores, preds, losses) -> None:
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    self.index[name] = len(self.scores)
+    self.scores.append(crossfit.pad_requests(np.asarray(scores, np.float32), self.size))
+    self.preds.append(crossfit.pad_requests(np.asarray(preds, np.int32), self.size))
+    self.losses.append(crossfit.pad_requests(np.asarray(losses, dtype), self.size))
+
+  def stacked(self) -> tuple:
+    return tuple(np.stack(t) for t in (self.scores, self.preds, self.losses))
+
+
+def _cross_fit_batched(candidates, traces: ExitTraces, ids: np.ndarray, folds: int, point,
+                       key, progress: bool = False) -> _Batch:
+  """Every candidate cross-fitted over ``folds`` and refitted on all requests, in one
+  program per family (:mod:`ttamer_jax.evaluation.crossfit`). ``point``: an
+  :class:`OperatingPoint` (or a ``lam``)."""
+  if not isinstance(point, OperatingPoint):
+    point = OperatingPoint(lam=float(point), tolerance=None)
+  ctx = _folds(traces, ids, folds, point)
   outcomes: list = [None] * len(candidates)
-  builders: dict = {}
-  in_sample: dict = {}
-  if ttamer:
-    tables = tuple(np.stack(t) for t in (t_scores, t_preds, t_losses))
-    for kind in TTAMER_KINDS:
-      members = [(i, c) for i, c in ttamer if c.kind == kind]
-      if members:
-        _ttamer_family(kind, members, traces, ids, train, groups, size, tables, t_scores, table_of,
-                       weights,
-                       fold_unit_costs, raw_costs, lam, answer_models_final, outcomes, builders,
-                       in_sample)
+  builders, in_sample = {}, {}
+  ttamer = [(i, c) for i, c in enumerate(candidates) if c.ttamer]
   rules = [(i, c) for i, c in enumerate(candidates) if not c.ttamer]
+  tables = _Tables(ctx.size)
+  losses, preds = np.asarray(traces.losses, np.float64), np.asarray(traces.preds)
+  for _, c in ttamer:
+    if c.answers == "exits" and ("exits", c.score) not in tables.index:
+      tables.add(("exits", c.score), trace_scores(traces, c.score), preds, losses)
+  answers: dict = {}
+  steps = [(f"posterior calibrators ({score or 'scores'})",
+            functools.partial(lambda s: answers.update({s: _posterior_tables(
+                ctx, s or None, key, tables)}), score))
+           for score in sorted({c.score or "" for _, c in ttamer if c.answers == "posterior"})]
+  for kind in TTAMER_KINDS:
+    members = [(i, c) for i, c in ttamer if c.kind == kind]
+    if members:
+      steps.append((f"{kind} optima", functools.partial(
+          _ttamer_family, ctx, kind, members, tables, answers, outcomes, builders, in_sample)))
   if rules:
-    _rule_families(rules, traces, ids, train, groups, size, weights, fold_full, raw_costs, lam,
-                   outcomes, builders)
+    steps.append(("simple rules", functools.partial(_rule_families, ctx, rules, outcomes, builders)))
+  for _, step in progress_iter(steps, desc=f"fit: cross-fitting {len(candidates)} candidates x "
+                               f"{folds} folds", enabled=progress):
+    step()
   return _Batch(outcomes=outcomes, builders=builders, in_sample=in_sample)
 
 
-def _posterior_tables(traces, score, train, groups, size, key, add_table):
-  """Virtual posterior-answer tables of every fold (fit: inner cross-fitted; replay:
-  the fold's own calibrator), all calibrators fitted in one program. Returns the
-  refit's :class:`~ttamer_jax.AnswerModel`."""
-  num, n = traces.num_samples, traces.num_stages
+INNER_FOLDS = 3  # cross-fitting of the posterior-answer states inside each fit
+
+
+def _posterior_tables(ctx: _Folds, score, key, tables: _Tables):
+  """Virtual posterior-answer tables of every fit (its training view: nested
+  cross-fitted calibrators; its replay view: the calibrator of all its training
+  requests), every calibrator fitted in one program. Returns the refit's
+  :class:`~ttamer_jax.AnswerModel`."""
+  traces = ctx.traces
+  num = traces.num_samples
   scores = np.asarray(trace_scores(traces, score), np.float64)
   preds = np.asarray(traces.preds, np.int32)
   losses = np.asarray(traces.losses, np.float64)
   unit = bool(scores.min() >= 0 and scores.max() <= 1)
   loss_scale = float(max(losses.max(), 1e-12)) if losses.max() > 1 else 1.0
-  inner_folds = 3
   model_w, inner_ids = [], []
-  keys = crossfit.subkeys(key, groups)
-  for g in range(groups):
-    t = train[g]
-    inner = answer_models.fold_ids(keys[g], t.size, min(inner_folds, t.size))
+  for g, k in enumerate(crossfit.subkeys(key, ctx.groups)):
+    t = ctx.train[g]
+    inner = answer_models.fold_ids(k, t.size, min(INNER_FOLDS, t.size))
     inner_ids.append(inner)
-    for h in range(inner_folds):
-      w = np.zeros(size)
-      w[t[inner != h]] = 1.0
+    for h in range(INNER_FOLDS + 1):          # the inner fits, then all of t
+      w = np.zeros(ctx.size)
+      w[t[inner != h] if h < INNER_FOLDS else t] = 1.0
       model_w.append(w)
-    w = np.zeros(size)
-    w[t] = 1.0
-    model_w.append(w)
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
-  pad = lambda x: crossfit.pad_requests(x, size)
+  pad = lambda x: crossfit.pad_requests(x, ctx.size)
   aw, mean, scale, conf, answer = (np.asarray(x) for x in crossfit.answer_fits(
       pad(scores).astype(dtype), pad(preds), (pad(losses) / loss_scale).astype(dtype),
       np.stack(model_w).astype(dtype), unit))
-  conf, answer = conf[:, :num], answer[:, :num]
-  rows = np.arange(num)[:, None]
-  per = inner_folds + 1
-  for g in range(groups):
-    full_model = g * per + inner_folds
-    pick = np.full(num, full_model)
-    pick[train[g]] = g * per + inner_ids[g]
-    for name, which in (("fit", pick), ("replay", np.full(num, full_model))):
-      a = answer[which, np.arange(num)]                                       # [N, n]
-      c = conf[which, np.arange(num)]
-      add_table(("posterior", score or "", g, name), c, preds[rows, a], losses[rows, a])
-  last = (groups - 1) * per + inner_folds
+  rows, reqs = np.arange(num)[:, None], np.arange(num)
+  per = INNER_FOLDS + 1
+  for g in range(ctx.groups):
+    own = np.full(num, g * per + INNER_FOLDS)
+    nested = own.copy()
+    nested[ctx.train[g]] = g * per + inner_ids[g]
+    for view, which in (("fit", nested), ("replay", own)):
+      a = answer[which, reqs]                                                 # [N, n]
+      tables.add(("posterior", score or "", g, view), conf[which, reqs], preds[rows, a],
+                 losses[rows, a])
+  last = ctx.groups * per - 1
   return answer_models.AnswerModel(
-      weights=np.asarray(aw[last]), mean=np.asarray(mean[last]), scale=np.asarray(scale[last]),
-      loss_scale=np.asarray(loss_scale), score_name=score or "scores", unit_scores=unit)
+      weights=aw[last], mean=mean[last], scale=scale[last], loss_scale=np.asarray(loss_scale),
+      score_name=score or "scores", unit_scores=unit)
 
 
 def _pow2(x: int) -> int:
   return 1 << max(0, int(np.ceil(np.log2(max(x, 1)))))
 
 
-def _ttamer_family(kind, members, traces, ids, train, groups, size, tables, host_scores, table_of,
-                   weights, unit_costs, raw_costs, lam, answer_final, outcomes, builders, in_sample):
-  num, n = traces.num_samples, traces.num_stages
+def _ttamer_family(ctx: _Folds, kind, members, tables: _Tables, answers, outcomes, builders,
+                   in_sample):
+  """Every (candidate, fit) of one solver kind as one :func:`crossfit.ttamer_outcomes` call."""
+  n, groups = ctx.traces.num_stages, ctx.groups
   k_pad = _pow2(max(c.num_states for _, c in members))
   b_pad = _pow2(max(c.num_states // (2 if c.feature else 1) for _, c in members))
-  fields = {f: [] for f in ("fit_table", "replay_table", "fold", "edges", "feature", "num_states",
-                            "smoothing", "costs")}
-  discs = []
+  rows, discs = [], []
   for _, c in members:
     bins = c.num_states // 2 if c.feature else c.num_states
     if c.feature and c.num_states % 2:
       raise ValueError(f"candidates: {c.name} has an odd number of states with a feature")
-    row = []
     for g in range(groups):
       if c.answers == "exits":
-        fit_t = rep_t = table_of[("exits", c.score)]
+        fit_t = rep_t = tables.index[("exits", c.score)]
       else:
-        fit_t = table_of[("posterior", c.score or "", g, "fit")]
-        rep_t = table_of[("posterior", c.score or "", g, "replay")]
-      train_scores = np.asarray(host_scores[fit_t][train[g]], np.float64)
-      disc = fit_discretiser(train_scores, bins, binning=c.binning, feature=c.feature)
-      row.append(disc)
-      edges = np.full((n, b_pad - 1), np.inf, np.float32)
+        fit_t = tables.index[("posterior", c.score or "", g, "fit")]
+        rep_t = tables.index[("posterior", c.score or "", g, "replay")]
+      disc = fit_discretiser(np.asarray(tables.scores[fit_t][ctx.train[g]], np.float64), bins,
+                             binning=c.binning, feature=c.feature)
+      discs.append(disc)
+      edges = np.full((n, b_pad - 1), np.inf, np.float32)   # +inf: padding bins never reached
       edges[:, :bins - 1] = np.asarray(disc.edges)
-      for f, v in (("fit_table", fit_t), ("replay_table", rep_t), ("fold", g), ("edges", edges),
-                   ("feature", crossfit.FEATURE_CODES[c.feature]), ("num_states", c.num_states),
-                   ("smoothing", c.smoothing), ("costs", unit_costs[g])):
-        fields[f].append(v)
-    discs.append(row)
+      rows.append((fit_t, rep_t, g, edges, crossfit.FEATURE_CODES[c.feature], c.num_states,
+                   c.smoothing, ctx.unit_costs[g], ctx.full[g]))
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
+  cols = list(zip(*rows))
   inst = crossfit.Instances(
-      fit_table=np.asarray(fields["fit_table"], np.int32),
-      replay_table=np.asarray(fields["replay_table"], np.int32),
-      fold=np.asarray(fields["fold"], np.int32), edges=np.stack(fields["edges"]),
-      feature=np.asarray(fields["feature"], np.int32),
-      num_states=np.asarray(fields["num_states"], np.int32),
-      smoothing=np.asarray(fields["smoothing"], dtype), costs=np.asarray(fields["costs"], dtype))
-  out = crossfit.ttamer_outcomes(inst, *tables, weights.astype(dtype), k_pad, kind == "recall",
-                                 raw_costs.astype(dtype), np.asarray(lam, dtype))
+      fit_table=np.asarray(cols[0], np.int32), replay_table=np.asarray(cols[1], np.int32),
+      fold=np.asarray(cols[2], np.int32), edges=np.stack(cols[3]),
+      feature=np.asarray(cols[4], np.int32), num_states=np.asarray(cols[5], np.int32),
+      smoothing=np.asarray(cols[6], dtype), costs=np.asarray(cols[7], dtype),
+      full=np.asarray(cols[8], dtype))
+  lam, tol, by_tolerance = ctx.point_args(dtype)
+  out = crossfit.ttamer_outcomes(inst, *tables.stacked(), ctx.weights.astype(dtype), k_pad,
+                                 kind == "recall", by_tolerance, ctx.raw_costs.astype(dtype), lam,
+                                 AUTO_LAMS.astype(dtype), tol)
   out = jax.tree_util.tree_map(np.asarray, out)
-  held = np.bincount(ids, minlength=groups - 1)[:groups - 1]
-  reqs = np.arange(num)
+  if ctx.point.lam is not None:   # the given lam itself, not its float32 copy
+    out = dataclasses.replace(out, lam=np.full(out.lam.shape, ctx.point.lam))
+  num = ctx.traces.num_samples
+  held = np.bincount(ctx.ids, minlength=groups - 1)[:groups - 1]
   for m, (i, c) in enumerate(members):
-    rows = m * groups + ids
-    modelled = (held[:, None] * out.modelled[m * groups:m * groups + groups - 1]).sum(0) / num
-    outcomes[i] = (out.loss[rows, reqs].astype(np.float64), out.cost[rows, reqs].astype(np.float64),
-                   np.full(groups - 1, float(lam)), modelled)
-    last = m * groups + groups - 1
+    first, last = m * groups, m * groups + groups - 1
+    modelled = (held[:, None] * out.modelled[first:last]).sum(0) / num
+    outcomes[i] = (ctx.out_of_fold(out.loss, first), ctx.out_of_fold(out.cost, first),
+                   out.lam[first:last].astype(np.float64), modelled.astype(np.float64))
     in_sample[i] = (out.loss[last, :num].astype(np.float64), out.cost[last, :num].astype(np.float64),
                     out.modelled[last].astype(np.float64))
-    builders[i] = functools.partial(_ttamer_final, c, out, last, discs[m][-1], traces, lam,
-                                    answer_final.get(c.score or "") if c.answers == "posterior"
-                                    else None)
+    builders[i] = functools.partial(_ttamer_final, c, out, last, discs[last], ctx.traces,
+                                    answers.get(c.score or "") if c.answers == "posterior" else None)
 
 
-def _ttamer_final(c, out, last, disc, traces, lam, answers) -> FittedCandidate:
-  """The refit (last fold: every request) as a deployable :class:`FittedCandidate`,
+def _ttamer_final(c, out, last, disc, traces, answers) -> FittedCandidate:
+  """The refit (last fit: every request) as a deployable :class:`FittedCandidate`,
   its tables cut back to the candidate's own ``K``."""
-  k = c.num_states
+  k, lam = c.num_states, float(out.lam[last])
   costs, full = unit_free_costs(mean_stage_costs(traces))
   cascade = Cascade(values=out.values[last][:, :k], init=out.init[last][:k],
                     trans=out.trans[last][:, :k, :k], costs=costs)
@@ -834,62 +856,60 @@ def _ttamer_final(c, out, last, disc, traces, lam, answers) -> FittedCandidate:
                          answers=answers)
   if c.kind == "recall":
     policy = RecallPolicy(index=out.table[last][:, :k], values=cascade.values,
-                          lam=np.asarray(lam, np.asarray(cascade.values).dtype))
+                          lam=np.asarray(out.lam[last], np.asarray(cascade.values).dtype))
   else:
     policy = NoRecallPolicy(stop=out.table[last][:, :k] > 0.5)
-  return FittedCandidate(c, fitted.deploy(policy), fitted, float(lam))
+  return FittedCandidate(c, fitted.deploy(policy), fitted, lam)
 
 
-def _rule_families(rules, traces, ids, train, groups, size, weights, fold_full, raw_costs, lam,
-                   outcomes, builders):
-  num, n = traces.num_samples, traces.num_stages
+def _rule_grids(ctx: _Folds, family: str, members, scores):
+  """``(policies with leading axes [len(members) * G, P], params [P])`` of one rule
+  family: thresholds at quantiles of each fit's training scores, or fixed grids."""
+  n, groups = ctx.traces.num_stages, ctx.groups
+  reps = len(members) * groups
+  if family == "patience":
+    p = np.arange(1, n + 1)
+    return PatiencePolicy(patience=np.tile(p, (reps, 1)), stages=n), p.astype(float)
+  if family == "fixed_exit":
+    p = np.arange(n)
+    return FixedExitPolicy(exit_stage=np.tile(p, (reps, 1)), stages=n), p.astype(float)
+  grids = []
+  for _, c in members:
+    for t in ctx.train:
+      pooled = c.kind == "confidence"
+      q = np.quantile(scores[t].reshape(-1) if pooled else scores[t], RULE_LEVELS, axis=0)
+      q[0], q[-1] = -np.inf, np.inf
+      grids.append(np.repeat(q[:, None], n, 1) if pooled else q)
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
-  preds = crossfit.pad_requests(np.asarray(traces.preds, np.int32), size)
-  losses = crossfit.pad_requests(np.asarray(traces.losses, dtype), size)
-  costs = raw_costs.astype(dtype)
-  reqs = np.arange(num)
+  return ThresholdPolicy(thresholds=np.stack(grids).astype(dtype)), RULE_LEVELS
+
+
+def _rule_families(ctx: _Folds, rules, outcomes, builders):
+  """Every (rule, fit) as one :func:`crossfit.rule_outcomes` call per policy type."""
+  traces, groups = ctx.traces, ctx.groups
+  dtype = jax.dtypes.canonicalize_dtype(np.float64)
+  preds = crossfit.pad_requests(np.asarray(traces.preds, np.int32), ctx.size)
+  losses = crossfit.pad_requests(np.asarray(traces.losses, dtype), ctx.size)
   calls: dict = {}
   for i, c in rules:
-    if c.kind in ("confidence", "per_stage"):
-      calls.setdefault(("threshold", c.score), []).append((i, c))
-    else:
-      calls.setdefault((c.kind, None), []).append((i, c))
+    family = "threshold" if c.kind in ("confidence", "per_stage") else c.kind
+    calls.setdefault((family, c.score if family == "threshold" else None), []).append((i, c))
+  lam, tol, by_tolerance = ctx.point_args(dtype)
   for (family, score), members in calls.items():
-    scores = np.asarray(trace_scores(traces, score), dtype) if family == "threshold" else None
-    grids = []
-    for _, c in members:
-      for g in range(groups):
-        if family == "threshold":
-          s = scores[train[g]]
-          if c.kind == "confidence":
-            t = np.quantile(s.reshape(-1), RULE_LEVELS)
-            t[0], t[-1] = -np.inf, np.inf
-            grids.append(np.repeat(t[:, None], n, 1))
-          else:
-            t = np.quantile(s, RULE_LEVELS, axis=0)
-            t[0], t[-1] = -np.inf, np.inf
-            grids.append(t)
+    scores = (np.asarray(trace_scores(traces, score), dtype) if family == "threshold"
+              else np.zeros(np.shape(traces.losses), dtype))
+    policies, params = _rule_grids(ctx, family, members, scores)
     reps = len(members)
-    if family == "threshold":
-      policies = ThresholdPolicy(thresholds=np.stack(grids).astype(dtype))
-      params = RULE_LEVELS
-      sc = crossfit.pad_requests(scores, size)
-    elif family == "patience":
-      p = np.arange(1, n + 1)
-      policies = PatiencePolicy(patience=np.tile(p, (reps * groups, 1)), stages=n)
-      params, sc = p.astype(float), np.zeros((size, n), dtype)
-    else:
-      p = np.arange(n)
-      policies = FixedExitPolicy(exit_stage=np.tile(p, (reps * groups, 1)), stages=n)
-      params, sc = p.astype(float), np.zeros((size, n), dtype)
-    picked, loss, cost = crossfit.rule_outcomes(
-        policies, sc.astype(dtype), preds, losses, costs, np.tile(weights, (reps, 1)).astype(dtype),
-        np.tile(fold_full, reps).astype(dtype), np.asarray(lam, dtype))
-    picked, loss, cost = np.asarray(picked), np.asarray(loss), np.asarray(cost)
+    picked, loss, cost = (np.asarray(x) for x in crossfit.rule_outcomes(
+        policies, crossfit.pad_requests(scores, ctx.size), preds, losses,
+        ctx.raw_costs.astype(dtype), np.tile(ctx.weights, (reps, 1)).astype(dtype),
+        np.tile(ctx.full, reps).astype(dtype), lam, tol, by_tolerance))
     for m, (i, c) in enumerate(members):
-      rows = m * groups + ids
-      outcomes[i] = (loss[rows, reqs].astype(np.float64), cost[rows, reqs].astype(np.float64),
-                     params[picked[m * groups:m * groups + groups - 1]].astype(np.float64), None)
-      param = float(params[picked[m * groups + groups - 1]])
-      builders[i] = functools.partial(
-          lambda c, param: FittedCandidate(c, rule_policy(c, traces, param), None, param), c, param)
+      first, last = m * groups, m * groups + groups - 1
+      outcomes[i] = (ctx.out_of_fold(loss, first), ctx.out_of_fold(cost, first),
+                     params[picked[first:last]].astype(np.float64), None)
+      builders[i] = functools.partial(_rule_final, c, traces, float(params[picked[last]]))
+
+
+def _rule_final(c, traces, param) -> FittedCandidate:
+  return FittedCandidate(c, rule_policy(c, traces, param), None, param)
