@@ -117,7 +117,7 @@ def test_the_script_runs_the_same_suite():
   spec.loader.exec_module(script)
   assert script.main is bench.main and script.SECTIONS == bench.SECTIONS
   from ttamer_jax.app import cli
-  assert cli.BENCH_SECTIONS == bench.SECTIONS
+  assert cli.BENCH_SECTIONS == bench.SECTIONS and cli.BENCH_OPT_IN == bench.OPT_IN
 
 
 def test_select_section_measures_a_fresh_process(capsys):

@@ -430,7 +430,7 @@ def test_fit_reads_csv_and_parquet_like_npz(world, tmp_path, capsys):
     assert result["selection"] == npz["selection"] and result["lam"] == npz["lam"]
     np.testing.assert_array_equal(tj.load_policy(out).policy.index, expected.policy.index)
     # stderr is not a terminal here: plain progress lines, never a redrawn bar
-    _progress_lines(err, "fit: cross-fitting candidates: ")
+    _progress_lines(err, "fit: cross-fitting 1 candidate x 5 folds: ")
 
 
 def test_evaluate_reads_csv_and_parquet_like_npz(world, capsys):

@@ -45,6 +45,8 @@ MAX_SEED = 2**32 - 1
 # (tests/test_bench.py checks they agree).
 BENCH_SECTIONS = ("floor", "sweep", "batch", "replay", "large", "memory", "numpy", "mdp", "mc",
                   "profile", "select", "compile")
+# Run only when named (ttamer_jax.app.bench.OPT_IN): the full select takes minutes.
+BENCH_OPT_IN = ("select",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -393,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
   be.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
   be.add_argument("--require-gpu", action="store_true", help="fail unless JAX's backend is a GPU")
   be.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (7)")
-  be.add_argument("--sections", default=",".join(BENCH_SECTIONS),
-                  help="comma-separated subset of " + ",".join(BENCH_SECTIONS))
+  be.add_argument("--sections", default=",".join(x for x in BENCH_SECTIONS if x not in BENCH_OPT_IN),
+                  help="comma-separated subset of " + ",".join(BENCH_SECTIONS) + " (default: all "
+                       "but " + ",".join(BENCH_OPT_IN) + ", which runs only when named)")
   be.add_argument("--out", default="ttamer_bench.json", help="results JSON (./ttamer_bench.json)")
   be.add_argument("--budget-s", type=seconds_value, default=0.0,
                   help="skip the remaining sections after this many seconds (0: no limit)")

@@ -59,15 +59,22 @@ def marginal_prior(possible: chex.Array, mass: chex.Array) -> chex.Array:
   return jnp.where(total > 0, possible.sum() * freq / jnp.where(total > 0, total, 1.0), possible)
 
 
+def _nonzero(x):
+  return jnp.where(x > 0, x, 1.0)
+
+
 def state_counts(assign: chex.Array, losses: chex.Array, weights: chex.Array):
   """``(counts [n, K], loss sums [n, K], pair counts [n-1, K, K])`` of soft or one-hot
   assignments ``[N, n, K]``: the products ``w @ A_i``, ``A_i^T (w * loss_i)`` and
   ``A_i^T diag(w) A_{i+1}`` (differentiable in ``assign``)."""
   weighted = assign * weights[:, None, None]                            # [N, n, K]
   counts = weighted.sum(0)
-  sums = jnp.einsum("rik,ri->ik", weighted, losses)
+  # Two passes (sum, then the residuals about each state's mean): float32 sums of
+  # many near-equal losses stay accurate to rounding of the mean, not N times it.
+  mean = jnp.einsum("rik,ri->ik", weighted, losses) / _nonzero(counts)
+  residual = jnp.einsum("rik,rik->ik", weighted, losses[:, :, None] - mean[None])
   pairs = jnp.einsum("rik,ril->ikl", weighted[:, :-1], assign[:, 1:])
-  return counts, sums, pairs
+  return counts, counts * mean + residual, pairs
 
 
 def hard_state_counts(states: chex.Array, losses: chex.Array, weights: chex.Array, k: int):
@@ -76,7 +83,12 @@ def hard_state_counts(states: chex.Array, losses: chex.Array, weights: chex.Arra
   n = states.shape[1]
   sum_into = lambda ids, x, size: jax.ops.segment_sum(x, ids, num_segments=size)
   counts = jnp.stack([sum_into(states[:, i], weights, k) for i in range(n)])
-  sums = jnp.stack([sum_into(states[:, i], weights * losses[:, i], k) for i in range(n)])
+  # Two passes, as state_counts.
+  mean = jnp.stack([sum_into(states[:, i], weights * losses[:, i], k)
+                    for i in range(n)]) / _nonzero(counts)
+  residual = jnp.stack([sum_into(states[:, i], weights * (losses[:, i] - mean[i, states[:, i]]), k)
+                        for i in range(n)])
+  sums = counts * mean + residual
   pairs = jnp.stack([sum_into(states[:, i] * k + states[:, i + 1], weights, k * k).reshape(k, k)
                      for i in range(n - 1)]) if n > 1 else jnp.zeros((0, k, k), weights.dtype)
   return counts, sums, pairs
@@ -106,7 +118,8 @@ def fitted_tables(assign: chex.Array, losses: chex.Array, weights: chex.Array,
   else:
     counts, sums, pairs = state_counts(assign, losses, w)
   total = jnp.maximum(w.sum(), jnp.finfo(dtype).tiny)
-  stage_mean = (w @ losses / total)[:, None]                            # [n, 1]
+  first_pass = w @ losses / total
+  stage_mean = (first_pass + w @ (losses - first_pass) / total)[:, None]  # [n, 1], two passes
   denom = counts + loss_smoothing
   values = jnp.where(denom > 0, (sums + loss_smoothing * stage_mean) / jnp.where(denom > 0, denom, 1),
                      stage_mean)

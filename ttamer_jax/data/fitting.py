@@ -26,6 +26,7 @@ import functools
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import counting, validation
@@ -104,15 +105,6 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
 
 
 # ------------------------------------------------------------------ smoothing
-def _smoothed_rows(counts: np.ndarray, smoothing: float, prior: np.ndarray) -> np.ndarray:
-  """``(counts + a prior) / (row sum + a sum prior)``; empty rows get the prior."""
-  num = counts + smoothing * prior
-  total = num.sum(-1, keepdims=True)
-  fallback = np.broadcast_to(prior / prior.sum(-1, keepdims=True), num.shape)
-  safe = np.where(total > 0, total, 1.0)
-  return np.where(total > 0, num / safe, fallback)
-
-
 def _check_fit_args(smoothing, loss_smoothing, prior):
   for name, v in (("smoothing", smoothing), ("loss_smoothing", loss_smoothing)):
     validation.as_nonnegative_scalar(name, v)
@@ -120,7 +112,9 @@ def _check_fit_args(smoothing, loss_smoothing, prior):
     raise ValueError(f"prior: must be one of {PRIORS}, got {prior!r}")
 
 
-def _check_table_bytes(k: int, num_pairs: int) -> None:
+def check_table_bytes(k: int, num_pairs: int) -> None:
+  """``ValueError`` before any work when ``num_pairs`` transition tables of ``K = k``
+  states would exceed :data:`MAX_FIT_TABLE_BYTES`."""
   need = max(num_pairs, 1) * k * k * 8
   if need > MAX_FIT_TABLE_BYTES:
     raise ValueError(f"num_states = {k}: the fitted transition tables ({max(num_pairs, 1)} x {k} x "
@@ -138,7 +132,7 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
     if feature not in FEATURES:
       raise ValueError(f"feature: must be one of {FEATURES}, got {feature!r}")
     k = validation.check_positive_int("num_states", num_states)
-    _check_table_bytes(k, pairs(traces.num_stages))  # before binning K quantiles
+    check_table_bytes(k, pairs(traces.num_stages))  # before binning K quantiles
     if feature is not None and k % 2:
       raise ValueError(f"num_states = {k} must be even with feature={feature!r} (K = 2 x bins)")
     bins = k // 2 if feature is not None else k
@@ -153,7 +147,7 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
   if discretiser.num_stages != traces.num_stages:
     raise ValueError(f"discretiser: has {discretiser.num_stages} stages but the traces have "
                      f"{traces.num_stages}")
-  _check_table_bytes(discretiser.num_states, pairs(traces.num_stages))
+  check_table_bytes(discretiser.num_states, pairs(traces.num_stages))
   states = discretiser.host_states(scores, traces.preds)
   return discretiser, states
 
@@ -184,28 +178,6 @@ def _first_stage_prior(discretiser: Discretiser) -> np.ndarray:
   return np.ones(k)
 
 
-def _calibrated_values(states, losses, k, loss_smoothing):
-  n = states.shape[1]
-  counts = np.stack([np.bincount(states[:, i], minlength=k) for i in range(n)]).astype(np.float64)
-  sums = np.stack([np.bincount(states[:, i], weights=losses[:, i], minlength=k) for i in range(n)])
-  stage_mean = losses.mean(axis=0)[:, None]
-  denom = counts + loss_smoothing
-  values = np.where(denom > 0, (sums + loss_smoothing * stage_mean) / np.where(denom > 0, denom, 1),
-                    stage_mean)
-  return values, counts
-
-
-def _pair_counts(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
-  return np.bincount(a.astype(np.int64) * k + b, minlength=k * k).reshape(k, k).astype(np.float64)
-
-
-def _prior_row(kind: str, possible: np.ndarray, next_states: np.ndarray) -> np.ndarray:
-  if kind == "uniform":
-    return possible
-  freq = np.bincount(next_states, minlength=possible.shape[0]) * possible
-  return possible.sum() * freq / max(freq.sum(), 1.0) if freq.sum() > 0 else possible
-
-
 # Fewest requests a compiled fit is padded to: every calibration set up to this size
 # shares one program per shape of the rest (the demo's 359, a few thousand), at the
 # price of counting padding of weight 0, which costs well under a millisecond here.
@@ -223,6 +195,33 @@ def _fit_tables(states, losses, weights, possible, first_possible, smoothing, lo
                 num_states, marginal):
   return counting.fitted_tables(states, losses, weights, possible, first_possible, smoothing,
                                 loss_smoothing, marginal, num_states)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _pair_tables_compiled(pairs, weights, smoothing, num_states, marginal):
+  ones = jnp.ones(num_states, weights.dtype)
+  zeros = jnp.zeros(pairs.shape[1:], weights.dtype)
+
+  def one(two_stages):
+    _, init, trans, _ = counting.fitted_tables(two_stages, zeros, weights, ones, ones, smoothing,
+                                               0.0, marginal, num_states)
+    return init, trans[0]
+
+  return jax.vmap(one)(pairs)
+
+
+def _pair_tables(states: np.ndarray, pairs: list, k: int, smoothing: float, prior: str):
+  """``(init [P, K], trans [P, K, K])`` of each ``(i, j)`` of ``pairs`` fitted as a
+  two-stage line on states ``i`` then ``j`` (one compiled program for all pairs)."""
+  num = states.shape[0]
+  size = request_bucket(num)
+  dtype = jax.dtypes.canonicalize_dtype(np.float64)
+  cols = np.stack([states[:, [i, j]] for i, j in pairs]).astype(np.int32)
+  cols = np.pad(cols, ((0, 0), (0, size - num), (0, 0)))
+  weights = np.concatenate([np.ones(num, dtype), np.zeros(size - num, dtype)])
+  init, trans = _pair_tables_compiled(cols, weights, np.asarray(smoothing, dtype), k,
+                                      prior == "marginal")
+  return np.asarray(init), np.asarray(trans)
 
 
 def _fit_states(states: np.ndarray, losses: np.ndarray, stage_costs: np.ndarray, k: int,
@@ -439,18 +438,18 @@ def fit_skip_line(traces: ExitTraces, num_states: int | None = None, *, binning:
   _, full = unit_free_costs(block + head)   # consulting every stage in turn
   block, head = unit_free_costs(block, full)[0], unit_free_costs(head, full)[0]
   cum = np.concatenate([[0.0], np.cumsum(block)])
-  values, counts = _calibrated_values(states, np.asarray(traces.losses, np.float64), k, loss_smoothing)
-  src, dst, edge_trans, edge_costs = [], [], [], []
-  for i in range(n):
-    for j in range(i + 1, n):
-      src.append(i)
-      dst.append(j)
-      edge_trans.append(_smoothed_rows(_pair_counts(states[:, i], states[:, j], k), smoothing,
-                                       _prior_row(prior, np.ones(k), states[:, j])))
-      edge_costs.append(cum[j + 1] - cum[i + 1] + head[j])
+  # The line fit's values, then every (i, j) pair counted as a two-stage line: its
+  # transition is T_{i->j}, and a (j, j) pair's initial distribution is entry j's.
+  line, counts, _ = _fit_states(states, np.asarray(traces.losses), stage_costs, k, np.ones(k),
+                                smoothing, loss_smoothing, prior)
+  values = line.values
+  src = [i for i in range(n) for j in range(i + 1, n)]
+  dst = [j for i in range(n) for j in range(i + 1, n)]
+  edge_costs = [cum[j + 1] - cum[i + 1] + head[j] for i, j in zip(src, dst)]
   entries = list(range(n)) if skip_first else [0]
-  entry_init = [_smoothed_rows(np.bincount(states[:, j], minlength=k).astype(np.float64), smoothing,
-                               _prior_row(prior, np.ones(k), states[:, j])) for j in entries]
+  pair_init, pair_trans = _pair_tables(states, list(zip(src, dst)) + [(j, j) for j in entries], k,
+                                       smoothing, prior)
+  edge_trans, entry_init = pair_trans[:len(src)], pair_init[len(src):]
   graph = RoutingGraph(
       values=values, edge_trans=np.asarray(edge_trans).reshape(-1, k, k),
       edge_costs=np.asarray(edge_costs), entry_init=np.asarray(entry_init),

@@ -50,8 +50,8 @@ from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
-from ttamer_jax.data.fitting import (FittedCascade, fit_cascade, fit_discretiser, mean_stage_costs,
-                                     request_bucket, unit_free_costs)
+from ttamer_jax.data.fitting import (FittedCascade, check_table_bytes, fit_cascade, fit_discretiser,
+                                     mean_stage_costs, request_bucket, unit_free_costs)
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
 from ttamer_jax.evaluation.frontier import (cheapest_within, sweep_no_recall, sweep_policies,
@@ -346,20 +346,23 @@ class PolicySelection:
 def _scores(candidates, outcomes, lam, full, key, num_resamples, level) -> list[CandidateScore]:
   """Every candidate's :class:`CandidateScore`, from one bootstrap shared by all
   (resamples paired across candidates)."""
+  # Tolerance mode minimises the cost: its "objective" is the cost share (lam 0).
+  j_lam = 0.0 if lam is None else lam
   cols = []
   for loss, cost, _, _ in outcomes:
-    share = cost / full if full > 0 else np.zeros_like(cost)
-    # Tolerance mode minimises the cost: its "objective" column is the cost share.
-    cols += [loss, share, normalised_objective(loss, cost, 0.0 if lam is None else lam, full)]
-  means = bootstrap_means(key, np.stack(cols, axis=1), num_resamples)
+    cols += [loss, cost / full if full > 0 else np.zeros_like(cost)]
+  # The objective is linear in (loss, share): its resample means follow from theirs,
+  # so only two of the three columns are resampled (a third less of the bootstrap).
+  pairs = bootstrap_means(key, np.stack(cols, axis=1), num_resamples).reshape(num_resamples, -1, 2)
   out = []
   for c, (cand, (loss, cost, params, modelled)) in enumerate(zip(candidates, outcomes)):
-    m = means[:, 3 * c:3 * c + 3]
-    obj = cols[3 * c + 2]
+    m = np.concatenate([pairs[:, c], (j_lam * pairs[:, c, 0] + (1 - j_lam) * pairs[:, c, 1])[:, None]],
+                       axis=1)
+    obj = normalised_objective(loss, cost, j_lam, full)
     se = float(np.std(obj, ddof=1) / np.sqrt(obj.size)) if obj.size > 1 else 0.0
     out.append(CandidateScore(
         candidate=cand, objective=float(obj.mean()), objective_ci=percentile_ci(m, level)[2],
-        objective_se=se, error=float(loss.mean()), cost_norm=float(cols[3 * c + 1].mean()),
+        objective_se=se, error=float(loss.mean()), cost_norm=float(cols[2 * c + 1].mean()),
         param=np.asarray(params, np.float64), per_request=obj, modelled=modelled,
         resample_means=m))
   return out
@@ -395,6 +398,8 @@ def _check_args(traces, lam, tolerance, folds, candidates):
       raise ValueError(f"candidates: expected Candidate objects, got {type(c).__name__}")
     if c.score is not None:
       trace_scores(traces, c.score)  # ValueError naming a missing signal
+    if c.ttamer:                     # before any work: the batch pads every table to its K
+      check_table_bytes(c.num_states, max(traces.num_stages - 1, 1))
   names = [c.name for c in candidates]
   if len(set(names)) != len(names):
     dup = next(x for i, x in enumerate(names) if x in names[:i])
@@ -736,8 +741,9 @@ def _cross_fit_batched(candidates, traces: ExitTraces, ids: np.ndarray, folds: i
           _ttamer_family, ctx, kind, members, tables, answers, outcomes, builders, in_sample)))
   if rules:
     steps.append(("simple rules", functools.partial(_rule_families, ctx, rules, outcomes, builders)))
-  for _, step in progress_iter(steps, desc=f"fit: cross-fitting {len(candidates)} candidates x "
-                               f"{folds} folds", enabled=progress):
+  plural = "s" if len(candidates) != 1 else ""
+  for _, step in progress_iter(steps, desc=f"fit: cross-fitting {len(candidates)} candidate{plural} "
+                               f"x {folds} folds", enabled=progress):
     step()
   return _Batch(outcomes=outcomes, builders=builders, in_sample=in_sample)
 
