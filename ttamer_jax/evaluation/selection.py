@@ -343,29 +343,46 @@ class PolicySelection:
 
 
 # ------------------------------------------------------------------ selection
-def _scores(candidates, outcomes, lam, full, key, num_resamples, level) -> list[CandidateScore]:
-  """Every candidate's :class:`CandidateScore`, from one bootstrap shared by all
-  (resamples paired across candidates)."""
+def _scores(candidates, outcomes, lam, full) -> list[CandidateScore]:
+  """Every candidate's cross-fitted :class:`CandidateScore` (its bootstrap filled in
+  by :func:`_bootstrapped`)."""
   # Tolerance mode minimises the cost: its "objective" is the cost share (lam 0).
+  j_lam = 0.0 if lam is None else lam
+  out = []
+  for cand, (loss, cost, params, modelled) in zip(candidates, outcomes):
+    obj = normalised_objective(loss, cost, j_lam, full)
+    se = float(np.std(obj, ddof=1) / np.sqrt(obj.size)) if obj.size > 1 else 0.0
+    share = cost / full if full > 0 else np.zeros_like(cost)
+    out.append(CandidateScore(
+        candidate=cand, objective=float(obj.mean()), objective_ci=np.full(2, np.nan),
+        objective_se=se, error=float(loss.mean()), cost_norm=float(share.mean()),
+        param=np.asarray(params, np.float64), per_request=obj, modelled=modelled))
+  return out
+
+
+def _bootstrapped(scores, outcomes, lam, full, key, num_resamples, level, extra=None):
+  """``(scores with their resample means and intervals, extra's resample means)`` from
+  one bootstrap shared by every column (resamples paired across candidates).
+
+  Only ``(loss, cost share)`` are resampled per candidate: the objective is linear in
+  them, so its resample means follow. ``extra``: ``[N, C]`` more columns resampled with
+  the same draws (the model check's in-sample replay).
+  """
   j_lam = 0.0 if lam is None else lam
   cols = []
   for loss, cost, _, _ in outcomes:
     cols += [loss, cost / full if full > 0 else np.zeros_like(cost)]
-  # The objective is linear in (loss, share): its resample means follow from theirs,
-  # so only two of the three columns are resampled (a third less of the bootstrap).
-  pairs = bootstrap_means(key, np.stack(cols, axis=1), num_resamples).reshape(num_resamples, -1, 2)
+  width = len(cols)
+  if extra is not None:
+    cols += list(np.asarray(extra, np.float64).T)
+  means = bootstrap_means(key, np.stack(cols, axis=1), num_resamples)
+  pairs = means[:, :width].reshape(num_resamples, -1, 2)
   out = []
-  for c, (cand, (loss, cost, params, modelled)) in enumerate(zip(candidates, outcomes)):
+  for c, s in enumerate(scores):
     m = np.concatenate([pairs[:, c], (j_lam * pairs[:, c, 0] + (1 - j_lam) * pairs[:, c, 1])[:, None]],
                        axis=1)
-    obj = normalised_objective(loss, cost, j_lam, full)
-    se = float(np.std(obj, ddof=1) / np.sqrt(obj.size)) if obj.size > 1 else 0.0
-    out.append(CandidateScore(
-        candidate=cand, objective=float(obj.mean()), objective_ci=percentile_ci(m, level)[2],
-        objective_se=se, error=float(loss.mean()), cost_norm=float(cols[2 * c + 1].mean()),
-        param=np.asarray(params, np.float64), per_request=obj, modelled=modelled,
-        resample_means=m))
-  return out
+    out.append(dataclasses.replace(s, objective_ci=percentile_ci(m, level)[2], resample_means=m))
+  return out, means[:, width:]
 
 
 def _paired(a: CandidateScore, b: CandidateScore, level: float) -> Comparison:
@@ -441,7 +458,7 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
   point = OperatingPoint(lam=None if lam is None else float(lam), tolerance=tolerance)
   batch = _cross_fit_batched(candidates, traces, ids, folds, point, k_inner, progress=progress)
   outcomes = batch.outcomes
-  scores = _scores(candidates, outcomes, point.lam, full, k_boot, num_resamples, level)
+  scores = _scores(candidates, outcomes, point.lam, full)
   notes, met = [], None
   if lam is not None:
     chosen = one_se_choice(scores)
@@ -457,19 +474,26 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
                    f"{chosen.error:.4f}, the last exit's {reference:.4f} + tolerance "
                    f"{tolerance:g}; returning the most accurate validated policy")
     order = sorted(scores, key=lambda s: (s.error > reference + tolerance, s.cost_norm, s.error))
-  rest = [s for s in order if s is not chosen]
-  runner = rest[0] if rest else None
-  versus = None if runner is None else _paired(chosen, runner, level)
   index_of = {s.candidate: i for i, s in enumerate(scores)}
-  final = batch.final(index_of[chosen.candidate])
-  check = None
-  checked = chosen if chosen.candidate.ttamer else next(
-      (s for s in [chosen] + rest if s.candidate.ttamer), None)
-  if checked is not None:
+  ranked = [chosen] + [s for s in order if s is not chosen]
+  checked = next((s for s in ranked if s.candidate.ttamer), None)
+  extra = None
+  if checked is not None:   # the model check's in-sample replay joins the one bootstrap
     loss, cost, pred = batch.in_sample[index_of[checked.candidate]]
     # J at the target lam, or (tolerance mode) at the lam the refit was solved at.
     j_lam = point.lam if point.lam is not None else batch.final(index_of[checked.candidate]).param
-    check = _model_check_of(checked, loss, cost, pred, j_lam, full, k_boot, num_resamples, level)
+    share = cost / full if full > 0 else np.zeros_like(cost)
+    extra = np.stack([loss, share, normalised_objective(loss, cost, j_lam, full)], axis=1)
+  scores, extra_means = _bootstrapped(scores, outcomes, point.lam, full, k_boot, num_resamples,
+                                      level, extra)
+  chosen, *rest = [scores[index_of[s.candidate]] for s in ranked]
+  runner = rest[0] if rest else None
+  versus = None if runner is None else _paired(chosen, runner, level)
+  final = batch.final(index_of[chosen.candidate])
+  check = None
+  if checked is not None:
+    checked = scores[index_of[checked.candidate]]
+    check = _model_check_of(checked, extra, extra_means, pred, j_lam, level)
     if check.warning():
       notes.append(check.warning())
   return PolicySelection(
@@ -496,16 +520,15 @@ class OperatingPoint:
     return i
 
 
-def _model_check_of(score: CandidateScore, loss, cost, pred, lam: float, full: float, key,
-                    num_resamples: int, level: float) -> model_check.ModelCheck:
+def _model_check_of(score: CandidateScore, columns, resample_means, pred, lam: float,
+                    level: float) -> model_check.ModelCheck:
   """The model check of a candidate: what its refit's model predicts next to its replay
-  on every request (in sample), and what the fold models predicted next to the
+  on every request (in sample; ``columns [N, 3]`` of loss, cost share and ``J`` and their
+  ``resample_means [R, 3]``), and what the fold models predicted next to the
   cross-fitted replay."""
-  means, cis = model_check.measured(loss, cost, lam, full, key=key, num_resamples=num_resamples,
-                                    level=level)
   err, cst = pred
-  in_sample = model_check.quantities(np.asarray([err, cst, lam * err + (1 - lam) * cst]), means,
-                                     cis)
+  in_sample = model_check.quantities(np.asarray([err, cst, lam * err + (1 - lam) * cst]),
+                                     columns.mean(axis=0), percentile_ci(resample_means, level))
   err, cst = score.modelled
   cross = model_check.quantities(np.asarray([err, cst, lam * err + (1 - lam) * cst]),
                                  *score.measured(lam, level))
@@ -698,8 +721,18 @@ class _Tables:
   signal, fit) -- the fit's training view and its replay view."""
 
   def __init__(self, size: int):
-    self.size, self.index = size, {}
+    self.size, self.index, self.bins = size, {}, {}
     self.scores, self.preds, self.losses = [], [], []
+
+  def discretiser(self, table: int, train: np.ndarray, fold: int, bins: int, binning: str,
+                  feature) -> Discretiser:
+    """Bins of a table's training scores, fitted once for every candidate that shares
+    them (recall and no-recall candidates of one design bin alike)."""
+    key = (table, fold, bins, binning, feature)
+    if key not in self.bins:
+      self.bins[key] = fit_discretiser(np.asarray(self.scores[table][train], np.float64), bins,
+                                       binning=binning, feature=feature)
+    return self.bins[key]
 
   def add(self, name, scores, preds, losses) -> None:
     dtype = jax.dtypes.canonicalize_dtype(np.float64)
@@ -814,8 +847,7 @@ def _ttamer_family(ctx: _Folds, kind, members, tables: _Tables, answers, outcome
       else:
         fit_t = tables.index[("posterior", c.score or "", g, "fit")]
         rep_t = tables.index[("posterior", c.score or "", g, "replay")]
-      disc = fit_discretiser(np.asarray(tables.scores[fit_t][ctx.train[g]], np.float64), bins,
-                             binning=c.binning, feature=c.feature)
+      disc = tables.discretiser(fit_t, ctx.train[g], g, bins, c.binning, c.feature)
       discs.append(disc)
       edges = np.full((n, b_pad - 1), np.inf, np.float32)   # +inf: padding bins never reached
       edges[:, :bins - 1] = np.asarray(disc.edges)
