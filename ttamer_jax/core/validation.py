@@ -55,6 +55,13 @@ def refuse_traced(function: str, alternative: str, **values: Any) -> None:
                      f"input is concrete); {alternative}")
 
 
+def key_seed(key) -> np.ndarray:
+  """A NumPy seed from a JAX PRNG key (legacy ``[2]`` uint32 data or a typed key)."""
+  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return np.asarray(key, np.uint32).reshape(-1)
+
+
 def device_array(x: Any, dtype: Any = None) -> jax.Array:
   """``x`` on the default device as a JAX array of ``dtype``: a host copy is converted
   by NumPy and transferred (``jnp.asarray`` of a NumPy array compiles a small program

@@ -194,6 +194,13 @@ def _fit_pairs(scores, preds, losses, weights, unit: bool, steps: int):
   return _newton(feats, targets, weights, steps), mean, scale
 
 
+def calibration_scales(scores: np.ndarray, losses: np.ndarray) -> tuple[bool, float]:
+  """``(unit, loss_scale)``: whether the scores lie in ``[0, 1]`` (a logit feature is
+  used), and what losses are divided by before calibration (1 for 0/1 losses)."""
+  unit = bool(scores.min() >= 0 and scores.max() <= 1)
+  return unit, float(max(losses.max(), 1e-12)) if losses.max() > 1 else 1.0
+
+
 def fit_answer_model(traces: ExitTraces, *, score: str | None = None) -> AnswerModel:
   """Fits the posterior calibrators of every pair ``(i, j)`` on ``traces``.
 
@@ -210,8 +217,7 @@ def fit_answer_model(traces: ExitTraces, *, score: str | None = None) -> AnswerM
   num, n = scores.shape
   if num < 2:
     raise ValueError(f"traces: need at least 2 requests to fit an answer model, got {num}")
-  unit = bool(scores.min() >= 0 and scores.max() <= 1)
-  loss_scale = float(max(losses.max(), 1e-12)) if losses.max() > 1 else 1.0
+  unit, loss_scale = calibration_scales(scores, losses)
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
   pad = _bucket(num) - num
   padded = lambda x: np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
@@ -231,17 +237,10 @@ def fold_ids(key: chex.PRNGKey, num: int, folds: int) -> np.ndarray:
   folds = validation.check_positive_int("folds", folds)
   if folds < 2 or folds > num:
     raise ValueError(f"folds = {folds} must lie in [2, N = {num}]")
-  perm = np.random.default_rng(key_seed(key)).permutation(num)
+  perm = np.random.default_rng(validation.key_seed(key)).permutation(num)
   out = np.empty(num, np.int32)
   out[perm] = np.arange(num) % folds
   return out
-
-
-def key_seed(key) -> np.ndarray:
-  """A NumPy seed from a JAX PRNG key (legacy ``[2]`` uint32 data or a typed key)."""
-  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return np.asarray(key, np.uint32).reshape(-1)
 
 
 def cross_fitted_transform(traces: ExitTraces, folds: Any, *, score: str | None = None

@@ -190,6 +190,13 @@ def request_bucket(num: int) -> int:
   return max(MIN_REQUEST_BUCKET, 1 << int(np.ceil(np.log2(max(int(num), 1)))))
 
 
+def pad_requests(x: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
+  """``x`` with its request axis padded to ``size`` by zeros (given weight 0 by the fits)."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return np.pad(x, pad)
+
+
 @functools.partial(jax.jit, static_argnums=(7, 8))
 def _fit_tables(states, losses, weights, possible, first_possible, smoothing, loss_smoothing,
                 num_states, marginal):
@@ -217,8 +224,8 @@ def _pair_tables(states: np.ndarray, pairs: list, k: int, smoothing: float, prio
   size = request_bucket(num)
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
   cols = np.stack([states[:, [i, j]] for i, j in pairs]).astype(np.int32)
-  cols = np.pad(cols, ((0, 0), (0, size - num), (0, 0)))
-  weights = np.concatenate([np.ones(num, dtype), np.zeros(size - num, dtype)])
+  cols = pad_requests(cols, size, axis=1)
+  weights = pad_requests(np.ones(num, dtype), size)
   init, trans = _pair_tables_compiled(cols, weights, np.asarray(smoothing, dtype), k,
                                       prior == "marginal")
   return np.asarray(init), np.asarray(trans)
@@ -232,7 +239,7 @@ def _fit_states(states: np.ndarray, losses: np.ndarray, stage_costs: np.ndarray,
   request bucket."""
   num = states.shape[0]
   size = request_bucket(num)
-  pad = lambda x: np.concatenate([x, np.zeros((size - num,) + x.shape[1:], x.dtype)])
+  pad = lambda x: pad_requests(x, size)
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
   weights = pad(np.ones(num, dtype))
   values, init, trans, counts = _fit_tables(

@@ -22,7 +22,6 @@ gathers each request's out-of-fold outcome.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import chex
@@ -30,47 +29,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttamer_jax.core import counting, kernel
+from ttamer_jax.core import counting, kernel, validation
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.replay import replay_compiled
 from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_on_grid
 from ttamer_jax.core.struct import pytree_dataclass, trusted
 from ttamer_jax.data import answers as answer_models
-from ttamer_jax.data.discretise import Discretiser
-from ttamer_jax.data.fitting import request_bucket
+from ttamer_jax.data.discretise import FEATURES, Discretiser
 from ttamer_jax.evaluation.exact import no_recall_metrics_compiled, recall_metrics_compiled
 
-FEATURE_CODES = {None: 0, "agree_prev": 1, "agree_best": 2}
-
-
-# ------------------------------------------------------------------ host tables
-@dataclasses.dataclass(frozen=True)
-class Tables:
-  """Per-request arrays the instances read, padded to a request bucket.
-
-  Attributes:
-    scores: ``[S, N, n]`` float32 score tables (an exit signal, or virtual
-      posterior-answer scores of one fold).
-    preds: ``[S, N, n]`` int32 predictions of those stages.
-    losses: ``[S, N, n]`` true losses of those stages.
-    weights: ``[G, N]`` training weights of each fold (``G = F + 1``: the last is
-      the refit on every request; 0 on padding).
-    num: ``N`` before padding.
-  """
-
-  scores: np.ndarray
-  preds: np.ndarray
-  losses: np.ndarray
-  weights: np.ndarray
-  num: int
-
-
-def pad_requests(x: np.ndarray, size: int, axis: int = 0) -> np.ndarray:
-  """``x`` with its request axis padded to ``size`` by zeros."""
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return np.pad(x, pad)
+FEATURE_CODES = {feature: code for code, feature in enumerate(FEATURES)}
 
 
 def fold_weights(fold_ids: np.ndarray, folds: int, size: int) -> np.ndarray:
@@ -90,7 +59,7 @@ class Instances:
   Attributes:
     fit_table: ``[I]`` table the fit counts on (the fold's training view).
     replay_table: ``[I]`` table the policy is replayed on.
-    fold: ``[I]`` row of :attr:`Tables.weights` the fit uses.
+    fold: ``[I]`` row of the ``[G, N]`` fold weights the fit uses.
     edges: ``[I, n, B - 1]`` bin edges, padded with ``+inf`` (never reached).
     feature: ``[I]`` code of the agreement feature (:data:`FEATURE_CODES`).
     num_states: ``[I]`` the candidate's own ``K`` (states beyond it are padding).
@@ -136,17 +105,11 @@ class InstanceOutcomes:
 
 
 def _instance_states(edges, feature, scores, preds):
-  """``[N, n]`` states of one instance: :class:`Discretiser` semantics with traced
-  edges and a traced feature code."""
-  n = scores.shape[1]
-  scores32 = scores.astype(jnp.float32)
-  bins = jnp.stack([jnp.searchsorted(edges[i], scores32[:, i], side="right") for i in range(n)],
-                   axis=1).astype(jnp.int32)
-  # One branch runs per instance (the agree_best reference costs [N, n, n]).
-  agree = lambda name: lambda: 2 * bins + (
-      (preds == Discretiser(edges=edges, feature=name).reference_preds(scores, preds))
-      & (jnp.arange(n) > 0)[None, :]).astype(jnp.int32)
-  return jax.lax.switch(feature, [lambda: bins, agree("agree_prev"), agree("agree_best")])
+  """``[N, n]`` states of one instance: the :class:`Discretiser` of its traced edges and
+  its traced feature code (one branch runs: the agree_best reference costs [N, n, n])."""
+  return jax.lax.switch(feature, [
+      functools.partial(lambda f: Discretiser(edges=edges, feature=f)(scores, preds), f)
+      for f in FEATURES])
 
 
 def pick_point(error, share, reference, lam, tolerance, by_tolerance: bool):
@@ -158,6 +121,11 @@ def pick_point(error, share, reference, lam, tolerance, by_tolerance: bool):
     return jnp.argmin(lam * error + (1 - lam) * share)
   ok = error <= reference + tolerance
   return jnp.where(ok.any(), jnp.argmin(jnp.where(ok, share, jnp.inf)), jnp.argmin(error))
+
+
+def _share(cost, full):
+  """Cost as a share of running every stage (0 when that costs nothing)."""
+  return jnp.where(full > 0, cost / jnp.where(full > 0, full, 1.0), 0.0)
 
 
 def _weighted_mean(x, w):
@@ -206,9 +174,9 @@ def ttamer_outcomes(inst: Instances, scores, preds, losses, weights, num_states:
         return _weighted_mean(res.loss, w), _weighted_mean(res.cost, w)
 
       err, cost = jax.lax.map(on_training, lams.astype(dtype))
-      share = jnp.where(full > 0, cost / jnp.where(full > 0, full, 1.0), 0.0)
       reference = _weighted_mean(losses[fit_t][:, -1], w)
-      lam_i = lams.astype(dtype)[pick_point(err, share, reference, lam, tolerance, True)]
+      lam_i = lams.astype(dtype)[pick_point(err, _share(cost, full), reference, lam, tolerance,
+                                            True)]
     else:
       lam_i = lam
     policy, table = solved(lam_i)
@@ -238,8 +206,7 @@ def rule_outcomes(policies, scores, preds, losses, raw_costs, weights, full_cost
     grid, w, full = x
     res = jax.vmap(lambda p: replay_compiled(p, zeros, losses, raw_costs, scores, preds))(grid)
     err = _weighted_mean(res.loss, w)
-    cost = _weighted_mean(res.cost, w)
-    share = jnp.where(full > 0, cost / jnp.where(full > 0, full, 1.0), 0.0)
+    share = _share(_weighted_mean(res.cost, w), full)
     i = pick_point(err, share, _weighted_mean(losses[:, -1], w), lam, tolerance, by_tolerance)
     return i, res.loss[i], res.cost[i]
 
@@ -318,5 +285,5 @@ def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
 def subkeys(key, num: int) -> np.ndarray:
   """``[num, 2]`` uint32 keys drawn on the host from ``key`` (no compiled program,
   unlike ``jax.random.split``); any of them is a valid legacy PRNG key."""
-  rng = np.random.default_rng(answer_models.key_seed(key))
+  rng = np.random.default_rng(validation.key_seed(key))
   return rng.integers(0, 2**32, (num, 2), dtype=np.uint32)

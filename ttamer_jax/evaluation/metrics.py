@@ -87,13 +87,6 @@ def percentile_ci(samples: np.ndarray, level: float) -> np.ndarray:
   return np.quantile(samples, [alpha, 1 - alpha], axis=0).T
 
 
-def _key_seed(key) -> np.ndarray:
-  """A NumPy seed from a JAX PRNG key (legacy ``[2]`` uint32 data or a typed key)."""
-  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return np.asarray(key, np.uint32).reshape(-1)
-
-
 def bootstrap_means(key: chex.PRNGKey, columns: Any, num_resamples: int = 1000) -> np.ndarray:
   """``[R, C]`` bootstrap resample means of the per-request ``columns [N, C]``.
 
@@ -115,7 +108,7 @@ def bootstrap_means(key: chex.PRNGKey, columns: Any, num_resamples: int = 1000) 
                      f"{need / 2**30:.1f} GiB, over the {MAX_BOOTSTRAP_BYTES / 2**30:.0f} GiB limit "
                      "of ttamer_jax.evaluation.metrics.MAX_BOOTSTRAP_BYTES")
   num = columns.shape[0]
-  rng = np.random.default_rng(_key_seed(key))
+  rng = np.random.default_rng(validation.key_seed(key))
   chunk = int(max(1, min(num_resamples, (1 << 22) // num)))   # ~4M draw counts per block
   out = np.empty((num_resamples, columns.shape[1]))
   for start in range(0, num_resamples, chunk):

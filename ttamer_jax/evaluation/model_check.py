@@ -21,7 +21,6 @@ import numpy as np
 from ttamer_jax.data.discretise import DeployedPolicy
 from ttamer_jax.data.fitting import FittedCascade
 from ttamer_jax.evaluation.exact import policy_metrics
-from ttamer_jax.evaluation.metrics import bootstrap_means, normalised_objective, percentile_ci
 
 QUANTITIES = ("error", "cost_norm", "objective")
 # Relative slack of "inside the interval": float32 rounding of the model's prediction.
@@ -101,15 +100,6 @@ def predicted(fitted: FittedCascade, deployed: DeployedPolicy, lam: float) -> np
   m = policy_metrics(fitted.cascade, deployed.policy)
   loss, cost = float(m.loss), float(m.cost)
   return np.asarray([loss, cost, lam * loss + (1 - lam) * cost])
-
-
-def measured(loss, cost, lam: float, full_cost: float, *, key, num_resamples: int = 1000,
-             level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-  """``(means [3], cis [3, 2])`` of the per-request ``(loss, cost share, J)``."""
-  loss = np.asarray(loss, np.float64)
-  share = np.asarray(cost, np.float64) / full_cost if full_cost > 0 else np.zeros(loss.shape)
-  cols = np.stack([loss, share, normalised_objective(loss, cost, lam, full_cost)], axis=1)
-  return cols.mean(axis=0), percentile_ci(bootstrap_means(key, cols, num_resamples), level)
 
 
 def quantities(pred: np.ndarray, means: np.ndarray, cis: np.ndarray) -> dict:

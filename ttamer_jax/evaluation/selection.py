@@ -51,7 +51,8 @@ from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
 from ttamer_jax.data.fitting import (FittedCascade, check_table_bytes, fit_cascade, fit_discretiser,
-                                     mean_stage_costs, request_bucket, unit_free_costs)
+                                     mean_stage_costs, pad_requests, request_bucket,
+                                     unit_free_costs)
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
 from ttamer_jax.evaluation.frontier import (cheapest_within, sweep_no_recall, sweep_policies,
@@ -210,13 +211,17 @@ def _rule_grid(candidate: Candidate, traces: ExitTraces):
     k = np.arange(n)
     return FixedExitPolicy(exit_stage=k, stages=n), k.astype(float)
   scores = np.asarray(trace_scores(traces, candidate.score), np.float64)
-  if candidate.kind == "confidence":
-    t = np.quantile(scores.reshape(-1), RULE_LEVELS)
-    t[0], t[-1] = -np.inf, np.inf
-    return ThresholdPolicy(thresholds=np.repeat(t[:, None], n, 1)), RULE_LEVELS
-  t = np.quantile(scores, RULE_LEVELS, axis=0)                      # per_stage: [P, n]
+  return ThresholdPolicy(thresholds=rule_thresholds(candidate.kind, scores)), RULE_LEVELS
+
+
+def rule_thresholds(kind: str, scores: np.ndarray) -> np.ndarray:
+  """``[P, n]`` thresholds of a threshold rule at :data:`RULE_LEVELS` quantiles of
+  ``scores [N, n]``: pooled over stages (``"confidence"``) or per stage
+  (``"per_stage"``); the ends are always the first / always the last exit."""
+  pooled = kind == "confidence"
+  t = np.quantile(scores.reshape(-1) if pooled else scores, RULE_LEVELS, axis=0)
   t[0], t[-1] = -np.inf, np.inf
-  return ThresholdPolicy(thresholds=t), RULE_LEVELS
+  return np.repeat(t[:, None], scores.shape[1], 1) if pooled else t
 
 
 def _rule_at(policies, i: int):
@@ -343,6 +348,11 @@ class PolicySelection:
 
 
 # ------------------------------------------------------------------ selection
+def _cost_share(cost: np.ndarray, full: float) -> np.ndarray:
+  """Per-request cost as a share of running every stage (0 when that costs nothing)."""
+  return cost / full if full > 0 else np.zeros_like(cost)
+
+
 def _scores(candidates, outcomes, lam, full) -> list[CandidateScore]:
   """Every candidate's cross-fitted :class:`CandidateScore` (its bootstrap filled in
   by :func:`_bootstrapped`)."""
@@ -352,10 +362,9 @@ def _scores(candidates, outcomes, lam, full) -> list[CandidateScore]:
   for cand, (loss, cost, params, modelled) in zip(candidates, outcomes):
     obj = normalised_objective(loss, cost, j_lam, full)
     se = float(np.std(obj, ddof=1) / np.sqrt(obj.size)) if obj.size > 1 else 0.0
-    share = cost / full if full > 0 else np.zeros_like(cost)
     out.append(CandidateScore(
         candidate=cand, objective=float(obj.mean()), objective_ci=np.full(2, np.nan),
-        objective_se=se, error=float(loss.mean()), cost_norm=float(share.mean()),
+        objective_se=se, error=float(loss.mean()), cost_norm=float(_cost_share(cost, full).mean()),
         param=np.asarray(params, np.float64), per_request=obj, modelled=modelled))
   return out
 
@@ -371,7 +380,7 @@ def _bootstrapped(scores, outcomes, lam, full, key, num_resamples, level, extra=
   j_lam = 0.0 if lam is None else lam
   cols = []
   for loss, cost, _, _ in outcomes:
-    cols += [loss, cost / full if full > 0 else np.zeros_like(cost)]
+    cols += [loss, _cost_share(cost, full)]
   width = len(cols)
   if extra is not None:
     cols += list(np.asarray(extra, np.float64).T)
@@ -451,7 +460,7 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
   tolerance, folds, candidates = _check_args(traces, lam, tolerance, folds, candidates)
   # Keys drawn on the host: jax.random.split / fold_in would each compile a program.
   key = np.zeros(2, np.uint32) if key is None else key
-  k_folds, k_inner, k_boot, k_final = crossfit.subkeys(key, 4)
+  k_folds, k_inner, k_boot, _ = crossfit.subkeys(key, 4)
   ids = answer_models.fold_ids(k_folds, traces.num_samples, folds)
   full = traces.full_cost()
   reference = float(np.mean(np.asarray(traces.losses, np.float64)[:, -1]))
@@ -479,11 +488,11 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
   checked = next((s for s in ranked if s.candidate.ttamer), None)
   extra = None
   if checked is not None:   # the model check's in-sample replay joins the one bootstrap
-    loss, cost, pred = batch.in_sample[index_of[checked.candidate]]
+    loss, cost, pred, solved_lam = batch.in_sample[index_of[checked.candidate]]
     # J at the target lam, or (tolerance mode) at the lam the refit was solved at.
-    j_lam = point.lam if point.lam is not None else batch.final(index_of[checked.candidate]).param
-    share = cost / full if full > 0 else np.zeros_like(cost)
-    extra = np.stack([loss, share, normalised_objective(loss, cost, j_lam, full)], axis=1)
+    j_lam = point.lam if point.lam is not None else solved_lam
+    extra = np.stack([loss, _cost_share(cost, full), normalised_objective(loss, cost, j_lam, full)],
+                     axis=1)
   scores, extra_means = _bootstrapped(scores, outcomes, point.lam, full, k_boot, num_resamples,
                                       level, extra)
   chosen, *rest = [scores[index_of[s.candidate]] for s in ranked]
@@ -526,12 +535,10 @@ def _model_check_of(score: CandidateScore, columns, resample_means, pred, lam: f
   on every request (in sample; ``columns [N, 3]`` of loss, cost share and ``J`` and their
   ``resample_means [R, 3]``), and what the fold models predicted next to the
   cross-fitted replay."""
-  err, cst = pred
-  in_sample = model_check.quantities(np.asarray([err, cst, lam * err + (1 - lam) * cst]),
-                                     columns.mean(axis=0), percentile_ci(resample_means, level))
-  err, cst = score.modelled
-  cross = model_check.quantities(np.asarray([err, cst, lam * err + (1 - lam) * cst]),
-                                 *score.measured(lam, level))
+  with_j = lambda err_cost: np.asarray([*err_cost, lam * err_cost[0] + (1 - lam) * err_cost[1]])
+  in_sample = model_check.quantities(with_j(pred), columns.mean(axis=0),
+                                     percentile_ci(resample_means, level))
+  cross = model_check.quantities(with_j(score.modelled), *score.measured(lam, level))
   return model_check.ModelCheck(policy=score.name, lam=lam, in_sample=in_sample,
                                 cross_fitted=cross)
 
@@ -568,7 +575,12 @@ def one_se_choice(scores: list[CandidateScore]) -> CandidateScore:
   at every lam).
   """
   best = min(scores, key=lambda s: s.objective)
-  tied = [s for s in scores if s is best or paired_se(s, best)[0] <= paired_se(s, best)[1]]
+  tied = [best]
+  for s in scores:
+    if s is not best:
+      mean, se = paired_se(s, best)
+      if mean <= se:
+        tied.append(s)
   return min(tied, key=lambda s: (simplicity(s.candidate), s.objective))
 
 
@@ -581,9 +593,10 @@ def _cross_fitted(cand, traces, splits, point, key, cache):
   fitted fold by fold on the host: the reference the batched programs are tested against."""
   num = traces.num_samples
   loss, cost, params, modelled = np.zeros(num), np.zeros(num), [], []
+  fold_keys = crossfit.subkeys(key, len(splits) + 1)      # as the batched path's inner folds
   for f, (train_idx, held_idx) in enumerate(splits):
     train, held = traces.subset(train_idx), traces.subset(held_idx)
-    fold_key = crossfit.subkeys(key, len(splits) + 1)[f]   # as the batched path's inner folds
+    fold_key = fold_keys[f]
     virtual = None
     if cand.ttamer and cand.answers == "posterior":
       ck = ("posterior", cand.score, f)
@@ -649,8 +662,8 @@ class _Batch:
       each request's outcome from the fold that did not see it.
     builders: per candidate, a function building the refit on every request (a
       :class:`FittedCandidate`) from the batch's last "fold".
-    in_sample: per T-Tamer candidate ``(loss [N], cost [N], predicted [2])``: the
-      refit replayed on every request, and what its model predicts.
+    in_sample: per T-Tamer candidate ``(loss [N], cost [N], predicted [2], lam)``: the
+      refit replayed on every request, what its model predicts, the lam it was solved at.
   """
 
   outcomes: list
@@ -713,7 +726,7 @@ def _folds(traces: ExitTraces, ids: np.ndarray, folds: int, point: "OperatingPoi
   return _Folds(traces=traces, ids=ids, weights=weights, train=train,
                 full=np.asarray([row_costs[t].sum(1).mean() for t in train]),
                 unit_costs=np.stack([unit_free_costs(row_costs[t].mean(0))[0] for t in train]),
-                raw_costs=crossfit.pad_requests(raw, size) if raw.ndim == 2 else raw, point=point)
+                raw_costs=pad_requests(raw, size) if raw.ndim == 2 else raw, point=point)
 
 
 class _Tables:
@@ -737,9 +750,9 @@ class _Tables:
   def add(self, name, scores, preds, losses) -> None:
     dtype = jax.dtypes.canonicalize_dtype(np.float64)
     self.index[name] = len(self.scores)
-    self.scores.append(crossfit.pad_requests(np.asarray(scores, np.float32), self.size))
-    self.preds.append(crossfit.pad_requests(np.asarray(preds, np.int32), self.size))
-    self.losses.append(crossfit.pad_requests(np.asarray(losses, dtype), self.size))
+    self.scores.append(pad_requests(np.asarray(scores, np.float32), self.size))
+    self.preds.append(pad_requests(np.asarray(preds, np.int32), self.size))
+    self.losses.append(pad_requests(np.asarray(losses, dtype), self.size))
 
   def stacked(self) -> tuple:
     return tuple(np.stack(t) for t in (self.scores, self.preds, self.losses))
@@ -794,8 +807,7 @@ def _posterior_tables(ctx: _Folds, score, key, tables: _Tables):
   scores = np.asarray(trace_scores(traces, score), np.float64)
   preds = np.asarray(traces.preds, np.int32)
   losses = np.asarray(traces.losses, np.float64)
-  unit = bool(scores.min() >= 0 and scores.max() <= 1)
-  loss_scale = float(max(losses.max(), 1e-12)) if losses.max() > 1 else 1.0
+  unit, loss_scale = answer_models.calibration_scales(scores, losses)
   model_w, inner_ids = [], []
   for g, k in enumerate(crossfit.subkeys(key, ctx.groups)):
     t = ctx.train[g]
@@ -806,7 +818,7 @@ def _posterior_tables(ctx: _Folds, score, key, tables: _Tables):
       w[t[inner != h] if h < INNER_FOLDS else t] = 1.0
       model_w.append(w)
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
-  pad = lambda x: crossfit.pad_requests(x, ctx.size)
+  pad = lambda x: pad_requests(x, ctx.size)
   aw, mean, scale, conf, answer = (np.asarray(x) for x in crossfit.answer_fits(
       pad(scores).astype(dtype), pad(preds), (pad(losses) / loss_scale).astype(dtype),
       np.stack(model_w).astype(dtype), unit))
@@ -876,7 +888,7 @@ def _ttamer_family(ctx: _Folds, kind, members, tables: _Tables, answers, outcome
     outcomes[i] = (ctx.out_of_fold(out.loss, first), ctx.out_of_fold(out.cost, first),
                    out.lam[first:last].astype(np.float64), modelled.astype(np.float64))
     in_sample[i] = (out.loss[last, :num].astype(np.float64), out.cost[last, :num].astype(np.float64),
-                    out.modelled[last].astype(np.float64))
+                    out.modelled[last].astype(np.float64), float(out.lam[last]))
     builders[i] = functools.partial(_ttamer_final, c, out, last, discs[last], ctx.traces,
                                     answers.get(c.score or "") if c.answers == "posterior" else None)
 
@@ -911,13 +923,7 @@ def _rule_grids(ctx: _Folds, family: str, members, scores):
   if family == "fixed_exit":
     p = np.arange(n)
     return FixedExitPolicy(exit_stage=np.tile(p, (reps, 1)), stages=n), p.astype(float)
-  grids = []
-  for _, c in members:
-    for t in ctx.train:
-      pooled = c.kind == "confidence"
-      q = np.quantile(scores[t].reshape(-1) if pooled else scores[t], RULE_LEVELS, axis=0)
-      q[0], q[-1] = -np.inf, np.inf
-      grids.append(np.repeat(q[:, None], n, 1) if pooled else q)
+  grids = [rule_thresholds(c.kind, scores[t]) for _, c in members for t in ctx.train]
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
   return ThresholdPolicy(thresholds=np.stack(grids).astype(dtype)), RULE_LEVELS
 
@@ -926,8 +932,8 @@ def _rule_families(ctx: _Folds, rules, outcomes, builders):
   """Every (rule, fit) as one :func:`crossfit.rule_outcomes` call per policy type."""
   traces, groups = ctx.traces, ctx.groups
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
-  preds = crossfit.pad_requests(np.asarray(traces.preds, np.int32), ctx.size)
-  losses = crossfit.pad_requests(np.asarray(traces.losses, dtype), ctx.size)
+  preds = pad_requests(np.asarray(traces.preds, np.int32), ctx.size)
+  losses = pad_requests(np.asarray(traces.losses, dtype), ctx.size)
   calls: dict = {}
   for i, c in rules:
     family = "threshold" if c.kind in ("confidence", "per_stage") else c.kind
@@ -939,7 +945,7 @@ def _rule_families(ctx: _Folds, rules, outcomes, builders):
     policies, params = _rule_grids(ctx, family, members, scores)
     reps = len(members)
     picked, loss, cost = (np.asarray(x) for x in crossfit.rule_outcomes(
-        policies, crossfit.pad_requests(scores, ctx.size), preds, losses,
+        policies, pad_requests(scores, ctx.size), preds, losses,
         ctx.raw_costs.astype(dtype), np.tile(ctx.weights, (reps, 1)).astype(dtype),
         np.tile(ctx.full, reps).astype(dtype), lam, tol, by_tolerance))
     for m, (i, c) in enumerate(members):
