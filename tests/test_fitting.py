@@ -197,3 +197,28 @@ def test_skip_line_direct_estimates_are_right_when_the_chain_is_not_markov():
   np.testing.assert_allclose(product, 1 / 3, atol=0.03)
   with pytest.raises(ValueError, match="'agree_prev' is undefined on a skip-line"):
     tj.fit_skip_line(tr, discretiser=tj.fit_discretiser(tr.scores, 2, feature="agree_prev"))
+
+
+def test_column_quantiles_are_numpys_linear_quantiles_exactly():
+  from ttamer_jax.data.fitting import column_quantiles
+  rng = np.random.default_rng(0)
+  for trial in range(300):
+    num, cols = int(rng.integers(1, 50)), int(rng.integers(1, 4))
+    x = (rng.normal(size=(num, cols)) if trial % 3
+         else rng.integers(0, 4, (num, cols)) * 0.1)            # ties
+    if trial % 5 == 0:
+      x = x[:, 0]                                                # pooled, 1-D
+    b = int(rng.integers(2, 40))
+    levels = np.arange(1, b) / b if trial % 2 else np.linspace(0, 1, b)
+    np.testing.assert_array_equal(column_quantiles(x, levels), np.quantile(x, levels, axis=0))
+
+
+def test_request_buckets_pad_by_at_most_a_quarter_above_the_minimum():
+  from ttamer_jax.data.fitting import MIN_REQUEST_BUCKET, request_bucket
+  nums = np.unique(np.geomspace(1, 3e6, 4000).astype(int))
+  sizes = np.array([request_bucket(n) for n in nums])
+  assert (sizes >= nums).all() and (np.diff(sizes) >= 0).all()
+  assert (sizes[nums <= MIN_REQUEST_BUCKET] == MIN_REQUEST_BUCKET).all()
+  big = nums > MIN_REQUEST_BUCKET
+  assert (sizes[big] <= nums[big] * 1.25).all()
+  assert len(set(sizes)) < 50    # a few compiled shapes up to millions of requests

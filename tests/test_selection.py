@@ -133,23 +133,38 @@ def test_a_badly_wrong_model_loses_to_the_simple_rule():
   assert sel.model_check.policy == best_ttamer.name
 
 
-def test_one_se_rule_chooses_the_simplest_candidate_within_one_paired_se():
+def test_choice_rule_defaults_to_the_best_rule_and_makes_designs_earn_their_place():
   rng = np.random.default_rng(0)
 
-  def score(cand, mean, spread=0.0):
-    noise = rng.normal(0, spread, 50) if spread else np.zeros(50)
-    per = np.full(50, mean) + noise - noise.mean()
+  def score(cand, mean, spread=0.0, num=400):
+    noise = rng.normal(0, spread, num) if spread else np.zeros(num)
+    per = np.full(num, mean) + noise - noise.mean()
     return S.CandidateScore(candidate=cand, objective=float(per.mean()), objective_ci=np.zeros(2),
                             objective_se=0.01, error=0.1, cost_norm=0.1, param=np.zeros(1),
                             per_request=per)
 
-  rule = score(C("patience"), 0.101, 0.05)      # worse by 0.001, paired SE ~0.007: tied
-  best = score(C("recall", num_states=16), 0.100)
-  fewer = score(C("recall", num_states=4), 0.1005, 0.05)
-  far = score(C("confidence"), 0.2)             # simplest, but clearly worse
-  assert S.one_se_choice([best, rule, far]).candidate == C("patience")
-  assert S.one_se_choice([best, fewer, far]).candidate == C("recall", num_states=4)
-  assert S.one_se_choice([best, far]).candidate == C("recall", num_states=16)
+  def lead(a, b):   # a's lead over b in paired standard errors
+    mean, se = S.paired_se(b, a)
+    return mean / se
+
+  rule = score(C("patience"), 0.101, 0.05)      # best rule
+  simpler = score(C("fixed_exit"), 0.1012, 0.05)  # within one SE of it, but not the best rule
+  far = score(C("confidence"), 0.2)              # clearly worse
+  weak = score(C("recall", num_states=16), 0.100, 0.05)     # better by a hair: does not compete
+  strong = score(C("recall", num_states=16), 0.090, 0.05)   # better by ~4 SE: competes
+  assert lead(weak, rule) < S.EARN_SE < lead(strong, rule)
+  assert S.one_se_choice([weak, rule, far]).candidate == C("patience")
+  # The default is the best rule itself, not a simpler rule within one SE of it.
+  assert lead(rule, simpler) < 1
+  assert S.one_se_choice([rule, simpler, far]).candidate == C("patience")
+  assert S.one_se_choice([strong, rule, far]).candidate == C("recall", num_states=16)
+  # Among designs that compete: the simplest within one paired SE of the best.
+  fewer = score(C("recall", num_states=4), 0.0905, 0.05)
+  assert lead(fewer, rule) > S.EARN_SE and abs(lead(strong, fewer)) < 1
+  assert S.one_se_choice([strong, fewer, rule, far]).candidate == C("recall", num_states=4)
+  # Without simple rules every design competes.
+  assert S.one_se_choice([weak, fewer]).candidate == C("recall", num_states=4)
+  assert S.one_se_choice([weak]).candidate == C("recall", num_states=16)
   # Simplicity: rules, then fewer states, then plain bins before features and posterior answers.
   order = sorted([C("recall", num_states=8, answers="posterior"), C("per_stage"),
                   C("recall", num_states=8, feature="agree_prev"), C("no_recall", num_states=8),
@@ -264,3 +279,40 @@ def test_posterior_answers_beat_exit_bins_when_mistakes_are_correlated(tmp_path)
   back = tj.load_policy(path)
   again = tj.evaluate(back, test, 0.9)
   assert float(again.objective) == float(post.objective)
+
+
+def test_refit_of_any_scored_candidate_is_its_refit_on_all_traces():
+  tr = tj.synthetic_workload(seed=1, num_stages=3, sizes=(1, 300, 1)).calibration
+  cands = [C("recall", num_states=4), C("no_recall", num_states=4), C("confidence")]
+  sel = tj.fit_policy(tr, 0.8, candidates=cands, num_resamples=50)
+  chosen = sel.refit_of(sel.chosen.candidate)
+  same = lambda a, b: np.testing.assert_array_equal(tj.replay_traces(a, tr).loss,
+                                                    tj.replay_traces(b, tr).loss)
+  same(chosen.deployed, sel.deployed)
+  point = S.OperatingPoint(0.8, None)
+  for c in cands:  # the batch's refit equals the host reference's
+    host = S.refit(c, tr, point, key=jax.random.PRNGKey(0))
+    np.testing.assert_allclose(tj.replay_traces(sel.refit_of(c).deployed, tr).cost,
+                               tj.replay_traces(host.deployed, tr).cost, rtol=1e-6)
+  with pytest.raises(ValueError, match="candidate: .* was not scored"):
+    sel.refit_of(C("recall", num_states=16))
+
+
+def test_calibrator_newton_stops_at_convergence_with_the_optimum():
+  # Ridge logistic regressions of weighted soft labels, against NumPy's Newton run to 40 steps.
+  rng = np.random.default_rng(0)
+  p, num, d = 3, 600, 4
+  feats = np.concatenate([np.ones((p, num, 1)), rng.normal(size=(p, num, d - 1))], -1)
+  targets = (rng.random((p, num)) < 1 / (1 + np.exp(-feats[..., 1] * 1.5))).astype(float)
+  weights = (rng.random(num) < 0.8).astype(float)
+  with jax.enable_x64(True):
+    got = np.asarray(answer_models._newton(feats, targets, weights, answer_models.NEWTON_STEPS))
+  ridge = answer_models.RIDGE * weights.sum() * np.diag([0.0] + [1.0] * (d - 1))
+  for k in range(p):
+    x, y, w = feats[k], targets[k], np.zeros(d)
+    for _ in range(40):
+      q = 1 / (1 + np.exp(-x @ w))
+      grad = x.T @ (weights * (q - y)) + ridge @ w
+      hess = (x * (weights * q * (1 - q))[:, None]).T @ x + ridge + 1e-6 * np.eye(d)
+      w = w - np.linalg.solve(hess, grad)
+    np.testing.assert_allclose(got[k], w, rtol=1e-6, atol=1e-7)

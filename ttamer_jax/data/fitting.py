@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ttamer_jax.core import counting, validation
+from ttamer_jax.core import counting, shapes, validation
 from ttamer_jax.core.graph import RoutingGraph, skip_costs
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import no_recall_policy, recall_policy
@@ -55,6 +55,30 @@ JIT_BINS = ("fit the bins once outside jit and call the Discretiser inside it "
 
 
 # ------------------------------------------------------------------ discretiser
+def column_quantiles(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
+  """``np.quantile(x, levels, axis=0)`` (its default "linear" method, the same numbers)
+  from one sort: ``[Q, ...]`` for ``x [N, ...]``.
+
+  ``np.quantile`` partitions ``x`` anew for every call; a selection asks for the
+  quantiles of one column at many bin counts and folds, and a sort of the column
+  makes each ask a look-up.
+  """
+  s = np.sort(np.asarray(x, np.float64), axis=0)
+  n = s.shape[0]
+  virtual = (n - 1) * np.asarray(levels, np.float64)
+  prev = np.floor(virtual)
+  after = prev + 1
+  prev[virtual >= n - 1], after[virtual >= n - 1] = -1, -1   # as numpy: the top is the max
+  prev[virtual < 0], after[virtual < 0] = 0, 0
+  prev, after = prev.astype(np.intp), after.astype(np.intp)
+  gamma = (virtual - prev).reshape((-1,) + (1,) * (s.ndim - 1))
+  a, b = s[prev], s[after]
+  diff = b - a
+  out = a + diff * gamma
+  np.subtract(b, diff * (1 - gamma), out=out, where=np.broadcast_to(gamma >= 0.5, out.shape))
+  return out
+
+
 def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
                     score_range: Any = None, feature: Any = None) -> Discretiser:
   """Per-stage bin edges of ``scores [N, n]``.
@@ -88,7 +112,7 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
                      "ttamer_jax.data.fitting.MAX_FIT_TABLE_BYTES")
   levels = np.arange(1, b) / b
   if binning == "quantile":
-    edges = np.quantile(scores, levels, axis=0).T if b > 1 else np.zeros((scores.shape[1], 0))
+    edges = column_quantiles(scores, levels).T if b > 1 else np.zeros((scores.shape[1], 0))
   else:
     if score_range is None:
       low, high = scores.min(axis=0), scores.max(axis=0)
@@ -185,9 +209,10 @@ MIN_REQUEST_BUCKET = 4096
 
 
 def request_bucket(num: int) -> int:
-  """Padded request count of the compiled fits: :data:`MIN_REQUEST_BUCKET`, then powers
-  of two, so a new number of requests rarely compiles anew (padding has weight 0)."""
-  return max(MIN_REQUEST_BUCKET, 1 << int(np.ceil(np.log2(max(int(num), 1)))))
+  """Padded request count of the compiled fits: :data:`MIN_REQUEST_BUCKET`, then four
+  sizes per doubling, so a new number of requests rarely compiles anew (padding has
+  weight 0) and at most a quarter of the padded work is padding."""
+  return shapes.bucket_size(num, per_octave=4, minimum=MIN_REQUEST_BUCKET)
 
 
 def pad_requests(x: np.ndarray, size: int, axis: int = 0) -> np.ndarray:

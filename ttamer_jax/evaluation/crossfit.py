@@ -15,9 +15,9 @@ instance of one compiled program:
 * **posterior-answer calibrators**: every (fold, inner fold) calibrator fitted by
   weighted Newton steps and applied to every request.
 
-Requests are padded to a power-of-two bucket with weight 0, so a new number of
-requests rarely compiles anew; the host only fits bin edges (quantiles) and
-gathers each request's out-of-fold outcome.
+Requests are padded to a bucket (:func:`~ttamer_jax.data.fitting.request_bucket`)
+with weight 0, so a new number of requests rarely compiles anew; the host only fits
+bin edges (quantiles) and gathers each request's out-of-fold outcome.
 """
 
 from __future__ import annotations
@@ -181,7 +181,10 @@ def ttamer_outcomes(inst: Instances, scores, preds, losses, weights, num_states:
       lam_i = lam
     policy, table = solved(lam_i)
     metrics = (recall_metrics_compiled if recall else no_recall_metrics_compiled)(cascade, policy)
-    rep_states = _instance_states(edges, feature, scores[rep_t], preds[rep_t])
+    # Exit candidates fit and replay one table: bin it once.
+    rep_states = jax.lax.cond(
+        rep_t == fit_t, lambda: fit_states,
+        lambda: _instance_states(edges, feature, scores[rep_t], preds[rep_t]))
     res = replay_compiled(policy, rep_states, losses[rep_t], raw_costs, zeros, zero_preds)
     return (res.loss, res.cost, jnp.stack([metrics.loss, metrics.cost]), values, init, trans,
             counts, table.astype(dtype), lam_i)
@@ -215,18 +218,21 @@ def rule_outcomes(policies, scores, preds, losses, raw_costs, weights, full_cost
 
 # ------------------------------------------------------------------ answer calibrators
 @functools.partial(jax.jit, static_argnums=(4,))
-def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
-  """Every calibrator of ``weights [M, N]`` fitted and applied to every request.
+def answer_fits(scores, preds, scaled_losses, weights, unit: bool, views):
+  """Every calibrator of ``weights [M, N]`` fitted, and applied where ``views`` asks.
 
   The same ridge logistic regressions as :func:`ttamer_jax.fit_answer_model` (each
   calibrator standardises with its own requests' mean and spread, then takes
-  :data:`~ttamer_jax.data.answers.NEWTON_STEPS` Newton steps), but all ``M`` at once:
-  a standardised coefficient vector ``w`` acts on the raw features as ``T_m w``
-  (``T_m`` scales by ``1 / scale`` and moves the mean into the intercept), so the
-  gradient and Hessian of every calibrator are products with the *shared* raw
-  features (``T_m^T X^T diag(.) X T_m``): one ``[N, M]`` pass per pair and step
-  instead of ``M`` passes. Returns ``(weights [M, P, D], mean [M, P, D], scale [M, P, D],
-  confidence [M, N, n], answer [M, N, n])``.
+  Newton steps until converged), but all ``M`` at once: a standardised coefficient
+  vector ``w`` acts on the raw features as ``T_m w`` (``T_m`` scales by ``1 / scale``
+  and moves the mean into the intercept), so the gradient and Hessian of every
+  calibrator are products with the *shared* raw features (``T_m^T X^T diag(.) X T_m``):
+  one ``[N, M]`` pass per pair and step instead of ``M`` passes.
+
+  ``views [V, N]`` (int) names the calibrator each request is answered by in each
+  view (a request needs only the few calibrators that may score it, not all ``M``).
+  Returns ``(weights [M, P, D], mean [M, P, D], scale [M, P, D], confidence [V, N, n],
+  answer [V, N, n])``.
   """
   dtype = scores.dtype
   n = scores.shape[1]
@@ -244,41 +250,42 @@ def answer_fits(scores, preds, scaled_losses, weights, unit: bool):
   targets = jnp.clip(scaled_losses[:, pj], 0.0, 1.0)                      # [N, P]
   ridge = answer_models.RIDGE * total[:, None, None] * jnp.eye(d, dtype=dtype).at[0, 0].set(0.0)
   jitter = 1e-6 * jnp.eye(d, dtype=dtype)
+  # The Hessian is symmetric: its product needs only the upper triangle's d (d + 1) / 2
+  # columns of the outer products (28 of 49 at d = 7).
+  up_r, up_c = np.triu_indices(d)
 
   def pair(args):
     x, y, mu, sd = args                                  # [N, D], [N], [M, D], [M, D]
-    # Every calibrator's raw Hessian is one product with the shared outer products.
-    xx = (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], d * d)
+    xx = x[:, up_r] * x[:, up_c]                                             # [N, T]
     # T_m: raw coefficients = T_m @ standardised ones.
     t_mat = jnp.zeros((mu.shape[0], d, d), dtype)
     t_mat = t_mat.at[:, jnp.arange(d), jnp.arange(d)].set(1.0 / sd)
     t_mat = t_mat.at[:, 0, :].add(-mu / sd)
 
-    def step(w, _):                                      # w: [M, D] standardised
+    def step(w):                                         # w: [M, D] standardised
       a = jnp.einsum("mde,me->md", t_mat, w)                                 # raw coefficients
       p = jax.nn.sigmoid(x @ a.T)                                            # [N, M]
       g_raw = (weights.T * (p - y[:, None])).T @ x                           # [M, D]
       s = weights.T * p * (1 - p)                                            # [N, M]
-      h_raw = (s.T @ xx).reshape(-1, d, d)
+      tri = s.T @ xx                                                         # [M, T]
+      h_raw = jnp.zeros((mu.shape[0], d, d), dtype).at[:, up_r, up_c].set(tri)
+      h_raw = h_raw.at[:, up_c, up_r].set(tri)
       grad = jnp.einsum("mdk,md->mk", t_mat, g_raw) + jnp.einsum("mde,me->md", ridge, w)
       hess = jnp.einsum("mdk,mde,mel->mkl", t_mat, h_raw, t_mat) + ridge + jitter
-      return w - jnp.linalg.solve(hess, grad[..., None])[..., 0], None
+      return w - jnp.linalg.solve(hess, grad[..., None])[..., 0]
 
-    w, _ = jax.lax.scan(step, jnp.zeros((mu.shape[0], d), dtype), None,
-                        length=answer_models.NEWTON_STEPS)
-    return w
+    return answer_models.newton(step, jnp.zeros((mu.shape[0], d), dtype),
+                                answer_models.NEWTON_STEPS)
 
   coef = jax.lax.map(pair, (raw.transpose(1, 0, 2), targets.T, mean.transpose(1, 0, 2),
                             scale.transpose(1, 0, 2)))                        # [P, M, D]
   coef = coef.transpose(1, 0, 2)
 
-  def apply(args):
-    cw, mu, sd = args
-    model = trusted(answer_models.AnswerModel, weights=cw, mean=mu, scale=sd,
-                    loss_scale=jnp.ones((), dtype), score_name="scores", unit_scores=unit)
-    return answer_models.posterior_answers(model, scores, preds)
+  def view(which):                                       # [N]: each request's calibrator
+    logits = answer_models.pair_logits(raw, coef[which], mean[which], scale[which])
+    return answer_models.answers_from_logits(logits, n)
 
-  conf, answer = jax.lax.map(apply, (coef, mean, scale))
+  conf, answer = jax.lax.map(view, views)
   return coef, mean, scale, conf, answer
 
 
