@@ -9,8 +9,27 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 settings.load_profile("ci")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent compilation cache for the whole run, shared by pytest-xdist's workers
+# and the suite's own pytest subprocesses (they inherit the variable): a program
+# compiled by one test module is loaded, not compiled again, by the next module (the
+# in-memory caches are cleared between modules, below) and by the other worker. Set in
+# JAX's config: the `ttamer` subprocesses that count their own compilations stay cold.
+_OWNER = "TTAMER_TEST_XLA_CACHE" not in os.environ
+XLA_CACHE = os.environ.setdefault(
+    "TTAMER_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), f"ttamer_jax_tests_xla_{os.getpid()}"))
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+
+
+def pytest_unconfigure(config):
+  if _OWNER:   # the process that chose the folder (xdist's controller) removes it
+    shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
