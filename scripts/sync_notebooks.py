@@ -1,15 +1,15 @@
 """Writes the install cell (one template) into every notebook under notebooks/.
 
-The first code cell of each notebook installs ttamer_jax when it is not importable:
-from the checkout the notebook runs in (an editable install), else -- in Colab or
-any fresh environment -- from the project's public repository, whose URL is read
-from ``[project.urls] Repository`` in pyproject.toml (the one place to change it).
+The first code cell of each notebook is Colab's one-line habit: import ttamer_jax,
+else ``%pip install`` it from the project's public repository, whose URL is read from
+``[project.urls] Repository`` in pyproject.toml (the one place to change it). Run
+from a checkout, install it first (README's first command); the cell is then a no-op.
 
     python scripts/sync_notebooks.py           # rewrite the cells
     python scripts/sync_notebooks.py --check   # exit 1 if a notebook's cell differs
 
 tests/test_notebooks.py checks that every notebook's first code cell equals
-:func:`install_cell` and runs the cell's logic in the three cases.
+:func:`install_cell` and runs the cell's logic with and without ttamer_jax installed.
 """
 
 from __future__ import annotations
@@ -26,35 +26,11 @@ NOTEBOOKS = os.path.join(REPO, "notebooks")
 
 # {repository} is replaced by the URL; everything else is the cell, verbatim.
 TEMPLATE = '''\
-# Installs ttamer_jax when it is not importable (a no-op otherwise): from the checkout this
-# notebook runs in (editable), else -- Colab, a fresh environment -- from the project's repository.
-# Written by scripts/sync_notebooks.py; the URL is [project.urls] Repository in pyproject.toml.
-import importlib, importlib.util, os, shlex, sys
-TTAMER_REPOSITORY = "{repository}"
-
-
-def ttamer_install_args(start="."):
-  """pip arguments that install ttamer_jax, or None when it is importable already."""
-  if importlib.util.find_spec("ttamer_jax") is not None:
-    return None
-  folder = os.path.abspath(start)
-  while True:  # inside a checkout: a pyproject.toml of ttamer-jax here or in a parent folder
-    toml = os.path.join(folder, "pyproject.toml")
-    if os.path.isfile(toml) and 'name = "ttamer-jax"' in open(toml, encoding="utf-8").read():
-      return ["-e", folder]
-    if os.path.dirname(folder) == folder:
-      return ["ttamer-jax @ git+" + TTAMER_REPOSITORY]
-    folder = os.path.dirname(folder)
-
-
-TTAMER_PIP = ttamer_install_args()
-if TTAMER_PIP is not None:
-  TTAMER_PIP_ARGS = shlex.join(TTAMER_PIP)
-  print("installing ttamer_jax: pip install", TTAMER_PIP_ARGS)
-  %pip install -q {{TTAMER_PIP_ARGS}}
-  if TTAMER_PIP[0] == "-e":  # importable in this kernel without a restart
-    sys.path.insert(0, TTAMER_PIP[1])
-  importlib.invalidate_caches()'''
+# Colab or a fresh environment: install ttamer_jax from its repository (a no-op when installed).
+try:
+  import ttamer_jax
+except ImportError:
+  %pip install -q "ttamer-jax @ git+{repository}"'''
 
 
 def repository_url(pyproject: str = os.path.join(REPO, "pyproject.toml")) -> str:

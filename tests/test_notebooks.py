@@ -14,7 +14,6 @@ import glob
 import importlib.util
 import json
 import os
-import shlex
 import sys
 
 import pytest
@@ -71,7 +70,7 @@ def test_the_repository_url_lives_in_pyproject():
   assert "plot" not in project["optional-dependencies"]  # obsolete: matplotlib is a core dependency
   # The README's first command (pip install -e .) installs what CSV / Parquet traces need.
   assert {"pandas", "pyarrow"} <= {d.split(">")[0].split("=")[0] for d in project["dependencies"]}
-  assert f'"{URL}"' in sync_notebooks.install_cell()
+  assert f"git+{URL}\"" in sync_notebooks.install_cell()
   assert sync_notebooks.install_cell("https://example.org/fork").count("https://example.org/fork") == 1
 
 
@@ -88,9 +87,9 @@ def test_committed_clean_with_the_install_cell_first(path):
   assert all(not c.outputs and c.execution_count is None for c in code)
 
 
-def _run_install_cell(monkeypatch, cwd, *, installed):
-  """Executes the install cell as IPython would, in ``cwd``, with ttamer_jax importable
-  or not (``installed``) and ``%pip`` replaced by a recorder: ``(pip lines, namespace)``."""
+def _run_install_cell(monkeypatch, *, installed):
+  """Executes the install cell as IPython would, with ttamer_jax importable or not
+  (``installed``) and ``%pip`` replaced by a recorder: the magics it ran."""
   from IPython.core.inputtransformer2 import TransformerManager
 
   code = TransformerManager().transform_cell(sync_notebooks.install_cell(URL))
@@ -100,36 +99,21 @@ def _run_install_cell(monkeypatch, cwd, *, installed):
     def run_line_magic(self, name, line):
       calls.append((name, line))
 
-  monkeypatch.chdir(cwd)
-  monkeypatch.setattr(sys, "path", list(sys.path))  # the cell may prepend the checkout
   if not installed:
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "ttamer_jax" else real(name, *a))
-  namespace = {"get_ipython": Shell}
-  exec(compile(code, "install_cell", "exec"), namespace)
-  # IPython expands {name} from the namespace before running the magic.
-  return [(n, line.format(**namespace)) for n, line in calls], namespace
+    monkeypatch.setitem(sys.modules, "ttamer_jax", None)   # import ttamer_jax -> ImportError
+  exec(compile(code, "install_cell", "exec"), {"get_ipython": Shell})
+  return calls
 
 
-def test_install_cell_does_nothing_when_ttamer_jax_is_importable(monkeypatch, tmp_path):
-  calls, ns = _run_install_cell(monkeypatch, tmp_path, installed=True)
-  assert calls == [] and ns["TTAMER_PIP"] is None
+def test_install_cell_does_nothing_when_ttamer_jax_is_importable(monkeypatch):
+  assert _run_install_cell(monkeypatch, installed=True) == []
 
 
-def test_install_cell_installs_the_checkout_it_runs_in(monkeypatch, capsys):
-  calls, ns = _run_install_cell(monkeypatch, os.path.join(REPO, "notebooks"), installed=False)
-  assert ns["TTAMER_PIP"] == ["-e", REPO]
-  assert calls == [("pip", "install -q " + shlex.join(["-e", REPO]))]
-  assert sys.path[0] == REPO  # importable in the running kernel, without a restart
-  assert f"pip install -e {REPO}" in capsys.readouterr().out
-
-
-def test_install_cell_installs_from_the_repository_in_colab(monkeypatch, tmp_path):
-  monkeypatch.setitem(sys.modules, "google.colab", type(sys)("google.colab"))  # Colab's runtime
-  calls, ns = _run_install_cell(monkeypatch, tmp_path, installed=False)  # /content: no checkout
-  assert ns["TTAMER_PIP"] == [f"ttamer-jax @ git+{URL}"]
-  assert calls == [("pip", f"install -q 'ttamer-jax @ git+{URL}'")]
+def test_install_cell_installs_from_the_repository_otherwise(monkeypatch):
+  # Colab's /content, a fresh environment: one pip install from pyproject.toml's URL.
+  assert _run_install_cell(monkeypatch, installed=False) == [
+      ("pip", f'install -q "ttamer-jax @ git+{URL}"')]
+  assert len(sync_notebooks.install_cell(URL).splitlines()) <= 5
 
 
 def _kernel_env(tmp_path_factory):

@@ -1,7 +1,7 @@
 """The ``ttamer`` command line: the whole job, and each of its steps, from a terminal.
 
     ttamer demo                                   # digits early-exit network -> frontiers, plots, policy
-    ttamer fit TRACES --states 8 --out policy.npz # TRACES: .npz, .csv or .parquet
+    ttamer fit TRACES --lam 0.9 --out policy.npz  # TRACES: .npz, .csv or .parquet
     ttamer evaluate policy.npz TRACES
     ttamer sweep TRACES --lam 0:1:101 --plot frontier.png
     ttamer solve CASCADE.npz --lam 0.3
