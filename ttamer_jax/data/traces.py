@@ -40,7 +40,6 @@ def _validated_traces(scores, preds, losses, costs, signals, labels):
     raise ValueError(f"costs: expected shape ({n},) or ({num}, {n}), got {costs.shape}")
   validation.check_nonnegative("costs", costs)
   dtype = default_float()
-  _check_magnitudes(losses, costs, num, dtype)
   checked = {}
   if signals is not None and not isinstance(signals, Mapping):
     raise ValueError(f"signals: expected a mapping {{name: [N, n] array}}, got {type(signals).__name__}")
@@ -58,8 +57,10 @@ def _validated_traces(scores, preds, losses, costs, signals, labels):
     validation.check_int32("labels", labels)
     labels = labels.astype(np.int32)
   as_float = lambda name, a: validation.to_float(name, a, dtype)
-  return (as_float("scores", scores), preds.astype(np.int32), as_float("losses", losses),
-          as_float("costs", costs), checked, labels)
+  stored_losses, stored_costs = as_float("losses", losses), as_float("costs", costs)
+  _check_magnitudes(losses, costs, num, dtype)  # after: an entry that overflows is named
+  return (as_float("scores", scores), preds.astype(np.int32), stored_losses, stored_costs,
+          checked, labels)
 
 
 def _check_magnitudes(losses: np.ndarray, costs: np.ndarray, num: int, dtype) -> None:
