@@ -122,10 +122,10 @@ def test_inconsistent_files_raise(tmp_path):
   cases = [
       (dict(change={"policy.index": index[:, :3]}), r"'policy.index' \(3, 3\) and 'policy.values' \(3, 4\)"),
       (dict(change={"policy.index": np.full_like(index, np.nan)}), "'policy.index' holds NaN"),
-      (dict(change={"policy.lam": np.asarray(1.5)}), r"'policy.lam = 1.5 is outside"),
+      (dict(change={"policy.lam": np.asarray(1.5)}), r"'policy.lam' = 1.5 is outside"),
       (dict(change={"edges": np.zeros((2, 3), np.float32)}), "the policy has 3 stages but the discretiser 2"),
       (dict(change={"edges": np.zeros((3, 2), np.float32)}), "the policy has 4 states but the discretiser 3"),
-      (dict(change={"edges": np.array([[3, 2, 1]] * 3, np.float32)}), r"edges\[0, 1\] = 2.0 < edges\[0, 0\]"),
+      (dict(change={"edges": np.array([[3, 2, 1]] * 3, np.float32)}), r"field 'edges\[0, 1\]' = 2.0 < edges\[0, 0\]"),
       (dict(change={"extra": np.zeros(2)}), "unexpected field 'extra'"),
       (dict(drop=["policy.values"]), "field 'policy.values' is missing"),
       (dict(drop=["metadata_json"]), "field 'metadata_json' is missing"),

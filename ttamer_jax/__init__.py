@@ -18,7 +18,33 @@ import matplotlib / pandas when drawn or read.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import sys
 from typing import Any
+
+
+def _guard_program_import() -> None:
+  """Launched as the ``ttamer`` program (its console script, or ``python -m
+  ttamer_jax``), Ctrl-C while Python imports JAX -- before any ttamer code runs, and
+  where JAX's garbage-collector callback would swallow the ``KeyboardInterrupt`` and
+  let the command run on -- ends the process at once with exit code 130. Nothing has
+  been read or written yet. ``ttamer_jax.app.cli.main`` replaces the handler when it
+  starts; a library import (any other program) leaves signals alone."""
+  argv = getattr(sys, "orig_argv", [])
+  as_module = "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "ttamer_jax"
+  program = os.path.basename(sys.argv[0]) == "ttamer" if sys.argv else False
+  if not (as_module or program) or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    return
+
+  def leave(signum, frame):
+    os.write(2, b"ttamer: interrupted\n")
+    os._exit(130)
+
+  signal.signal(signal.SIGINT, leave)
+
+
+_guard_program_import()
 
 from ttamer_jax.core.counting import fit_cascade_arrays
 from ttamer_jax.core.factored import AggregatedCascade, aggregate_cascade, solve_recall_aggregated

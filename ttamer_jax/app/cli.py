@@ -25,8 +25,10 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import textwrap
+import threading
 from typing import Callable
 
 import numpy as np
@@ -34,6 +36,7 @@ import numpy as np
 from ttamer_jax.app import pipeline, reports
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # Upper bounds on counts given on the command line: beyond them a typo (an extra
 # zero or three) would run for hours or exhaust memory instead of failing fast.
 MAX_LAM_VALUES = 100_000
@@ -404,6 +407,34 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Seconds after which the ttamer program's SIGINT handler sends the signal again, in case
+# its KeyboardInterrupt was swallowed (see _interrupt).
+INTERRUPT_RETRY_S = 0.5
+
+
+def _interrupt(signum, frame) -> None:
+  """The ``ttamer`` program's SIGINT handler: ``KeyboardInterrupt``, as Python's own.
+
+  Python prints and *ignores* an exception raised in a garbage-collector callback, a
+  ``__del__`` or a weakref finaliser -- and JAX runs one on every collection -- so a
+  Ctrl-C landing there was lost and the command ran on to exit 0. The handler therefore
+  also sends the signal again a moment later; the first ``KeyboardInterrupt`` that
+  reaches :func:`main` ends the process (``os._exit``) before it could arrive.
+  """
+  retry = threading.Timer(INTERRUPT_RETRY_S, os.kill, (os.getpid(), signum))
+  retry.daemon = True
+  retry.start()
+  raise KeyboardInterrupt
+
+
+def _unraisable(info) -> None:
+  """Python's report of an exception it had to ignore, less the swallowed
+  ``KeyboardInterrupt`` s that :func:`_interrupt` sends again (no traceback for them)."""
+  if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+    return
+  sys.__unraisablehook__(info)
+
+
 def _one_line(e: BaseException) -> str:
   if isinstance(e, OSError) and e.filename is not None and e.strerror:
     text = f"{e.filename}: {e.strerror}"
@@ -421,7 +452,15 @@ def main(argv=None) -> int:
       # JAX's compilation cache is process-wide: only a process of our own turns it on
       # (before its first compilation), never a caller of ttamer_jax.app.cli.main(argv).
       compilation_cache(args)
-    return COMMANDS[args.command](args)
+      if callable(signal.getsignal(signal.SIGINT)):  # Python's, or the import guard's
+        signal.signal(signal.SIGINT, _interrupt)
+        sys.unraisablehook = _unraisable
+    code = COMMANDS[args.command](args)
+    if args.own_process:
+      # Done, result printed: a Ctrl-C now would only turn a finished run into a
+      # traceback during the interpreter's teardown (or a process killed by SIGINT).
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
   except BrokenPipeError:  # `ttamer ... | head`: stop quietly (Python docs' recipe)
     with contextlib.suppress(OSError):
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -431,7 +470,20 @@ def main(argv=None) -> int:
     return EXIT_USAGE
   except KeyboardInterrupt:
     print(f"ttamer {args.command}: interrupted", file=sys.stderr)
-    return 130
+    if args.own_process:
+      _leave_now(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
+
+
+def _leave_now(code: int) -> None:
+  """Ends the process at once with ``code``, after flushing stdout and stderr. After an
+  interrupt XLA's threads may still be compiling or running: the interpreter's normal
+  teardown then races them and sometimes crashes (SIGSEGV, exit 139). The writers'
+  clean-up (temporary files) has already run as the exception unwound."""
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  os._exit(code)
 
 
 if __name__ == "__main__":

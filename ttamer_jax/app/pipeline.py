@@ -41,7 +41,7 @@ from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import policy_io, synthetic
 from ttamer_jax.data.cascade_io import load_cascade, save_cascade
 from ttamer_jax.data.discretise import PRIMARY_SCORE, DeployedPolicy, trace_scores
-from ttamer_jax.data.files import write_text
+from ttamer_jax.data.files import check_replaceable, interrupts_deferred, write_text
 from ttamer_jax.data.fitting import FittedCascade, fit_cascade
 from ttamer_jax.data.tables import read_traces
 from ttamer_jax.data.traces import ExitTraces, save_traces, split_traces
@@ -452,11 +452,19 @@ def check_input(path: str, what: str) -> str:
     raise ValueError(f"{path}: no such {what} file")
   if os.path.isdir(path):
     raise ValueError(f"{path}: is a directory, not a {what} file")
+  if not os.path.isfile(path):  # a FIFO would block the read, a device never end
+    raise ValueError(f"{path}: is not a regular file (a FIFO or a device?), not a {what} file")
   return path
 
 
 def check_output(path: str, what: str) -> str:
-  """An output file's folder must exist and be writable (checked before any work)."""
+  """An output file: a file name (not empty, not ending in a separator) whose folder
+  exists and is writable, and which is missing or a regular file (a FIFO or a device
+  would be replaced); checked before any work."""
+  if not path:
+    raise ValueError(f"'': empty {what} file name")
+  if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+    raise ValueError(f"{path}: ends with {path[-1]!r}, a folder; give a {what} file name")
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise ValueError(f"{path}: is a directory; give a {what} file name")
@@ -464,7 +472,29 @@ def check_output(path: str, what: str) -> str:
     raise ValueError(f"{path}: folder {folder} does not exist")
   if not os.access(folder, os.W_OK):
     raise ValueError(f"{path}: folder {folder} is not writable")
+  check_replaceable(path)
   return path
+
+
+def same_file(a: str, b: str) -> bool:
+  """Whether ``a`` and ``b`` name one file, whether or not it exists yet: the same path
+  once links and ``..`` are resolved, or (both existing) the same file (hard links)."""
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_outputs(outputs: list[tuple[str, str, str]], *inputs: str | None) -> None:
+  """Every output of a command, ``(label, path, kind)`` (files it writes beside them
+  included), is a valid output (:func:`check_output`), none is an input, and no two are
+  one file -- the second write would replace the first; checked before any work."""
+  for i, (label, path, kind) in enumerate(outputs):
+    check_output(path, kind)
+    check_distinct(path, label, *inputs)
+    for other, other_path, _ in outputs[:i]:
+      if same_file(path, other_path):
+        raise ValueError(f"{label} {path}: is also {other} ({other_path}); each output needs a "
+                         "file of its own")
 
 
 def check_plot(path: str, what: str = "--plot") -> str:
@@ -481,7 +511,7 @@ def check_plot(path: str, what: str = "--plot") -> str:
 def check_distinct(output: str, what: str, *inputs: str | None) -> None:
   """An output file must not be one of the input files (it would overwrite it)."""
   for path in inputs:
-    if path and os.path.exists(output) and os.path.samefile(output, path):
+    if path and same_file(output, path):
       raise ValueError(f"{what} {output}: is an input file of this command; choose another name")
 
 
@@ -550,13 +580,20 @@ def fit_and_save(traces_path: str, out: str, *, states: int | None = None, lam: 
   lam, lam_choice, in_sample, selection, cascade}``.
   """
   check_input(traces_path, "traces")
-  check_output(out, "policy")
-  check_distinct(out, "--out", traces_path)
-  if cascade_out:
-    check_output(cascade_out, "cascade")
-    check_distinct(cascade_out, "--cascade-out", traces_path, out)
+  outputs = [("--out", out, "policy")]
+  if out:  # save_policy writes a .json copy beside the policy
+    outputs.append(("the .json copy of --out", policy_io.sidecar_path(out), "policy metadata"))
+  if cascade_out is not None:
+    outputs.append(("--cascade-out", cascade_out, "cascade"))
+  check_outputs(outputs, traces_path)
   _check_feature(feature, 8 if states is None else states)
+  if folds < 2:
+    raise ValueError(f"--folds {folds}: cross-fitting needs at least 2 folds")
   traces = read_traces_file(traces_path)
+  if folds > traces.num_samples:
+    count = f"{traces.num_samples} request{'s' if traces.num_samples > 1 else ''}"
+    raise ValueError(f"{traces_path}: {count}, fewer than --folds {folds} "
+                     "(cross-fitting needs a request in every fold)")
   score, _, _ = resolve_signals(traces, score)
   cands = fit_candidates(traces, candidates, states=states, score=score, feature=feature,
                          binning=binning)
@@ -576,22 +613,28 @@ def fit_and_save(traces_path: str, out: str, *, states: int | None = None, lam: 
   ev = metrics.evaluate(sel.deployed, traces, j_lam, num_resamples=200)
   in_sample = dict(error=float(ev.error), cost_norm=float(ev.cost_norm), full_error=full_error,
                    num_samples=traces.num_samples)
-  meta = policy_io.save_policy(out, sel.deployed, lam=report_lam, full_cost=sel.full_cost,
-                               metadata=dict(source="ttamer fit",
-                                             traces=os.path.abspath(traces_path), lam_choice=how,
-                                             chosen=sel.chosen.name,
-                                             cross_fitted_objective=sel.chosen.objective,
-                                             in_sample=in_sample))
-  wrote_cascade = None
-  if cascade_out and sel.fitted is not None:
-    save_cascade(cascade_out, sel.fitted.cascade)
-    wrote_cascade = cascade_out
+  with interrupts_deferred():  # the policy, its copy and the cascade: all or none on Ctrl-C
+    meta = policy_io.save_policy(out, sel.deployed, lam=report_lam, full_cost=sel.full_cost,
+                                 metadata=dict(source="ttamer fit",
+                                               traces=os.path.abspath(traces_path), lam_choice=how,
+                                               chosen=sel.chosen.name,
+                                               cross_fitted_objective=sel.chosen.objective,
+                                               in_sample=in_sample))
+    wrote_cascade = None
+    if cascade_out and sel.fitted is not None:
+      save_cascade(cascade_out, sel.fitted.cascade)
+      wrote_cascade = cascade_out
   result = dict(policy=out, metadata=meta, lam=report_lam, lam_choice=how, in_sample=in_sample,
                 selection=sel.as_dict(), cascade=wrote_cascade)
   notes = dict(num_samples=traces.num_samples, num_stages=traces.num_stages, folds=folds,
                sidecar=policy_io.sidecar_path(out), cascade_requested=cascade_out,
                warnings=[n for n in sel.notes])
   return Run(result, notes)
+
+
+# Fewest held-out requests whose bootstrap intervals `ttamer evaluate` reports without a
+# warning: a resample of a handful of requests repeats the same few values.
+MIN_INTERVAL_REQUESTS = 30
 
 
 def evaluate_files(policy_path: str, traces_path: str, *, lam: float | None = None,
@@ -616,6 +659,11 @@ def evaluate_files(policy_path: str, traces_path: str, *, lam: float | None = No
         f"{policy_io.sidecar_path(policy_path)} differs from {policy_path} "
         f"({'; '.join(differs[:3])}{more}); the .npz rules, edits to the .json copy change "
         "nothing (pass --lam, or save a new policy with ttamer fit or ttamer_jax.save_policy)")
+  if traces.num_samples < MIN_INTERVAL_REQUESTS:
+    warnings.append(f"{traces_path} holds {traces.num_samples} request"
+                    f"{'s' if traces.num_samples > 1 else ''}: the bootstrap intervals need many "
+                    f"more (under {MIN_INTERVAL_REQUESTS} they understate the uncertainty"
+                    f"{'; from 1 request they are a single point' if traces.num_samples == 1 else ''})")
   for line in warnings:
     (log or (lambda text: None))(f"warning: {line}")
   if deployed.num_stages != traces.num_stages:
@@ -652,7 +700,7 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
   check_input(traces_path, "traces")
   if calibration_path:
     check_input(calibration_path, "calibration traces")
-  if plot:
+  if plot is not None:
     check_plot(plot)
     check_distinct(plot, "--plot", traces_path, calibration_path)
   _check_feature(feature, states)
@@ -674,7 +722,7 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
   result = summarize(comp, tolerance)
   result.update(traces=traces_path, calibration=calibration_path, how=how,
                 lams=np.asarray(comp.lams))
-  if plot:
+  if plot is not None:
     result["plot"] = plotting.plot_pareto(
         comp.test, plot, title="held-out frontiers", cost_label="mean cost / cost of every stage",
         error_label="held-out error (mean loss)", full_error=comp.full_error["test"],
@@ -693,7 +741,7 @@ def solve_file(cascade_path: str, *, lams: Any = None, plot: str | None = None) 
 
   check_input(cascade_path, "cascade")
   lams = np.linspace(0.0, 1.0, 11) if lams is None else np.atleast_1d(np.asarray(lams, np.float64))
-  if plot:
+  if plot is not None:
     check_plot(plot)
     check_distinct(plot, "--plot", cascade_path)
     if lams.size != 1:
@@ -708,7 +756,7 @@ def solve_file(cascade_path: str, *, lams: Any = None, plot: str | None = None) 
                      index=np.asarray(sol.index)))
   result = dict(cascade=cascade_path, num_stages=cascade.num_stages,
                 num_states=cascade.num_states, solutions=rows)
-  if plot:
+  if plot is not None:
     result["plot"] = plotting.plot_index_heatmap(rows[0]["index"], plot, lam=rows[0]["lam"],
                                                  title="recall policy's dynamic index")
   return Run(result)
@@ -730,6 +778,12 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the many small ones too
   return path
+
+
+# Every file `ttamer demo` writes into its --out folder.
+DEMO_FILES = ("pareto.png", "index_heatmap.png", "exit_histograms.png", "policy.npz", "policy.json",
+              "calibration_traces.npz", "test_traces.npz", "cascade.npz", "report.md",
+              "results.json")
 
 
 def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: bool = False,
@@ -756,8 +810,13 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
 
   say = log or (lambda text: None)
   check_costs(costs, workload)
+  if not out:
+    raise ValueError("--out '': empty folder name")
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out {out}: exists and is not a folder")
+  if os.path.isdir(out):  # files it will replace: regular files only (no FIFO, no device)
+    for name in DEMO_FILES:
+      check_output(os.path.join(out, name), "demo output")
   parent = os.path.dirname(os.path.abspath(out))
   if not os.path.isdir(parent):
     raise ValueError(f"--out {out}: folder {parent} does not exist")
@@ -797,52 +856,53 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   say(f"[4/4] write the plots, the policy ({sel.chosen.name}) and the report ...")
   recall_policy = comp.fitted.recall_policy(lam)
 
-  os.makedirs(out, exist_ok=True)
-  files = {}
-  at = lambda name: os.path.join(out, name)
-  with_cost = (f"{prep.info.get('costs', 'measured')} latency" if prep.model is not None
-               else "cost")
-  if plots:
-    files["pareto_plot"] = plotting.plot_pareto(
-        comp.test, at("pareto.png"), title=f"{prep.name}: held-out accuracy / {with_cost} frontiers",
-        cost_label=f"mean {with_cost} / full network", error_label="test error rate",
-        full_error=comp.full_error["test"], tolerance=tolerance, points=_pareto_marks(points))
-    files["index_heatmap"] = plotting.plot_index_heatmap(
-        recall_policy.policy.index, at("index_heatmap.png"), lam=lam,
-        title=f"{prep.name}: dynamic index of the recall family's operating point")
-    stops, recalled = {}, {}
-    for name in HISTOGRAM_POLICIES:
-      row = next(r for r in points if r["policy"] == name)
-      i = chosen_index(comp.calibration[name], row["chosen_param"])
-      if i is not None:
-        stops[name] = np.asarray(comp.test[name].stop_histogram)[i]
-        recalled[name] = np.asarray(comp.test[name].recalled_histogram)[i]
-    if stops:
-      files["exit_histograms"] = plotting.plot_exit_histograms(
-          stops, at("exit_histograms.png"), recalled=recalled,
-          title=f"{prep.name}: exits at each policy's operating point (test split)")
-  fitted_on = {"costs": prep.info["costs"]} if "costs" in prep.info else {}
-  meta = policy_io.save_policy(at("policy.npz"), deployed, lam=sel.solve_lam,
-                               full_cost=sel.full_cost, metadata=dict(
-                                   source="ttamer demo", workload=prep.name, tolerance=tolerance,
-                                   chosen=sel.chosen.name, **fitted_on))
-  files["policy"], files["policy_metadata"] = at("policy.npz"), policy_io.sidecar_path(at("policy.npz"))
-  save_traces(at("calibration_traces.npz"), prep.calibration)
-  save_traces(at("test_traces.npz"), prep.test)
-  save_cascade(at("cascade.npz"), comp.fitted.cascade)
-  files.update(calibration_traces=at("calibration_traces.npz"), test_traces=at("test_traces.npz"),
-               cascade=at("cascade.npz"))
-  files["report"], files["results"] = at("report.md"), at("results.json")
+  with interrupts_deferred():  # every file of the folder, or on Ctrl-C none
+    os.makedirs(out, exist_ok=True)
+    files = {}
+    at = lambda name: os.path.join(out, name)
+    with_cost = (f"{prep.info.get('costs', 'measured')} latency" if prep.model is not None
+                 else "cost")
+    if plots:
+      files["pareto_plot"] = plotting.plot_pareto(
+          comp.test, at("pareto.png"), title=f"{prep.name}: held-out accuracy / {with_cost} frontiers",
+          cost_label=f"mean {with_cost} / full network", error_label="test error rate",
+          full_error=comp.full_error["test"], tolerance=tolerance, points=_pareto_marks(points))
+      files["index_heatmap"] = plotting.plot_index_heatmap(
+          recall_policy.policy.index, at("index_heatmap.png"), lam=lam,
+          title=f"{prep.name}: dynamic index of the recall family's operating point")
+      stops, recalled = {}, {}
+      for name in HISTOGRAM_POLICIES:
+        row = next(r for r in points if r["policy"] == name)
+        i = chosen_index(comp.calibration[name], row["chosen_param"])
+        if i is not None:
+          stops[name] = np.asarray(comp.test[name].stop_histogram)[i]
+          recalled[name] = np.asarray(comp.test[name].recalled_histogram)[i]
+      if stops:
+        files["exit_histograms"] = plotting.plot_exit_histograms(
+            stops, at("exit_histograms.png"), recalled=recalled,
+            title=f"{prep.name}: exits at each policy's operating point (test split)")
+    fitted_on = {"costs": prep.info["costs"]} if "costs" in prep.info else {}
+    meta = policy_io.save_policy(at("policy.npz"), deployed, lam=sel.solve_lam,
+                                 full_cost=sel.full_cost, metadata=dict(
+                                     source="ttamer demo", workload=prep.name, tolerance=tolerance,
+                                     chosen=sel.chosen.name, **fitted_on))
+    files["policy"], files["policy_metadata"] = at("policy.npz"), policy_io.sidecar_path(at("policy.npz"))
+    save_traces(at("calibration_traces.npz"), prep.calibration)
+    save_traces(at("test_traces.npz"), prep.test)
+    save_cascade(at("cascade.npz"), comp.fitted.cascade)
+    files.update(calibration_traces=at("calibration_traces.npz"), test_traces=at("test_traces.npz"),
+                 cascade=at("cascade.npz"))
+    files["report"], files["results"] = at("report.md"), at("results.json")
 
-  info = {k: v for k, v in prep.info.items() if k != "checkpoint"}
-  result = dict(workload=prep.name, quick=quick, seconds=time.perf_counter() - t0, info=info,
-                calibration_requests=prep.calibration.num_samples,
-                test_requests=prep.test.num_samples, chosen_lam=lam, selected=selected,
-                policy=meta, files=files, **summary)
-  notes = dict(num_stages=prep.calibration.num_stages, trained=prep.model is not None,
-               states=states, tolerance=tolerance)
-  write_text(at("report.md"), reports.demo_report(result, notes))
-  write_text(at("results.json"), reports.dumps(result) + "\n")
+    info = {k: v for k, v in prep.info.items() if k != "checkpoint"}
+    result = dict(workload=prep.name, quick=quick, seconds=time.perf_counter() - t0, info=info,
+                  calibration_requests=prep.calibration.num_samples,
+                  test_requests=prep.test.num_samples, chosen_lam=lam, selected=selected,
+                  policy=meta, files=files, **summary)
+    notes = dict(num_stages=prep.calibration.num_stages, trained=prep.model is not None,
+                 states=states, tolerance=tolerance)
+    write_text(at("report.md"), reports.demo_report(result, notes))
+    write_text(at("results.json"), reports.dumps(result) + "\n")
   return Run(result, notes)
 
 

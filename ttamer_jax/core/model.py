@@ -38,8 +38,13 @@ def _validated_cascade_arrays(values, init, trans, costs):
   validation.check_stochastic("init", init)
   validation.check_stochastic("trans", trans)
   dtype = default_float()
-  return tuple(validation.device_array(validation.to_float(name, a, dtype)) for name, a in
-               (("values", values), ("init", init), ("trans", trans), ("costs", costs)))
+  arrays = [(name, validation.to_float(name, a, dtype)) for name, a in
+            (("values", values), ("init", init), ("trans", trans), ("costs", costs))]
+  # A path's value is at most its best loss plus every cost: the solvers' sums.
+  validation.check_sum_fits("values", float(np.max(values)) + float(np.sum(costs, dtype=np.float64)),
+                            "the largest value plus the sum of costs", dtype,
+                            "rescale the values and costs")
+  return tuple(validation.device_array(a) for _, a in arrays)
 
 
 @pytree_dataclass

@@ -176,6 +176,34 @@ def to_float(name: str, arr: np.ndarray, dtype: Any) -> np.ndarray:
   return out
 
 
+# Headroom below the float type's largest value for the sums the library computes in
+# it (over requests, stages, bootstrap weights): products with lam, weights and
+# smoothing terms of such a sum stay finite too.
+SUM_HEADROOM = 16.0
+
+
+def check_sum_fits(name: str, total: float, what: str, dtype: Any, hint: str) -> None:
+  """``total``, a float64 bound on a sum computed in ``dtype`` (``what`` says which
+  sum), must stay below ``finfo(dtype).max / SUM_HEADROOM``: every value may be a
+  finite float32 while their sum is ``inf`` (3e38 + 3e38)."""
+  limit = float(np.finfo(dtype).max) / SUM_HEADROOM
+  if not total <= limit:
+    raise ValueError(f"{name}: too large: {what} = {total:.4g} must stay below "
+                     f"{limit:.4g} so that sums stay finite in {np.dtype(dtype).name} ({hint})")
+
+
+def check_normal(name: str, arr: np.ndarray, dtype: Any, hint: str) -> None:
+  """Non-zero entries must be normal numbers of ``dtype``: subnormals (float32 below
+  1.2e-38) keep few significant bits and XLA's CPU kernels flush them to 0, so the
+  host and the device would see different numbers."""
+  tiny = np.finfo(dtype).tiny
+  bad = (arr != 0) & (np.abs(arr) < tiny)
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{name}{fmt_index(i, arr.shape)} = {arr.flat[i].item()!r} is below "
+                     f"{float(tiny):.3g}, the least normal {np.dtype(dtype).name} ({hint})")
+
+
 def check_int_range(name: str, arr: np.ndarray, low: int, high: int) -> None:
   """Integer entries in ``[low, high)`` (e.g. state ids, or values that fit int32)."""
   if not arr.size:

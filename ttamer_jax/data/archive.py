@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from typing import Mapping
 
 import numpy as np
@@ -47,6 +48,27 @@ def write_npz_atomic(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
     write_npz(tmp, payload)
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a member, or an empty archive
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _not_a_zip(raw: bytes, what: str) -> str | None:
+  """What a file that is no ``.npz`` (zip) archive looks like, or ``None`` for a zip
+  or a ``.npy`` (which ``np.load`` itself tells apart). Never unpickles anything."""
+  if raw.startswith(_ZIP_MAGIC) or raw.startswith(_NPY_MAGIC):
+    return None
+  head = raw[:64].lstrip()
+  if not raw:
+    kind = "is empty"
+  elif head[:1] in (b"{", b"["):
+    kind = "holds JSON text (a policy's .json copy? pass the .npz beside it)"
+  elif raw[:1] == b"\x80":
+    kind = "is a Python pickle, which ttamer_jax never loads"
+  else:
+    kind = "is not a zip archive"
+  return f"not a readable {what} .npz file: it {kind}"
+
+
 def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None
              ) -> dict[str, np.ndarray]:
   """Reads every field of an ``.npz`` written by :func:`write_npz_atomic`.
@@ -62,6 +84,9 @@ def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None
   limit = check_file_size(path, what, max_bytes)  # a missing file is FileNotFoundError.
   with open(path, "rb") as f:
     raw = f.read()
+  not_zip = _not_a_zip(raw, what)
+  if not_zip:  # numpy's own message would suggest loading it "unsafely" with allow_pickle
+    raise ValueError(f"{path}: {not_zip}")
   try:
     archive = np.load(io.BytesIO(raw), allow_pickle=False)
   except Exception as e:  # BadZipFile, EOFError, ValueError from numpy's parser ...
@@ -124,3 +149,14 @@ def check_format_version(path: str, fields: Mapping[str, np.ndarray], supported:
   return version
 
 
+
+
+def field_error(path: str, error: Exception, prefix: str = "") -> ValueError:
+  """A constructor's message, which names its field first (``"edges[0, 0] is nan"``,
+  ``"key: must be ..."``), as a file's: ``"<path>: field 'edges[0, 0]' is nan"``."""
+  text = str(error)
+  m = re.match(r"([A-Za-z_]\w*(?:\[[^\]]*\])?)(.*)", text, re.S)
+  if m is None:
+    return ValueError(f"{path}: field {prefix.rstrip('.') or '?'}: {text}")
+  name, rest = m.groups()
+  return ValueError(f"{path}: field '{prefix}{name}'{rest}")

@@ -27,7 +27,8 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.model import Cascade
-from ttamer_jax.data.archive import check_format_version, read_npz, write_npz_atomic
+from ttamer_jax.data.archive import (check_format_version, field_error, read_npz,
+                                     write_npz_atomic)
 
 CASCADE_FORMAT_VERSION = 1
 _KIND = "ttamer_jax.Cascade"
@@ -68,4 +69,4 @@ def load_cascade(path: str | os.PathLike, *, max_bytes: int | None = None) -> Ca
   try:
     return Cascade(**{f: fields[f] for f in _FIELDS})
   except ValueError as e:
-    raise ValueError(f"{path}: field {e}") from None
+    raise field_error(path, e) from None

@@ -5,6 +5,10 @@ temporary file in the destination folder, is flushed to disk and moved into plac
 with ``os.replace``; on any error the temporary file is removed. Files get the
 usual permissions (``0666 & ~umask``), not ``mkstemp``'s ``0600``.
 
+A destination that exists and is not a regular file (a folder, a FIFO, a device
+such as ``/dev/null``) is refused before anything is written: replacing it would
+destroy something the user never meant as an output (:func:`check_replaceable`).
+
 Every loader refuses a file larger than :data:`MAX_FILE_BYTES` before reading
 it (and an ``.npz`` archive whose members would expand beyond it), so a wrong or
 hostile path cannot exhaust memory. The limit is raised per call with
@@ -16,7 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import stat
 import tempfile
+import threading
 import zipfile
 from typing import Iterator, Mapping
 
@@ -78,10 +85,55 @@ def _umask() -> int:
   return mask
 
 
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"))
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+  """``path`` must be missing or a regular file (following links): writers replace the
+  file at their destination, which must never be a folder, a FIFO or a device."""
+  try:
+    mode = os.stat(path).st_mode
+  except (FileNotFoundError, NotADirectoryError):
+    return  # nothing there (or a dangling link, which the rename replaces)
+  if stat.S_ISREG(mode):
+    return
+  kind = next((name for test, name in _SPECIAL if test(mode)), "not a regular file")
+  raise ValueError(f"{os.fspath(path)}: is {kind}; an output must be a regular file, which is "
+                   "replaced (give another name)")
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+  """Holds Ctrl-C (SIGINT) back until the block ends, then raises ``KeyboardInterrupt``.
+
+  For the short phase in which a command writes several files (a policy, its JSON copy,
+  a cascade): each file is atomic on its own, and an interrupt between two of them
+  would leave a new policy beside a stale cascade. The interrupt then goes to the
+  handler in place before (Python's raises ``KeyboardInterrupt``). Only the main thread
+  handles signals; elsewhere, or when SIGINT is ignored, the block runs as is.
+  """
+  handler = (signal.getsignal(signal.SIGINT)
+             if threading.current_thread() is threading.main_thread() else None)
+  if not callable(handler):  # another thread, or SIGINT ignored / left to the OS
+    yield
+    return
+  caught = []
+  signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, handler)
+  if caught:
+    handler(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
   """Yields a temporary path beside ``path``; moved onto ``path`` if the block succeeds."""
   path = os.fspath(path)
+  check_replaceable(path)
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
   os.close(fd)
   try:

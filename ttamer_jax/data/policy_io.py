@@ -30,7 +30,8 @@ from ttamer_jax.core import heuristics, validation
 from ttamer_jax.core.model import default_float
 from ttamer_jax.core.policies import MixturePolicy, NoRecallPolicy, RecallPolicy
 from ttamer_jax.data.answers import AnswerModel
-from ttamer_jax.data.archive import check_format_version, read_npz, write_npz_atomic
+from ttamer_jax.data.archive import (check_format_version, field_error, read_npz,
+                                     write_npz_atomic)
 from ttamer_jax.data.discretise import FEATURES, DeployedPolicy, Discretiser, check_consistent
 from ttamer_jax.data.files import write_text
 
@@ -107,8 +108,8 @@ def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
     try:
       return MixturePolicy(first=first, second=second, prob_second=prob_second.astype(default_float()),
                            key=key)
-    except ValueError as e:  # "key: ..." -> "field 'policy.key: ..."
-      raise ValueError(f"{path}: field '{prefix}.{e}") from None
+    except ValueError as e:  # "key: ..." -> "field 'policy.key': ..."
+      raise field_error(path, e, prefix + ".") from None
   if kind not in _LEAF_TYPES:
     raise ValueError(f"{path}: unknown policy type {kind!r} in the metadata")
   cls, fields, static = _LEAF_TYPES[kind]
@@ -125,8 +126,8 @@ def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
                        f"{values['stop'].dtype}{values['stop'].shape}")
   try:
     return cls(**values, **kwargs)
-  except ValueError as e:  # "thresholds: ..." -> "field 'policy.thresholds: ..."
-    raise ValueError(f"{path}: field '{prefix}.{e}") from None
+  except ValueError as e:  # "thresholds: ..." -> "field 'policy.thresholds': ..."
+    raise field_error(path, e, prefix + ".") from None
 
 
 def _check_recall(path, prefix, index, values, lam):
@@ -141,7 +142,7 @@ def _check_recall(path, prefix, index, values, lam):
   try:
     validation.check_lam(lam)
   except ValueError as e:
-    raise ValueError(f"{path}: field '{prefix}.{e}") from None
+    raise field_error(path, e, prefix + ".") from None
 
 
 def _policy_lam(policy):
@@ -151,6 +152,66 @@ def _policy_lam(policy):
     lams = [_policy_lam(policy.first), _policy_lam(policy.second)]
     return lams if None not in lams else None
   return None
+
+
+def _recall_lams(policy, prefix: str = "policy") -> list[tuple[str, float]]:
+  """``(field, lam)`` of every recall policy in ``policy`` (a mixture's leaves in order)."""
+  if isinstance(policy, RecallPolicy):
+    return [(f"{prefix}.lam", float(policy.lam))]
+  if isinstance(policy, MixturePolicy):
+    return _recall_lams(policy.first, prefix + ".first") + _recall_lams(policy.second,
+                                                                        prefix + ".second")
+  return []
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _same_lam(a: float, b: float) -> bool:
+  """Equal as stored: the arrays hold lam in float32 (the JSON keeps the float64)."""
+  return np.float32(a) == np.float32(b)
+
+
+def _same_lams(recorded: Any, expected: Any) -> bool:
+  """``recorded`` (from JSON) has the nesting of ``expected`` (:func:`_policy_lam`) and
+  equal numbers."""
+  if isinstance(expected, list):
+    return (isinstance(recorded, list) and len(recorded) == len(expected)
+            and all(_same_lams(a, b) for a, b in zip(recorded, expected)))
+  return expected is not None and _is_number(recorded) and _same_lam(recorded, expected)
+
+
+def recorded_lam_problem(lam: Any, policy) -> str | None:
+  """Why a recorded ``lam`` contradicts ``policy`` (``None`` when it does not).
+
+  A recall policy decides with the ``lam`` it was solved at (its ``lam`` field), so
+  the file must record that one: a report of ``J`` at another ``lam`` would describe
+  a policy that acts otherwise. ``null`` is always allowed; a mixture of two recall
+  policies may record the list of their ``lam`` s (what :func:`save_policy` writes).
+  """
+  if lam is None:
+    return None
+  if isinstance(lam, list):
+    expected = _policy_lam(policy)
+    if _same_lams(lam, expected):
+      return None
+    return (f"lam = {json.dumps(lam)[:60]} is not the list of this mixture's lams "
+            f"({json.dumps(expected)[:60]})")
+  if not _is_number(lam) or not 0 <= lam <= 1:
+    return f"lam = {json.dumps(lam)[:60]} must be null or a number in [0, 1]"
+  for field, value in _recall_lams(policy):
+    if not _same_lam(lam, value):
+      return (f"lam = {lam!r} disagrees with field {field!r} = {value!r}, the lam the policy "
+              "decides with")
+  return None
+
+
+def full_cost_problem(full_cost: Any) -> str | None:
+  """Why a recorded ``full_cost`` is invalid: it must be ``null`` or a finite number >= 0."""
+  if full_cost is None or (_is_number(full_cost) and full_cost >= 0):
+    return None
+  return f"full_cost = {json.dumps(full_cost)[:60]} must be null or a finite number >= 0"
 
 
 def default_fit_date() -> str:
@@ -185,6 +246,12 @@ def sidecar_differences(path: str | os.PathLike, metadata: dict) -> list[str]:
   if os.fspath(side) == os.fspath(path) or not os.path.isfile(side):
     return []
   name, npz = os.path.basename(side), os.path.basename(os.fspath(path))
+  # A faithful copy is the metadata's own text (plus a newline): read no more than a
+  # few times that, so a huge file beside the policy cannot exhaust memory.
+  limit = 4 * len(json.dumps(metadata, indent=2, sort_keys=True).encode()) + 4096
+  size = os.path.getsize(side)
+  if size > limit:
+    return [f"{name} is {size} bytes, far more than the metadata it copies (not read)"]
   try:
     with open(side, encoding="utf-8") as f:
       copy = json.load(f)
@@ -264,6 +331,9 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
     raise ValueError(f"fit_date: expected an ISO-8601 string, got {type(fit_date).__name__}")
   if lam is not None:
     validation.check_scalar_lam(lam)
+    problem = recorded_lam_problem(float(lam), deployed.policy)
+    if problem:
+      raise ValueError(f"lam: {problem} (the file would contradict itself; pass lam=None)")
   if full_cost is not None:
     full_cost = validation.as_nonnegative_scalar("full_cost", full_cost)
   arrays: dict[str, np.ndarray] = {}
@@ -344,10 +414,15 @@ def load_policy(path: str | os.PathLike, *, num_stages: int | None = None,
   try:
     disc = Discretiser(edges=edges, feature=meta["feature"])
   except ValueError as e:
-    raise ValueError(f"{path}: field '{e}") from None
+    raise field_error(path, e) from None
   deployed = DeployedPolicy(policy=policy, discretiser=disc, score_name=meta["score_name"],
                             answers=answers)
   n, k = check_consistent(deployed, path)
+  for problem in (recorded_lam_problem(meta.get("lam"), policy),
+                  full_cost_problem(meta.get("full_cost"))):
+    if problem:  # the arrays decide how the policy acts: a report must not say otherwise
+      raise ValueError(f"{path}: metadata {problem} (was the file edited? "
+                       "save the policy again)")
   if (n, k) != (meta["num_stages"], meta["num_states"]):
     raise ValueError(f"{path}: metadata says {meta['num_stages']} stages x {meta['num_states']} "
                      f"states, the arrays hold {n} x {k}")

@@ -35,13 +35,44 @@ def _pandas():
   return pd
 
 
+# What pandas infers for an object column of plain numbers (no text, no dates).
+_NUMBER_OBJECTS = ("integer", "floating", "mixed-integer-float", "decimal", "empty")
+
+
+def _column_values(col, name: str) -> np.ndarray:
+  """A column's values as a NumPy number array; any other type is refused by name.
+
+  Dates (``datetime64``) and durations (``timedelta64``) would cast to nanosecond
+  counts and booleans to 0/1 -- numbers, but not the ones the user recorded; text is
+  no number at all. Nullable extension columns (``Int64``, ``Float64``) become floats
+  with NaN for their missing values (refused below, with the row)."""
+  pd = _pandas()
+  types = pd.api.types
+  dtype = col.dtype
+  if types.is_bool_dtype(dtype):
+    raise ValueError(f"column {name!r}: must be numeric, has type bool (store 0/1 as integers "
+                     "or floats)")
+  if types.is_datetime64_any_dtype(dtype) or types.is_timedelta64_dtype(dtype) or isinstance(
+      dtype, pd.PeriodDtype):
+    raise ValueError(f"column {name!r}: must be numeric, has type {dtype} (dates or durations "
+                     "would be read as counts of time units)")
+  if dtype == object or types.is_string_dtype(dtype):
+    inferred = types.infer_dtype(col, skipna=True)
+    if inferred not in _NUMBER_OBJECTS:
+      numeric = pd.to_numeric(col, errors="coerce")
+      bad = np.flatnonzero(numeric.isna().to_numpy() & col.notna().to_numpy())
+      at = f" ({col.iloc[bad[0]]!r} in row {int(bad[0])})" if bad.size else ""
+      raise ValueError(f"column {name!r}: must be numeric, holds {inferred} values{at}")
+    return col.to_numpy(dtype=np.float64, na_value=np.nan)
+  if not types.is_numeric_dtype(dtype) or types.is_complex_dtype(dtype):
+    raise ValueError(f"column {name!r}: must be numeric (real numbers), has type {dtype}")
+  if isinstance(dtype, np.dtype):
+    return col.to_numpy()
+  return col.to_numpy(dtype=np.float64, na_value=np.nan)  # nullable Int64 / Float64 ...
+
+
 def _column(df, name: str, kind: str = "float") -> np.ndarray:
-  values = df[name].to_numpy()
-  if values.dtype == object or values.dtype.kind not in "biuf":
-    try:
-      values = values.astype(np.float64)
-    except (TypeError, ValueError):
-      raise ValueError(f"column {name!r}: must be numeric, got {df[name].dtype}") from None
+  values = _column_values(df[name], name)
   if values.dtype.kind == "f" and np.isnan(values).any():
     row = int(np.flatnonzero(np.isnan(values))[0])
     raise ValueError(f"column {name!r}: missing value (NaN) in row {row}")
@@ -84,7 +115,42 @@ def traces_from_table(table: Any, *, form: str | None = None) -> ExitTraces:
     raise ValueError(f"form: must be 'long' or 'wide', got {form!r}")
   if len(table) == 0:
     raise ValueError("table: has no rows")
+  _check_unique_columns([str(c) for c in table.columns])
   return _from_long(table) if form == "long" else _from_wide(table)
+
+
+def _check_unique_columns(names: list) -> None:
+  """Each column name once: with two ``loss`` columns, which one is meant?"""
+  seen = set()
+  for c in names:
+    if c in seen:
+      raise ValueError(f"column {c!r}: appears more than once in the header (which one is meant?)")
+    seen.add(c)
+
+
+def _csv_header(path: str) -> list | None:
+  """The header row of a CSV file as written (pandas renames a second ``loss`` to
+  ``loss.1``), or ``None`` when it cannot be read as text (pandas then reports it)."""
+  import csv
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      return next(csv.reader(f), [])
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return None
+
+
+def check_csv_header(path: str) -> None:
+  """Refuses a CSV header with a repeated column or that is one column holding another
+  delimiter (a ``;``- or tab-separated export), before pandas reads the table."""
+  header = _csv_header(path)
+  if header is None:
+    return
+  _check_unique_columns(header)
+  if len(header) == 1:
+    for sep, what in ((";", "semicolons"), ("\t", "tabs"), ("|", "bars")):
+      if sep in header[0]:
+        raise ValueError(f"the header is one column ({header[0][:40]!r}...) separated by {what}, "
+                         "not commas: save the table as comma-separated CSV")
 
 
 def _from_long(df) -> ExitTraces:
@@ -134,7 +200,7 @@ def _from_long(df) -> ExitTraces:
   extra = [c for c in df.columns if c not in _LONG_REQUIRED + ("label",)]
   signals = {}
   for c in extra:
-    if df[c].dtype.kind in "biuf":
+    if df[c].dtype.kind in "iuf":  # other columns (ids, text, dates, flags) are not signals
       signals[str(c)] = grid(c)
   return ExitTraces(scores=grid("score"), preds=grid("pred", "int"), losses=grid("loss"),
                     costs=_collapse_costs(grid("cost")), signals=signals, labels=labels)
@@ -166,7 +232,7 @@ def _from_wide(df) -> ExitTraces:
   for base, cols in groups.items():
     if base in _WIDE_PREFIXES or sorted(cols) != list(range(n)):
       continue
-    if all(df[cols[i]].dtype.kind in "biuf" for i in range(n)):
+    if all(df[cols[i]].dtype.kind in "iuf" for i in range(n)):
       signals[base] = block(base)
   labels = _column(df, "label", "int") if "label" in df.columns else None
   return ExitTraces(scores=block("score"), preds=block("pred", "int"), losses=block("loss"),
@@ -224,6 +290,11 @@ def load_traces_table(path: str | os.PathLike, *, form: str | None = None,
   limit = check_file_size(path, "trace table", max_bytes)
   if ext != ".csv":  # compressed columns: refuse a table that would expand past the limit
     check_expanded_size(path, "trace table", _parquet_size(path), limit)
+  if ext == ".csv":
+    try:
+      check_csv_header(path)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
   try:
     df = pd.read_csv(path) if ext == ".csv" else pd.read_parquet(path)
   except (FileNotFoundError, ImportError):

@@ -57,8 +57,30 @@ def _validated_traces(scores, preds, losses, costs, signals, labels):
     validation.check_int32("labels", labels)
     labels = labels.astype(np.int32)
   as_float = lambda name, a: validation.to_float(name, a, dtype)
-  return (as_float("scores", scores), preds.astype(np.int32), as_float("losses", losses),
-          as_float("costs", costs), checked, labels)
+  stored_losses, stored_costs = as_float("losses", losses), as_float("costs", costs)
+  _check_magnitudes(losses, costs, num, dtype)  # after: an entry that overflows is named
+  return (as_float("scores", scores), preds.astype(np.int32), stored_losses, stored_costs,
+          checked, labels)
+
+
+def _check_magnitudes(losses: np.ndarray, costs: np.ndarray, num: int, dtype) -> None:
+  """Losses and costs whose sums stay finite and whose costs keep their ratios in ``dtype``.
+
+  The fits and replays sum losses and costs over requests (weighted by fold and
+  bootstrap weights that total at most ``N``) and costs over stages, in ``dtype``:
+  ``N x`` the largest per-request sum bounds every such sum. Costs count only through
+  their ratios, so a subnormal cost (all costs 1e-45) would be flushed to 0 and read
+  as "free"; rescaled costs give the same policy.
+  """
+  rescale = "rescale them: only the ratios of costs matter"
+  validation.check_normal("costs", costs, dtype, "subnormal; " + rescale)
+  per_request = np.asarray(costs, np.float64).reshape(-1, costs.shape[-1]).sum(axis=1).max()
+  validation.check_sum_fits("costs", num * float(per_request),
+                            f"{num} requests x the largest per-request sum of costs", dtype, rescale)
+  per_request = np.asarray(losses, np.float64).sum(axis=1).max()
+  validation.check_sum_fits("losses", num * float(per_request),
+                            f"{num} requests x the largest per-request sum of losses", dtype,
+                            "losses this large are no error rates or cross-entropies")
 
 
 def _traced_array(name: str, x: Any, ndim: int, kinds: str, what: str):
