@@ -65,6 +65,9 @@ def test_benchmark_sections_pass_their_checks_at_tiny_sizes():
   bench.bench_profile(TINY, 4, checks)
   rows = bench.bench_batch(TINY, 4, 1, checks)
   assert [(r["K"], r["instances"], r["lams"]) for r in rows] == TINY["batch_cases"]
+  for r in rows:   # the issue-25 columns: the tables' cost against values only and the products
+    assert r["tables_ms"] > 0 and r["tables_over_values"] > 0 and r["tables_over_products"] > 0
+    assert r["met"] == (r["tables_over_values"] <= 1.3 and r["tables_over_products"] <= 1.3)
   rows = bench.bench_replay(TINY, 1, checks)
   assert [r["P"] for r in rows] == [6, 6] and all(r["N"] == 300 for r in rows)
   failed = [c for c in checks.items if not c["ok"]]

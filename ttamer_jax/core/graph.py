@@ -151,6 +151,7 @@ def _solve_graph(graph: RoutingGraph, lam, grid, pos, precision) -> GraphSolutio
   lam = jnp.asarray(lam, values.dtype)
   grid = grid.astype(values.dtype)
   xs = lam * grid
+  thresholds = kernel.row_thresholds(xs)
   g_tables: list[Any] = [None] * num_nodes  # G_w[x, t] = V_w(min(x, l_w(t)), t)
   starts: list[Any] = [None] * num_nodes    # V_w(lam l_w(t), t): entering w from the root
   index = [None] * num_nodes
@@ -170,8 +171,7 @@ def _solve_graph(graph: RoutingGraph, lam, grid, pos, precision) -> GraphSolutio
           for e in out])                                                 # [D, M, K]
       dsts = jnp.asarray([graph.edge_dst[e] for e in out], jnp.int32)
       successor[u] = dsts[jnp.argmin(conts, axis=0)]
-      v_u, last_stop = kernel.stop_or_continue(xs, jnp.min(conts, axis=0))
-      index[u] = kernel.index_from_last_stop(xs, last_stop)
+      v_u, index[u] = kernel.stop_or_continue(xs, jnp.min(conts, axis=0), thresholds)
     starts[u] = kernel.at_losses(v_u, pos[u])
     g_tables[u] = kernel.carried_table(v_u, grid, starts[u], values[u])
   entry_values = jnp.stack([

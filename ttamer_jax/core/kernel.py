@@ -69,7 +69,7 @@ def prepare_grid(values: Any) -> tuple[np.ndarray, np.ndarray]:
     so that cascades fitted on other data (another fold, another lam) reuse the
     compiled solver; ``pos[i, s]`` = first row of ``values[i, s]`` in ``grid``.
     Repeating the top value is valid for the kernel: those rows are never a loss's
-    row and only repeat the top row (see :func:`index_from_last_stop`).
+    row and only repeat the top row, whose threshold is ``+inf`` (see :func:`row_thresholds`).
   """
   values = np.asarray(values)
   grid = np.unique(values)
@@ -173,34 +173,49 @@ def carried_table(v_next: chex.Array, grid_rows: chex.Array, at_l: chex.Array,
   return jnp.where(keep, v_next, at_l[..., None, :])
 
 
-def stop_or_continue(xs: chex.Array, cont: chex.Array,
+def row_thresholds(xs: chex.Array, axis: int = -1) -> chex.Array:
+  """The index each grid row stands for: ``[..., M]`` for the sorted scaled grid ``xs [..., M]``
+  (the grid along ``axis``).
+
+  Row ``r``'s threshold is the midpoint of ``xs[r]`` and the next larger grid value
+  (strictly between them unless they are adjacent floats), ``+inf`` where no larger
+  value follows. It is non-decreasing in ``r`` (so are ``xs`` and the next larger
+  value), so the threshold of the *last* row where stopping is optimal is the
+  *largest* threshold over the stopping rows: :func:`stop_or_continue` gets the index
+  from the max-reduction that used to find that row, and nothing is searched
+  afterwards (a vmapped ``searchsorted`` per stage x lam x state cost several times
+  the whole recursion at small K). Equal grid values (duplicates, or distinct losses
+  that ``lam`` scales to one float) share one threshold. O(M) per grid, once per solve.
+  """
+  xs = jnp.moveaxis(xs, axis, -1)
+  inf = jnp.full(xs.shape[:-1] + (1,), jnp.inf, xs.dtype)
+  # Row j starts a new grid value iff it exceeds row j-1; the next larger value after
+  # row r is the first start past r, a reversed running minimum (starts increase).
+  starts = jnp.where(xs[..., 1:] > xs[..., :-1], xs[..., 1:], jnp.inf)
+  nxt = jax.lax.cummin(jnp.concatenate([starts, inf], axis=-1), axis=xs.ndim - 1, reverse=True)
+  # min(xs, nxt) is xs. Written so, the sum's operand is not the product lam * grid,
+  # which XLA:CPU would contract with the add into one multiply-add (a barrier does
+  # not survive its pipeline): the midpoint is the rounded sum of two rounded grid
+  # values, the same bits in every program and in NumPy.
+  mid = jnp.where(jnp.isinf(nxt), jnp.inf, 0.5 * (jnp.minimum(xs, nxt) + nxt)).astype(xs.dtype)
+  return jnp.moveaxis(mid, -1, axis)
+
+
+def stop_or_continue(xs: chex.Array, cont: chex.Array, thresholds: chex.Array,
                      batch_last: bool = False) -> tuple[chex.Array, chex.Array]:
-  """``(V, last_stop)`` of one stage on rows ``xs`` of the grid: ``[..., R, K]`` and
+  """``(V, index)`` of one stage on rows ``xs`` of the grid: ``[..., R, K]`` and
   ``[..., K]`` for ``xs [..., R]``; ``[R, K, C]`` and ``[K, C]`` for ``xs [R, C]``
   with ``batch_last``.
 
-  ``V = min(x, cont)`` (ties stop); ``last_stop[s]`` is the largest ``x`` of these
-  rows where stopping is optimal (``-inf`` if none). :func:`index_from_last_stop`
-  turns it into the stored threshold.
+  ``V = min(x, cont)`` (ties stop). ``index[s]`` is the largest of these rows'
+  ``thresholds`` (:func:`row_thresholds`, same shape as ``xs``) where stopping is
+  optimal: the threshold just above the last stopping row, ``-inf`` if there is none
+  (never stop). Over blocks of rows the index is the maximum of the blocks'.
   """
   x, rows_axis = (xs[:, None, :], 0) if batch_last else (xs[..., :, None], -2)
-  last_stop = jnp.max(jnp.where(x <= cont, x, -jnp.inf), axis=rows_axis)
-  return jnp.minimum(x, cont), last_stop
-
-
-def index_from_last_stop(xs: chex.Array, last_stop: chex.Array) -> chex.Array:
-  """``[..., K]`` thresholds strictly between ``last_stop`` and the next grid value.
-
-  ``xs [..., M]`` is the whole scaled grid, sorted ascending. ``-inf`` stays ``-inf``
-  (never stop); when no grid value lies above ``last_stop`` the threshold is
-  ``+inf`` (stop whatever the best-so-far).
-  """
-  if xs.ndim > 1:
-    return jax.vmap(index_from_last_stop)(xs, last_stop)
-  nxt_row = jnp.searchsorted(xs, last_stop, side="right")
-  nxt = jnp.where(nxt_row < xs.shape[0], xs[jnp.minimum(nxt_row, xs.shape[0] - 1)], jnp.inf)
-  mid = jnp.where(jnp.isinf(nxt), jnp.inf, 0.5 * (last_stop + nxt))
-  return jnp.where(last_stop == -jnp.inf, -jnp.inf, mid).astype(xs.dtype)
+  thr = thresholds[:, None, :] if batch_last else thresholds[..., :, None]
+  index = jnp.max(jnp.where(x <= cont, thr, -jnp.inf), axis=rows_axis)
+  return jnp.minimum(x, cont), index
 
 
 # ------------------------------------------------------------------ a line
@@ -251,36 +266,39 @@ def backward_scan(xs: chex.Array, grid: chex.Array, pos: chex.Array, values: che
     grid = jnp.concatenate([grid, jnp.full((pad,), grid[-1], grid.dtype)])
     xs = jnp.concatenate([xs, jnp.full((pad,), xs[-1], xs.dtype)])
   rows = grid.shape[0]
+  indexed = beta is None and with_index
+  # Each row's threshold, once per solve: a stage's index is then one max-reduction.
+  thresholds = row_thresholds(xs, axis=0 if batch_last else -1) if indexed else xs
   none = jnp.zeros(((k,) + batch) if batch_last else (batch + (k,)), dtype)
   table_shape = ((rows, k) + batch) if batch_last else (batch + (rows, k))
   column = lambda a: a[:, None, :] if batch_last else a[..., :, None]   # x as a table column
 
-  def stage_rows(v_rows, grid_rows, xs_rows, at_l, l_next, cost, data):
+  def stage_rows(v_rows, grid_rows, xs_rows, thr_rows, at_l, l_next, cost, data):
     g = carried_table(v_rows, grid_rows, at_l, l_next, batch_last)
     cont = (cost if batch_last else cost[..., None, None]) + continuation(g, data)
     if beta is not None:
       return soft_choose(column(xs_rows), cont, beta), none
     if not with_index:
       return jnp.minimum(column(xs_rows), cont), none
-    return stop_or_continue(xs_rows, cont, batch_last)
+    return stop_or_continue(xs_rows, cont, thr_rows, batch_last)
 
   def step(v_next, stage):
     l_next, p_next, cost, data = stage
     at_l = at_losses(v_next, p_next, batch_last)
     if not chunked:
-      return stage_rows(v_next, grid, xs, at_l, l_next, cost, data)
-    blocks = (v_next.reshape(-1, x_chunk, k), grid.reshape(-1, x_chunk), xs.reshape(-1, x_chunk))
-    v_new, last = jax.lax.map(lambda b: stage_rows(*b, at_l, l_next, cost, data), blocks)
-    return v_new.reshape(rows, k), jnp.max(last, axis=0)
+      return stage_rows(v_next, grid, xs, thresholds, at_l, l_next, cost, data)
+    blocks = (v_next.reshape(-1, x_chunk, k), grid.reshape(-1, x_chunk), xs.reshape(-1, x_chunk),
+              thresholds.reshape(-1, x_chunk))
+    v_new, index = jax.lax.map(lambda b: stage_rows(*b, at_l, l_next, cost, data), blocks)
+    return v_new.reshape(rows, k), jnp.max(index, axis=0)
 
   v_last = jnp.broadcast_to(column(xs), table_shape).astype(dtype)
-  v_first, last_stops = jax.lax.scan(
+  v_first, sigmas = jax.lax.scan(
       step, v_last, (values[1:], pos[1:], stage_costs, stage_data), reverse=True)
-  if beta is not None or not with_index:
+  if not indexed:
     return v_first, None
   if batch_last:   # the index is [C, n, K] in both layouts
-    xs, last_stops = xs.T, jnp.swapaxes(last_stops, -1, -2)
-  sigmas = jax.vmap(lambda last: index_from_last_stop(xs, last))(last_stops)   # [n-1, ..., K]
+    sigmas = jnp.swapaxes(sigmas, -1, -2)                                        # [n-1, C, K]
   index = jnp.concatenate([sigmas, jnp.full((1,) + batch + (k,), jnp.inf, dtype)], axis=0)
   return v_first, jnp.moveaxis(index, 0, -2)
 
