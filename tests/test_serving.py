@@ -1,5 +1,7 @@
 """Policy-guided batched serving against an unbatched reference and against replay."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
+from ttamer_jax.data import answers  # AnswerModel's feature count
 from ttamer_jax.networks import serving, workloads
 # Internal: the frozen-dataclass pytree decorator, to write policies as a user would.
 from ttamer_jax.core.struct import pytree_dataclass
@@ -152,6 +155,113 @@ def test_serve_matches_replay_of_the_traces(kind, program):
                                 np.asarray(TRACES.preds)[np.arange(len(X)), got.answered_exit])
   if deployed.policy.recall:
     assert (got.answered_exit < got.stop_stage).any()  # recall is exercised
+
+
+# One candidate of each family fit_policy chooses among (default_candidates): T-Tamer
+# over exit bins with and without recall, with an agreement feature (on the learned
+# error signal, against the most confident earlier exit), over posterior-answer
+# stages with and without recall, and each simple rule.
+FAMILIES = {
+    "recall": tj.Candidate("recall", "max_softmax", 4),
+    "no_recall": tj.Candidate("no_recall", "max_softmax", 4),
+    "recall_agree_prev": tj.Candidate("recall", "max_softmax", 8, feature="agree_prev"),
+    "recall_error_agree_best": tj.Candidate("recall", "error_prob", 8, feature="agree_best"),
+    "posterior_recall": tj.Candidate("recall", "max_softmax", 4, answers="posterior"),
+    "posterior_no_recall": tj.Candidate("no_recall", "max_softmax", 4, answers="posterior"),
+    "confidence": tj.Candidate("confidence", "max_softmax"),
+    "per_stage": tj.Candidate("per_stage", "max_softmax"),
+    "patience": tj.Candidate("patience"),
+    "fixed_exit": tj.Candidate("fixed_exit"),
+}
+
+
+@functools.cache
+def _selection():
+  """fit_policy over FAMILIES on the calibration split (the served batch X is held out)."""
+  cal = tj.collect_traces(MODEL, _DIGITS.calibration.x, _DIGITS.calibration.y, cost="flops")
+  return tj.fit_policy(cal, 0.9, candidates=list(FAMILIES.values()), folds=3, num_resamples=50)
+
+
+def _fitted(family):
+  """The deployed policy of ``family`` as fit_policy fits it (refit on every request)."""
+  return _selection().refit_of(FAMILIES[family]).deployed
+
+
+def _replayed(deployed, traces):
+  """``(stop stage, answered exit, answer, states)`` of ``deployed`` replayed on ``traces``,
+  each ``[N]`` (states ``[N, n]``); with an answer model, on its virtual stages, the
+  answered exit being the exit the answered virtual stage answers with."""
+  stages = deployed.stage_traces(traces)
+  rep = tj.replay_traces(deployed, traces)
+  rows, at = np.arange(traces.num_samples), np.asarray(rep.answer_stage)
+  exits = (np.asarray(stages.signals["answer_stage"]).astype(np.int32)[rows, at]
+           if deployed.answers is not None else at)
+  return (np.asarray(rep.stop_stage), exits, np.asarray(stages.preds)[rows, at],
+          np.asarray(deployed.observations(stages)[0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_fit_policy_chooses_serves_as_it_replays(family):
+  """Served stop stage, answered exit, answer and states of every request = replay of the
+  batch's exit traces, for the policy fit_policy deploys from each family."""
+  deployed = _fitted(family)
+  assert (deployed.answers is not None) == (FAMILIES[family].answers == "posterior")
+  got = tj.serve(MODEL, deployed, X, buckets=BUCKETS)
+  stop, exits, answer, states = _replayed(deployed, TRACES)
+  np.testing.assert_array_equal(got.stop_stage, stop)
+  np.testing.assert_array_equal(got.answered_exit, exits)
+  np.testing.assert_array_equal(got.predictions, answer)
+  np.testing.assert_array_equal(got.consulted, np.arange(N_STAGES)[None, :] <= stop[:, None])
+  np.testing.assert_array_equal(got.states[got.consulted], states[got.consulted])
+  if family != "fixed_exit":   # the policy decides per request
+    assert len(np.unique(got.stop_stage)) >= 2, np.bincount(got.stop_stage)
+  if deployed.answers is not None:  # even without recall, an earlier exit answers
+    assert (got.answered_exit < got.stop_stage).any()
+
+
+def test_posterior_answer_policies_serve_alike_on_every_program():
+  """The three programs and the unbatched reference serve a posterior-answer policy
+  identically (several chunks and a remainder); so does a policy reading the virtual
+  stages' other signal, the answering exit (``answer_stage``), as replay does."""
+  deployed = _fitted("posterior_recall")
+  x = X[:37]
+  ref = serving.serve_reference(MODEL, deployed, x)
+  for program in serving.PROGRAMS:
+    got = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program=program)
+    for field in ("predictions", "answered_exit", "stop_stage", "consulted", "states"):
+      np.testing.assert_array_equal(getattr(got, field), getattr(ref, field),
+                                    err_msg=f"{program}: {field}")
+  edges = jnp.broadcast_to(jnp.asarray([0.5, 1.5, 2.5]), (N_STAGES, 3))  # state = exit j*
+  by_exit = deployed.replace(discretiser=tj.Discretiser(edges=edges), score_name="answer_stage")
+  got = tj.serve(MODEL, by_exit, X, buckets=BUCKETS)
+  stop, exits, answer, states = _replayed(by_exit, TRACES)
+  np.testing.assert_array_equal(got.stop_stage, stop)
+  np.testing.assert_array_equal(got.answered_exit, exits)
+  np.testing.assert_array_equal(got.predictions, answer)
+  np.testing.assert_array_equal(got.states[got.consulted], states[got.consulted])
+  assert len(np.unique(got.states[got.consulted])) >= 2
+
+
+def test_posterior_answer_policies_are_validated():
+  deployed = _fitted("posterior_no_recall")
+  model = deployed.answers
+  with pytest.raises(ValueError, match="answers: expected None or an AnswerModel, got ndarray"):
+    tj.Server(MODEL, deployed.replace(answers=np.zeros(3)))
+  four = model.replace(weights=np.zeros((10, answers.NUM_FEATURES)))
+  with pytest.raises(ValueError, match="answers: fitted on 4 stages but the network has 3 exits"):
+    tj.Server(MODEL, deployed.replace(answers=four))
+  with pytest.raises(ValueError, match="answers: its calibrators read the signal 'scores'"):
+    tj.Server(MODEL, deployed.replace(answers=model.replace(score_name="scores")))
+  with pytest.raises(ValueError, match="score_name: a posterior-answer policy reads a signal of "
+                                       "the virtual stages"):
+    tj.Server(MODEL, deployed.replace(score_name="max_softmax"))
+  no_err = tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), error_head=False, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="without error heads"):
+    tj.Server(no_err, deployed.replace(answers=model.replace(score_name="error_prob")))
+  # The primary "scores" serves only rules that cannot read it (patience, fixed exit).
+  assert _fitted("patience").score_name == "scores"
+  with pytest.raises(ValueError, match="score: must be one of"):
+    tj.Server(MODEL, _deployed("threshold").replace(score_name="scores"))
 
 
 def test_no_recompilation_after_warmup():

@@ -796,7 +796,9 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   frontier, measured on the test split); deploys the policy that
   :func:`~ttamer_jax.fit_policy` chooses by cross-fitting on the calibration split
   (least cost within ``tolerance`` of the last exit's error) and reports it measured
-  on the test split next to its model check; writes the plots (``plots``), the
+  on the test split next to its model check and, for a network workload, served
+  (:func:`~ttamer_jax.networks.serving.benchmark`: its wall time next to the full
+  network's, ``selected["served"]``); writes the plots (``plots``), the
   policy, the traces, the recall family's cascade, ``report.md`` and
   ``results.json`` (the result). ``log``: receives the status lines (``None``: silent).
   ``costs``: the per-stage costs the policies are fitted on (:func:`prepare`; the
@@ -853,6 +855,9 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
                   runner_up=None if sel.runner_up is None else sel.runner_up.name,
                   model_check=None if sel.model_check is None else sel.model_check.as_dict(),
                   notes=list(sel.notes))
+  if prep.model is not None:  # served wall time on the test split, next to every exit's
+    from ttamer_jax.networks import serving
+    selected["served"] = serving.benchmark(prep.model, deployed, *prep.test_inputs).as_dict()
   say(f"[4/4] write the plots, the policy ({sel.chosen.name}) and the report ...")
   recall_policy = comp.fitted.recall_policy(lam)
 

@@ -398,10 +398,24 @@ def selected_lines(sel: Mapping, policy_file: str) -> list[str]:
            f"[{pct(sel['test']['error_ci'][0])}, {pct(sel['test']['error_ci'][1])}], cost "
            f"{pct(sel['test']['cost_norm'])} of running every exit (cross-fitted on calibration: "
            f"error {pct(sel['cross_fitted']['error'])}, cost {pct(sel['cross_fitted']['cost_norm'])})."]
+  if sel.get("served") is not None:
+    lines.append(served_line(sel["served"]))
   if sel["model_check"] is not None:
     lines += model_check_lines(sel["model_check"])
   lines += [f"warning: {n}" for n in sel["notes"]]
   return lines
+
+
+def served_line(served: Mapping) -> str:
+  """The deployed policy served by the network (``ServeBenchmark.as_dict``), timed next
+  to the full network (every exit) on the same requests."""
+  ms = lambda s: f"{1e3 * s:.1f} ms"
+  return (f"Served on the test split ({served['batch_size']} requests, median of "
+          f"{served['repeats']} calls): {ms(served['serve_seconds'])} against "
+          f"{ms(served['full_seconds'])} for the full network, every exit "
+          f"({served['speedup']:.2f}x); {served['mean_stages']:.2f} exits run per request; "
+          f"accuracy {pct(served['serve_accuracy'])} served, {pct(served['full_accuracy'])} "
+          "at the last exit.")
 
 
 def demo_text(result: Mapping, notes: Mapping) -> str:

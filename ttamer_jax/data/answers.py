@@ -159,6 +159,25 @@ def answers_from_logits(logits, n: int):
   return 1.0 - best, answer
 
 
+def stage_answers(model: AnswerModel, stage: int, scores, preds):
+  """``(confidence [N], answer [N] int32)`` of virtual stage ``stage`` alone (traceable).
+
+  ``scores``/``preds`` ``[N, m]`` (``m > stage``) hold the evidence of exits
+  ``0..stage`` in their first columns (later columns are ignored: a server fills
+  them as it goes). Column ``stage`` of :func:`posterior_answers`, computed from
+  the calibrators of the pairs ``(stage, 0..stage)`` only -- what a server needs
+  after running exit ``stage``. ``stage`` is static.
+  """
+  m = stage + 1
+  # The last m pairs of the (m-exit) prefix are (stage, 0..stage); their features
+  # read exits 0..stage only, so they equal those of the full pair table.
+  raw = pair_features(scores[:, :m], preds[:, :m], model.unit_scores)[:, -m:]
+  rows = slice(stage * m // 2, stage * m // 2 + m)   # pair (stage, 0) is row stage (stage+1)/2
+  q = jax.nn.sigmoid(pair_logits(raw, model.weights[rows], model.mean[rows], model.scale[rows]))
+  answer = jnp.argmin(q, axis=-1).astype(jnp.int32)                   # earliest on ties
+  return 1.0 - jnp.take_along_axis(q, answer[:, None], axis=-1)[:, 0], answer
+
+
 @jax.jit
 def posterior_answers(model: AnswerModel, scores, preds):
   """``(confidence [N, n], answer [N, n])`` of every virtual stage (compiled; traced

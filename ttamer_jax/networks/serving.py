@@ -7,7 +7,12 @@ next block. They are compacted into the smallest of a few **bucket** batch sizes
 (padded with copies of a live row), so each stage's kernel is compiled once per
 bucket, never per batch composition. A request is answered from its recalled
 exit (the consulted stage of least policy estimate) under a recall policy, else
-from the last consulted stage.
+from the last consulted stage. A posterior-answer policy (``deployed.answers``,
+an :class:`~ttamer_jax.AnswerModel`) decides on its virtual stages: after exit
+``i`` runs, the calibrators of pairs ``(i, j <= i)`` read the request's scores and
+predictions of exits ``0..i`` (kept in its state), and virtual stage ``i``
+answers with the exit ``j*`` of least posterior error, exactly as
+:meth:`AnswerModel.transform` builds the traces replay sees.
 
 Design notes:
   * ``Server(program="batch")`` (default): one compiled program serves a group of
@@ -55,10 +60,12 @@ import numpy as np
 from flax import nnx
 
 from ttamer_jax.core import validation
-from ttamer_jax.core.heuristics import FixedExitPolicy
-from ttamer_jax.data.discretise import DeployedPolicy, Discretiser
+from ttamer_jax.core.heuristics import FixedExitPolicy, PatiencePolicy
+from ttamer_jax.data import answers as answer_models
+from ttamer_jax.data.answers import AnswerModel
+from ttamer_jax.data.discretise import PRIMARY_SCORE, DeployedPolicy, Discretiser
 from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph, StaticOnce
-from ttamer_jax.networks.profiling import check_signal_name, exit_signal
+from ttamer_jax.networks.profiling import SERVABLE_SIGNALS, check_signal_name, exit_signal
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
 from ttamer_jax.networks.training import check_labels
 
@@ -76,6 +83,8 @@ _IN_FLIGHT = 8
 # 1024 rows than of 512, and much slower in groups of 4096; sequences (1.7 KiB)
 # gains from groups of 2048 (its later stages then run on full chunks).
 GROUP_BYTES = 4 << 20
+# Signals of the virtual posterior-answer stages (AnswerModel.transform) a policy may read.
+VIRTUAL_SIGNALS = (PRIMARY_SCORE, "posterior_confidence", "answer_stage")
 
 # Kernel traces by kind. A jitted function is traced exactly when it is compiled
 # (a cache miss), so these count compilations. Diagnostic state only.
@@ -125,10 +134,6 @@ def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
   check_single_policy(deployed.policy)
   if not isinstance(deployed.discretiser, Discretiser):
     raise ValueError(f"discretiser: expected a Discretiser, got {type(deployed.discretiser).__name__}")
-  if deployed.answers is not None:
-    raise ValueError("policy: its stages are posterior-answer stages (an answer model); "
-                     "Server does not serve those yet: replay it with ttamer_jax.evaluate, or "
-                     "choose among exit-state candidates (fit_policy(..., candidates=...))")
   if deployed.policy.observes == "true_losses":
     raise ValueError(f"policy: {type(deployed.policy).__name__} reads the true losses (an oracle "
                      "for offline evaluation); it cannot serve")
@@ -143,11 +148,42 @@ def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
   if k is not None and k != deployed.discretiser.num_states:
     raise ValueError(f"policy: has {k} states per stage but the discretiser produces "
                      f"{deployed.discretiser.num_states}")
-  check_signal_name(model, deployed.score_name, servable=True)
+  if deployed.answers is not None:
+    _check_answers(model, deployed)
+  elif not _score_unused(deployed):
+    check_signal_name(model, deployed.score_name, servable=True)
   for leaf in jax.tree_util.tree_leaves(deployed):
     if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, bool)):
       raise ValueError(f"policy: must be a pytree of arrays (e.g. a pytree_dataclass); found a "
                        f"leaf of type {type(leaf).__name__}")
+
+
+def _check_answers(model: EarlyExitNet, deployed: DeployedPolicy) -> None:
+  """A posterior-answer policy: its answer model reads a signal the network serves, was
+  fitted on the network's exits, and the policy reads a signal of the virtual stages."""
+  answers, n = deployed.answers, model.num_stages
+  if not isinstance(answers, AnswerModel):
+    raise ValueError(f"answers: expected None or an AnswerModel, got {type(answers).__name__}")
+  if answers.num_stages != n:
+    raise ValueError(f"answers: fitted on {answers.num_stages} stages but the network has "
+                     f"{n} exits")
+  if answers.score_name not in SERVABLE_SIGNALS:
+    raise ValueError(f"answers: its calibrators read the signal {answers.score_name!r}, which "
+                     f"the network cannot compute when serving (servable: {SERVABLE_SIGNALS}; "
+                     "fit the answer model with score='max_softmax', say)")
+  check_signal_name(model, answers.score_name, servable=True)
+  if deployed.score_name not in VIRTUAL_SIGNALS:
+    raise ValueError(f"score_name: a posterior-answer policy reads a signal of the virtual "
+                     f"stages {VIRTUAL_SIGNALS}, got {deployed.score_name!r}")
+
+
+def _score_unused(deployed: DeployedPolicy) -> bool:
+  """The decisions cannot depend on the score: one state, and a library rule that reads
+  predictions only (patience) or nothing (fixed exit). Selection deploys those with the
+  traces' primary ``"scores"``, a name the network does not know; the server feeds
+  them zeros (their replayed decisions read no score either)."""
+  return (deployed.answers is None and deployed.discretiser.num_states == 1
+          and isinstance(deployed.policy, (PatiencePolicy, FixedExitPolicy)))
 
 
 def _check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
@@ -176,12 +212,14 @@ def _stage_kernel(graph, params, policy_leaves, live, *, params_def, policy_def,
   ``params`` and ``policy_leaves`` are the flattened network state and deployed
   policy (flattening an ``nnx.State`` on every call costs more than a small
   stage). Request state: ``(h, policy_carry, best, best_stage, best_pred,
-  prev_pred, top_score, top_pred, rows)`` (``top_*``: the most confident exit so
-  far, for the ``agree_best`` feature; ``rows``: the request's row in the chunk,
-  ``-1`` for padding and, on output, for requests that stop here). Returns the
-  new request state (not compacted), the number of requests that continue, and
-  the ``[5, b]`` int32 record ``(row, stop, answered stage, answer, observed
-  state)`` of the requests this stage saw.
+  prev_pred, top_score, top_pred, evidence, rows)`` (``best_stage``: the exit the
+  recalled answer comes from; ``top_*``: the most confident stage so far, for the
+  ``agree_best`` feature; ``evidence``: ``()``, or the exits' scores and
+  predictions so far ``[b, n]`` for an answer model; ``rows``: the request's row
+  in the chunk, ``-1`` for padding and, on output, for requests that stop here).
+  Returns the new request state (not compacted), the number of requests that
+  continue, and the ``[5, b]`` int32 record ``(row, stop, answered exit, answer,
+  observed state)`` of the requests this stage saw.
   """
   _TRACES["stage"] += 1
   model = nnx.merge(graph.graphdef, jax.tree_util.tree_unflatten(params_def.value, params))
@@ -202,10 +240,48 @@ def _compact(tree, *, size: int):
   return _queued(tree[:-1], tree[-1], idx, jnp.sum(go_on.astype(jnp.int32)), 0, size)
 
 
+def _initial_evidence(deployed, b: int, n: int):
+  """Per-request evidence an answer model reads: ``()`` without one, else ``(scores
+  [b, n] float32, preds [b, n] int32)`` of the exits run so far (zeros past them)."""
+  if deployed.answers is None:
+    return ()
+  return jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.int32)
+
+
+def _exit_observation(deployed, stage: int, logits, err):
+  """``(score [b], pred [b] int32)`` exit ``stage`` shows the policy (or, with an answer
+  model, its calibrators)."""
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if deployed.answers is not None:
+    return exit_signal(deployed.answers.score_name, logits, err), pred
+  if _score_unused(deployed):
+    return jnp.zeros(pred.shape, jnp.float32), pred
+  return exit_signal(deployed.score_name, logits, err), pred
+
+
+def _virtual_stage(deployed, stage: int, evidence, score, pred):
+  """Virtual posterior-answer stage ``stage`` (:meth:`AnswerModel.transform`, one stage).
+
+  ``evidence``: ``(scores [b, n], preds [b, n])`` of exits ``0..stage-1``; ``score``,
+  ``pred`` ``[b]``: exit ``stage``'s. Returns the evidence with exit ``stage`` written
+  in and the virtual stage's ``(score, pred, answered exit)``, each ``[b]``: the exit
+  ``j*`` of least posterior error among ``0..stage``, its prediction, and the signal
+  ``deployed.score_name`` of the virtual traces (``1 - q[stage, j*]``, or ``j*``)."""
+  ev_scores = evidence[0].at[:, stage].set(score.astype(evidence[0].dtype))
+  ev_preds = evidence[1].at[:, stage].set(pred)
+  conf, answer = answer_models.stage_answers(deployed.answers, stage, ev_scores, ev_preds)
+  v_pred = jnp.take_along_axis(ev_preds, answer[:, None], axis=1)[:, 0]
+  v_score = answer.astype(conf.dtype) if deployed.score_name == "answer_stage" else conf
+  return (ev_scores, ev_preds), v_score, v_pred, answer
+
+
 def _stage_math(model, deployed, live, stage: int, num_stages: int):
   """One stage's block, head, signal, observation and policy step (traced, not jitted).
 
-  Same contract as :func:`_stage_kernel` (whose body this is)."""
+  Same contract as :func:`_stage_kernel` (whose body this is). With an answer model
+  the policy's stage ``stage`` is the virtual posterior-answer stage: the exit's
+  score and prediction join the request's evidence, and the observation (and the
+  agreement references, the recall bookkeeping) are the virtual stage's."""
   policy = deployed.policy
   if stage == 0:
     h, rows = live
@@ -217,34 +293,38 @@ def _stage_math(model, deployed, live, stage: int, num_stages: int):
     prev_pred = jnp.zeros((b,), jnp.int32)
     top_score = jnp.full((b,), -jnp.inf, jnp.float32)
     top_pred = jnp.zeros((b,), jnp.int32)
+    evidence = _initial_evidence(deployed, b, num_stages)
   else:
-    h, carry, best, best_stage, best_pred, prev_pred, top_score, top_pred, rows = live
+    h, carry, best, best_stage, best_pred, prev_pred, top_score, top_pred, evidence, rows = live
   h, logits, err = model.stage(stage, h)
-  score = exit_signal(deployed.score_name, logits, err)
-  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  score, pred = _exit_observation(deployed, stage, logits, err)
+  if deployed.answers is None:
+    answered = jnp.full(pred.shape, stage, jnp.int32)  # the exit this stage answers with
+  else:
+    evidence, score, pred, answered = _virtual_stage(deployed, stage, evidence, score, pred)
   obs = deployed.observe(stage, score, pred, prev_pred, top_pred)
   higher = score > top_score  # ties keep the earlier exit, as Discretiser.reference_preds
   top_score, top_pred = jnp.where(higher, score, top_score), jnp.where(higher, pred, top_pred)
   if policy.recall:
     est = policy.estimate(stage, obs)
     if stage == 0:
-      best, best_stage, best_pred = est, jnp.zeros_like(pred), pred
+      best, best_stage, best_pred = est, answered, pred
     else:  # Ties keep the earlier stage, as in simulation.replay.
       better = est < best
       best = jnp.where(better, est, best)
-      best_stage = jnp.where(better, stage, best_stage)
+      best_stage = jnp.where(better, answered, best_stage)
       best_pred = jnp.where(better, pred, best_pred)
   carry, stop = policy.step(carry, stage, obs, best)
   stop = jnp.logical_or(stop, stage == num_stages - 1)
-  answer_stage = best_stage if policy.recall else jnp.full_like(best_stage, stage)
+  answer_stage = best_stage if policy.recall else answered
   answer = best_pred if policy.recall else pred
   record = jnp.stack([rows, stop.astype(jnp.int32), answer_stage, answer,
                       obs.state.astype(jnp.int32)])
   go_on = jnp.logical_and(rows >= 0, jnp.logical_not(stop))
   out_rows = jnp.where(go_on, rows, -1)
   count = jnp.sum(go_on.astype(jnp.int32))
-  return ((h, carry, best, best_stage, best_pred, pred, top_score, top_pred, out_rows), count,
-          record)
+  return ((h, carry, best, best_stage, best_pred, pred, top_score, top_pred, evidence, out_rows),
+          count, record)
 
 
 def _take_rows(tree, idx):
@@ -680,10 +760,16 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
     carry = policy.initial_carry(1)
     best = jnp.full((1,), jnp.inf, jnp.float32)
     best_stage, best_pred, prev_pred, top_score, top_pred = 0, 0, 0, -np.inf, 0
+    evidence = _initial_evidence(deployed, 1, n)
     for stage in range(n):
       h, logits, err = model.stage(stage, h)
-      score = exit_signal(deployed.score_name, logits, err)
-      pred = int(np.argmax(np.asarray(logits)[0]))
+      score, pred_arr = _exit_observation(deployed, stage, logits, err)
+      answered = stage
+      if deployed.answers is not None:
+        evidence, score, pred_arr, answered_arr = _virtual_stage(deployed, stage, evidence, score,
+                                                                 pred_arr)
+        answered = int(np.asarray(answered_arr)[0])
+      pred = int(np.asarray(pred_arr)[0])
       obs = deployed.observe(stage, score, jnp.asarray([pred], jnp.int32),
                              jnp.asarray([prev_pred], jnp.int32), jnp.asarray([top_pred], jnp.int32))
       if float(np.asarray(score)[0]) > top_score:
@@ -691,13 +777,13 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> Se
       if policy.recall:
         est = policy.estimate(stage, obs)
         if stage == 0 or bool(np.asarray(est)[0] < np.asarray(best)[0]):
-          best, best_stage, best_pred = est, stage, pred
+          best, best_stage, best_pred = est, answered, pred
       carry, stop = policy.step(carry, stage, obs, best)
       out.consulted[r, stage] = True
       out.states[r, stage] = int(np.asarray(obs.state)[0])
       if bool(np.asarray(stop)[0]) or stage == n - 1:
         out.stop_stage[r] = stage
-        out.answered_exit[r] = best_stage if policy.recall else stage
+        out.answered_exit[r] = best_stage if policy.recall else answered
         out.predictions[r] = best_pred if policy.recall else pred
         break
       prev_pred = pred
@@ -739,9 +825,11 @@ def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
   repeats = validation.check_positive_int("repeats", repeats)
   n = model.num_stages
   reached = _reached_buckets(_check_buckets(buckets), x.shape[0])
+  # Exit states (no answer model) read the signal the deployed policy's stages read.
+  score = deployed.score_name if deployed.answers is None else deployed.answers.score_name
   servers = [Server(model, deployed.replace(
-      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), stages=n), answers=None),
-      buckets=reached, program=program) for k in range(n)]
+      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), stages=n), answers=None,
+      score_name=score), buckets=reached, program=program) for k in range(n)]
   for server in servers:
     server(x)
   times = np.zeros((repeats, n))
@@ -888,6 +976,12 @@ class ServeBenchmark:
   @property
   def speedup(self) -> float:
     return self.full_seconds / self.serve_seconds
+
+  def as_dict(self) -> dict:
+    """Every field and the speedup, as plain floats and ints (JSON)."""
+    out = {k: (int(v) if isinstance(v, (int, np.integer)) else float(v))
+           for k, v in dataclasses.asdict(self).items()}
+    return dict(out, speedup=float(self.speedup))
 
 
 @functools.partial(jax.jit, static_argnames=("graph",))
