@@ -38,17 +38,10 @@ def least_j(scores):
   return min(scores, key=lambda s: s.objective)
 
 
-def one_se_only(scores):
-  """Simplest within one paired SE of the least ``J``, every candidate competing."""
-  best = least_j(scores)
-  tied = [s for s in scores if s is best or np.less_equal(*selection.paired_se(s, best))]
-  return min(tied, key=lambda s: (selection.simplicity(s.candidate), s.objective))
-
-
 RULES = {
     "library (default rule, designs earn their place)": selection.one_se_choice,
     "least cross-fitted J": least_j,
-    "one-SE rule only": one_se_only,
+    "one-SE rule only": selection.simplest_within_one_se,
     "previous rule (T-Tamer wins ties)": rs.previous_rule,
 }
 

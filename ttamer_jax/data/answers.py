@@ -153,8 +153,13 @@ def _posteriors(model: AnswerModel, scores, preds):
 def answers_from_logits(logits, n: int):
   """``(confidence [N, n], answer [N, n])`` of every virtual stage from the pair
   logits ``[N, P]`` (losses on the calibration scale)."""
-  q = _pair_table(jax.nn.sigmoid(logits), n)                          # [N, n, n]
-  answer = jnp.argmin(q, axis=-1).astype(jnp.int32)                   # earliest on ties
+  return _least_posterior(_pair_table(jax.nn.sigmoid(logits), n))     # q: [N, n, n]
+
+
+def _least_posterior(q):
+  """``(1 - q[..., j*], j*)``: the answering exit ``j*`` of least posterior error along
+  the last axis of ``q`` (the earliest on ties) and its confidence."""
+  answer = jnp.argmin(q, axis=-1).astype(jnp.int32)
   best = jnp.take_along_axis(q, answer[..., None], axis=-1)[..., 0]
   return 1.0 - best, answer
 
@@ -174,8 +179,7 @@ def stage_answers(model: AnswerModel, stage: int, scores, preds):
   raw = pair_features(scores[:, :m], preds[:, :m], model.unit_scores)[:, -m:]
   rows = slice(stage * m // 2, stage * m // 2 + m)   # pair (stage, 0) is row stage (stage+1)/2
   q = jax.nn.sigmoid(pair_logits(raw, model.weights[rows], model.mean[rows], model.scale[rows]))
-  answer = jnp.argmin(q, axis=-1).astype(jnp.int32)                   # earliest on ties
-  return 1.0 - jnp.take_along_axis(q, answer[:, None], axis=-1)[:, 0], answer
+  return _least_posterior(q)                                          # q: [N, m]
 
 
 @jax.jit

@@ -113,20 +113,20 @@ def bootstrap_means(key: chex.PRNGKey, columns: Any, num_resamples: int = 1000) 
   if distinct.shape[0] * 4 <= num:
     # Few distinct rows (0/1 losses, a few exits): the draw counts of a group of equal
     # rows are multinomial with its share -- the same resample means, in O(R U), not O(R N).
-    share = np.bincount(group, minlength=distinct.shape[0]) / num
-    out = np.empty((num_resamples, columns.shape[1]))
-    chunk = int(max(1, min(num_resamples, (1 << 22) // distinct.shape[0])))
-    for start in range(0, num_resamples, chunk):
-      rows = min(chunk, num_resamples - start)
-      out[start:start + rows] = rng.multinomial(num, share, size=rows) @ distinct / num
-    return out
-  chunk = int(max(1, min(num_resamples, (1 << 22) // num)))   # ~4M draw counts per block
+    table, share = distinct, np.bincount(group, minlength=distinct.shape[0]) / num
+    counts_of = lambda rows: rng.multinomial(num, share, size=rows)
+  else:
+    table = columns
+
+    def counts_of(rows):
+      draws = rng.integers(0, num, (rows, num)) + (np.arange(rows) * num)[:, None]
+      return np.bincount(draws.reshape(-1), minlength=rows * num).reshape(rows, num)
+
+  chunk = int(max(1, min(num_resamples, (1 << 22) // table.shape[0])))  # ~4M counts per block
   out = np.empty((num_resamples, columns.shape[1]))
   for start in range(0, num_resamples, chunk):
     rows = min(chunk, num_resamples - start)
-    draws = rng.integers(0, num, (rows, num)) + (np.arange(rows) * num)[:, None]
-    counts = np.bincount(draws.reshape(-1), minlength=rows * num).reshape(rows, num)
-    out[start:start + rows] = counts @ columns / num
+    out[start:start + rows] = counts_of(rows) @ table / num
   return out
 
 

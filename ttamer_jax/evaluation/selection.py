@@ -615,13 +615,14 @@ def one_se_choice(scores: list[CandidateScore]) -> CandidateScore:
           competing.append(s)
   else:
     competing = list(scores)
-  best = min(competing, key=lambda s: s.objective)
-  tied = [best]
-  for s in competing:
-    if s is not best:
-      mean, se = paired_se(s, best)
-      if mean <= se:
-        tied.append(s)
+  return simplest_within_one_se(competing)
+
+
+def simplest_within_one_se(scores: list[CandidateScore]) -> CandidateScore:
+  """The one-standard-error rule: the simplest (:func:`simplicity`) of ``scores`` whose
+  cross-fitted ``J`` is within one paired standard error of the least."""
+  best = min(scores, key=lambda s: s.objective)
+  tied = [s for s in scores if s is best or np.less_equal(*paired_se(s, best))]
   return min(tied, key=lambda s: (simplicity(s.candidate), s.objective))
 
 
