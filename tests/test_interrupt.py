@@ -89,3 +89,39 @@ def test_ctrl_c_exits_130_with_nothing_written(inputs, tmp_path, command, delay)
   assert err.splitlines()[-1] == f"ttamer {command}: interrupted", err[-2000:]
   assert "Traceback" not in err, err[-2000:]
   assert sorted(os.listdir(tmp_path)) == before   # no output, no temporary file
+
+
+# A command whose clean-up fails while a Ctrl-C unwinds it: the clean-up's OSError
+# replaces the KeyboardInterrupt. Before, the OSError was reported as a usage error (exit 2) and the
+# process went through the interpreter's teardown, which races XLA's threads (one SIGABRT
+# in ~80 random tries, RELIABILITY.md R4).
+_FAILED_CLEANUP = """
+import os, signal, sys, time
+import jax.numpy as jnp
+from ttamer_jax.app import cli
+
+def command(args):
+  jnp.arange(4.0).sum().block_until_ready()   # XLA's threads are up
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+  finally:
+    raise OSError("clean-up failed")
+
+cli.COMMANDS["fit"] = command
+sys.argv = ["ttamer", "fit", "cal.npz", "--out", "p.npz"]
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(cli.main())
+"""
+
+
+def test_an_error_while_an_interrupt_unwinds_still_exits_130(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  restore = (None if signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+             else lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  proc = subprocess.run([sys.executable, "-c", _FAILED_CLEANUP], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120, preexec_fn=restore)
+  assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+  assert proc.stderr.splitlines()[-1] == "ttamer fit: interrupted", proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr[-2000:]

@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Seconds after which the ttamer program's SIGINT handler sends the signal again, in case
 # its KeyboardInterrupt was swallowed (see _interrupt).
 INTERRUPT_RETRY_S = 0.5
+# Set by the first Ctrl-C: whatever exception then reaches main() (a clean-up that failed
+# while the KeyboardInterrupt unwound replaces it) ends the run as interrupted.
+_INTERRUPTED = threading.Event()
 
 
 def _interrupt(signum, frame) -> None:
@@ -421,6 +424,7 @@ def _interrupt(signum, frame) -> None:
   also sends the signal again a moment later; the first ``KeyboardInterrupt`` that
   reaches :func:`main` ends the process (``os._exit``) before it could arrive.
   """
+  _INTERRUPTED.set()
   retry = threading.Timer(INTERRUPT_RETRY_S, os.kill, (os.getpid(), signum))
   retry.daemon = True
   retry.start()
@@ -461,18 +465,33 @@ def main(argv=None) -> int:
       # traceback during the interpreter's teardown (or a process killed by SIGINT).
       signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
-  except BrokenPipeError:  # `ttamer ... | head`: stop quietly (Python docs' recipe)
-    with contextlib.suppress(OSError):
-      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1
-  except (ValueError, OSError) as e:
-    print(f"ttamer {args.command}: error: {_one_line(e)}", file=sys.stderr)
-    return EXIT_USAGE
-  except KeyboardInterrupt:
+  except BaseException as e:  # noqa: BLE001 -- sorted out below, the rest re-raised
+    return _failed(args, e)
+
+
+def _failed(args: argparse.Namespace, e: BaseException) -> int:
+  """The exit code for the exception ``e`` that ended a command, after its one-line report.
+
+  In the ``ttamer`` program an interrupted run never reaches the interpreter's normal
+  teardown, whose race with XLA's threads can crash it (SIGABRT, SIGSEGV): once a
+  Ctrl-C came, whatever exception arrives here -- the ``KeyboardInterrupt``, or an error
+  a clean-up raised while it unwound -- ends the process with exit code 130.
+  """
+  if args.own_process:  # a second Ctrl-C (or _interrupt's retry) must not cut this short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if isinstance(e, KeyboardInterrupt) or (args.own_process and _INTERRUPTED.is_set()):
     print(f"ttamer {args.command}: interrupted", file=sys.stderr)
     if args.own_process:
       _leave_now(EXIT_INTERRUPTED)
     return EXIT_INTERRUPTED
+  if isinstance(e, BrokenPipeError):  # `ttamer ... | head`: stop quietly (Python docs' recipe)
+    with contextlib.suppress(OSError):
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+  if isinstance(e, (ValueError, OSError)):
+    print(f"ttamer {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_USAGE
+  raise e
 
 
 def _leave_now(code: int) -> None:
