@@ -106,7 +106,7 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def exit_loss(model: EarlyExitNet, x: chex.Array, y: chex.Array, exit_weights: chex.Array,
-              error_weight: float, aux_loss: Callable | None = None):
+              error_weight: float, aux_loss: Callable | None = None, aux_lam: Any = None):
   """Joint loss of all exits on one batch; returns ``(loss, aux)``.
 
   Args:
@@ -116,7 +116,10 @@ def exit_loss(model: EarlyExitNet, x: chex.Array, y: chex.Array, exit_weights: c
     exit_weights: ``[n]`` weights of the exits.
     error_weight: weight of the error-head loss.
     aux_loss: optional ``(logits [B, n, C], labels [B]) -> []`` added to the loss
-      (e.g. a weighted :func:`ttamer_jax.batch_serving_cost`).
+      (e.g. a weighted :func:`ttamer_jax.serving_loss`); called with a third argument,
+      ``aux_lam``, when that is given.
+    aux_lam: optional ``[]`` traced value passed to ``aux_loss`` (e.g. this step's
+      ``lam``: scheduling it does not recompile).
 
   Returns:
     ``loss`` ``[]`` and ``aux = {"ce": [n], "error_bce": [n], "accuracy": [n],
@@ -134,7 +137,10 @@ def exit_loss(model: EarlyExitNet, x: chex.Array, y: chex.Array, exit_weights: c
     bce = optax.sigmoid_binary_cross_entropy(out.error_logits, wrong.astype(out.error_logits.dtype))
     bce = bce.mean(axis=0)
     loss = loss + error_weight * jnp.sum(exit_weights * bce)
-  extra = jnp.zeros((), loss.dtype) if aux_loss is None else aux_loss(logits, y)
+  if aux_loss is None:
+    extra = jnp.zeros((), loss.dtype)
+  else:
+    extra = aux_loss(logits, y) if aux_lam is None else aux_loss(logits, y, aux_lam)
   return loss + extra, dict(ce=ce, error_bce=bce, accuracy=1.0 - wrong.mean(axis=0), aux=extra)
 
 
@@ -165,13 +171,30 @@ def _cached_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "aux_loss"), donate_argnums=(1,))
-def _train_step(graph, state, x, y, idx, exit_weights, error_weight, aux_loss=None):
+def _train_step(graph, state, x, y, idx, exit_weights, error_weight, aux_loss=None, aux_lam=None):
   """One AdamW step on the batch ``idx``; ``state`` is the split (network, optimiser)."""
   net, opt = nnx.merge(graph.graphdef, state)
-  loss_fn = lambda m: exit_loss(m, x[idx], y[idx], exit_weights, error_weight, aux_loss)
+  loss_fn = lambda m: exit_loss(m, x[idx], y[idx], exit_weights, error_weight, aux_loss, aux_lam)
   (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(net)
   opt.update(net, grads)
   return nnx.state((net, opt)), (loss, aux)
+
+
+def _aux_schedule(aux_lam: Any, num_steps: int, aux_loss: Callable | None) -> np.ndarray:
+  """``[num_steps]`` float32 values of ``aux_lam`` (a number, an array or ``step -> value``)."""
+  if aux_loss is None:
+    raise ValueError("aux_lam: given without aux_loss (it is aux_loss's third argument)")
+  if callable(aux_lam):
+    values = np.asarray([aux_lam(t) for t in range(num_steps)], np.float64)
+  else:
+    values = np.broadcast_to(validation.as_numpy("aux_lam", aux_lam), (num_steps,)) \
+        if np.ndim(aux_lam) == 0 else validation.as_numpy("aux_lam", aux_lam, ndim=1)
+  validation.check_shape("aux_lam", values, (num_steps,))
+  bad = ~((values >= 0) & (values <= 1))
+  if bad.any():
+    t = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"aux_lam at step {t} = {float(values[t])!r} is outside [0, 1]")
+  return np.asarray(values, np.float32)
 
 
 def check_labels(model: EarlyExitNet, y: Any, num: int, name: str = "y") -> np.ndarray:
@@ -195,7 +218,8 @@ def _batch_order(seed: int, num: int, batch_size: int, num_steps: int) -> np.nda
 
 
 def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig(), *,
-          progress: bool = True, aux_loss: Callable | None = None) -> TrainHistory:
+          progress: bool = True, aux_loss: Callable | None = None,
+          aux_lam: Any = None) -> TrainHistory:
   """Trains ``model`` in place on ``(x, y)``.
 
   Args:
@@ -206,7 +230,11 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
     progress: show progress on stderr: a tqdm bar on a terminal, else one plain line
       every few seconds (step, loss, ETA; :func:`ttamer_jax.core.progress.progress_iter`).
     aux_loss: optional extra term ``(logits [B, n, C], labels [B]) -> []`` (a
-      hashable function: it is a static argument of the compiled step).
+      hashable function: it is a static argument of the compiled step), or
+      ``(logits, labels, lam) -> []`` when ``aux_lam`` is given.
+    aux_lam: the third argument of ``aux_loss`` per step: a number, ``[num_steps]``
+      values, or a function ``step -> value`` (e.g. a ``lam`` schedule). Each value must
+      lie in ``[0, 1]``; it is passed traced, so a schedule compiles one step.
 
   Returns:
     The :class:`TrainHistory`.
@@ -226,13 +254,15 @@ def train(model: EarlyExitNet, x: Any, y: Any, config: TrainConfig = TrainConfig
   graph = StaticGraph(graphdef)
   x_dev, y_dev, weights = jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights)
   error_weight = jnp.asarray(config.error_weight, jnp.float32)
+  lams = None if aux_lam is None else _aux_schedule(aux_lam, config.num_steps, aux_loss)
 
   bar = progress_iter(range(config.num_steps), desc=f"train {type(model).__name__}",
                       total=config.num_steps, enabled=progress)
   refresh = max(1, config.num_steps // 50)
   metrics = []
   for t in bar:
-    state, m = _train_step(graph, state, x_dev, y_dev, order[t], weights, error_weight, aux_loss)
+    state, m = _train_step(graph, state, x_dev, y_dev, order[t], weights, error_weight, aux_loss,
+                           None if lams is None else lams[t])
     metrics.append(m)
     if progress and (t % refresh == 0 or t == config.num_steps - 1):
       bar.set_postfix_str(f"loss {float(m[0]):.4f}, last exit acc {float(m[1]['accuracy'][-1]):.3f}")
