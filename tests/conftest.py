@@ -25,11 +25,24 @@ XLA_CACHE = os.environ.setdefault(
     "TTAMER_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), f"ttamer_jax_tests_xla_{os.getpid()}"))
 jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+# Likewise one $TTAMER_CACHE (trained networks, and the `ttamer` subprocesses' compiled
+# programs) for the modules that run the demo's network in subprocesses (test_cli.py's
+# `world`, test_notebooks.py), whichever worker runs them: the network is trained once.
+TTAMER_CACHE = os.environ.setdefault(
+    "TTAMER_TEST_CACHE", os.path.join(tempfile.gettempdir(), f"ttamer_jax_tests_cache_{os.getpid()}"))
 
 
 def pytest_unconfigure(config):
-  if _OWNER:   # the process that chose the folder (xdist's controller) removes it
+  if _OWNER:   # the process that chose the folders (xdist's controller) removes them
     shutil.rmtree(XLA_CACHE, ignore_errors=True)
+    shutil.rmtree(TTAMER_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ttamer_cache():
+  """The run's shared ``$TTAMER_CACHE`` folder (see above)."""
+  os.makedirs(TTAMER_CACHE, exist_ok=True)
+  return TTAMER_CACHE
 
 
 @pytest.fixture(autouse=True, scope="module")

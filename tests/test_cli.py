@@ -117,7 +117,7 @@ def _ttamer(argv, env, cwd):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, ttamer_cache):
   """Input files, and every subprocess run of this module (three at a time)."""
   root = str(tmp_path_factory.mktemp("cli"))
   f = _make_files(root)
@@ -139,14 +139,13 @@ def world(tmp_path_factory):
       "solve_flipped": ["solve", f["flipped_cascade"], "--lam", "0.3", "--plot", out("never2.png")],
       "sweep_bad_lam": ["sweep", f["test"], "--lam", "0:2:5", "--plot", out("never3.png")],
   }
-  cache = tmp_path_factory.getbasetemp() / "ttamer_cache"  # shared with test_notebooks.py
-  cache.mkdir(exist_ok=True)
-  env = _env(str(cache))
+  cache = ttamer_cache  # the run's, shared with test_notebooks.py
+  env = _env(cache)
   with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
     # The demo first: it is the longest.
     futures = {name: pool.submit(_ttamer, argv, env, root) for name, argv in runs.items()}
     results = {name: fut.result() for name, fut in futures.items()}
-  return dict(files=f, root=root, out=out, runs=results, cache=str(cache))
+  return dict(files=f, root=root, out=out, runs=results, cache=cache)
 
 
 def _ok(proc):

@@ -116,7 +116,7 @@ def test_install_cell_installs_from_the_repository_otherwise(monkeypatch):
   assert len(sync_notebooks.install_cell(URL).splitlines()) <= 5
 
 
-def _kernel_env(tmp_path_factory):
+def _kernel_env(tmp_path_factory, cache):
   """Environment of the kernels: a kernelspec running this interpreter (not whatever
   `python` is on PATH), the small sizes, the shared cache, this checkout."""
   share = tmp_path_factory.mktemp("jupyter")
@@ -125,9 +125,7 @@ def _kernel_env(tmp_path_factory):
   (spec / "kernel.json").write_text(json.dumps({
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "ttamer test kernel", "language": "python"}))
-  cache = tmp_path_factory.getbasetemp() / "ttamer_cache"  # shared with test_cli.py
-  cache.mkdir(exist_ok=True)
-  return {"JUPYTER_PATH": str(share), "TTAMER_NOTEBOOK_SMALL": "1", "TTAMER_CACHE": str(cache),
+  return {"JUPYTER_PATH": str(share), "TTAMER_NOTEBOOK_SMALL": "1", "TTAMER_CACHE": cache,
           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": None, "MPLBACKEND": None}  # None: unset
 
@@ -144,10 +142,10 @@ def _execute(path, workdir):
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, ttamer_cache):
   """Every notebook executed, two kernels at a time (most of a run is single-threaded
   compilation, so two share the CI's two cores well)."""
-  env = _kernel_env(tmp_path_factory)
+  env = _kernel_env(tmp_path_factory, ttamer_cache)
   saved = {k: os.environ.get(k) for k in env}
   for key, value in env.items():  # kernel processes inherit the environment
     if value is None:

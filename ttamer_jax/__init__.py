@@ -66,6 +66,7 @@ from ttamer_jax.core.relaxation import (TuningResult, batch_serving_cost, cascad
                                         soft_solve_no_recall, soft_solve_recall,
                                         threshold_objective, threshold_objective_on_cascade,
                                         tune_thresholds, tune_thresholds_on_cascade)
+from ttamer_jax.core.serving_loss import exit_outcomes, quantile_edges, serving_loss
 from ttamer_jax.core.replay import (MonteCarloEstimate, ReplayResult, ReplayTotals, monte_carlo,
                                     replay, replay_cascade, replay_graph, replay_totals,
                                     sample_states, simulate_graph)
@@ -144,6 +145,7 @@ __all__ = [
     "recall_threshold_objective_on_cascade", "tune_thresholds", "tune_thresholds_on_cascade",
     "exhaustive_thresholds_on_cascade", "grid_search_threshold", "TuningResult",
     "soft_fitted_cascade", "batch_serving_cost", "fit_cascade_arrays",
+    "serving_loss", "exit_outcomes", "quantile_edges",
     # data
     "ExitTraces", "split_traces", "save_traces", "load_traces", "TRACES_FORMAT_VERSION",
     "traces_from_table", "traces_to_table", "load_traces_table", "read_traces",
