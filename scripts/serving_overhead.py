@@ -145,7 +145,7 @@ def refit_on_batch_costs(calibration, cost_model, tolerance, iterations=6):
 def every_stage(deployed, num_stages):
   """A policy with the same discretiser that runs every stage (the overhead probe)."""
   import ttamer_jax as tj
-  return deployed.replace(policy=tj.FixedExitPolicy(exit_stage=num_stages - 1, stages=num_stages),
+  return deployed.replace(policy=tj.core.FixedExitPolicy(exit_stage=num_stages - 1, num_stages=num_stages),
                           answers=None)
 
 

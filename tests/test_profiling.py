@@ -17,7 +17,7 @@ def _digits_like(num, seed=0):
 
 
 # The tiny networks of test_nn.py (same shapes: their compilations are shared).
-MLP = tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
+MLP = tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
 X, Y = _digits_like(N)
 
 
@@ -83,7 +83,7 @@ def test_measured_costs():
 
 
 def test_traces_of_a_network_without_error_heads():
-  net = tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, error_head=False,
+  net = tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, error_head=False,
                         rngs=nnx.Rngs(0))
   traces = tj.collect_traces(net, X, Y, cost="flops")
   assert "error_prob" not in traces.signals

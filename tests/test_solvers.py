@@ -98,7 +98,7 @@ def test_iid_uniform_losses_match_reservation_value(lam, cost):
   k, n = 11, 200
   grid = np.linspace(0, 1, k)
   probs = np.full(k, 1 / k)
-  c = tj.iid_cascade(grid, probs, cost, n)
+  c = tj.core.iid_cascade(grid, probs, cost, n)
   xi = _reservation_value(grid, probs, (1 - lam) * cost / lam)
   assert (1 - np.mean(grid <= xi)) ** (n - 1) < 1e-12  # horizon long enough to be stationary
   sol = tj.solve_recall(c, lam)

@@ -141,7 +141,7 @@ def serving_probe(calibration: ExitTraces, num_states: int = 8) -> DeployedPolic
   score, _, _ = resolve_signals(calibration)
   n = calibration.num_stages
   fitted = fit_cascade(calibration, num_states, score=score)
-  return fitted.deploy(FixedExitPolicy(exit_stage=n - 1, stages=n))
+  return fitted.deploy(FixedExitPolicy(exit_stage=n - 1, num_stages=n))
 
 
 def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick: bool = False,

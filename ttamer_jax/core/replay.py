@@ -1,6 +1,6 @@
 """Batched replay of policies on state paths, and Monte-Carlo evaluation.
 
-``replay`` runs any :class:`~ttamer_jax.LinePolicy` on recorded or sampled
+``replay`` runs any :class:`~ttamer_jax.core.LinePolicy` on recorded or sampled
 per-stage observations and scores it with the *true* per-request losses
 and costs. ``monte_carlo`` samples paths from a cascade in chunks (memory bounded
 by ``chunk_size * n``) and accumulates the statistics.
@@ -179,7 +179,7 @@ def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: 
   """Runs ``policy`` on ``N`` requests whose every stage was observed.
 
   Args:
-    policy: a :class:`~ttamer_jax.LinePolicy` (one policy, not a grid).
+    policy: a :class:`~ttamer_jax.core.LinePolicy` (one policy, not a grid).
     states: ``[N, n]`` int discretised state of every request at every stage.
     losses: ``[N, n]`` true loss of answering request ``r`` with stage ``i``.
     costs: ``[n]`` or ``[N, n]`` cost of consulting each stage.
@@ -331,9 +331,9 @@ def replay_totals(policies: LinePolicy, states: Any, losses: Any, costs: Any, *,
   ``O(P x block)`` for any ``N`` and the carries stay in cache.
 
   Args:
-    policies: a :class:`~ttamer_jax.LinePolicy` whose leaves named by ``policy_axes``
+    policies: a :class:`~ttamer_jax.core.LinePolicy` whose leaves named by ``policy_axes``
       carry a leading grid axis ``P`` (e.g. a heuristic grid from
-      :func:`~ttamer_jax.confidence_grid`, or recall policies of many ``lam``).
+      :func:`~ttamer_jax.evaluation.confidence_grid`, or recall policies of many ``lam``).
     states, losses, costs, scores, preds: as for :func:`replay`.
     policy_axes: a ``jax.vmap`` ``in_axes`` prefix of ``policies``: ``0`` (every leaf
       batched) or :meth:`RecallPolicy.lam_grid_axes` for a ``lam`` grid that shares one

@@ -48,12 +48,12 @@ def solve_recall(cascade, lam, *, precision=DEFAULT_PRECISION, x_chunk: int | No
                  aggregate_above: int | None | str = "auto", num_meta: int = DEFAULT_NUM_META):
   """Optimal policy with recall by backward dynamic programming.
 
-  On a :class:`~ttamer_jax.RoutingGraph` this is :func:`~ttamer_jax.solve_graph_recall`;
-  on an :class:`~ttamer_jax.AggregatedCascade`, :func:`~ttamer_jax.solve_recall_aggregated`.
+  On a :class:`~ttamer_jax.RoutingGraph` this is :func:`~ttamer_jax.core.solve_graph_recall`;
+  on an :class:`~ttamer_jax.core.AggregatedCascade`, :func:`~ttamer_jax.core.solve_recall_aggregated`.
 
   Above ``aggregate_above`` states (``"auto"``: :data:`AGGREGATE_ABOVE_K`) the
   cascade's transitions are first factorised through ``num_meta`` meta-states
-  (:func:`~ttamer_jax.aggregate_cascade`) and the factorised model is solved in
+  (:func:`~ttamer_jax.core.aggregate_cascade`) and the factorised model is solved in
   ``O(n M K q)``; a ``UserWarning`` says so and how far the factors are from the
   true transitions. The result is then the optimum of that approximate model,
   not of ``cascade``. ``aggregate_above=None`` always solves exactly.
@@ -71,7 +71,7 @@ def solve_recall(cascade, lam, *, precision=DEFAULT_PRECISION, x_chunk: int | No
     num_meta: meta-states ``q`` of the aggregation.
 
   Returns:
-    :class:`RecallSolution` (:class:`~ttamer_jax.GraphSolution` on a graph).
+    :class:`RecallSolution` (:class:`~ttamer_jax.core.GraphSolution` on a graph).
   """
   if isinstance(cascade, RoutingGraph):
     return solve_graph_recall(cascade, lam, precision=precision)

@@ -51,7 +51,7 @@ MAX_FIT_TABLE_BYTES = 1 << 32
 JIT_FIT = ("inside jit, fit the bins outside it (ttamer_jax.fit_discretiser), then call the "
            "Discretiser and ttamer_jax.fit_cascade_arrays inside (docs/jit.md)")
 JIT_BINS = ("fit the bins once outside jit and call the Discretiser inside it "
-            "(ttamer_jax.Discretiser(edges) also takes traced edges; docs/jit.md)")
+            "(ttamer_jax.data.Discretiser(edges) also takes traced edges; docs/jit.md)")
 
 
 # ------------------------------------------------------------------ discretiser
@@ -289,7 +289,7 @@ class FittedCascade:
     counts: ``[n, K]`` number of calibration samples per (stage, state).
     cost_scale: ``[]`` mean cost of running every stage in the traces' units
       (``cascade.costs * cost_scale`` are the raw mean stage costs).
-    answers: ``None``, or the :class:`~ttamer_jax.AnswerModel` whose virtual
+    answers: ``None``, or the :class:`~ttamer_jax.data.AnswerModel` whose virtual
       stages the cascade models (posterior-answer stages).
     score_name: static name of the score signal fitted on (``"scores"``: the
       traces' primary scores).

@@ -249,12 +249,12 @@ def per_stage_grid(traces: ExitTraces, score_name: str | None = None, num: int =
 def patience_grid(num_stages: int):
   """Patience ``1..n`` (``n``: effectively the full model unless all exits agree)."""
   p = np.arange(1, validation.check_positive_int("num_stages", num_stages) + 1)
-  return heuristics.PatiencePolicy(patience=p, stages=num_stages), p
+  return heuristics.PatiencePolicy(patience=p, num_stages=num_stages), p
 
 
 def fixed_exit_grid(num_stages: int):
   k = np.arange(validation.check_positive_int("num_stages", num_stages))
-  return heuristics.FixedExitPolicy(exit_stage=k, stages=num_stages), k
+  return heuristics.FixedExitPolicy(exit_stage=k, num_stages=num_stages), k
 
 
 def heuristic_sweeps(calibration: ExitTraces, traces: ExitTraces, *,

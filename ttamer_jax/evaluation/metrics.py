@@ -233,7 +233,7 @@ def evaluate(policy, traces: ExitTraces, lam, *, key: chex.PRNGKey | None = None
 
   Args:
     policy: a :class:`DeployedPolicy`, a heuristic from :mod:`ttamer_jax.core.heuristics`
-      (reading ``score_name``) or a :class:`~ttamer_jax.HindsightPolicy`.
+      (reading ``score_name``) or a :class:`~ttamer_jax.core.HindsightPolicy`.
     traces: held-out :class:`ExitTraces` (not the ones the policy was fitted on).
     lam: weight of the loss in the reported objective.
     key: PRNG key of the bootstrap (default ``PRNGKey(0)``: reproducible).

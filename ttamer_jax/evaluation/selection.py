@@ -209,10 +209,10 @@ def _rule_grid(candidate: Candidate, traces: ExitTraces):
   n = traces.num_stages
   if candidate.kind == "patience":
     p = np.arange(1, n + 1)
-    return PatiencePolicy(patience=p, stages=n), p.astype(float)
+    return PatiencePolicy(patience=p, num_stages=n), p.astype(float)
   if candidate.kind == "fixed_exit":
     k = np.arange(n)
-    return FixedExitPolicy(exit_stage=k, stages=n), k.astype(float)
+    return FixedExitPolicy(exit_stage=k, num_stages=n), k.astype(float)
   scores = np.asarray(trace_scores(traces, candidate.score), np.float64)
   return ThresholdPolicy(thresholds=rule_thresholds(candidate.kind, scores)), RULE_LEVELS
 
@@ -843,7 +843,7 @@ def _posterior_tables(ctx: _Folds, score, key, tables: _Tables):
   """Virtual posterior-answer tables of every fit (its training view: nested
   cross-fitted calibrators; its replay view: the calibrator of all its training
   requests), every calibrator fitted in one program. Returns the refit's
-  :class:`~ttamer_jax.AnswerModel`."""
+  :class:`~ttamer_jax.data.AnswerModel`."""
   traces = ctx.traces
   num = traces.num_samples
   scores = np.asarray(trace_scores(traces, score), np.float64)
@@ -963,10 +963,10 @@ def _rule_grids(ctx: _Folds, family: str, members, scores):
   reps = len(members) * groups
   if family == "patience":
     p = np.arange(1, n + 1)
-    return PatiencePolicy(patience=np.tile(p, (reps, 1)), stages=n), p.astype(float)
+    return PatiencePolicy(patience=np.tile(p, (reps, 1)), num_stages=n), p.astype(float)
   if family == "fixed_exit":
     p = np.arange(n)
-    return FixedExitPolicy(exit_stage=np.tile(p, (reps, 1)), stages=n), p.astype(float)
+    return FixedExitPolicy(exit_stage=np.tile(p, (reps, 1)), num_stages=n), p.astype(float)
   grids = [rule_thresholds(c.kind, scores[t]) for _, c in members for t in ctx.train]
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
   return ThresholdPolicy(thresholds=np.stack(grids).astype(dtype)), RULE_LEVELS

@@ -828,7 +828,7 @@ def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
   # Exit states (no answer model) read the signal the deployed policy's stages read.
   score = deployed.score_name if deployed.answers is None else deployed.answers.score_name
   servers = [Server(model, deployed.replace(
-      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), stages=n), answers=None,
+      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), num_stages=n), answers=None,
       score_name=score), buckets=reached, program=program) for k in range(n)]
   for server in servers:
     server(x)
