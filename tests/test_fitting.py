@@ -36,7 +36,7 @@ def test_quantile_and_uniform_edges():
 def test_discretiser_validation():
   with pytest.raises(ValueError, match="binning: must be one of"):
     tj.fit_discretiser(np.zeros((3, 2)), 2, binning="log")
-  with pytest.raises(ValueError, match="num_bins = 0 must be >= 1"):
+  with pytest.raises(ValueError, match="num_states = 0 must be >= 1"):
     tj.fit_discretiser(np.zeros((3, 2)), 0)
   with pytest.raises(ValueError, match=r"scores\[1, 0\] is nan"):
     tj.fit_discretiser([[0.0, 1.0], [np.nan, 1.0]], 2)

@@ -271,7 +271,7 @@ def _fit_cases(tr, c):
                                                                      "abc", [[1, 2, 3]]], ("block_costs",)),
                      (lambda v: lambda: skip(tr, 2, head_costs=v), [[0, 0, -1e-3], [0, np.inf, 0], [1.0]],
                       ("head_costs",))],
-      "fit_discretiser": [(lambda v: lambda: disc(scores, v), [0, -2, 2.5, "4", None, 10**12], ("num_bins",)),
+      "fit_discretiser": [(lambda v: lambda: disc(scores, v), [0, -2, 2.5, "4", None, 10**12], ("num_states",)),
                           (lambda v: lambda: disc(v, 2), [scores[:, 0], np.zeros((0, 3)), np.zeros((4, 0)),
                                                           np.full((4, 2), np.nan), "abc", None], ("scores",))],
       "traces": [(lambda v: lambda: fit(v, 2), ["abc", None, scores], ("traces",)),

@@ -235,7 +235,7 @@ def test_batch_serving_cost_is_smooth_and_tracks_the_hard_fit():
   probs = jax.nn.softmax(logits, -1)
   conf = probs.max(-1)
   err = 1.0 - jnp.take_along_axis(probs, labels[:, None, None], -1)[..., 0]
-  soft = tj.core.soft_fitted_cascade(conf, err, costs, num_bins=4, width=1e-4, smoothing=1e-9)
+  soft = tj.core.soft_fitted_cascade(conf, err, costs, num_states=4, width=1e-4, smoothing=1e-9)
   np.testing.assert_allclose(np.asarray(soft.trans).sum(-1), 1.0, rtol=1e-5)
   bins = np.minimum((np.asarray(conf) * 4).astype(int), 3)
   for i in range(3):

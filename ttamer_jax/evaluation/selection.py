@@ -785,7 +785,8 @@ class _Tables:
     them (recall and no-recall candidates of one design bin alike)."""
     key = (table, fold, bins, binning, feature)
     if key not in self.bins:
-      self.bins[key] = fit_discretiser(np.asarray(self.scores[table][train], np.float64), bins,
+      states = bins * (1 if feature is None else 2)
+      self.bins[key] = fit_discretiser(np.asarray(self.scores[table][train], np.float64), states,
                                        binning=binning, feature=feature)
     return self.bins[key]
 
