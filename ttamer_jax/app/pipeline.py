@@ -380,7 +380,7 @@ format_operating_points = reports.format_operating_points
 format_objectives = reports.format_objectives
 
 
-def summarize(comparison: PolicyComparison, tolerance: float = 0.01,
+def summarise(comparison: PolicyComparison, tolerance: float = 0.01,
               objective_lams: Any = OBJECTIVE_LAMS, budgets: Any = COST_BUDGETS) -> dict:
   """A comparison as plain values: operating points, held-out objectives at
   ``objective_lams``, least held-out errors at the cost ``budgets``, frontier gaps,
@@ -692,7 +692,7 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
 
   Fits on ``calibration_path`` (or the first part of a random ``split`` of the
   traces) and measures on the traces (or the rest). ``plot``: also draw the
-  Pareto plot there. Result: :func:`summarize` plus ``{traces, calibration, how,
+  Pareto plot there. Result: :func:`summarise` plus ``{traces, calibration, how,
   lams[, plot]}``.
   """
   from ttamer_jax.app import plotting
@@ -719,7 +719,7 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
   resolve_signals(test, score, conf)
   comp = compare_policies(calibration, test, num_states=states, score=score, confidence_score=conf,
                           entropy_score=entropy, lams=lams, feature=feature, progress=progress)
-  result = summarize(comp, tolerance)
+  result = summarise(comp, tolerance)
   result.update(traces=traces_path, calibration=calibration_path, how=how,
                 lams=np.asarray(comp.lams))
   if plot is not None:
@@ -792,7 +792,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
              log: Callable[[str], None] | None = None) -> Run:
   """``ttamer demo``: the whole job on a built-in workload, written to the folder ``out``.
 
-  :func:`prepare` -> :func:`compare_policies` -> :func:`summarize` (every family's
+  :func:`prepare` -> :func:`compare_policies` -> :func:`summarise` (every family's
   frontier, measured on the test split); deploys the policy that
   :func:`~ttamer_jax.fit_policy` chooses by cross-fitting on the calibration split
   (least cost within ``tolerance`` of the last exit's error) and reports it measured
@@ -838,7 +838,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   score, conf, entropy = resolve_signals(prep.calibration)
   comp = compare_policies(prep.calibration, prep.test, num_states=states, score=score,
                           confidence_score=conf, entropy_score=entropy, progress=progress)
-  summary = summarize(comp, tolerance)
+  summary = summarise(comp, tolerance)
   points = summary["operating_points"]
   lam = recall_lam(comp, tolerance)
   say("[3/4] choose the policy to deploy by cross-fitting on the calibration split ...")
