@@ -66,9 +66,12 @@ def test_flops_follow_the_layer_sizes():
   assert (costs.flops >= matmul).all(), (costs.flops, matmul)
   assert (costs.flops <= 1.35 * matmul).all(), (costs.flops, matmul)
   assert np.isnan(costs.seconds).all()
-  traces = tj.collect_traces(MLP, X, Y, cost="flops", normalize_costs=False,
+  traces = tj.collect_traces(MLP, X, Y, cost="flops", normalise_costs=False,
                              timing_batch_size=8)
   np.testing.assert_allclose(traces.costs, costs.flops, rtol=1e-6)
+  with pytest.warns(DeprecationWarning, match="normalise_costs"):  # the documented old spelling
+    old = tj.collect_traces(MLP, X, Y, cost="flops", normalize_costs=False, timing_batch_size=8)
+  np.testing.assert_allclose(old.costs, costs.flops, rtol=1e-6)
 
 
 def test_measured_costs():

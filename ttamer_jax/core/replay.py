@@ -4,6 +4,13 @@
 per-stage observations and scores it with the *true* per-request losses
 and costs. ``monte_carlo`` samples paths from a cascade in chunks (memory bounded
 by ``chunk_size * n``) and accumulates the statistics.
+
+Entry points: :func:`replay` (one policy on ``[N, n]`` requests),
+:func:`replay_totals` (a grid of policies, summed), :func:`replay_cascade` (scored
+with a cascade's own losses), :func:`replay_graph` (a routing policy), and
+:func:`ttamer_jax.replay_traces` (on :class:`~ttamer_jax.ExitTraces`, in
+``evaluation``). ``replay_trusted``, ``replay_totals_trusted`` and
+``replay_compiled`` are internal: the same loops without the boundary checks.
 """
 
 from __future__ import annotations
@@ -189,7 +196,7 @@ def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: 
   check_line_policy(policy)
   check_single_policy(policy)
   _check_replay_arrays(policy, states, losses, costs, scores, preds)
-  return replay_arrays(policy, states, losses, costs, scores, preds)
+  return replay_trusted(policy, states, losses, costs, scores, preds)
 
 
 def _pads_freely(policy) -> bool:
@@ -224,9 +231,10 @@ def _cut_requests(result, num):
   return jax.tree_util.tree_map(lambda a: a[:num], result)
 
 
-def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=None
+def replay_trusted(policy: LinePolicy, states, losses, costs, scores=None, preds=None
                   ) -> ReplayResult:
-  """:func:`replay` of trusted inputs (validated by the caller, e.g. :class:`~ttamer_jax.ExitTraces`).
+  """Internal: :func:`replay` of trusted inputs (validated by the caller, e.g.
+  :class:`~ttamer_jax.ExitTraces`); what evaluation calls after its own checks.
 
   Float inputs keep their dtype; the best-so-far carry takes the wider of the
   losses' and the policy's estimate dtype. The requests are padded to
@@ -257,7 +265,9 @@ def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=
 
 @jax.jit
 def replay_compiled(policy, states, losses, costs, scores, preds) -> ReplayResult:
-  """The compiled replay loop (trusted ``[N, n]`` inputs; vmappable over policies)."""
+  """Internal: the compiled replay loop (trusted ``[N, n]`` inputs; vmappable over
+  policies). :func:`replay` and :func:`replay_trusted` pad the requests to a bucket
+  before calling it, so a new batch size rarely compiles it anew."""
   num, n = states.shape
   obs_by_stage = StageObservation(state=states.T, score=scores.T, pred=preds.T)
 
@@ -353,7 +363,7 @@ def replay_totals(policies: LinePolicy, states: Any, losses: Any, costs: Any, *,
   if len(set(sizes)) > 1:
     raise ValueError(f"policies: the batched leaves have different grid sizes {sorted(set(sizes))}")
   _check_replay_arrays(policies, states, losses, costs, scores, preds)
-  return replay_totals_arrays(policies, states, losses, costs, scores, preds,
+  return replay_totals_trusted(policies, states, losses, costs, scores, preds,
                               policy_axes=policy_axes)
 
 
@@ -371,9 +381,9 @@ def _grid_sizes(policies, policy_axes) -> list[int]:
   return sizes
 
 
-def replay_totals_arrays(policies, states, losses, costs, scores=None, preds=None, *,
+def replay_totals_trusted(policies, states, losses, costs, scores=None, preds=None, *,
                          policy_axes=0) -> ReplayTotals:
-  """:func:`replay_totals` of trusted inputs (validated by the caller)."""
+  """Internal: :func:`replay_totals` of trusted inputs (validated by the caller)."""
   num, n = np.shape(states)
   block, num_blocks = grid_block(num, max(_grid_sizes(policies, policy_axes) + [1]))
   size = block * num_blocks

@@ -25,7 +25,7 @@ from ttamer_jax.core import heuristics, kernel, validation
 from ttamer_jax.core.kernel import DEFAULT_PRECISION
 from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.protocol import check_line_policy
-from ttamer_jax.core.replay import replay_totals_arrays
+from ttamer_jax.core.replay import replay_totals_trusted
 from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_lams
 from ttamer_jax.core.struct import pytree_dataclass, trusted
 from ttamer_jax.data.discretise import trace_scores
@@ -111,7 +111,7 @@ def _line_policies(cascade, lams, grid, pos, recall: bool):
 
 
 def _grid_stats(policies, states, losses, costs, scores, preds, policy_axes=0):
-  tot = replay_totals_arrays(policies, states, losses, costs, scores, preds, policy_axes=policy_axes)
+  tot = replay_totals_trusted(policies, states, losses, costs, scores, preds, policy_axes=policy_axes)
   num = tot.num
   return (tot.loss / num, tot.cost / num, tot.stop_counts / num, tot.answer_counts / num,
           tot.recalled_counts / num)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
-from ttamer_jax.core.replay import ReplayResult, check_key, replay_arrays
+from ttamer_jax.core.replay import ReplayResult, check_key, replay_trusted
 from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data.discretise import DeployedPolicy, check_consistent, trace_scores
 from ttamer_jax.data.traces import ExitTraces
@@ -75,7 +75,7 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
   if line.num_stages != traces.num_stages:
     raise ValueError(f"traces: have {traces.num_stages} stages but the policy was built for "
                      f"{line.num_stages} stages")
-  return replay_arrays(line, states, traces.losses, traces.costs, scores, preds)
+  return replay_trusted(line, states, traces.losses, traces.costs, scores, preds)
 
 
 # ------------------------------------------------------------------ bootstrap
