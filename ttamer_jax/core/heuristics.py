@@ -81,12 +81,28 @@ def _shared_threshold(threshold, num_stages: int) -> chex.Array:
 
 
 def confidence_threshold(threshold, num_stages: int) -> ThresholdPolicy:
-  """One confidence threshold for every stage: exit once ``score >= threshold``."""
+  """One confidence threshold for every stage: exit once ``score >= threshold``.
+
+  Args:
+    threshold: ``[]`` confidence to exit at (may be traced).
+    num_stages: ``n``.
+
+  Returns:
+    A :class:`ThresholdPolicy` with ``thresholds [n]``, ``direction="above"``.
+  """
   return ThresholdPolicy(thresholds=_shared_threshold(threshold, num_stages), direction="above")
 
 
 def per_stage_thresholds(thresholds, direction: str = "above") -> ThresholdPolicy:
-  """A threshold per stage (``[n]``)."""
+  """A threshold per stage (``[n]``).
+
+  Args:
+    thresholds: ``[n]`` threshold of each stage (may be traced).
+    direction: ``"above"`` (stop iff ``score >= t``) or ``"below"``.
+
+  Returns:
+    A :class:`ThresholdPolicy` with ``thresholds [n]``.
+  """
   if validation.is_concrete(thresholds):
     thresholds = validation.as_numpy("thresholds", thresholds, ndim=1)
   elif np.ndim(thresholds) != 1:
@@ -229,10 +245,17 @@ def check_losses_and_costs(losses: Any, costs: Any) -> tuple[np.ndarray, np.ndar
 def hindsight_policy(losses: Any, costs: Any, lam) -> HindsightPolicy:
   """The per-request optimum ``argmin_k lam * min_{j<=k} l_j + (1-lam) * (c_0+..+c_k)``.
 
-  Args:
-    losses: ``[N, n]`` true losses; costs: ``[n]`` or ``[N, n]``; lam in [0, 1].
   Ties pick the earliest ``k``, so the answer is the earliest stage of least loss.
   Runs on the host (float64 stops per request).
+
+  Args:
+    losses: ``[N, n]`` true losses.
+    costs: ``[n]`` or ``[N, n]`` stage costs.
+    lam: ``[]`` trade-off weight in [0, 1].
+
+  Returns:
+    A :class:`HindsightPolicy` with ``stop_stage [N]``: replay it on the same
+    requests, in the same order.
   """
   validation.refuse_traced("hindsight_policy", "inside jit, ttamer_jax.prophet_value is the "
                            "hindsight optimum of a model (docs/jit.md)", losses=losses,

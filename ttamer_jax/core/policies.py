@@ -154,6 +154,15 @@ def recall_policy(cascade: Cascade, lam) -> RecallPolicy:
 
   On an :class:`~ttamer_jax.core.AggregatedCascade` the index is solved through the
   factors (over the original states).
+
+  Args:
+    cascade: a :class:`Cascade` (or :class:`~ttamer_jax.core.AggregatedCascade`),
+      ``n`` stages of ``K`` states.
+    lam: ``[]`` trade-off weight in [0, 1]; a ``[L]`` grid under ``jax.vmap``.
+
+  Returns:
+    A :class:`~ttamer_jax.core.RecallPolicy`: ``index [n, K]``, ``values [n, K]``,
+    ``lam []``.
   """
   solution = solve_recall(cascade, lam)  # validates cascade and lam
   return trusted(RecallPolicy, index=solution.index, values=cascade.values,

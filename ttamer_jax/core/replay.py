@@ -192,6 +192,10 @@ def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: 
     costs: ``[n]`` or ``[N, n]`` cost of consulting each stage.
     scores: optional ``[N, n]`` float raw exit scores (for heuristics).
     preds: optional ``[N, n]`` int exit predictions (for heuristics).
+
+  Returns:
+    A :class:`ReplayResult`: ``stop_stage [N]``, ``answer_stage [N]``, ``loss [N]``,
+    ``cost [N]``.
   """
   check_line_policy(policy)
   check_single_policy(policy)
@@ -525,6 +529,19 @@ def monte_carlo(key: chex.PRNGKey, cascade: Cascade, policy, lam, num_paths: int
   Paths are processed ``chunk_size`` at a time (``lax.map``), so memory stays
   ``O(chunk_size * n)`` for any ``num_paths``. Sums are accumulated in float32
   per chunk and combined in the result dtype.
+
+  Args:
+    key: PRNG key of the sampled paths.
+    cascade: the line the paths are drawn from, ``n`` stages of ``K`` states.
+    policy: a :class:`~ttamer_jax.core.LinePolicy` over the cascade's states.
+    lam: ``[]`` trade-off weight of the reported objective.
+    num_paths: sampled paths (static).
+    chunk_size: paths per chunk (static).
+
+  Returns:
+    A :class:`~ttamer_jax.core.MonteCarloEstimate`: ``objective []`` and its
+    standard error, mean ``loss []`` and ``cost []``, ``stop_histogram [n]``,
+    ``answer_histogram [n]``, ``num_paths []``.
   """
   validation.check_scalar_lam(lam)
   num_paths = _check_num_paths(num_paths)

@@ -323,6 +323,10 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
     full_cost: the mean cost of running every stage on the fitting traces (raw
       units), recorded as ``full_cost``: the policy's costs were shares of it, so
       its ``lam`` is unit-free.
+
+  Returns:
+    The metadata written (a JSON-serialisable ``dict``: format version, policy
+    structure, ``num_stages``, ``num_states``, ``lam``, fit date, user fields).
   """
   validation.refuse_traced("save_policy", "write files outside jit (or from jax.debug.callback)",
                            deployed=deployed, lam=lam, full_cost=full_cost)

@@ -135,7 +135,17 @@ def _sweep(fitted: FittedCascade, traces: ExitTraces, lams, recall: bool) -> Rep
 
 def sweep_recall(fitted: FittedCascade, traces: ExitTraces, lams: Any) -> ReplaySweep:
   """Recall-optimal policies of ``fitted`` for every ``lam`` replayed on ``traces``
-  (one batched solve, then every policy replayed in blocks of requests)."""
+  (one batched solve, then every policy replayed in blocks of requests).
+
+  Args:
+    fitted: the :class:`~ttamer_jax.data.FittedCascade` the policies solve.
+    traces: held-out :class:`ExitTraces`.
+    lams: ``[L]`` trade-off weights.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.ReplaySweep` with ``param [L]`` (the lams) and
+    ``[L]`` error, cost and normalised cost.
+  """
   return _sweep(fitted, traces, lams, True)
 
 

@@ -66,6 +66,15 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
   A :class:`DeployedPolicy` with an answer model replays on its virtual
   posterior-answer stages (:meth:`DeployedPolicy.stage_traces`). Runs on the host;
   inside ``jit`` use :func:`ttamer_jax.replay` on states (docs/jit.md).
+
+  Args:
+    policy: as for :func:`evaluate`.
+    traces: :class:`ExitTraces`, ``N`` requests.
+    score_name: the signal heuristics read (default: the primary scores).
+
+  Returns:
+    A :class:`~ttamer_jax.core.ReplayResult`: ``stop_stage``, ``answer_stage``,
+    ``loss``, ``cost``, each ``[N]``.
   """
   validation.refuse_traced("replay_traces", JIT_REPLAY, policy=policy, traces=traces)
   if isinstance(policy, DeployedPolicy) and isinstance(traces, ExitTraces):
@@ -239,6 +248,11 @@ def evaluate(policy, traces: ExitTraces, lam, *, key: chex.PRNGKey | None = None
     key: PRNG key of the bootstrap (default ``PRNGKey(0)``: reproducible).
     num_resamples: bootstrap resamples.
     level: confidence level of the intervals.
+    score_name: the signal a heuristic reads (default: the primary scores).
+
+  Returns:
+    An :class:`Evaluation`: mean ``error``, ``cost``, ``cost_norm`` and ``objective``
+    ``[]`` with ``[2]`` bootstrap intervals, and the stop and answer histograms ``[n]``.
 
   Runs on the host (bootstrap, histograms); inside ``jit`` use
   :func:`ttamer_jax.replay` on states and average its ``loss`` and ``cost`` (docs/jit.md).
@@ -303,7 +317,19 @@ def compare_objectives(oa: np.ndarray, ob: np.ndarray, *, key, num_resamples: in
 
 def compare(policy_a, policy_b, traces: ExitTraces, lam, *, key=None, num_resamples: int = 1000,
             level: float = 0.95, score_name: str | None = None) -> Comparison:
-  """Replays both policies on ``traces`` and compares them request by request."""
+  """Replays both policies on ``traces`` and compares them request by request.
+
+  Args:
+    policy_a, policy_b: policies as for :func:`evaluate`.
+    traces: held-out :class:`ExitTraces`.
+    lam: weight of the loss in the compared objective.
+    key, num_resamples, level: the paired bootstrap of the differences.
+    score_name: the signal heuristics read (default: the primary scores).
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.Comparison`: per-policy :class:`Evaluation`
+    and ``b - a`` differences of objective, loss and cost ``[]`` with intervals.
+  """
   validation.refuse_traced("compare", JIT_REPLAY, policy_a=policy_a, policy_b=policy_b,
                            traces=traces, lam=lam, key=key)
   return compare_results(replay_traces(policy_a, traces, score_name=score_name),

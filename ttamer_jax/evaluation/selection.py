@@ -138,6 +138,12 @@ def default_candidates(traces: ExitTraces) -> tuple[Candidate, ...]:
   previous exit, and with the most confident earlier exit); posterior-answer
   stages with 4, 8 and 16 bins. Rules: one confidence threshold, per-stage
   thresholds, patience, a fixed exit.
+
+  Args:
+    traces: the calibration :class:`ExitTraces` (which signals are recorded).
+
+  Returns:
+    A tuple of :class:`~ttamer_jax.evaluation.Candidate`.
   """
   signals = dict(traces.signals or {})
   conf = "max_softmax" if "max_softmax" in signals else None
@@ -466,6 +472,11 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
     key: PRNG key of the folds and the bootstrap (default ``PRNGKey(0)``).
     num_resamples, level: bootstrap of the reported intervals.
     progress: a progress line per candidate.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.PolicySelection`: the chosen
+    :class:`DeployedPolicy` refitted on all of ``traces``, its candidate, and every
+    candidate's cross-fitted score.
   """
   validation.refuse_traced(
       "fit_policy", "inside jit, fit bins outside (ttamer_jax.fit_discretiser), then "

@@ -286,6 +286,14 @@ def save_checkpoint(path: str | os.PathLike, model: EarlyExitNet, *,
   The file is written to a temporary file beside ``path`` and moved into place,
   so a failure never leaves a half-written checkpoint. ``metadata`` must be
   JSON-serialisable (e.g. the training config and accuracy).
+
+  Args:
+    path: destination ``.npz`` file.
+    model: the network.
+    metadata: JSON-serialisable extra fields.
+
+  Returns:
+    ``None``.
   """
   path = os.fspath(path)
   names, leaves, _ = _param_arrays(model)
@@ -358,6 +366,14 @@ def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None, 
   With ``model=None`` the network is rebuilt from the stored class and config.
   Files over ``max_bytes`` (default :data:`ttamer_jax.data.files.MAX_FILE_BYTES`) are
   refused before they are read.
+
+  Args:
+    path: a file written by :func:`save_checkpoint`.
+    model: the network to restore into, or ``None`` to rebuild it.
+    max_bytes: refuse larger files.
+
+  Returns:
+    The network, parameters restored.
 
   Raises:
     ValueError: missing or corrupt file, unsupported ``format_version``, a
