@@ -147,7 +147,8 @@ def run_row(prep, size, lam: float, seed: int, args) -> dict:
 
 def summary(rows: list[dict]) -> tuple[str, dict]:
   workloads = list(dict.fromkeys(r["workload"] for r in rows))
-  lines = ["| workload | lam | selected (seeds) | J selected | J best rule | rel. diff | worst seed diff / SE | J previous rule | J plain recall | modelled J (cross-fitted) vs measured |",
+  lines = ["| workload | lam | selected (seeds) | J selected | J best rule | rel. diff | worst seed diff / SE "
+           "| J previous rule | J plain recall | modelled J (cross-fitted) vs measured |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   rel_by_workload, violations = {}, []
   for w in workloads:

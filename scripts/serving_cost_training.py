@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.networks import profiling, training, workloads
 from ttamer_jax.app import pipeline
+from ttamer_jax.networks import profiling, training, workloads
 
 
 def evaluate_network(model, wl, costs):

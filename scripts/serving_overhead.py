@@ -106,9 +106,9 @@ def _parse(argv):
 
 def recall_at_demo_lam(calibration, tolerance):
   """The recall optimum at the demo's ``lam`` (``pipeline.recall_lam``'s choice)."""
+  from ttamer_jax.app import pipeline
   from ttamer_jax.data.fitting import fit_cascade
   from ttamer_jax.evaluation import frontier
-  from ttamer_jax.app import pipeline
 
   fitted = fit_cascade(calibration, 8, score="max_softmax")
   sweep = frontier.sweep_recall(fitted, calibration, pipeline.default_lams())
@@ -193,6 +193,7 @@ def time_policies(model, policies, x, y, *, buckets, repeats):
   reference)."""
   import jax.numpy as jnp
   from flax import nnx
+
   from ttamer_jax.networks import serving
   from ttamer_jax.networks.nn import StaticGraph
 

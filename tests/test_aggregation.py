@@ -4,8 +4,8 @@ fitting recovers exact factorisations, and the report's numbers are consistent."
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 
@@ -118,7 +118,8 @@ def test_validation():
               membership=np.full((2, 4, 2), 0.5), emission=np.full((2, 2, 4), 0.25), costs=np.zeros(3))
   tj.core.AggregatedCascade(**good)
   with pytest.raises(ValueError, match=r"membership\[0, 0\] sums to 1.5"):
-    tj.core.AggregatedCascade(**{**good, "membership": np.concatenate([np.full((2, 4, 1), 1.0), np.full((2, 4, 1), 0.5)], -1)})
+    membership = np.concatenate([np.full((2, 4, 1), 1.0), np.full((2, 4, 1), 0.5)], -1)
+    tj.core.AggregatedCascade(**{**good, "membership": membership})
   with pytest.raises(ValueError, match=r"emission: expected shape \(2, 2, 4\)"):
     tj.core.AggregatedCascade(**{**good, "emission": np.full((2, 3, 4), 0.25)})
   with pytest.raises(ValueError, match=r"membership: expected shape \(2, 4, q\)"):

@@ -5,9 +5,10 @@ import functools
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
+
 # Internal: the paired comparison of two replays (tj.compare replays the policies itself).
 from ttamer_jax.evaluation.metrics import compare_results
 

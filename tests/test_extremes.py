@@ -10,10 +10,10 @@ lie within the documented bound (docs/formulation.md, "Precision"):
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
-import ttamer_jax as tj
 from fuzzing import record
+
+import ttamer_jax as tj
 
 EPS32 = float(np.finfo(np.float32).eps)
 

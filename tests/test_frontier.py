@@ -5,9 +5,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
+
 # Internal: the paired comparison of two replays (tj.compare replays the policies itself).
 from ttamer_jax.evaluation.metrics import compare_results
 
@@ -150,10 +152,11 @@ def test_fitted_recall_beats_every_baseline_on_held_out_traces(seed):
   which the recall optimum dominates every non-anticipating policy.
   """
   c, cal, held, fit = _setup(seed)
-  grids = {"confidence": tj.evaluation.confidence_grid(cal, num=32), "entropy": tj.evaluation.entropy_grid(cal, "scores", num=32),
-           "per_stage": tj.evaluation.per_stage_grid(cal, num=32),
-           "per_stage_below": tj.evaluation.per_stage_grid(cal, num=32, direction="below"), "patience": tj.evaluation.patience_grid(4),
-           "fixed_exit": tj.evaluation.fixed_exit_grid(4)}
+  ev = tj.evaluation
+  grids = {"confidence": ev.confidence_grid(cal, num=32), "entropy": ev.entropy_grid(cal, "scores", num=32),
+           "per_stage": ev.per_stage_grid(cal, num=32),
+           "per_stage_below": ev.per_stage_grid(cal, num=32, direction="below"), "patience": ev.patience_grid(4),
+           "fixed_exit": ev.fixed_exit_grid(4)}
   strict = 0
   for lam in (0.3, 0.6, 0.9):
     recall = tj.replay_traces(fit.recall_policy(lam), held)

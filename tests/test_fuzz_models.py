@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from fuzzing import expect_error, record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import expect_error, record
 
 EPS32 = float(np.finfo(np.float32).eps)
 # |J_float32 - J_float64| <= C32 * n * eps32 * (max values + sum costs): docs/formulation.md
@@ -219,9 +220,12 @@ def test_invalid_builder_arguments_raise(data):
     if sub == "probs":
       expect_error("builders.bad_args", lambda: tj.core.iid_cascade([0.1, 0.2], [0.7, 0.7], 0.1, 3), "probs")
     elif sub == "n":
-      expect_error("builders.bad_args", lambda: tj.core.iid_cascade([0.1, 0.2], [0.5, 0.5], 0.1, data.draw(bad_int)), "num_stages")
+      num = data.draw(bad_int)
+      expect_error("builders.bad_args", lambda: tj.core.iid_cascade([0.1, 0.2], [0.5, 0.5], 0.1, num),
+                   "num_stages")
     else:
-      expect_error("builders.bad_args", lambda: tj.core.iid_cascade([0.1, 0.2], [0.5, 0.5], [0.1, -1.0, 0.1], 3), "costs")
+      expect_error("builders.bad_args",
+                   lambda: tj.core.iid_cascade([0.1, 0.2], [0.5, 0.5], [0.1, -1.0, 0.1], 3), "costs")
   elif case == "skip":
     bad = data.draw(st.sampled_from([None, "c", BASE[0]]))
     expect_error("builders.bad_args", lambda: tj.skip_line(bad), "cascade")
@@ -364,24 +368,28 @@ def test_invalid_network_sizes_raise(data):
   bad = data.draw(st.sampled_from([0, -2, 1.5, "4", None]))
   case = data.draw(st.sampled_from(["mlp_hidden", "mlp_classes", "mlp_blocks", "mlp_shape",
                                     "cnn_channels", "cnn_classes", "tr_vocab", "tr_dim"]))
+  MLP, Transformer = tj.networks.EarlyExitMLP, tj.networks.EarlyExitTransformer
   if case == "mlp_hidden":
-    expect_error("nn_ctor.invalid", lambda: tj.networks.EarlyExitMLP((4,), 3, hidden=bad, num_blocks=2, rngs=rngs), "hidden")
+    expect_error("nn_ctor.invalid", lambda: MLP((4,), 3, hidden=bad, num_blocks=2, rngs=rngs), "hidden")
   elif case == "mlp_classes":
-    expect_error("nn_ctor.invalid", lambda: tj.networks.EarlyExitMLP((4,), bad, hidden=4, num_blocks=2, rngs=rngs), "num_classes")
+    expect_error("nn_ctor.invalid", lambda: MLP((4,), bad, hidden=4, num_blocks=2, rngs=rngs), "num_classes")
   elif case == "mlp_blocks":
-    expect_error("nn_ctor.invalid", lambda: tj.networks.EarlyExitMLP((4,), 3, hidden=4, num_blocks=bad, rngs=rngs), "num_blocks")
+    expect_error("nn_ctor.invalid", lambda: MLP((4,), 3, hidden=4, num_blocks=bad, rngs=rngs), "num_blocks")
   elif case == "mlp_shape":
     shape = data.draw(st.sampled_from([(0,), (-1, 2), "ab", 5, (), (1.5,)]))
-    expect_error("nn_ctor.invalid", lambda: tj.networks.EarlyExitMLP(shape, 3, hidden=4, num_blocks=2, rngs=rngs), "input_shape")
+    expect_error("nn_ctor.invalid", lambda: MLP(shape, 3, hidden=4, num_blocks=2, rngs=rngs), "input_shape")
   elif case == "cnn_channels":
     ch = data.draw(st.sampled_from([(0,), (4, -1), (), "ab", (2.5,)]))
     expect_error("nn_ctor.invalid", lambda: tj.EarlyExitCNN((8, 8, 1), 3, channels=ch, rngs=rngs), "channels")
   elif case == "cnn_classes":
     expect_error("nn_ctor.invalid", lambda: tj.EarlyExitCNN((8, 8, 1), bad, channels=(2,), rngs=rngs), "num_classes")
   elif case == "tr_vocab":
-    expect_error("nn_ctor.invalid", lambda: tj.networks.EarlyExitTransformer(bad, 4, 2, dim=8, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs), "vocab_size")
+    expect_error("nn_ctor.invalid",
+                 lambda: Transformer(bad, 4, 2, dim=8, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs),
+                 "vocab_size")
   else:
-    expect_error("nn_ctor.invalid", lambda: tj.networks.EarlyExitTransformer(5, 4, 2, dim=bad, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs), "dim")
+    expect_error("nn_ctor.invalid",
+                 lambda: Transformer(5, 4, 2, dim=bad, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs), "dim")
 
 
 # ------------------------------------------------------------------ solvers

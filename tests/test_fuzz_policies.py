@@ -17,10 +17,12 @@ import tempfile
 import jax
 import numpy as np
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from fuzzing import expect_error, record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import expect_error, record
+
 # Internal: the inputs tj.replay_traces hands to tj.replay, to replay op by op.
 from ttamer_jax.data.policy_io import recorded_lam_problem
 from ttamer_jax.evaluation.metrics import trace_inputs

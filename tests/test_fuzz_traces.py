@@ -18,10 +18,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from fuzzing import expect_error, record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import expect_error, record
+
 # Internal: the checksummed .npz reader / atomic writer, to hand-edit archives.
 from ttamer_jax.data import archive
 

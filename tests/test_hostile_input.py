@@ -19,9 +19,9 @@ import tracemalloc
 import numpy as np
 import pandas as pd
 import pytest
+from test_fuzz_cli import assert_usage_error, listing, run_cli
 
 import ttamer_jax as tj
-from test_fuzz_cli import assert_usage_error, listing, run_cli
 from ttamer_jax.data import archive, files, policy_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,9 +12,9 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_docs import blocks
 
 import ttamer_jax as tj
-from test_docs import blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(REPO, "docs", "jit.md")

@@ -6,8 +6,8 @@ import warnings
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 from ttamer_jax.core import kernel  # the grid helpers are internal: tested here directly
 from ttamer_jax.core.solvers import solve_recall_on_grid

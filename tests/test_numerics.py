@@ -10,8 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax.evaluation import selection  # its lam grid
 from ttamer_jax.app import pipeline as P
 from ttamer_jax.app import reports
-from ttamer_jax.evaluation import frontier
+from ttamer_jax.evaluation import (
+  frontier,
+  selection,  # its lam grid
+)
 from ttamer_jax.networks import serving
 
 

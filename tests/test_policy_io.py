@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+
 # Internal: the checksummed .npz reader / atomic writer, to hand-edit policy files,
 # and the sidecar-path rule (policy.npz -> policy.json), tested directly.
 from ttamer_jax.data import archive

@@ -12,9 +12,9 @@ import json
 import jax
 import numpy as np
 from flax import nnx
+from fuzzing import record
 
 import ttamer_jax as tj
-from fuzzing import record
 from ttamer_jax.app import cli
 
 

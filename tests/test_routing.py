@@ -6,8 +6,8 @@ import itertools
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 

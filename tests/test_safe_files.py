@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
+
 # Internal: the atomic .npz writer (to write hand-made and tampered archives) and the
 # module default of the size limit (patched to a small value).
 from ttamer_jax.data import archive, files

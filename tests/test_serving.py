@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
-from ttamer_jax.data import answers  # AnswerModel's feature count
-from ttamer_jax.networks import serving, workloads
+
 # Internal: the frozen-dataclass pytree decorator, to write policies as a user would.
 from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.data import answers  # AnswerModel's feature count
+from ttamer_jax.networks import serving, workloads
 
 
 @pytree_dataclass

@@ -41,7 +41,8 @@ def test_mixture_coins_are_reproducible_and_have_the_right_rate():
                                   tj.core.replay_cascade(pure, c, states).stop_stage)
   res = tj.core.replay_cascade(mix, c, states)
   coin = np.asarray(mix.initial_carry(1000)[0])
-  expect = np.where(coin, tj.core.replay_cascade(b, c, states).stop_stage, tj.core.replay_cascade(a, c, states).stop_stage)
+  expect = np.where(coin, tj.core.replay_cascade(b, c, states).stop_stage,
+                    tj.core.replay_cascade(a, c, states).stop_stage)
   np.testing.assert_array_equal(res.stop_stage, expect)
   with pytest.raises(ValueError, match=r"prob_second = 1.5 must be a scalar in \[0, 1\]"):
     tj.core.MixturePolicy(first=a, second=b, prob_second=1.5, key=jax.random.PRNGKey(0))

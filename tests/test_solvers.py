@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 import reference as ref
+from hypothesis import given
+from hypothesis import strategies as st
+
 import ttamer_jax as tj
 
 TINY_CASES = [

@@ -247,7 +247,7 @@ def test_both_table_layouts_of_a_lam_batch_equal_single_solves(k):
   # K <= kernel.SMALL_K solves a lam batch with the batch in the tables' minor axis
   # (elementwise expectation), larger K with it leading (one matrix product): both
   # must give every lam's single solve, values and index.
-  from ttamer_jax.core import kernel, solvers   # internal: the two layouts themselves
+  from ttamer_jax.core import kernel, solvers  # internal: the two layouts themselves
   assert (k <= kernel.SMALL_K) == (k != 33)
   cascade = tj.random_cascade(jax.random.PRNGKey(k), 4, k)
   grid, pos = kernel.prepare_grid(cascade.values)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+
 # Internal: the atomic .npz writer, to write inconsistent trace archives.
 from ttamer_jax.data import archive
 

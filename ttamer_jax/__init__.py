@@ -55,27 +55,75 @@ def _guard_program_import() -> None:
 
 _guard_program_import()
 
-from ttamer_jax import core, data, evaluation
+from ttamer_jax import core, data, evaluation  # noqa: F401 (the layers, as attributes)
 from ttamer_jax._version import __version__
-from ttamer_jax.core import (Cascade, RoutingGraph, batch_serving_cost, cascade_from_logits,
-                             confidence_threshold, consult_probabilities, demo_cascade,
-                             exhaustive_thresholds_on_cascade, fit_cascade_arrays, gap_instance,
-                             grid_search_threshold, hindsight_policy, monte_carlo,
-                             per_stage_thresholds, prophet_value, random_cascade, recall_policy,
-                             skip_line, soft_min_error_bound, soft_solve_recall, solve_no_recall,
-                             solve_recall, sweep, tree_graph, tune_thresholds,
-                             tune_thresholds_on_cascade)
+from ttamer_jax.core import (
+  Cascade,
+  RoutingGraph,
+  batch_serving_cost,
+  cascade_from_logits,
+  confidence_threshold,
+  consult_probabilities,
+  demo_cascade,
+  exhaustive_thresholds_on_cascade,
+  fit_cascade_arrays,
+  gap_instance,
+  grid_search_threshold,
+  hindsight_policy,
+  monte_carlo,
+  per_stage_thresholds,
+  prophet_value,
+  random_cascade,
+  recall_policy,
+  skip_line,
+  soft_min_error_bound,
+  soft_solve_recall,
+  solve_no_recall,
+  solve_recall,
+  sweep,
+  tree_graph,
+  tune_thresholds,
+  tune_thresholds_on_cascade,
+)
 from ttamer_jax.core.replay import replay
-from ttamer_jax.data import (POLICY_FORMAT_VERSION, TRACES_FORMAT_VERSION, DeployedPolicy,
-                             ExitTraces, fit_answer_model, fit_cascade, fit_discretiser,
-                             load_cascade, load_policy, load_traces, load_traces_table,
-                             overthinking_cascade, read_traces, sample_traces, save_cascade,
-                             save_policy, save_traces, synthetic_cascade, synthetic_workload,
-                             traces_from_table, traces_to_table, workload_traces)
-from ttamer_jax.evaluation import (DriftMonitor, Evaluation, compare, default_candidates,
-                                   drift_test, evaluate, fit_policy, policy_metrics,
-                                   reference_states, replay_traces, split_robustness,
-                                   sweep_recall)
+from ttamer_jax.data import (
+  POLICY_FORMAT_VERSION,
+  TRACES_FORMAT_VERSION,
+  DeployedPolicy,
+  ExitTraces,
+  fit_answer_model,
+  fit_cascade,
+  fit_discretiser,
+  load_cascade,
+  load_policy,
+  load_traces,
+  load_traces_table,
+  overthinking_cascade,
+  read_traces,
+  sample_traces,
+  save_cascade,
+  save_policy,
+  save_traces,
+  synthetic_cascade,
+  synthetic_workload,
+  traces_from_table,
+  traces_to_table,
+  workload_traces,
+)
+from ttamer_jax.evaluation import (
+  DriftMonitor,
+  Evaluation,
+  compare,
+  default_candidates,
+  drift_test,
+  evaluate,
+  fit_policy,
+  policy_metrics,
+  reference_states,
+  replay_traces,
+  split_robustness,
+  sweep_recall,
+)
 
 # Names of the networks layer, loaded (with flax and optax) on first access; the
 # rest of that layer is ``ttamer_jax.networks.<name>``.

@@ -169,8 +169,7 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
       0 (:func:`~ttamer_jax.networks.serving.cost_shares`). Compiles the server
       once per process (a few seconds).
   """
-  from ttamer_jax.networks import profiling
-  from ttamer_jax.networks import workloads
+  from ttamer_jax.networks import profiling, workloads
 
   if workload not in WORKLOADS:
     raise ValueError(f"workload: must be one of {WORKLOADS}, got {workload!r}")

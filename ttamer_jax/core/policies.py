@@ -18,9 +18,8 @@ import numpy as np
 from ttamer_jax.core import validation
 from ttamer_jax.core.factored import AggregatedCascade, solve_recall_aggregated
 from ttamer_jax.core.graph import RoutingGraph, solve_graph_recall
-from ttamer_jax.core.model import Cascade, default_float
-from ttamer_jax.core.protocol import (LastStagePolicy, LinePolicy, StageObservation,
-                                      check_line_policy)
+from ttamer_jax.core.model import Cascade
+from ttamer_jax.core.protocol import LastStagePolicy, LinePolicy, StageObservation, check_line_policy
 from ttamer_jax.core.solutions import GraphSolution
 from ttamer_jax.core.solvers import solve_no_recall, solve_recall
 from ttamer_jax.core.struct import pytree_dataclass, trusted

@@ -28,8 +28,7 @@ from ttamer_jax.core import validation
 from ttamer_jax.core.graph import RoutingGraph
 from ttamer_jax.core.model import Cascade, default_float
 from ttamer_jax.core.policies import GraphPolicy, MixturePolicy
-from ttamer_jax.core.protocol import (LinePolicy, StageObservation, check_line_policy,
-                                      check_single_policy)
+from ttamer_jax.core.protocol import LinePolicy, StageObservation, check_line_policy, check_single_policy
 from ttamer_jax.core.shapes import bucket_size
 from ttamer_jax.core.struct import pytree_dataclass
 
@@ -420,9 +419,9 @@ def grid_block(num: int, grid_size: int) -> tuple[int, int]:
 def static_axes(policy_axes: Any) -> tuple[Any, tuple]:
   """``policy_axes`` as a static jit argument that hashes by value: ``(treedef, leaves)``.
 
-  An axes pytree such as :meth:`RecallPolicy.lam_grid_axes` hashes by identity, so each
-  new one recompiled the grid replay (``fit_policy``: 82 compilations of it instead
-  of 10, 32 s of compiling)."""
+  An axes pytree such as :meth:`RecallPolicy.lam_grid_axes` hashes by identity, so as
+  a static argument each new one would compile the grid replay anew; ``fit_policy``
+  builds one per candidate and fold, and its compilations would dominate its time."""
   leaves, treedef = jax.tree_util.tree_flatten(policy_axes)
   return treedef, tuple(leaves)
 

@@ -27,8 +27,7 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.model import Cascade
-from ttamer_jax.data.archive import (check_format_version, field_error, read_npz,
-                                     write_npz_atomic)
+from ttamer_jax.data.archive import check_format_version, field_error, read_npz, write_npz_atomic
 
 CASCADE_FORMAT_VERSION = 1
 _KIND = "ttamer_jax.Cascade"

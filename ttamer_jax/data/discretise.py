@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import validation
-from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.core.protocol import LinePolicy, StageObservation
+from ttamer_jax.core.struct import pytree_dataclass
 
 FEATURES = (None, "agree_prev", "agree_best")
 PRIMARY_SCORE = "scores"

@@ -20,9 +20,8 @@ row falls back to the prior. Losses are shrunk to the stage's mean loss with
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import chex
 import jax
@@ -34,8 +33,7 @@ from ttamer_jax.core.graph import RoutingGraph, skip_costs
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import no_recall_policy, recall_policy
 from ttamer_jax.core.struct import pytree_dataclass
-from ttamer_jax.data.discretise import (FEATURES, PRIMARY_SCORE, DeployedPolicy, Discretiser,
-                                        trace_scores)
+from ttamer_jax.data.discretise import FEATURES, PRIMARY_SCORE, DeployedPolicy, Discretiser, trace_scores
 from ttamer_jax.data.traces import ExitTraces
 
 BINNINGS = ("quantile", "uniform")

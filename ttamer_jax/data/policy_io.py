@@ -30,8 +30,7 @@ from ttamer_jax.core import heuristics, validation
 from ttamer_jax.core.model import default_float
 from ttamer_jax.core.policies import MixturePolicy, NoRecallPolicy, RecallPolicy
 from ttamer_jax.data.answers import AnswerModel
-from ttamer_jax.data.archive import (check_format_version, field_error, read_npz,
-                                     write_npz_atomic)
+from ttamer_jax.data.archive import check_format_version, field_error, read_npz, write_npz_atomic
 from ttamer_jax.data.discretise import FEATURES, DeployedPolicy, Discretiser, check_consistent
 from ttamer_jax.data.files import write_text
 

@@ -56,7 +56,7 @@ def _column_values(col, name: str) -> np.ndarray:
       dtype, pd.PeriodDtype):
     raise ValueError(f"column {name!r}: must be numeric, has type {dtype} (dates or durations "
                      "would be read as counts of time units)")
-  if dtype == object or types.is_string_dtype(dtype):
+  if dtype == object or types.is_string_dtype(dtype):  # noqa: E721 (a dtype equals object)
     inferred = types.infer_dtype(col, skipna=True)
     if inferred not in _NUMBER_OBJECTS:
       numeric = pd.to_numeric(col, errors="coerce")

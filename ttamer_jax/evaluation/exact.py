@@ -20,9 +20,9 @@ import numpy as np
 from ttamer_jax.core.factored import aggregate_cascade, solve_recall_aggregated
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import MixturePolicy, RecallPolicy
+from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.core.protocol import StageObservation, check_line_policy
 from ttamer_jax.core.solvers import solve_recall
-from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data.discretise import DeployedPolicy
 from ttamer_jax.data.traces import ExitTraces

@@ -25,7 +25,6 @@ from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data.discretise import DeployedPolicy, check_consistent, trace_scores
 from ttamer_jax.data.traces import ExitTraces
 
-
 # What the ValueError of a host-side evaluation inside jit names instead (docs/jit.md).
 JIT_REPLAY = ("inside jit, discretise with the policy's Discretiser and replay the states with "
               "ttamer_jax.replay (docs/jit.md)")

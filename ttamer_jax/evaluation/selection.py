@@ -53,15 +53,27 @@ from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
-from ttamer_jax.data.fitting import (FittedCascade, check_table_bytes, column_quantiles, fit_cascade,
-                                     fit_discretiser, mean_stage_costs, pad_requests, request_bucket,
-                                     unit_free_costs)
+from ttamer_jax.data.fitting import (
+  FittedCascade,
+  check_table_bytes,
+  column_quantiles,
+  fit_cascade,
+  fit_discretiser,
+  mean_stage_costs,
+  pad_requests,
+  request_bucket,
+  unit_free_costs,
+)
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
-from ttamer_jax.evaluation.frontier import (cheapest_within, sweep_no_recall, sweep_policies,
-                                            sweep_recall)
-from ttamer_jax.evaluation.metrics import (Comparison, bootstrap_means, normalised_objective,
-                                           percentile_ci, replay_traces)
+from ttamer_jax.evaluation.frontier import cheapest_within, sweep_no_recall, sweep_policies, sweep_recall
+from ttamer_jax.evaluation.metrics import (
+  Comparison,
+  bootstrap_means,
+  normalised_objective,
+  percentile_ci,
+  replay_traces,
+)
 
 TTAMER_KINDS = ("recall", "no_recall")
 RULE_KINDS = ("confidence", "per_stage", "patience", "fixed_exit")

@@ -16,7 +16,6 @@ reproducible.
 
 from __future__ import annotations
 
-
 import chex
 import jax.numpy as jnp
 import numpy as np

@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from ttamer_jax.core import validation
-from ttamer_jax.networks.nn import EarlyExitNet, predict
 from ttamer_jax.data.traces import ExitTraces
+from ttamer_jax.networks.nn import EarlyExitNet, predict
 from ttamer_jax.networks.training import check_labels
 
 # Signals computable at serving time (no label needed), and the label-dependent

@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ttamer_jax.data.files import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax.core import validation
 from ttamer_jax.core.progress import progress_iter
+from ttamer_jax.data.files import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax.networks.nn import MODELS, EarlyExitNet, StaticGraph, build_model, predict
 
 CHECKPOINT_FORMAT_VERSION = 1
