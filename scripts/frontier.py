@@ -55,7 +55,7 @@ def _parse(argv):
 
 def _hindsight_sweep(traces, lams):
   import ttamer_jax as tj
-  from ttamer_jax import ReplaySweep as SweepResult
+  from ttamer_jax.evaluation import ReplaySweep
   full = float(np.asarray(traces.cost_matrix(), np.float64).sum(1).mean())
   err, cost = [], []
   for lam in _progress(lams, "hindsight"):
@@ -63,7 +63,7 @@ def _hindsight_sweep(traces, lams):
     err.append(float(np.mean(res.loss)))
     cost.append(float(np.mean(res.cost)))
   n = traces.num_stages
-  return SweepResult(param=np.asarray(lams), error=np.asarray(err), cost=np.asarray(cost),
+  return ReplaySweep(param=np.asarray(lams), error=np.asarray(err), cost=np.asarray(cost),
                      cost_norm=np.asarray(cost) / full, stop_histogram=np.zeros((len(lams), n)),
                      answer_histogram=np.zeros((len(lams), n)))
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
   k_tr, k_split, k_slo, k_pert = jax.random.split(key, 4)
   cascade = tj.overthinking_cascade(args.stages, args.true_states)
   traces = tj.workload_traces(k_tr, cascade, args.samples)
-  calib, held = tj.split_traces(k_split, traces, 0.5)
+  calib, held = tj.data.split_traces(k_split, traces, 0.5)
   print(f"Workload: over-thinking cascade, {args.stages} stages, true resolution {args.true_states}; "
         f"{calib.num_samples} calibration + {held.num_samples} held-out traces (0/1 loss).")
   fit = tj.fit_cascade(calib, args.bins, score="error_prob")
@@ -117,15 +117,15 @@ def main(argv=None) -> int:
   lams = np.linspace(0.0, 1.0, args.lams + 1)[1:]
   sweeps = {"recall": tj.sweep_recall(fit, held, lams),
             "recall+agree": tj.sweep_recall(fit_agree, held, lams),
-            "no-recall": tj.sweep_no_recall(fit, held, lams)}
-  heur_held = tj.heuristic_sweeps(calib, held, confidence_score="max_softmax", entropy_score="entropy")
-  heur_cal = tj.heuristic_sweeps(calib, calib, confidence_score="max_softmax", entropy_score="entropy")
+            "no-recall": tj.evaluation.sweep_no_recall(fit, held, lams)}
+  heur_held = tj.evaluation.heuristic_sweeps(calib, held, confidence_score="max_softmax", entropy_score="entropy")
+  heur_cal = tj.evaluation.heuristic_sweeps(calib, calib, confidence_score="max_softmax", entropy_score="entropy")
   names = {"confidence": "confidence", "per_stage": "per-stage", "entropy": "entropy",
            "patience": "patience", "fixed_exit": "fixed-exit"}
   for k, v in names.items():
     sweeps[v] = heur_held[k]
   sweeps["hindsight"] = _hindsight_sweep(held, lams)
-  fronts = {name: tj.pareto_front(sw.cost_norm, sw.error) for name, sw in sweeps.items()}
+  fronts = {name: tj.evaluation.pareto_front(sw.cost_norm, sw.error) for name, sw in sweeps.items()}
 
   # ---- table 1: frontiers
   ref = sweeps["recall"]
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
   print(f"{'method':>13} {'points':>6} {'pareto':>6} {'min cost':>9} {'min error':>10} {'gap vs recall':>14}")
   table1 = []
   for name, sw in sweeps.items():
-    gap = tj.frontier_gap(ref.cost_norm, ref.error, sw.cost_norm, sw.error)
+    gap = tj.evaluation.frontier_gap(ref.cost_norm, ref.error, sw.cost_norm, sw.error)
     row = dict(method=name, points=int(np.size(sw.param)), pareto=int(fronts[name].size),
                min_cost=float(np.min(sw.cost_norm)), min_error=float(np.min(sw.error)),
                gap_vs_recall=float(gap.mean_gap), gap_range=[float(gap.low), float(gap.high)])
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     row = {"lam": lam, "recall": float(ev.objective), "recall_se": float(ev.objective_se),
            "recall+agree": float(ev_agree.objective), "no-recall": float(ev_nr.objective)}
     for k, v in names.items():
-      row[v] = tj.tuned_objective(heur_cal[k], heur_held[k], lam)[1]
+      row[v] = tj.evaluation.tuned_objective(heur_cal[k], heur_held[k], lam)[1]
     import ttamer_jax as tj
     row["hindsight"] = float(tj.evaluate(tj.hindsight_policy(held.losses, held.costs, lam),
                                                  held, lam).objective)
@@ -173,9 +173,9 @@ def main(argv=None) -> int:
   table3 = []
   for kind, target in (("error", err_lo + 0.25 * (err_hi - err_lo)), ("error", err_lo + 0.5 * (err_hi - err_lo)),
                        ("cost", 0.35 * full_cost), ("cost", 0.6 * full_cost)):
-    make = tj.least_cost_policy if kind == "error" else tj.least_error_policy
+    make = tj.evaluation.least_cost_policy if kind == "error" else tj.evaluation.least_error_policy
     pol = make(fit, target, key=k_slo, calibration=calib)
-    rep = tj.evaluate_slo(pol, held)
+    rep = tj.evaluation.evaluate_slo(pol, held)
     ev = rep.evaluation
     row = dict(kind=kind, target=target, lam_low=float(pol.lam_low), lam_high=float(pol.lam_high),
                prob_high=float(pol.prob_high), achieved=float(rep.achieved),
@@ -197,8 +197,8 @@ def main(argv=None) -> int:
                  refit=float(rob.refit_objective), degradation=float(rob.degradation),
                  ci=[float(x) for x in rob.degradation_ci])]
   for strength in (0.1, 0.3):
-    pert = tj.perturb_cascade(k_pert, fit.cascade, strength)
-    mr = tj.model_robustness(fit.recall_policy(lam).policy, pert, lam)
+    pert = tj.evaluation.perturb_cascade(k_pert, fit.cascade, strength)
+    mr = tj.evaluation.model_robustness(fit.recall_policy(lam).policy, pert, lam)
     table4.append(dict(setting=f"model transitions perturbed {strength:.0%} (exact)", objective=float(mr.objective),
                        refit=float(mr.refit_objective), degradation=float(mr.degradation),
                        ci=[float(x) for x in mr.degradation_ci]))
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         exact = float(jax.block_until_ready(ttamer_jax.solve_recall(big, 0.5)).value)
         t_exact = time.perf_counter() - t_exact
         print(f"  {label}: exact optimum {exact:.8f} (dense O(M K^2) solve {t_exact:.3f} s)")
-        for r in tj.aggregation_report(big, 0.5, (25, 50, 100, 200), progress=sys.stderr.isatty()):
+        for r in tj.evaluation.aggregation_report(big, 0.5, (25, 50, 100, 200), progress=sys.stderr.isatty()):
           row = {k: float(getattr(r, k)) for k in r.__dataclass_fields__}
           row["cascade"], row["exact_solve_seconds"] = label, t_exact
           table5.append(row)

@@ -47,7 +47,7 @@ def cascade_rows(name, cascade, lams, tuning):
   for lam in lams:
     recall = float(tj.solve_recall(cascade, lam).value)
     no_recall = float(tj.solve_no_recall(cascade, lam).value)
-    single = min(float(tj.threshold_objective_on_cascade(t, scores, cascade, lam, 0))
+    single = min(float(tj.core.threshold_objective_on_cascade(t, scores, cascade, lam, 0))
                  for t in np.concatenate([np.unique(scores), [np.inf]]))
     key = jax.random.PRNGKey(0)
     tuned = float(tj.tune_thresholds_on_cascade(key, cascade, scores, lam, **tuning).hard_objective)
@@ -74,7 +74,7 @@ def workload_rows(name, lams, tuning, cache_dir):
   costs = np.asarray(cal.costs)
   rows = []
   for lam in lams:
-    held = lambda t, recall: float(tj.threshold_objective(np.asarray(t), s_test, l_test, costs, lam, 0,
+    held = lambda t, recall: float(tj.core.threshold_objective(np.asarray(t), s_test, l_test, costs, lam, 0,
                                                           recall=recall))
     recall = tj.evaluate(fitted.recall_policy(lam), test, lam).objective
     no_recall = tj.evaluate(fitted.no_recall_policy(lam), test, lam).objective

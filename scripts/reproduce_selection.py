@@ -45,12 +45,12 @@ from ttamer_jax.evaluation import selection
 LAMS = (0.5, 0.8, 0.9, 0.95, 0.99)
 WORKLOADS = ("mnist1d", "sklearn", "digits", "sequences", "synthetic")
 BASELINES = {
-    "recall_8bins": tj.Candidate("recall", "max_softmax", 8),
-    "no_recall_8bins": tj.Candidate("no_recall", "max_softmax", 8),
-    "confidence": tj.Candidate("confidence", "max_softmax"),
-    "per_stage": tj.Candidate("per_stage", "max_softmax"),
-    "patience": tj.Candidate("patience"),
-    "fixed_exit": tj.Candidate("fixed_exit"),
+    "recall_8bins": tj.evaluation.Candidate("recall", "max_softmax", 8),
+    "no_recall_8bins": tj.evaluation.Candidate("no_recall", "max_softmax", 8),
+    "confidence": tj.evaluation.Candidate("confidence", "max_softmax"),
+    "per_stage": tj.evaluation.Candidate("per_stage", "max_softmax"),
+    "patience": tj.evaluation.Candidate("patience"),
+    "fixed_exit": tj.evaluation.Candidate("fixed_exit"),
 }
 RULES = ("confidence", "per_stage", "patience", "fixed_exit")
 
@@ -89,7 +89,7 @@ def run_one(prep, lam: float, seed: int, num_resamples: int) -> dict:
   best_rule = min(RULES, key=lambda r: cv[BASELINES[r]].objective if BASELINES[r] in cv else np.inf)
   d = per["selected"] - per[best_rule]
   se = float(d.std(ddof=1) / np.sqrt(d.size))
-  boot = tj.bootstrap_means(jax.random.fold_in(key, 7), d[:, None], num_resamples)[:, 0]
+  boot = tj.evaluation.bootstrap_means(jax.random.fold_in(key, 7), d[:, None], num_resamples)[:, 0]
   check = sel.model_check
   out = dict(
       lam=lam, selected=sel.chosen.name, selected_is_ttamer=sel.chosen.candidate.ttamer,
@@ -147,7 +147,8 @@ def run_row(prep, size, lam: float, seed: int, args) -> dict:
 
 def summary(rows: list[dict]) -> tuple[str, dict]:
   workloads = list(dict.fromkeys(r["workload"] for r in rows))
-  lines = ["| workload | lam | selected (seeds) | J selected | J best rule | rel. diff | worst seed diff / SE | J previous rule | J plain recall | modelled J (cross-fitted) vs measured |",
+  lines = ["| workload | lam | selected (seeds) | J selected | J best rule | rel. diff | worst seed diff / SE "
+           "| J previous rule | J plain recall | modelled J (cross-fitted) vs measured |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   rel_by_workload, violations = {}, []
   for w in workloads:

@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.networks import profiling, training, workloads
 from ttamer_jax.app import pipeline
+from ttamer_jax.networks import profiling, training, workloads
 
 
 def evaluate_network(model, wl, costs):
@@ -72,9 +72,9 @@ def main(argv=None):
     for name, w, model in variants:
       comp = comps[name]
       rec = comp.test["recall"]
-      gap = float(tj.frontier_gap(rec.cost_norm, rec.error, ref.cost_norm, ref.error).mean_gap)
+      gap = float(tj.evaluation.frontier_gap(rec.cost_norm, rec.error, ref.cost_norm, ref.error).mean_gap)
       point = next(r for r in pipeline.operating_points(comp) if r["policy"] == "recall")
-      _, obj = tj.tuned_objective(comp.calibration["recall"], rec, args.lam)
+      _, obj = tj.evaluation.tuned_objective(comp.calibration["recall"], rec, args.lam)
       rows.append(dict(seed=seed, variant=name, aux_weight=w,
                        final_exit_accuracy=float(training.exit_accuracy(model, wl.test.x, wl.test.y)[-1]),
                        frontier_gain_vs_baseline=gap, latency_within_1pt=point["chosen_cost"],

@@ -106,9 +106,9 @@ def _parse(argv):
 
 def recall_at_demo_lam(calibration, tolerance):
   """The recall optimum at the demo's ``lam`` (``pipeline.recall_lam``'s choice)."""
+  from ttamer_jax.app import pipeline
   from ttamer_jax.data.fitting import fit_cascade
   from ttamer_jax.evaluation import frontier
-  from ttamer_jax.app import pipeline
 
   fitted = fit_cascade(calibration, 8, score="max_softmax")
   sweep = frontier.sweep_recall(fitted, calibration, pipeline.default_lams())
@@ -145,7 +145,7 @@ def refit_on_batch_costs(calibration, cost_model, tolerance, iterations=6):
 def every_stage(deployed, num_stages):
   """A policy with the same discretiser that runs every stage (the overhead probe)."""
   import ttamer_jax as tj
-  return deployed.replace(policy=tj.FixedExitPolicy(exit_stage=num_stages - 1, stages=num_stages),
+  return deployed.replace(policy=tj.core.FixedExitPolicy(exit_stage=num_stages - 1, num_stages=num_stages),
                           answers=None)
 
 
@@ -193,6 +193,7 @@ def time_policies(model, policies, x, y, *, buckets, repeats):
   reference)."""
   import jax.numpy as jnp
   from flax import nnx
+
   from ttamer_jax.networks import serving
   from ttamer_jax.networks.nn import StaticGraph
 

@@ -50,7 +50,7 @@ def test_thresholds_match_numpy(per_sample_costs):
   stop = _first_true(s >= t)
   _check(tj.replay_traces(tj.per_stage_thresholds(t), tr), _outcome(stop, stop, tr))
   stop = _first_true(e <= 0.5)
-  _check(tj.replay_traces(tj.entropy_threshold(0.5, N), tr, score_name="entropy"), _outcome(stop, stop, tr))
+  _check(tj.replay_traces(tj.core.entropy_threshold(0.5, N), tr, score_name="entropy"), _outcome(stop, stop, tr))
 
 
 def test_patience_matches_numpy():
@@ -61,18 +61,18 @@ def test_patience_matches_numpy():
     run[:, i] = np.where(preds[:, i] == preds[:, i - 1], run[:, i - 1] + 1, 1)
   for p in (1, 2, 3, 4):
     stop = _first_true(run >= p)
-    _check(tj.replay_traces(tj.patience_policy(p, N), tr), _outcome(stop, stop, tr))
+    _check(tj.replay_traces(tj.core.PatiencePolicy(p, N), tr), _outcome(stop, stop, tr))
   # Patience 1 is the first exit; patience 2 by hand on one request.
   one = tj.ExitTraces(scores=np.zeros((1, 4)), preds=[[5, 6, 6, 6]], losses=np.zeros((1, 4)), costs=np.ones(4))
-  assert int(tj.replay_traces(tj.patience_policy(2, 4), one).stop_stage[0]) == 2
-  assert int(tj.replay_traces(tj.patience_policy(3, 4), one).stop_stage[0]) == 3
+  assert int(tj.replay_traces(tj.core.PatiencePolicy(2, 4), one).stop_stage[0]) == 2
+  assert int(tj.replay_traces(tj.core.PatiencePolicy(3, 4), one).stop_stage[0]) == 3
 
 
 def test_fixed_exit_and_hindsight_match_numpy():
   tr = _traces(3, per_sample_costs=True)
   for k in range(N):
     stop = np.full(NUM, k)
-    _check(tj.replay_traces(tj.fixed_exit(k, N), tr), _outcome(stop, stop, tr))
+    _check(tj.replay_traces(tj.core.FixedExitPolicy(k, N), tr), _outcome(stop, stop, tr))
   losses = np.asarray(tr.losses, np.float64)
   cum = np.cumsum(np.asarray(tr.costs, np.float64), axis=1)
   for lam in (0.0, 0.4, 1.0):
@@ -83,7 +83,7 @@ def test_fixed_exit_and_hindsight_match_numpy():
     _check(res, _outcome(stop, answer, tr))
     # The oracle's per-request objective is the per-request minimum over every policy.
     np.testing.assert_allclose(res.objective(lam), totals.min(axis=1), rtol=1e-5, atol=1e-6)
-    for other in (tj.confidence_threshold(0.5, N), tj.patience_policy(2, N), tj.fixed_exit(1, N)):
+    for other in (tj.confidence_threshold(0.5, N), tj.core.PatiencePolicy(2, N), tj.core.FixedExitPolicy(1, N)):
       assert np.all(np.asarray(tj.replay_traces(other, tr).objective(lam)) >= np.asarray(res.objective(lam)) - 1e-6)
 
 
@@ -115,15 +115,15 @@ def _serve(deployed, tr, score_name):
 @pytest.mark.parametrize("name", ["confidence", "entropy", "patience", "fixed", "recall"])
 def test_deployed_policies_serve_like_replay(name):
   tr = _traces(4)
-  single = tj.Discretiser.single_bin(N)
+  single = tj.data.Discretiser.single_bin(N)
   if name == "recall":
     fit = tj.fit_cascade(tr, 6, feature="agree_prev")
     deployed, score = fit.recall_policy(0.6), "scores"
   else:
     policy, score = {"confidence": (tj.confidence_threshold(0.6, N), "scores"),
-                     "entropy": (tj.entropy_threshold(0.7, N), "entropy"),
-                     "patience": (tj.patience_policy(2, N), "scores"),
-                     "fixed": (tj.fixed_exit(2, N), "scores")}[name]
+                     "entropy": (tj.core.entropy_threshold(0.7, N), "entropy"),
+                     "patience": (tj.core.PatiencePolicy(2, N), "scores"),
+                     "fixed": (tj.core.FixedExitPolicy(2, N), "scores")}[name]
     deployed = tj.DeployedPolicy(policy=policy, discretiser=single, score_name=score)
   stop, answer = _serve(deployed, tr, score)
   res = tj.replay_traces(deployed, tr)
@@ -137,27 +137,27 @@ def test_deployed_policies_serve_like_replay(name):
 
 def test_grid_replay_is_the_batch_of_single_replays():
   tr = _traces(5)
-  grid = tj.ThresholdPolicy(thresholds=np.array([[0.2] * N, [0.5] * N, [0.9] * N]))
+  grid = tj.core.ThresholdPolicy(thresholds=np.array([[0.2] * N, [0.5] * N, [0.9] * N]))
   states = jnp.zeros((NUM, N), jnp.int32)
   batched = jax.vmap(lambda p: tj.replay(p, states, tr.losses, tr.costs, scores=tr.scores, preds=tr.preds))(grid)
   for j, t in enumerate((0.2, 0.5, 0.9)):
     single = tj.replay_traces(tj.confidence_threshold(t, N), tr)
     np.testing.assert_array_equal(batched.stop_stage[j], single.stop_stage)
-  pat = tj.PatiencePolicy(patience=np.array([1, 2, 3]), stages=N)
+  pat = tj.core.PatiencePolicy(patience=np.array([1, 2, 3]), num_stages=N)
   batched = jax.vmap(lambda p: tj.replay(p, states, tr.losses, tr.costs, scores=tr.scores, preds=tr.preds))(pat)
   for j, p in enumerate((1, 2, 3)):
-    np.testing.assert_array_equal(batched.stop_stage[j], tj.replay_traces(tj.patience_policy(p, N), tr).stop_stage)
+    np.testing.assert_array_equal(batched.stop_stage[j], tj.replay_traces(tj.core.PatiencePolicy(p, N), tr).stop_stage)
 
 
 def test_bad_parameters_raise():
   with pytest.raises(ValueError, match="direction: must be one of"):
-    tj.ThresholdPolicy(thresholds=np.zeros(3), direction="up")
+    tj.core.ThresholdPolicy(thresholds=np.zeros(3), direction="up")
   with pytest.raises(ValueError, match=r"thresholds\[1\] is nan"):
     tj.per_stage_thresholds([0.1, np.nan])
   with pytest.raises(ValueError, match="patience = 0 must be >= 1"):
-    tj.patience_policy(0, 3)
+    tj.core.PatiencePolicy(0, 3)
   with pytest.raises(ValueError, match="exit_stage = 3 outside 0..2"):
-    tj.fixed_exit(3, 3)
+    tj.core.FixedExitPolicy(3, 3)
   with pytest.raises(ValueError, match="num_stages = 0 must be >= 1"):
     tj.confidence_threshold(0.5, 0)
   with pytest.raises(ValueError, match=r"costs: expected shape \(3,\)"):
@@ -168,8 +168,8 @@ def test_bad_parameters_raise():
   with pytest.raises(ValueError, match="built for 3 requests, replayed on 400"):
     tj.replay_traces(tj.hindsight_policy(np.zeros((3, N)), np.zeros(N), 0.5), tr)
   with pytest.raises(ValueError, match="traces: have 4 stages but the policy was built for 3"):
-    tj.replay_traces(tj.fixed_exit(1, 3), tr)
+    tj.replay_traces(tj.core.FixedExitPolicy(1, 3), tr)
   with pytest.raises(ValueError, match="RecallPolicy reads discretised states"):
-    tj.replay_traces(tj.RecallPolicy(index=np.zeros((N, 2)), values=np.zeros((N, 2)), lam=0.5), tr)
+    tj.replay_traces(tj.core.RecallPolicy(index=np.zeros((N, 2)), values=np.zeros((N, 2)), lam=0.5), tr)
   with pytest.raises(ValueError, match="no signal named 'max_softmax'"):
     tj.replay_traces(tj.confidence_threshold(0.5, N), tr, score_name="max_softmax")

@@ -56,11 +56,11 @@ def test_lam_grid_sharing_values_equals_one_policy_at_a_time(num, block_elements
   cascade = tj.random_cascade(jax.random.PRNGKey(3), n, k)
   lams = np.linspace(0.05, 0.95, 9)
   index = jnp.stack([tj.solve_recall(cascade, lam).index for lam in lams])
-  grid = tj.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams, jnp.float32))
-  axes = tj.RecallPolicy.lam_grid_axes()
+  grid = tj.core.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams, jnp.float32))
+  axes = tj.core.RecallPolicy.lam_grid_axes()
   states, losses, scores, preds = _requests(0, num, n, k)
   costs = np.random.default_rng(1).random((num, n)).astype(np.float32)  # per-request costs
-  tot = tj.replay_totals(grid, states, losses, costs, policy_axes=axes)
+  tot = tj.core.replay_totals(grid, states, losses, costs, policy_axes=axes)
   _assert_totals_equal(tot, _one_at_a_time(grid, len(lams), axes, states, losses, costs, None, None),
                        num)
 
@@ -70,12 +70,12 @@ def test_heuristic_grids_with_carries_equal_one_policy_at_a_time(monkeypatch):
   n, num = 4, 600
   states, losses, scores, preds = _requests(1, num, n, 2)
   costs = np.array([1.0, 2.0, 0.5, 4.0], np.float32)
-  grids = [tj.PatiencePolicy(patience=np.arange(1, n + 1), stages=n),
-           tj.ThresholdPolicy(thresholds=np.linspace(0, 1, 7)[:, None].repeat(n, 1)),
-           tj.FixedExitPolicy(exit_stage=np.arange(n), stages=n)]
+  grids = [tj.core.PatiencePolicy(patience=np.arange(1, n + 1), num_stages=n),
+           tj.core.ThresholdPolicy(thresholds=np.linspace(0, 1, 7)[:, None].repeat(n, 1)),
+           tj.core.FixedExitPolicy(exit_stage=np.arange(n), num_stages=n)]
   for grid in grids:
     size = jax.tree_util.tree_leaves(grid)[0].shape[0]
-    tot = tj.replay_totals(grid, states, losses, costs, scores=scores, preds=preds)
+    tot = tj.core.replay_totals(grid, states, losses, costs, scores=scores, preds=preds)
     _assert_totals_equal(tot, _one_at_a_time(grid, size, 0, states, losses, costs, scores, preds),
                          num)
 
@@ -84,10 +84,10 @@ def test_no_recall_grid_equals_one_policy_at_a_time():
   n, k, num = 4, 3, 300
   cascade = tj.random_cascade(jax.random.PRNGKey(5), n, k)
   stop = jnp.stack([tj.solve_no_recall(cascade, lam).stop for lam in (0.1, 0.5, 0.9)])
-  grid = tj.NoRecallPolicy(stop=stop)
+  grid = tj.core.NoRecallPolicy(stop=stop)
   states, losses, _, _ = _requests(2, num, n, k)
   costs = np.ones(n, np.float32)
-  tot = tj.replay_totals(grid, states, losses, costs)
+  tot = tj.core.replay_totals(grid, states, losses, costs)
   _assert_totals_equal(tot, _one_at_a_time(grid, 3, 0, states, losses, costs, None, None), num)
 
 
@@ -97,24 +97,24 @@ def test_replay_totals_rejects_what_it_cannot_sum_naming_the_field():
   costs = np.ones(n)
   cascade = tj.random_cascade(jax.random.PRNGKey(0), n, 2)
   with pytest.raises(ValueError, match="policies: a HindsightPolicy is replayed one at a time"):
-    tj.replay_totals(tj.hindsight_policy(losses, costs, 0.5), states, losses, costs)
-  mixture = tj.MixturePolicy(first=tj.recall_policy(cascade, 0.2),
+    tj.core.replay_totals(tj.hindsight_policy(losses, costs, 0.5), states, losses, costs)
+  mixture = tj.core.MixturePolicy(first=tj.recall_policy(cascade, 0.2),
                              second=tj.recall_policy(cascade, 0.8), prob_second=0.5,
                              key=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="policies: a MixturePolicy"):
-    tj.replay_totals(mixture, states, losses, costs)
+    tj.core.replay_totals(mixture, states, losses, costs)
   with pytest.raises(ValueError, match="different grid sizes"):
-    tj.replay_totals(tj.RecallPolicy(index=jnp.zeros((2, n, 2)), values=jnp.zeros((3, n, 2)),
+    tj.core.replay_totals(tj.core.RecallPolicy(index=jnp.zeros((2, n, 2)), values=jnp.zeros((3, n, 2)),
                                      lam=jnp.zeros(2)), states, losses, costs)
   with pytest.raises(ValueError, match="policy_axes: .*not an in_axes prefix"):
-    tj.replay_totals(tj.recall_policy(cascade, 0.5), states, losses, costs,
+    tj.core.replay_totals(tj.recall_policy(cascade, 0.5), states, losses, costs,
                      policy_axes=(0, None))
   with pytest.raises(ValueError, match=r"losses\[1, 2\] is nan"):
     bad = losses.copy()
     bad[1, 2] = np.nan
-    tj.replay_totals(tj.FixedExitPolicy(exit_stage=np.arange(n), stages=n), states, bad, costs)
+    tj.core.replay_totals(tj.core.FixedExitPolicy(exit_stage=np.arange(n), num_stages=n), states, bad, costs)
   with pytest.raises(ValueError, match="states: has 4 stages"):
-    tj.replay_totals(tj.FixedExitPolicy(exit_stage=np.arange(n), stages=n),
+    tj.core.replay_totals(tj.core.FixedExitPolicy(exit_stage=np.arange(n), num_stages=n),
                      np.zeros((10, 4), np.int32), np.zeros((10, 4)), np.ones(4))
 
 
@@ -151,11 +151,11 @@ def test_a_new_but_equal_policy_axes_does_not_recompile():
   cascade = tj.random_cascade(jax.random.PRNGKey(5), n, k)
   lams = np.linspace(0.1, 0.9, 4)
   index = jnp.stack([tj.solve_recall(cascade, lam).index for lam in lams])
-  grid = tj.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams, jnp.float32))
+  grid = tj.core.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams, jnp.float32))
   states, losses, scores, preds = _requests(9, 100, n, k)
   costs = np.asarray(cascade.costs)
-  first = tj.replay_totals(grid, states, losses, costs, policy_axes=tj.RecallPolicy.lam_grid_axes())
+  first = tj.core.replay_totals(grid, states, losses, costs, policy_axes=tj.core.RecallPolicy.lam_grid_axes())
   before = replay_module._replay_totals._cache_size()
-  again = tj.replay_totals(grid, states, losses, costs, policy_axes=tj.RecallPolicy.lam_grid_axes())
+  again = tj.core.replay_totals(grid, states, losses, costs, policy_axes=tj.core.RecallPolicy.lam_grid_axes())
   assert replay_module._replay_totals._cache_size() == before
   np.testing.assert_array_equal(first.stop_counts, again.stop_counts)

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+from ttamer_jax import fit_cascade, load_cascade, load_traces, save_cascade, save_traces
 from ttamer_jax.app import cli, pipeline, reports
-from ttamer_jax import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
-from ttamer_jax import fit_cascade
-from ttamer_jax import load_traces, save_traces
+from ttamer_jax.data import CASCADE_FORMAT_VERSION
 from ttamer_jax.data.archive import write_npz_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -83,7 +83,7 @@ def test_equals_fit_cascade_from_states(prior, smoothing, loss_smoothing, per_re
   states, losses, costs = _data(1, per_request_costs=per_request_costs)
   got = tj.fit_cascade_arrays(states, losses, costs, K, smoothing=smoothing,
                               loss_smoothing=loss_smoothing, prior=prior)
-  want = tj.fit_cascade_from_states(states, losses, costs, K, smoothing=smoothing,
+  want = tj.data.fit_cascade_from_states(states, losses, costs, K, smoothing=smoothing,
                                     loss_smoothing=loss_smoothing, prior=prior).cascade
   _close(got, want)
   assert isinstance(got, tj.Cascade)

@@ -15,7 +15,7 @@ from ttamer_jax.data import answers as answer_models
 from ttamer_jax.evaluation import crossfit
 from ttamer_jax.evaluation import selection as S
 
-C = tj.Candidate
+C = tj.evaluation.Candidate
 CANDIDATES = (C("recall", "max_softmax", 6, binning="uniform"),
               C("no_recall", "max_softmax", 4),
               C("recall", "max_softmax", 8, feature="agree_best"),
@@ -53,7 +53,7 @@ def _training_grid(cand, train, point, k_inner, f, folds):
   candidate in tolerance mode)."""
   if not cand.ttamer:
     policies, grid = S._rule_grid(cand, train)
-    sweep = tj.sweep_policies(policies, grid, train, score_name=cand.score)
+    sweep = tj.evaluation.sweep_policies(policies, grid, train, score_name=cand.score)
     on = train
   else:
     key = crossfit.subkeys(k_inner, folds + 1)[f]
@@ -61,7 +61,7 @@ def _training_grid(cand, train, point, k_inner, f, folds):
     fitted = S.fit_model(cand, train, key=key, virtual=on)
     on = train if on is None else on
     import dataclasses
-    sweep = (tj.sweep_recall if cand.kind == "recall" else tj.sweep_no_recall)(
+    sweep = (tj.sweep_recall if cand.kind == "recall" else tj.evaluation.sweep_no_recall)(
         dataclasses.replace(fitted, answers=None), on, S.AUTO_LAMS)
     grid = S.AUTO_LAMS
   return grid, np.asarray(sweep.error), np.asarray(sweep.cost_norm), S._last_exit_error(on)
@@ -161,7 +161,7 @@ COUNT = textwrap.dedent("""
       tr = _traces(num, 5)
       for call in (lambda: tj.evaluate(fitted.recall_policy(0.9), tr, 0.9, num_resamples=100),
                    lambda: tj.sweep_recall(fitted, tr, lams),
-                   lambda: tj.sweep_no_recall(fitted, tr, lams)):
+                   lambda: tj.evaluation.sweep_no_recall(fitted, tr, lams)):
         before = len(counts)
         call()
         out.append(len(counts) - before)

@@ -28,7 +28,7 @@ from ttamer_jax.networks import profiling
 def test_state_counts_match_a_loop_recount():
   rng = np.random.default_rng(0)
   states = rng.integers(-1, 5, size=(300, 4))
-  counts = tj.state_counts(states, 5)
+  counts = tj.evaluation.state_counts(states, 5)
   assert counts.shape == (4, 5) and counts.dtype == np.int64
   for i in range(4):
     for s in range(5):
@@ -53,10 +53,10 @@ def test_holm_matches_the_step_down_definition():
     m = int(rng.integers(1, 9))
     p = rng.choice([0.0, 0.001, 0.01, 0.02, 0.04, 0.3, 1.0], size=m) if rng.random() < 0.5 \
         else rng.uniform(0, 0.2, m)  # ties and exact 0 / 1 half of the time
-    np.testing.assert_allclose(tj.holm(p), _holm_by_definition(list(p)), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(tj.evaluation.holm(p), _holm_by_definition(list(p)), rtol=0, atol=1e-15)
   # Holm rejects H_(k) iff every p_(j), j <= k, is <= alpha / (m - j + 1).
   p = np.array([0.01, 0.04, 0.03, 0.005])
-  assert list(tj.holm(p) <= 0.05) == [True, False, False, True]
+  assert list(tj.evaluation.holm(p) <= 0.05) == [True, False, False, True]
 
 
 def test_g_and_chi2_statistics_match_scipy():
@@ -69,7 +69,7 @@ def test_g_and_chi2_statistics_match_scipy():
     shifted = 0.8 * probs + 0.2 * rng.dirichlet(np.full(k, 5.0), size=n)
     obs = np.stack([rng.multinomial(int(rng.integers(300, 3000)), p) for p in shifted])
     for test, lambda_ in (("g", "log-likelihood"), ("chi2", None)):
-      rep = tj.two_sample_test(ref, obs, test=test, alpha=0.05, min_count=1)
+      rep = tj.evaluation.two_sample_test(ref, obs, test=test, alpha=0.05, min_count=1)
       for i in range(n):
         table = np.stack([ref[i], obs[i]])
         if stats.contingency.expected_freq(table).min() < 5:
@@ -87,7 +87,7 @@ def test_g_and_chi2_statistics_match_scipy():
 def test_sparse_states_are_pooled_and_small_stages_not_tested():
   ref = np.array([[500, 400, 3, 1, 0], [10, 10, 10, 10, 10]])
   obs = np.array([[480, 420, 2, 4, 0], [10, 10, 10, 10, 10]])
-  rep = tj.two_sample_test(ref, obs, min_count=60)
+  rep = tj.evaluation.two_sample_test(ref, obs, min_count=60)
   pooled = np.array([[500, 400, 4], [480, 420, 6]])  # states 2 and 3 pooled, empty state 4 dropped
   stat, p, dof, _ = stats.chi2_contingency(pooled, correction=False, lambda_="log-likelihood")
   np.testing.assert_allclose([rep.statistic[0], rep.p_value[0]], [stat, p], rtol=1e-9)
@@ -137,7 +137,7 @@ def _null_refits(rng, n, test, n_ref=2000, n_obs=1000, k=6):
     probs = rng.dirichlet(np.full(k, 2.0), size=n)
     ref = np.stack([rng.multinomial(n_ref, p) for p in probs])
     obs = np.stack([rng.multinomial(n_obs, p) for p in probs])
-    fired += tj.two_sample_test(ref, obs, alpha=ALPHA, test=test).refit
+    fired += tj.evaluation.two_sample_test(ref, obs, alpha=ALPHA, test=test).refit
   return fired
 
 
@@ -281,7 +281,7 @@ def test_procedure_detects_degradation_and_refit_recovers():
 def test_served_states_equal_the_offline_reference_states():
   """``ServeResult.states`` (what the monitor consumes online) = the states that
   :func:`tj.reference_states` computes offline from the same requests' traces."""
-  model = tj.EarlyExitMLP((4,), 3, hidden=8, num_blocks=3, rngs=nnx.Rngs(0))
+  model = tj.networks.EarlyExitMLP((4,), 3, hidden=8, num_blocks=3, rngs=nnx.Rngs(0))
   x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
   logits = np.asarray(model(x).logits)                        # [B, n, C]
   scores = np.stack([np.asarray(profiling.exit_signal("max_softmax", logits[:, i], None))
@@ -289,12 +289,12 @@ def test_served_states_equal_the_offline_reference_states():
   preds = logits.argmax(-1)
   edges = np.quantile(scores, [0.25, 0.5, 0.75], axis=0).T     # 4 bins per stage
   cascade = tj.synthetic_cascade(0, 3, 4, regime="random")
-  deployed = tj.DeployedPolicy(tj.recall_policy(cascade, 0.8), tj.Discretiser(edges), "max_softmax")
+  deployed = tj.DeployedPolicy(tj.recall_policy(cascade, 0.8), tj.data.Discretiser(edges), "max_softmax")
   traces = tj.ExitTraces(scores=scores, preds=preds, losses=np.zeros((64, 3)),
                         costs=np.ones(3), signals={"max_softmax": scores})
   result = tj.Server(model, deployed, buckets=(64,))(x)
   want = np.asarray(tj.reference_states(deployed, traces))
   assert len(np.unique(result.stop_stage)) >= 2  # requests stop at different stages
   np.testing.assert_array_equal(result.states, want)
-  mon = tj.DriftMonitor(tj.reference_counts(deployed, traces), window=100, min_count=1)
-  np.testing.assert_array_equal(mon.update(result.states).counts, tj.state_counts(want, 4))
+  mon = tj.DriftMonitor(tj.evaluation.reference_counts(deployed, traces), window=100, min_count=1)
+  np.testing.assert_array_equal(mon.update(result.states).counts, tj.evaluation.state_counts(want, 4))

@@ -5,9 +5,10 @@ import functools
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
+
 # Internal: the paired comparison of two replays (tj.compare replays the policies itself).
 from ttamer_jax.evaluation.metrics import compare_results
 
@@ -32,8 +33,8 @@ def test_policy_metrics_match_enumeration(seed, flags):
     c = ref.tiny_cascade(rng, 4, 3, **flags)
     other = ref.tiny_cascade(rng, 4, 3, ties=True)       # a policy fitted to a different model
     for lam in (0.2, 0.6, 1.0):
-      policies = [tj.recall_policy(c, lam), tj.no_recall_policy(c, lam), tj.recall_policy(other, lam),
-                  tj.no_recall_policy(other, lam), tj.fixed_exit(2, 4)]
+      policies = [tj.recall_policy(c, lam), tj.core.no_recall_policy(c, lam), tj.recall_policy(other, lam),
+                  tj.core.no_recall_policy(other, lam), tj.core.FixedExitPolicy(2, 4)]
       for policy in policies:
         m = tj.policy_metrics(c, policy)
         loss, cost, stop_h, ans_h = _enumerate(c, policy)
@@ -42,7 +43,7 @@ def test_policy_metrics_match_enumeration(seed, flags):
         np.testing.assert_allclose(m.answer_histogram, ans_h, atol=1e-12)
       assert abs(float(tj.policy_metrics(c, policies[0]).objective(lam)) - ref.brute_recall(c, lam)) <= 1e-12
       assert abs(float(tj.policy_metrics(c, policies[1]).objective(lam)) - ref.brute_no_recall(c, lam)) <= 1e-12
-      mix = tj.MixturePolicy(first=policies[0], second=policies[2], prob_second=0.3, key=jax.random.PRNGKey(0))
+      mix = tj.core.MixturePolicy(first=policies[0], second=policies[2], prob_second=0.3, key=jax.random.PRNGKey(0))
       m = tj.policy_metrics(c, mix)
       m0, m2 = tj.policy_metrics(c, policies[0]), tj.policy_metrics(c, policies[2])
       assert abs(float(m.loss) - (0.7 * float(m0.loss) + 0.3 * float(m2.loss))) <= 1e-12
@@ -53,11 +54,11 @@ def test_policy_metrics_rejects_what_a_cascade_cannot_model():
   with pytest.raises(ValueError, match="ThresholdPolicy reads raw scores"):
     tj.policy_metrics(c, tj.confidence_threshold(0.5, 3))
   with pytest.raises(ValueError, match="PatiencePolicy reads raw scores"):
-    tj.policy_metrics(c, tj.patience_policy(2, 3))
+    tj.policy_metrics(c, tj.core.PatiencePolicy(2, 3))
   with pytest.raises(ValueError, match="built for 4 stages, the cascade has 3"):
-    tj.policy_metrics(c, tj.fixed_exit(0, 4))
+    tj.policy_metrics(c, tj.core.FixedExitPolicy(0, 4))
   with pytest.raises(ValueError, match="expected a Cascade"):
-    tj.policy_metrics(np.zeros(3), tj.fixed_exit(0, 3))
+    tj.policy_metrics(np.zeros(3), tj.core.FixedExitPolicy(0, 3))
 
 
 # ------------------------------------------------------------------ held-out evaluation
@@ -119,7 +120,7 @@ def test_compare_and_split_robustness():
   c, tr, disc = _known_setup()
   lam = 0.6
   a = tj.DeployedPolicy(policy=tj.recall_policy(c, lam), discretiser=disc, score_name="scores")
-  b = tj.fixed_exit(3, 4)
+  b = tj.core.FixedExitPolicy(3, 4)
   cmp = tj.compare(a, b, tr, lam)
   ra, rb = tj.replay_traces(a, tr), tj.replay_traces(b, tr)
   full = tr.full_cost()  # objectives are unit-free: costs as shares of the full cost
@@ -132,7 +133,7 @@ def test_compare_and_split_robustness():
   same = tj.split_robustness(a, a, tr, lam)
   assert float(same.degradation) == 0.0 and list(same.degradation_ci) == [0.0, 0.0]
   # A policy fitted on one split, re-fitted on another: small, measured degradation.
-  first, second = tj.split_traces(jax.random.PRNGKey(9), tr, 0.5)
+  first, second = tj.data.split_traces(jax.random.PRNGKey(9), tr, 0.5)
   fit1 = tj.fit_cascade(first, discretiser=disc)
   fit2 = tj.fit_cascade(second, discretiser=disc)
   rob = tj.split_robustness(fit1.recall_policy(lam), fit2.recall_policy(lam), second, lam)
@@ -147,15 +148,15 @@ def test_model_robustness():
     c = ref.tiny_cascade(np.random.default_rng(3), 4, 6)
     lam = 0.5
     policy = tj.recall_policy(c, lam)
-    same = tj.model_robustness(policy, c, lam)
+    same = tj.evaluation.model_robustness(policy, c, lam)
     assert abs(float(same.degradation)) <= 1e-12
-    assert tj.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans.shape == c.trans.shape
-    np.testing.assert_allclose(tj.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans, c.trans, atol=1e-15)
+    assert tj.evaluation.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans.shape == c.trans.shape
+    np.testing.assert_allclose(tj.evaluation.perturb_cascade(jax.random.PRNGKey(0), c, 0.0).trans, c.trans, atol=1e-15)
     degr = []
     for seed, strength in ((1, 0.1), (1, 0.5), (1, 1.0), (2, 1.0), (3, 1.0)):
-      p = tj.perturb_cascade(jax.random.PRNGKey(seed), c, strength)
+      p = tj.evaluation.perturb_cascade(jax.random.PRNGKey(seed), c, strength)
       np.testing.assert_allclose(np.asarray(p.trans).sum(-1), 1.0, atol=1e-12)
-      r = tj.model_robustness(policy, p, lam)
+      r = tj.evaluation.model_robustness(policy, p, lam)
       # The re-solved policy is optimal on the perturbed model: never worse.
       assert float(r.degradation) >= -1e-12
       assert float(r.objective) == pytest.approx(float(tj.policy_metrics(p, policy).objective(lam)))
@@ -163,19 +164,19 @@ def test_model_robustness():
       degr.append(float(r.degradation))
     assert max(degr) > 1e-4  # a policy solved for another model does lose somewhere
     with pytest.raises(ValueError, match="strength = 1.5 must lie in"):
-      tj.perturb_cascade(jax.random.PRNGKey(1), c, 1.5)
+      tj.evaluation.perturb_cascade(jax.random.PRNGKey(1), c, 1.5)
 
 
 def test_evaluate_argument_errors():
   c, tr, disc = _known_setup()
   with pytest.raises(ValueError, match="lam = -0.1 is outside"):
-    tj.evaluate(tj.fixed_exit(0, 4), tr, -0.1)
+    tj.evaluate(tj.core.FixedExitPolicy(0, 4), tr, -0.1)
   with pytest.raises(ValueError, match="level = 1.0 must lie in"):
-    tj.evaluate(tj.fixed_exit(0, 4), tr, 0.5, level=1.0)
+    tj.evaluate(tj.core.FixedExitPolicy(0, 4), tr, 0.5, level=1.0)
   with pytest.raises(ValueError, match="num_resamples = 0 must be"):
-    tj.evaluate(tj.fixed_exit(0, 4), tr, 0.5, num_resamples=0)
+    tj.evaluate(tj.core.FixedExitPolicy(0, 4), tr, 0.5, num_resamples=0)
   with pytest.raises(ValueError, match="traces: expected ExitTraces"):
-    tj.evaluate(tj.fixed_exit(0, 4), np.zeros((3, 4)), 0.5)
+    tj.evaluate(tj.core.FixedExitPolicy(0, 4), np.zeros((3, 4)), 0.5)
 
 
 def test_bootstrap_of_few_distinct_rows_matches_the_row_bootstrap_in_distribution():
@@ -186,9 +187,9 @@ def test_bootstrap_of_few_distinct_rows_matches_the_row_bootstrap_in_distributio
   grouped = base[rng.integers(0, 40, 6000)]
   jitter = grouped + rng.normal(0, 1e-9, grouped.shape)            # every row distinct
   key = jax.random.PRNGKey(3)
-  a = tj.bootstrap_means(key, grouped, 4000)
-  b = tj.bootstrap_means(key, jitter, 4000)
-  np.testing.assert_array_equal(a, tj.bootstrap_means(key, grouped, 4000))   # deterministic
+  a = tj.evaluation.bootstrap_means(key, grouped, 4000)
+  b = tj.evaluation.bootstrap_means(key, jitter, 4000)
+  np.testing.assert_array_equal(a, tj.evaluation.bootstrap_means(key, grouped, 4000))   # deterministic
   sd = grouped.std(0) / np.sqrt(grouped.shape[0])
   for m in (a, b):
     # Mean of 4000 resample means: within 4 standard errors (sd / sqrt(4000)) of the sample mean;

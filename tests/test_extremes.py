@@ -10,10 +10,10 @@ lie within the documented bound (docs/formulation.md, "Precision"):
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
-import ttamer_jax as tj
 from fuzzing import record
+
+import ttamer_jax as tj
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -140,8 +140,8 @@ def test_all_losses_equal_stops_at_once():
     for name, (_, v64) in results.items():
       assert v64 == pytest.approx(lam * 0.25 + (1 - lam) * 0.1, abs=1e-15), name
     policy = tj.recall_policy(tj.Cascade(values, init, trans, costs), lam)
-    states = np.asarray(tj.sample_states(jax.random.PRNGKey(0), tj.Cascade(values, init, trans, costs), 50))
-    res = tj.replay_cascade(policy, tj.Cascade(values, init, trans, costs), states)
+    states = np.asarray(tj.core.sample_states(jax.random.PRNGKey(0), tj.Cascade(values, init, trans, costs), 50))
+    res = tj.core.replay_cascade(policy, tj.Cascade(values, init, trans, costs), states)
     assert np.all(np.asarray(res.stop_stage) == 0)
     record("numerics.extreme", "closed form")
 
@@ -173,7 +173,7 @@ def test_exact_tie_stops_in_both_solvers():
   index = np.asarray(tj.solve_recall(c, 0.5).index)
   assert 0.5 * 1.0 <= index[0, 0]                      # documented rule: ties stop
   assert bool(np.asarray(tj.solve_no_recall(c, 0.5).stop)[0, 0])
-  res = tj.replay_cascade(tj.recall_policy(c, 0.5), c, np.zeros((3, 2), np.int32))
+  res = tj.core.replay_cascade(tj.recall_policy(c, 0.5), c, np.zeros((3, 2), np.int32))
   assert np.all(np.asarray(res.stop_stage) == 0)
   # The tie rule is deterministic: the same table on every call.
   for _ in range(3):

@@ -36,14 +36,14 @@ def test_quantile_and_uniform_edges():
 def test_discretiser_validation():
   with pytest.raises(ValueError, match="binning: must be one of"):
     tj.fit_discretiser(np.zeros((3, 2)), 2, binning="log")
-  with pytest.raises(ValueError, match="num_bins = 0 must be >= 1"):
+  with pytest.raises(ValueError, match="num_states = 0 must be >= 1"):
     tj.fit_discretiser(np.zeros((3, 2)), 0)
   with pytest.raises(ValueError, match=r"scores\[1, 0\] is nan"):
     tj.fit_discretiser([[0.0, 1.0], [np.nan, 1.0]], 2)
   with pytest.raises(ValueError, match="score_range: low 1.0 must be < high 0.0"):
     tj.fit_discretiser(np.zeros((3, 2)), 2, binning="uniform", score_range=(1, 0))
   with pytest.raises(ValueError, match=r"edges\[0, 1\] = 0.0 < edges\[0, 0\] = 1.0"):
-    tj.Discretiser(edges=np.array([[1.0, 0.0]]))
+    tj.data.Discretiser(edges=np.array([[1.0, 0.0]]))
   with pytest.raises(ValueError, match="feature: must be one of"):
     tj.fit_discretiser(np.zeros((3, 2)), 2, feature="agree")
 
@@ -156,7 +156,7 @@ def test_fitting_recovers_a_known_cascade_with_error_shrinking_in_n():
 def test_skip_line_direct_estimates_match_products_on_markov_data():
   c = _known()
   tr = tj.sample_traces(jax.random.PRNGKey(6), c, _N)
-  g = tj.fit_skip_line(tr, 4, binning="uniform", score_range=(0, 1), smoothing=0.0)
+  g = tj.data.fit_skip_line(tr, 4, binning="uniform", score_range=(0, 1), smoothing=0.0)
   graph = g.graph
   assert graph.edge_src == (0, 0, 1) and graph.edge_dst == (1, 2, 2)
   true = np.asarray(c.trans, np.float64)
@@ -170,7 +170,7 @@ def test_skip_line_direct_estimates_match_products_on_markov_data():
   assert float(g.cost_scale) == pytest.approx(float(np.sum(np.asarray(c.costs, np.float64))), rel=1e-6)
   np.testing.assert_allclose(graph.edge_costs, [costs[1], costs[1] + costs[2], costs[2]], rtol=1e-6)
   np.testing.assert_allclose(graph.entry_costs, [costs[0]], rtol=1e-6)
-  heads = tj.fit_skip_line(tr, 4, block_costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.2, 0.4], skip_first=True)
+  heads = tj.data.fit_skip_line(tr, 4, block_costs=[1.0, 2.0, 4.0], head_costs=[0.1, 0.2, 0.4], skip_first=True)
   # Shares of consulting every stage in turn (blocks 7 + heads 0.7).
   np.testing.assert_allclose(heads.graph.edge_costs, np.array([2.2, 6.4, 4.4]) / 7.7, rtol=1e-6)
   np.testing.assert_allclose(heads.graph.entry_costs, np.array([1.1, 3.2, 7.4]) / 7.7, rtol=1e-6)
@@ -189,14 +189,14 @@ def test_skip_line_direct_estimates_are_right_when_the_chain_is_not_markov():
   s0, s1 = rng.integers(0, 3, num), rng.integers(0, 3, num)
   states = np.stack([s0, s1, s0], axis=1)
   tr = _hand_traces((states + rng.uniform(size=states.shape)) / 3)
-  g = tj.fit_skip_line(tr, 3, binning="uniform", score_range=(0, 1), smoothing=1.0)
+  g = tj.data.fit_skip_line(tr, 3, binning="uniform", score_range=(0, 1), smoothing=1.0)
   direct = np.asarray(g.graph.edge_trans[1])            # edge 0 -> 2
   assert np.all(np.diag(direct) > 0.99)
   line = tj.fit_cascade(tr, 3, binning="uniform", score_range=(0, 1))
   product = np.asarray(line.cascade.trans[0] @ line.cascade.trans[1])
   np.testing.assert_allclose(product, 1 / 3, atol=0.03)
   with pytest.raises(ValueError, match="'agree_prev' is undefined on a skip-line"):
-    tj.fit_skip_line(tr, discretiser=tj.fit_discretiser(tr.scores, 2, feature="agree_prev"))
+    tj.data.fit_skip_line(tr, discretiser=tj.fit_discretiser(tr.scores, 2, feature="agree_prev"))
 
 
 def test_column_quantiles_are_numpys_linear_quantiles_exactly():

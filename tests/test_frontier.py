@@ -5,9 +5,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
+
 # Internal: the paired comparison of two replays (tj.compare replays the policies itself).
 from ttamer_jax.evaluation.metrics import compare_results
 
@@ -33,7 +35,7 @@ def test_sweeps_equal_one_policy_at_a_time():
   c, cal, held, fit = _setup(0)
   lams = np.array([0.15, 0.45, 0.7, 0.95])
   sweep = tj.sweep_recall(fit, held, lams)
-  no = tj.sweep_no_recall(fit, held, lams)
+  no = tj.evaluation.sweep_no_recall(fit, held, lams)
   full = float(np.sum(np.asarray(held.costs, np.float64)))
   for j, lam in enumerate(lams):
     for sw, deployed in ((sweep, fit.recall_policy(lam)), (no, fit.no_recall_policy(lam))):
@@ -60,26 +62,26 @@ def test_sweeps_equal_one_policy_at_a_time():
 def test_heuristic_grids_equal_single_replays():
   _, cal, held, _ = _setup(0)
   for (policy, params), make in (
-      (tj.confidence_grid(cal, num=8), lambda t: tj.confidence_threshold(t, 4)),
-      (tj.entropy_grid(cal, "scores", num=8), lambda t: tj.entropy_threshold(t, 4)),
-      (tj.patience_grid(4), lambda p: tj.patience_policy(int(p), 4)),
-      (tj.fixed_exit_grid(4), lambda k: tj.fixed_exit(int(k), 4))):
-    sweep = tj.sweep_policies(policy, params, held)
+      (tj.evaluation.confidence_grid(cal, num=8), lambda t: tj.confidence_threshold(t, 4)),
+      (tj.evaluation.entropy_grid(cal, "scores", num=8), lambda t: tj.core.entropy_threshold(t, 4)),
+      (tj.evaluation.patience_grid(4), lambda p: tj.core.PatiencePolicy(int(p), 4)),
+      (tj.evaluation.fixed_exit_grid(4), lambda k: tj.core.FixedExitPolicy(int(k), 4))):
+    sweep = tj.evaluation.sweep_policies(policy, params, held)
     for j, p in enumerate(params):
       res = tj.replay_traces(make(p), held)
       assert float(sweep.error[j]) == pytest.approx(float(np.mean(res.loss)), rel=1e-5, abs=1e-7)
       assert float(sweep.cost[j]) == pytest.approx(float(np.mean(res.cost)), rel=1e-5)
-  per, levels = tj.per_stage_grid(cal, num=5)
+  per, levels = tj.evaluation.per_stage_grid(cal, num=5)
   t = np.asarray(per.thresholds)
   np.testing.assert_allclose(t[1:-1], np.quantile(np.asarray(cal.scores, np.float64), levels[1:-1], axis=0),
                              rtol=1e-6)
   assert np.all(np.isneginf(t[0])) and np.all(np.isposinf(t[-1]))
-  sweeps = tj.heuristic_sweeps(cal, held, num=8)
+  sweeps = tj.evaluation.heuristic_sweeps(cal, held, num=8)
   assert set(sweeps) == {"confidence", "per_stage", "patience", "fixed_exit"}
   with pytest.raises(ValueError, match="leading grid axes"):
-    tj.sweep_policies(policy, params[:2], held)
+    tj.evaluation.sweep_policies(policy, params[:2], held)
   with pytest.raises(ValueError, match="not a score-reading heuristic"):
-    tj.sweep_policies(tj.hindsight_policy(held.losses, held.costs, 0.5), np.zeros(N_SPLIT), held)
+    tj.evaluation.sweep_policies(tj.hindsight_policy(held.losses, held.costs, 0.5), np.zeros(N_SPLIT), held)
 
 
 # ------------------------------------------------------------------ fronts and areas
@@ -97,44 +99,44 @@ def _brute_front(cost, error):
 def test_pareto_front_matches_brute_force(points):
   cost = np.array([p[0] for p in points], float)
   error = np.array([p[1] for p in points], float)
-  assert list(tj.pareto_front(cost, error)) == _brute_front(cost, error)
+  assert list(tj.evaluation.pareto_front(cost, error)) == _brute_front(cost, error)
 
 
 def test_frontier_gap_matches_numerical_integration():
   rng = np.random.default_rng(0)
   ca, ea = rng.uniform(0, 1, 12), rng.uniform(0, 1, 12)
   cb, eb = rng.uniform(0, 1, 9), rng.uniform(0, 1, 9)
-  gap = tj.frontier_gap(ca, ea, cb, eb)
+  gap = tj.evaluation.frontier_gap(ca, ea, cb, eb)
   low, high = max(ca.min(), cb.min()), max(ca.max(), cb.max())
   assert float(gap.low) == low and float(gap.high) == high
   grid = np.linspace(low, high, 400_001)[:-1] + (high - low) / 800_000   # midpoints
-  num = np.mean(tj.staircase(cb, eb, grid) - tj.staircase(ca, ea, grid)) * (high - low)
+  num = np.mean(tj.evaluation.staircase(cb, eb, grid) - tj.evaluation.staircase(ca, ea, grid)) * (high - low)
   assert float(gap.area) == pytest.approx(num, abs=1e-4)
   assert float(gap.mean_gap) == pytest.approx(float(gap.area) / (high - low))
-  back = tj.frontier_gap(cb, eb, ca, ea)
+  back = tj.evaluation.frontier_gap(cb, eb, ca, ea)
   assert float(back.area) == pytest.approx(-float(gap.area))
-  assert float(tj.frontier_gap(ca, ea, ca, ea).area) == 0.0
+  assert float(tj.evaluation.frontier_gap(ca, ea, ca, ea).area) == 0.0
   # By hand: a = {(0, 1), (1, 0)}, b = {(0, 1), (2, 0)}: b is worse by 1 on [1, 2).
-  by_hand = tj.frontier_gap([0, 1], [1, 0], [0, 2], [1, 0])
+  by_hand = tj.evaluation.frontier_gap([0, 1], [1, 0], [0, 2], [1, 0])
   assert float(by_hand.area) == 1.0 and float(by_hand.mean_gap) == 0.5
-  np.testing.assert_array_equal(tj.staircase([0, 1], [1, 0], [-1, 0, 0.5, 1, 3]), [np.inf, 1, 1, 0, 0])
+  np.testing.assert_array_equal(tj.evaluation.staircase([0, 1], [1, 0], [-1, 0, 0.5, 1, 3]), [np.inf, 1, 1, 0, 0])
   with pytest.raises(ValueError, match=r"error: expected shape \(2,\)"):
-    tj.pareto_front([0, 1], [0, 1, 2])
+    tj.evaluation.pareto_front([0, 1], [0, 1, 2])
 
 
 def test_tuned_objective_picks_on_calibration_and_scores_on_held_out():
-  cal = tj.ReplaySweep(param=np.arange(3), error=np.array([0.3, 0.2, 0.1]), cost=np.array([0.1, 0.15, 0.9]),
+  cal = tj.evaluation.ReplaySweep(param=np.arange(3), error=np.array([0.3, 0.2, 0.1]), cost=np.array([0.1, 0.15, 0.9]),
                        cost_norm=np.zeros(3), stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
   held = cal.replace(error=np.array([0.5, 0.4, 0.0]))
   cal = cal.replace(cost_norm=cal.cost / 2)  # J uses the cost share (unit-free)
   held = held.replace(cost_norm=cal.cost_norm)
-  assert tj.tuned_objective(cal, held, 0.5) == (1, pytest.approx(0.5 * 0.4 + 0.5 * 0.075))
+  assert tj.evaluation.tuned_objective(cal, held, 0.5) == (1, pytest.approx(0.5 * 0.4 + 0.5 * 0.075))
 
 
 # ------------------------------------------------------------------ the acceptance claim
 def _tuned_replay(grid, params, cal, held, lam, score_name=None):
-  i, _ = tj.tuned_objective(tj.sweep_policies(grid, params, cal, score_name=score_name),
-                            tj.sweep_policies(grid, params, held, score_name=score_name), lam)
+  i, _ = tj.evaluation.tuned_objective(tj.evaluation.sweep_policies(grid, params, cal, score_name=score_name),
+                            tj.evaluation.sweep_policies(grid, params, held, score_name=score_name), lam)
   chosen = jax.tree_util.tree_map(lambda x: x[i], grid)
   return tj.replay_traces(chosen, held, score_name=score_name)
 
@@ -150,10 +152,11 @@ def test_fitted_recall_beats_every_baseline_on_held_out_traces(seed):
   which the recall optimum dominates every non-anticipating policy.
   """
   c, cal, held, fit = _setup(seed)
-  grids = {"confidence": tj.confidence_grid(cal, num=32), "entropy": tj.entropy_grid(cal, "scores", num=32),
-           "per_stage": tj.per_stage_grid(cal, num=32),
-           "per_stage_below": tj.per_stage_grid(cal, num=32, direction="below"), "patience": tj.patience_grid(4),
-           "fixed_exit": tj.fixed_exit_grid(4)}
+  ev = tj.evaluation
+  grids = {"confidence": ev.confidence_grid(cal, num=32), "entropy": ev.entropy_grid(cal, "scores", num=32),
+           "per_stage": ev.per_stage_grid(cal, num=32),
+           "per_stage_below": ev.per_stage_grid(cal, num=32, direction="below"), "patience": ev.patience_grid(4),
+           "fixed_exit": ev.fixed_exit_grid(4)}
   strict = 0
   for lam in (0.3, 0.6, 0.9):
     recall = tj.replay_traces(fit.recall_policy(lam), held)

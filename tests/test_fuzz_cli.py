@@ -31,15 +31,14 @@ import tempfile
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from fuzzing import record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import record
+from ttamer_jax import fit_cascade, load_cascade, load_traces, save_cascade, save_traces
 from ttamer_jax.app import cli, pipeline
 from ttamer_jax.data import policy_io
-from ttamer_jax import load_cascade, save_cascade
-from ttamer_jax import fit_cascade
-from ttamer_jax import load_traces, save_traces
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

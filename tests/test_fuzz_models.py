@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from fuzzing import expect_error, record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import expect_error, record
 
 EPS32 = float(np.finfo(np.float32).eps)
 # |J_float32 - J_float64| <= C32 * n * eps32 * (max values + sum costs): docs/formulation.md
@@ -121,7 +122,7 @@ def test_monte_carlo_replay_matches_dp_values(seed, lam, conc):
   key = jax.random.PRNGKey(seed)
   c = tj.random_cascade(key, 4, 5, concentration=conc, cost_scale=0.3)
   for policy, value in ((tj.recall_policy(c, lam), tj.solve_recall(c, lam).value),
-                        (tj.no_recall_policy(c, lam), tj.solve_no_recall(c, lam).value)):
+                        (tj.core.no_recall_policy(c, lam), tj.solve_no_recall(c, lam).value)):
     mc = tj.monte_carlo(jax.random.fold_in(key, 1), c, policy, lam, 20000)
     exact = float(tj.policy_metrics(c, policy).objective(lam))
     assert abs(exact - float(value)) <= 1e-5
@@ -217,11 +218,14 @@ def test_invalid_builder_arguments_raise(data):
   elif case == "iid":
     sub = data.draw(st.sampled_from(["probs", "n", "costs"]))
     if sub == "probs":
-      expect_error("builders.bad_args", lambda: tj.iid_cascade([0.1, 0.2], [0.7, 0.7], 0.1, 3), "probs")
+      expect_error("builders.bad_args", lambda: tj.core.iid_cascade([0.1, 0.2], [0.7, 0.7], 0.1, 3), "probs")
     elif sub == "n":
-      expect_error("builders.bad_args", lambda: tj.iid_cascade([0.1, 0.2], [0.5, 0.5], 0.1, data.draw(bad_int)), "num_stages")
+      num = data.draw(bad_int)
+      expect_error("builders.bad_args", lambda: tj.core.iid_cascade([0.1, 0.2], [0.5, 0.5], 0.1, num),
+                   "num_stages")
     else:
-      expect_error("builders.bad_args", lambda: tj.iid_cascade([0.1, 0.2], [0.5, 0.5], [0.1, -1.0, 0.1], 3), "costs")
+      expect_error("builders.bad_args",
+                   lambda: tj.core.iid_cascade([0.1, 0.2], [0.5, 0.5], [0.1, -1.0, 0.1], 3), "costs")
   elif case == "skip":
     bad = data.draw(st.sampled_from([None, "c", BASE[0]]))
     expect_error("builders.bad_args", lambda: tj.skip_line(bad), "cascade")
@@ -294,7 +298,7 @@ def test_invalid_aggregated_cascades_raise(data):
   good[field] = arr
   # A shape mismatch may be reported against the field it disagrees with.
   names = (field,) if how != "shape" else ("membership", "emission", "values", "init")
-  expect_error("aggregated.invalid", lambda: tj.AggregatedCascade(**good), *names)
+  expect_error("aggregated.invalid", lambda: tj.core.AggregatedCascade(**good), *names)
 
 
 @settings(max_examples=80)
@@ -307,50 +311,50 @@ def test_invalid_policy_constructors_raise(data):
   if case == "recall_nan":
     bad = idx.copy()
     bad[data.draw(st.integers(0, 2)), data.draw(st.integers(0, 1))] = np.nan
-    expect_error("policy_ctor.invalid", lambda: tj.RecallPolicy(index=bad, values=vals, lam=0.5), "index")
+    expect_error("policy_ctor.invalid", lambda: tj.core.RecallPolicy(index=bad, values=vals, lam=0.5), "index")
   elif case == "recall_values":
     bad = vals.copy()
     bad[0, 0] = data.draw(st.sampled_from([-1.0, np.nan, np.inf]))
-    expect_error("policy_ctor.invalid", lambda: tj.RecallPolicy(index=idx, values=bad, lam=0.5), "values")
+    expect_error("policy_ctor.invalid", lambda: tj.core.RecallPolicy(index=idx, values=bad, lam=0.5), "values")
   elif case == "recall_lam":
     lam = data.draw(st.sampled_from([np.nan, -0.5, 1.5, "a", None]))
-    expect_error("policy_ctor.invalid", lambda: tj.RecallPolicy(index=idx, values=vals, lam=lam), "lam")
+    expect_error("policy_ctor.invalid", lambda: tj.core.RecallPolicy(index=idx, values=vals, lam=lam), "lam")
   elif case == "recall_shape":
     bad = data.draw(st.sampled_from([np.zeros(3), np.zeros((3, 3)), np.zeros((0, 2))]))
-    expect_error("policy_ctor.invalid", lambda: tj.RecallPolicy(index=bad, values=vals, lam=0.5),
+    expect_error("policy_ctor.invalid", lambda: tj.core.RecallPolicy(index=bad, values=vals, lam=0.5),
                  "index", "values")
   elif case == "no_recall":
     bad = data.draw(st.sampled_from([np.full((3, 2), 0.5), np.zeros(3, bool), np.full((3, 2), "x")]))
-    expect_error("policy_ctor.invalid", lambda: tj.NoRecallPolicy(stop=bad), "stop")
+    expect_error("policy_ctor.invalid", lambda: tj.core.NoRecallPolicy(stop=bad), "stop")
   elif case == "threshold":
     bad = data.draw(st.sampled_from([[np.nan, 0.5], [], "x", [[]]]))
-    expect_error("policy_ctor.invalid", lambda: tj.ThresholdPolicy(thresholds=bad), "thresholds")
+    expect_error("policy_ctor.invalid", lambda: tj.core.ThresholdPolicy(thresholds=bad), "thresholds")
   elif case == "patience":
     bad = data.draw(st.sampled_from([0, -3, 1.5, "x"]))
-    expect_error("policy_ctor.invalid", lambda: tj.patience_policy(bad, 3), "patience")
+    expect_error("policy_ctor.invalid", lambda: tj.core.PatiencePolicy(bad, 3), "patience")
   elif case == "fixed":
     bad = data.draw(st.sampled_from([-1, 3, 7, 0.5]))
-    expect_error("policy_ctor.invalid", lambda: tj.fixed_exit(bad, 3), "exit_stage")
+    expect_error("policy_ctor.invalid", lambda: tj.core.FixedExitPolicy(bad, 3), "exit_stage")
   elif case == "mixture":
     first = data.draw(st.sampled_from([None, "policy", 3]))
-    expect_error("policy_ctor.invalid", lambda: tj.MixturePolicy(
-        first=first, second=tj.fixed_exit(0, 3), prob_second=0.5,
+    expect_error("policy_ctor.invalid", lambda: tj.core.MixturePolicy(
+        first=first, second=tj.core.FixedExitPolicy(0, 3), prob_second=0.5,
         key=jax.random.PRNGKey(0)), "first")
   elif case == "discretiser":
     bad = data.draw(st.sampled_from([np.array([[0.5, 0.1]]), np.array([[np.nan]]),
                                      np.zeros((0, 2)), np.array([[1e39]]), np.zeros(3)]))
-    expect_error("policy_ctor.invalid", lambda: tj.Discretiser(edges=bad), "edges")
+    expect_error("policy_ctor.invalid", lambda: tj.data.Discretiser(edges=bad), "edges")
   elif case == "graph_policy":
-    g = tj.line_graph(tj.demo_cascade(3, 2))
-    sol = tj.solve_graph_recall(g, 0.5)
+    g = tj.core.line_graph(tj.demo_cascade(3, 2))
+    sol = tj.core.solve_graph_recall(g, 0.5)
     field = data.draw(st.sampled_from(["successor", "entry", "grid"]))
     kw = dict(index=sol.index, successor=sol.successor, grid=sol.grid, values=g.values,
               lam=jnp.asarray(0.5), entry=sol.entry)
     kw[field] = {"successor": np.full(np.shape(sol.successor), 9), "entry": np.asarray(5),
                  "grid": np.asarray(sol.grid)[::-1]}[field]
-    expect_error("policy_ctor.invalid", lambda: tj.GraphPolicy(**kw), field)
+    expect_error("policy_ctor.invalid", lambda: tj.core.GraphPolicy(**kw), field)
   elif case == "observation":
-    expect_error("policy_ctor.invalid", lambda: tj.StageObservation(
+    expect_error("policy_ctor.invalid", lambda: tj.core.StageObservation(
         state=np.zeros(3, np.int32), score=np.zeros(4), pred=np.zeros(3, np.int32)), "score")
   else:
     bad = data.draw(st.sampled_from(["x", None, [0.5, 0.6]]))
@@ -364,24 +368,28 @@ def test_invalid_network_sizes_raise(data):
   bad = data.draw(st.sampled_from([0, -2, 1.5, "4", None]))
   case = data.draw(st.sampled_from(["mlp_hidden", "mlp_classes", "mlp_blocks", "mlp_shape",
                                     "cnn_channels", "cnn_classes", "tr_vocab", "tr_dim"]))
+  MLP, Transformer = tj.networks.EarlyExitMLP, tj.networks.EarlyExitTransformer
   if case == "mlp_hidden":
-    expect_error("nn_ctor.invalid", lambda: tj.EarlyExitMLP((4,), 3, hidden=bad, num_blocks=2, rngs=rngs), "hidden")
+    expect_error("nn_ctor.invalid", lambda: MLP((4,), 3, hidden=bad, num_blocks=2, rngs=rngs), "hidden")
   elif case == "mlp_classes":
-    expect_error("nn_ctor.invalid", lambda: tj.EarlyExitMLP((4,), bad, hidden=4, num_blocks=2, rngs=rngs), "num_classes")
+    expect_error("nn_ctor.invalid", lambda: MLP((4,), bad, hidden=4, num_blocks=2, rngs=rngs), "num_classes")
   elif case == "mlp_blocks":
-    expect_error("nn_ctor.invalid", lambda: tj.EarlyExitMLP((4,), 3, hidden=4, num_blocks=bad, rngs=rngs), "num_blocks")
+    expect_error("nn_ctor.invalid", lambda: MLP((4,), 3, hidden=4, num_blocks=bad, rngs=rngs), "num_blocks")
   elif case == "mlp_shape":
     shape = data.draw(st.sampled_from([(0,), (-1, 2), "ab", 5, (), (1.5,)]))
-    expect_error("nn_ctor.invalid", lambda: tj.EarlyExitMLP(shape, 3, hidden=4, num_blocks=2, rngs=rngs), "input_shape")
+    expect_error("nn_ctor.invalid", lambda: MLP(shape, 3, hidden=4, num_blocks=2, rngs=rngs), "input_shape")
   elif case == "cnn_channels":
     ch = data.draw(st.sampled_from([(0,), (4, -1), (), "ab", (2.5,)]))
     expect_error("nn_ctor.invalid", lambda: tj.EarlyExitCNN((8, 8, 1), 3, channels=ch, rngs=rngs), "channels")
   elif case == "cnn_classes":
     expect_error("nn_ctor.invalid", lambda: tj.EarlyExitCNN((8, 8, 1), bad, channels=(2,), rngs=rngs), "num_classes")
   elif case == "tr_vocab":
-    expect_error("nn_ctor.invalid", lambda: tj.EarlyExitTransformer(bad, 4, 2, dim=8, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs), "vocab_size")
+    expect_error("nn_ctor.invalid",
+                 lambda: Transformer(bad, 4, 2, dim=8, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs),
+                 "vocab_size")
   else:
-    expect_error("nn_ctor.invalid", lambda: tj.EarlyExitTransformer(5, 4, 2, dim=bad, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs), "dim")
+    expect_error("nn_ctor.invalid",
+                 lambda: Transformer(5, 4, 2, dim=bad, num_heads=2, num_blocks=1, mlp_dim=8, rngs=rngs), "dim")
 
 
 # ------------------------------------------------------------------ solvers
@@ -400,14 +408,14 @@ def test_invalid_lam_raises_everywhere(lam, fn):
       "solve_no_recall": lambda: tj.solve_no_recall(c, lam),
       "prophet_value": lambda: tj.prophet_value(c, lam),
       "recall_policy": lambda: tj.recall_policy(c, lam),
-      "no_recall_policy": lambda: tj.no_recall_policy(c, lam),
+      "no_recall_policy": lambda: tj.core.no_recall_policy(c, lam),
       "monte_carlo": lambda: tj.monte_carlo(key, c, tj.recall_policy(c, 0.5), lam, 10),
       "sweep": lambda: tj.sweep(c, [0.5, lam] if not isinstance(lam, np.ndarray) else lam[:, None, None]),
       "soft": lambda: tj.soft_solve_recall(c, lam, 0.1),
-      "graph": lambda: tj.solve_recall(tj.line_graph(c), lam),
+      "graph": lambda: tj.solve_recall(tj.core.line_graph(c), lam),
       "consult": lambda: tj.consult_probabilities(c, lam),
       "hindsight": lambda: tj.hindsight_policy(np.zeros((2, 3)), np.zeros(3), lam),
-      "aggregated": lambda: tj.solve_recall_aggregated(tj.aggregate_cascade(c, 3)[0], lam),
+      "aggregated": lambda: tj.core.solve_recall_aggregated(tj.core.aggregate_cascade(c, 3)[0], lam),
   }
   expect_error("lam.invalid", calls[fn], "lam")
 
@@ -424,12 +432,12 @@ def test_solvers_refuse_non_cascades(obj, fn):
       "solve_no_recall": lambda: tj.solve_no_recall(obj, 0.5),
       "prophet_value": lambda: tj.prophet_value(obj, 0.5),
       "monte_carlo": lambda: tj.monte_carlo(key, obj, p, 0.5, 10),
-      "sample_states": lambda: tj.sample_states(key, obj, 10),
+      "sample_states": lambda: tj.core.sample_states(key, obj, 10),
       "sweep": lambda: tj.sweep(obj, [0.5]),
       "soft": lambda: tj.soft_solve_recall(obj, 0.5, 0.1),
-      "aggregate": lambda: tj.aggregate_cascade(obj, 2),
+      "aggregate": lambda: tj.core.aggregate_cascade(obj, 2),
       "policy_metrics": lambda: tj.policy_metrics(obj, p),
-      "replay_cascade": lambda: tj.replay_cascade(p, obj, np.zeros((2, 3), np.int32)),
+      "replay_cascade": lambda: tj.core.replay_cascade(p, obj, np.zeros((2, 3), np.int32)),
   }
   expect_error("solver.non_cascade", calls[fn], "cascade", "graph", "agg")
 
@@ -448,4 +456,4 @@ def test_invalid_prophet_and_soft_options_raise():
   for beta in (-1.0, np.nan, np.inf, [0.1]):
     expect_error("solver.non_cascade", lambda: tj.soft_solve_recall(c, 0.5, beta), "beta")
   for q in (0, 4, 1.5):
-    expect_error("solver.non_cascade", lambda: tj.aggregate_cascade(c, q), "num_meta")
+    expect_error("solver.non_cascade", lambda: tj.core.aggregate_cascade(c, q), "num_meta")

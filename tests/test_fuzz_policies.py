@@ -17,10 +17,12 @@ import tempfile
 import jax
 import numpy as np
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from fuzzing import expect_error, record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import expect_error, record
+
 # Internal: the inputs tj.replay_traces hands to tj.replay, to replay op by op.
 from ttamer_jax.data.policy_io import recorded_lam_problem
 from ttamer_jax.evaluation.metrics import trace_inputs
@@ -28,20 +30,20 @@ from ttamer_jax.evaluation.metrics import trace_inputs
 N, K, R = 3, 4, 32   # stages, states, requests
 CASCADE = tj.synthetic_cascade(0, N, K, regime="random")
 RECALL = tj.recall_policy(CASCADE, 0.5)
-NO_RECALL = tj.no_recall_policy(CASCADE, 0.5)
-LINE = (RECALL, NO_RECALL, tj.fixed_exit(1, N), tj.patience_policy(2, N))
-STATES = np.asarray(tj.sample_states(jax.random.PRNGKey(0), CASCADE, R))
+NO_RECALL = tj.core.no_recall_policy(CASCADE, 0.5)
+LINE = (RECALL, NO_RECALL, tj.core.FixedExitPolicy(1, N), tj.core.PatiencePolicy(2, N))
+STATES = np.asarray(tj.core.sample_states(jax.random.PRNGKey(0), CASCADE, R))
 LOSSES = np.asarray(CASCADE.values)[np.arange(N)[None, :], STATES]
 COSTS = np.asarray(CASCADE.costs)
 SCORES = np.random.default_rng(0).uniform(size=(R, N))
 PREDS = np.zeros((R, N), np.int32)
-DISC = tj.Discretiser(edges=np.tile([0.25, 0.5, 0.75], (N, 1)))
+DISC = tj.data.Discretiser(edges=np.tile([0.25, 0.5, 0.75], (N, 1)))
 DEPLOYED = tj.DeployedPolicy(RECALL, DISC, "state_score")
 TRACES = tj.sample_traces(jax.random.PRNGKey(1), CASCADE, R)
 OTHER = {(n, k): tj.synthetic_cascade(1, n, k, regime="random")
          for n, k in ((N + 1, K), (N, K + 1), (N - 1, K))}
 GRAPH = tj.skip_line(CASCADE)
-GPOLICY = tj.graph_policy(GRAPH, 0.5)
+GPOLICY = tj.core.graph_policy(GRAPH, 0.5)
 GSTATES = np.zeros((R, GRAPH.num_nodes), np.int64)
 KEY = jax.random.PRNGKey(0)
 
@@ -132,7 +134,7 @@ def _replay_cascade_case(draw):
     cascade, names = draw(st.sampled_from(["cascade", None, GRAPH, CASCADE.values])), ("cascade",)
   else:
     policy, names = draw(NOT_POLICIES), ("policy",)
-  return lambda: tj.replay_cascade(policy, cascade, states), names
+  return lambda: tj.core.replay_cascade(policy, cascade, states), names
 
 
 def _monte_carlo_case(draw):
@@ -163,7 +165,7 @@ def _policy_metrics_case(draw):
   if what == "cascade":
     return lambda: tj.policy_metrics(draw(st.sampled_from(["c", None, GRAPH])), RECALL), ("cascade",)
   policy = {"policy": lambda: draw(NOT_POLICIES), "deployed": lambda: DEPLOYED,
-            "signals": lambda: draw(st.sampled_from([tj.patience_policy(2, N),
+            "signals": lambda: draw(st.sampled_from([tj.core.PatiencePolicy(2, N),
                                                      tj.confidence_threshold(0.5, N)]))}[what]()
   return lambda: tj.policy_metrics(CASCADE, policy), ("policy",)
 
@@ -187,17 +189,17 @@ def _evaluate_case(draw):
     kw["traces"] = tj.sample_traces(KEY, OTHER[(N + 1, K)], 8)
     names = ("stages",)
   elif what == "inconsistent":  # policy for K states, discretiser for 2
-    kw["policy"] = DEPLOYED.replace(discretiser=tj.Discretiser(edges=np.full((N, 1), 0.5)))
+    kw["policy"] = DEPLOYED.replace(discretiser=tj.data.Discretiser(edges=np.full((N, 1), 0.5)))
     names = ("policy",)
   elif what == "signal":
     kw["policy"] = DEPLOYED.replace(score_name=draw(st.sampled_from(["nope", "max_softmax", ""])))
     names = ("signal",)
   else:
-    kw["policy"] = draw(st.sampled_from([tj.fixed_exit(0, N + 1), tj.patience_policy(2, N - 1)]))
+    kw["policy"] = draw(st.sampled_from([tj.core.FixedExitPolicy(0, N + 1), tj.core.PatiencePolicy(2, N - 1)]))
     names = ("policy",)
   fn = draw(st.sampled_from(["evaluate", "compare"]))
   if fn == "compare":
-    kw["policy_b"] = tj.fixed_exit(N - 1, N)
+    kw["policy_b"] = tj.core.FixedExitPolicy(N - 1, N)
     kw["policy_a"] = kw.pop("policy")
     return lambda: tj.compare(**kw), names
   return lambda: tj.evaluate(**kw), names
@@ -210,7 +212,7 @@ def _graph_case(draw):
   if what in ("num_paths", "key"):
     kw = dict(key=KEY, graph=GRAPH, policy=GPOLICY, num_paths=16)
     kw[what] = draw(BAD_COUNTS if what == "num_paths" else BAD_KEYS)
-    return lambda: tj.simulate_graph(**kw), names
+    return lambda: tj.core.simulate_graph(**kw), names
   if what == "states":
     states = _poke(GSTATES, draw, _bad_state(draw, K))
   elif what == "nodes":
@@ -226,8 +228,8 @@ def _graph_case(draw):
   else:
     policy = draw(st.sampled_from([RECALL, None, "p"]))
   if draw(st.booleans()) and what in ("graph", "policy"):
-    return lambda: tj.simulate_graph(KEY, graph, policy, 16), names
-  return lambda: tj.replay_graph(policy, graph, states, losses), names
+    return lambda: tj.core.simulate_graph(KEY, graph, policy, 16), names
+  return lambda: tj.core.replay_graph(policy, graph, states, losses), names
 
 
 REPLAY_CASES = {"replay": _replay_case, "replay_cascade": _replay_cascade_case,
@@ -257,7 +259,7 @@ def deployables(draw):
   edges = np.sort(rng.uniform(0, 1, (N, bins - 1)), axis=1)
   if bins > 1 and draw(st.booleans()):
     edges[:, 1] = edges[:, 0]  # duplicate edges: an empty bin
-  disc = tj.Discretiser(edges=edges, feature=feature)
+  disc = tj.data.Discretiser(edges=edges, feature=feature)
   k = disc.num_states
   values = rng.uniform(0, 1, (N, k)).astype(np.float32)
   if draw(st.booleans()):
@@ -269,17 +271,17 @@ def deployables(draw):
       index[rng.random((N, k)) < 0.3] = -np.inf
       index[-1] = np.inf
       lam = draw(st.sampled_from([0.0, 1.0, float(rng.uniform())]))
-      return tj.RecallPolicy(index=index, values=values, lam=np.asarray(lam, np.float32))
+      return tj.core.RecallPolicy(index=index, values=values, lam=np.asarray(lam, np.float32))
     kind = draw(st.sampled_from(["no_recall", "threshold", "patience", "fixed_exit"]))
     if kind == "no_recall":
-      return tj.NoRecallPolicy(stop=rng.random((N, k)) < 0.5)
+      return tj.core.NoRecallPolicy(stop=rng.random((N, k)) < 0.5)
     if kind == "threshold":
       t = rng.uniform(0, 1, N)
       t[rng.random(N) < 0.2] = draw(st.sampled_from([np.inf, -np.inf]))
       return tj.per_stage_thresholds(t, direction=draw(st.sampled_from(["above", "below"])))
     if kind == "patience":
-      return tj.patience_policy(draw(st.integers(1, N + 1)), N)
-    return tj.fixed_exit(draw(st.integers(0, N - 1)), N)
+      return tj.core.PatiencePolicy(draw(st.integers(1, N + 1)), N)
+    return tj.core.FixedExitPolicy(draw(st.integers(0, N - 1)), N)
 
   def policy(depth):
     recall = draw(st.booleans())
@@ -288,7 +290,7 @@ def deployables(draw):
       second = leaf(first.recall) if draw(st.booleans()) else policy(depth + 1)
       if second.recall != first.recall:
         second = leaf(first.recall)
-      return tj.MixturePolicy(first=first, second=second,
+      return tj.core.MixturePolicy(first=first, second=second,
                               prob_second=np.asarray(draw(st.floats(0, 1)), np.float32),
                               key=jax.random.PRNGKey(draw(st.integers(0, 2**31 - 1))))
     return leaf(recall)
@@ -354,7 +356,7 @@ def test_random_policies_round_trip_bit_identically_and_replay_identically(deplo
 
 
 # ------------------------------------------------------------------ serve.invalid
-MODEL = tj.EarlyExitMLP((4,), 3, hidden=8, num_blocks=N, rngs=nnx.Rngs(0))
+MODEL = tj.networks.EarlyExitMLP((4,), 3, hidden=8, num_blocks=N, rngs=nnx.Rngs(0))
 SERVE_POLICY = tj.DeployedPolicy(RECALL, DISC, "max_softmax")
 SERVER = tj.Server(MODEL, SERVE_POLICY, buckets=(8,))
 X = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
@@ -382,20 +384,20 @@ def _serve_case(draw):
     n = draw(st.sampled_from([N - 1, N + 1]))
     deployed = SERVE_POLICY.replace(policy=draw(st.sampled_from([
         tj.recall_policy(OTHER[(N + 1, K)], 0.5) if n > N else tj.recall_policy(OTHER[(N - 1, K)], 0.5),
-        tj.fixed_exit(0, n), tj.confidence_threshold(0.5, n)])))
+        tj.core.FixedExitPolicy(0, n), tj.confidence_threshold(0.5, n)])))
     names = ("policy",)
   elif what == "policy_states":
     if draw(st.booleans()):
-      deployed = SERVE_POLICY.replace(policy=tj.no_recall_policy(OTHER[(N, K + 1)], 0.5))
+      deployed = SERVE_POLICY.replace(policy=tj.core.no_recall_policy(OTHER[(N, K + 1)], 0.5))
       names = ("policy",)
     else:  # a mixture of policies over different state counts is refused when built
       other = tj.recall_policy(OTHER[(N, K + 1)], 0.5)
-      return lambda: tj.serve(model, SERVE_POLICY.replace(
-          policy=tj.MixturePolicy(RECALL, other, 0.5, KEY)), x, buckets=buckets), ("second",)
+      return lambda: tj.networks.serve(model, SERVE_POLICY.replace(
+          policy=tj.core.MixturePolicy(RECALL, other, 0.5, KEY)), x, buckets=buckets), ("second",)
   elif what == "discretiser":
     deployed = SERVE_POLICY.replace(discretiser=draw(st.sampled_from([
-        tj.Discretiser(edges=np.zeros((N + 1, K - 1))), tj.Discretiser(edges=np.zeros((N, K))),
-        tj.Discretiser(edges=np.zeros((N, 2)), feature="agree_prev")])))
+        tj.data.Discretiser(edges=np.zeros((N + 1, K - 1))), tj.data.Discretiser(edges=np.zeros((N, K))),
+        tj.data.Discretiser(edges=np.zeros((N, 2)), feature="agree_prev")])))
     names = ("discretiser", "policy")
   elif what == "score":
     deployed = SERVE_POLICY.replace(score_name=draw(st.sampled_from(
@@ -416,7 +418,7 @@ def _serve_case(draw):
     names = ("buckets",)
   if what in ("nan", "shape", "ndim", "empty", "dtype") and draw(st.booleans()):
     return lambda: SERVER(x), names  # the long-lived server
-  return lambda: tj.serve(model, deployed, x, buckets=buckets), names
+  return lambda: tj.networks.serve(model, deployed, x, buckets=buckets), names
 
 
 @settings(max_examples=80)
@@ -452,25 +454,25 @@ def _drift_case(draw):
     names = (which,) if which == "observed" else ("reference", "observed")  # a shape mismatch
     if which == "reference" and draw(st.booleans()):
       return lambda: tj.DriftMonitor(bad), ("reference",)
-    return lambda: tj.two_sample_test(**args), names
+    return lambda: tj.evaluation.two_sample_test(**args), names
   if what == "option":
     opt = draw(st.sampled_from(sorted(DRIFT_OPTIONS)))
     bad = draw(st.sampled_from(DRIFT_OPTIONS[opt]))
     if draw(st.booleans()):
       return lambda: tj.DriftMonitor(REF, **{opt: bad}), (opt,)
-    return lambda: tj.two_sample_test(REF, REF, **{opt: bad}), (opt,)
+    return lambda: tj.evaluation.two_sample_test(REF, REF, **{opt: bad}), (opt,)
   if what == "state_counts":
     states = _poke(np.zeros((6, N), np.int64), draw, draw(st.one_of(
         st.integers(K, 2**62), st.integers(-2**62, -2))))
     if draw(st.booleans()):
       states = draw(st.sampled_from([np.full((6, N), 0.5), np.full((6, N), np.nan), np.zeros(6),
                                      np.full((6, N), "0")]))
-    return lambda: tj.state_counts(states, K), ("states",)
+    return lambda: tj.evaluation.state_counts(states, K), ("states",)
   if what == "num_states":
-    return lambda: tj.state_counts(np.zeros((6, N), int), draw(BAD_COUNTS)), ("num_states",)
+    return lambda: tj.evaluation.state_counts(np.zeros((6, N), int), draw(BAD_COUNTS)), ("num_states",)
   if what == "holm":
     p = draw(st.sampled_from([[0.1, np.nan], [0.1, 1.5], [-0.01], [np.inf], [[0.1]], ["a"], None]))
-    return lambda: tj.holm(p), ("p_values",)
+    return lambda: tj.evaluation.holm(p), ("p_values",)
   if what == "window":
     return lambda: tj.DriftMonitor(REF, window=draw(st.one_of(BAD_COUNTS, st.integers(2**28, 2**40)))), \
         ("window",)
@@ -497,7 +499,7 @@ def _drift_case(draw):
         (DEPLOYED, TRACES, tj.sample_traces(KEY, OTHER[(N + 1, K)], 8), "stages"),
         (DEPLOYED, "traces", TRACES, "traces"), (DEPLOYED, TRACES, None, "traces"),
         (RECALL, TRACES, TRACES, "deployed"),
-        (DEPLOYED.replace(discretiser=tj.Discretiser(edges=np.full((N, 1), 0.5))), TRACES, TRACES,
+        (DEPLOYED.replace(discretiser=tj.data.Discretiser(edges=np.full((N, 1), 0.5))), TRACES, TRACES,
          "deployed")]))
     if draw(st.booleans()) and args[2] is TRACES:
       return lambda: tj.DriftMonitor.from_traces(args[0], args[1]), (args[3],)

@@ -18,10 +18,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings, strategies as st
+from fuzzing import expect_error, record
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ttamer_jax as tj
-from fuzzing import expect_error, record
+
 # Internal: the checksummed .npz reader / atomic writer, to hand-edit archives.
 from ttamer_jax.data import archive
 
@@ -146,7 +148,7 @@ def test_random_valid_traces_fit_and_replay(tr, k, binning, prior, feature, smoo
   cum = np.cumsum(np.asarray(tr.cost_matrix(), np.float64), axis=1)
   np.testing.assert_allclose(np.asarray(res.cost), cum[np.arange(num), stop], rtol=1e-5, atol=1e-6)
   if feature is None:  # the skip-line fit of the same traces
-    g = tj.fit_skip_line(tr, k, binning=binning, prior=prior, smoothing=smoothing,
+    g = tj.data.fit_skip_line(tr, k, binning=binning, prior=prior, smoothing=smoothing,
                         loss_smoothing=loss_smoothing).graph
     _check_stochastic("edge_trans", g.edge_trans)
     _check_stochastic("entry_init", g.entry_init)
@@ -238,9 +240,9 @@ _NOT_NAMES = ["quantiles", "", None, 3, ["quantile"], {"a": 1}, 1.5]
 
 def _fit_cases(tr, c):
   key = jax.random.PRNGKey(0)
-  other = tj.Discretiser(edges=np.zeros((2, 3), np.float32))
-  agree = tj.Discretiser(edges=np.zeros((3, 1), np.float32), feature="agree_prev")
-  fit, skip, disc = tj.fit_cascade, tj.fit_skip_line, tj.fit_discretiser
+  other = tj.data.Discretiser(edges=np.zeros((2, 3), np.float32))
+  agree = tj.data.Discretiser(edges=np.zeros((3, 1), np.float32), feature="agree_prev")
+  fit, skip, disc = tj.fit_cascade, tj.data.fit_skip_line, tj.fit_discretiser
   scores = np.asarray(tr.scores)
   return {
       "num_states": [
@@ -248,7 +250,7 @@ def _fit_cases(tr, c):
            ("num_states",)),
           (lambda v: lambda: fit(tr, v, feature="agree_prev"), [1, 3, 5], ("num_states",)),
           (lambda v: lambda: skip(tr, v), [0, 2**20, "2"], ("num_states",)),
-          (lambda v: lambda: fit(tr, v, discretiser=tj.Discretiser(edges=np.zeros((3, 2), np.float32))),
+          (lambda v: lambda: fit(tr, v, discretiser=tj.data.Discretiser(edges=np.zeros((3, 2), np.float32))),
            [2, 4], ("num_states",))],
       "smoothing": [(lambda v: lambda: fit(tr, 2, smoothing=v), _NOT_NUMBERS, ("smoothing",)),
                     (lambda v: lambda: fit(tr, 2, loss_smoothing=v), _NOT_NUMBERS, ("loss_smoothing",)),
@@ -271,13 +273,13 @@ def _fit_cases(tr, c):
                                                                      "abc", [[1, 2, 3]]], ("block_costs",)),
                      (lambda v: lambda: skip(tr, 2, head_costs=v), [[0, 0, -1e-3], [0, np.inf, 0], [1.0]],
                       ("head_costs",))],
-      "fit_discretiser": [(lambda v: lambda: disc(scores, v), [0, -2, 2.5, "4", None, 10**12], ("num_bins",)),
+      "fit_discretiser": [(lambda v: lambda: disc(scores, v), [0, -2, 2.5, "4", None, 10**12], ("num_states",)),
                           (lambda v: lambda: disc(v, 2), [scores[:, 0], np.zeros((0, 3)), np.zeros((4, 0)),
                                                           np.full((4, 2), np.nan), "abc", None], ("scores",))],
       "traces": [(lambda v: lambda: fit(v, 2), ["abc", None, scores], ("traces",)),
                  (lambda v: lambda: skip(v, 2), ["abc", {"scores": scores}], ("traces",)),
-                 (lambda v: lambda: tj.split_traces(key, v, 0.5), ["abc", None], ("traces",))],
-      "fraction": [(lambda v: lambda: tj.split_traces(key, tr, v),
+                 (lambda v: lambda: tj.data.split_traces(key, v, 0.5), ["abc", None], ("traces",))],
+      "fraction": [(lambda v: lambda: tj.data.split_traces(key, tr, v),
                     [0.0, 1.0, -0.5, 1.5, 1e-9, float("nan"), float("inf"), "half", None, [0.5], 1j],
                     ("fraction",))],
       "sample_traces": [
@@ -380,9 +382,9 @@ def files(tmp_path_factory):
                     labels=rng.integers(0, 5, 60))
   fit = tj.fit_cascade(tr, 4)
   a, b = fit.recall_policy(0.3), fit.recall_policy(0.7)
-  mixture = a.replace(policy=tj.MixturePolicy(first=a.policy, second=b.policy,
+  mixture = a.replace(policy=tj.core.MixturePolicy(first=a.policy, second=b.policy,
                                               prob_second=np.float32(0.25), key=jax.random.PRNGKey(3)))
-  model = tj.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
+  model = tj.networks.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
   out = {}
   tj.save_traces(d / "traces.npz", tr)
   out["traces"] = (d / "traces.npz", tr, tj.load_traces, _same_traces)

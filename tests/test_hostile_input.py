@@ -19,9 +19,9 @@ import tracemalloc
 import numpy as np
 import pandas as pd
 import pytest
+from test_fuzz_cli import assert_usage_error, listing, run_cli
 
 import ttamer_jax as tj
-from test_fuzz_cli import assert_usage_error, listing, run_cli
 from ttamer_jax.data import archive, files, policy_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +41,8 @@ def _policy(lam=0.825):
   """A recall policy built from its arrays (no fit, nothing compiled)."""
   values = np.array([[0.6, 0.2], [0.5, 0.1], [0.3, 0.0]])
   index = np.where(np.arange(3)[:, None] < 2, 0.4, np.inf) * np.ones((3, 2))
-  policy = tj.RecallPolicy(index=index, values=values, lam=lam)
-  return tj.DeployedPolicy(policy=policy, discretiser=tj.Discretiser(edges=np.full((3, 1), 0.5)),
+  policy = tj.core.RecallPolicy(index=index, values=values, lam=lam)
+  return tj.DeployedPolicy(policy=policy, discretiser=tj.data.Discretiser(edges=np.full((3, 1), 0.5)),
                            score_name="max_softmax")
 
 
@@ -164,7 +164,7 @@ def test_large_and_tiny_accepted_values_give_finite_correct_numbers():
   """At the largest accepted scale (costs and losses near the bound) and at tiny normal
   costs, every reported number is finite and equals its float64 value; rescaling the
   costs changes nothing (only their ratios count)."""
-  exit_last = tj.FixedExitPolicy(exit_stage=1, stages=3)
+  exit_last = tj.core.FixedExitPolicy(exit_stage=1, num_stages=3)
   base = _traces()
   results = {}
   for name, scale, loss_scale in (("unit", 1.0, 1.0), ("large", 1e35, 1e35), ("tiny", 1e-35, 1.0)):
@@ -256,8 +256,8 @@ def test_save_policy_refuses_a_lam_its_recall_policy_does_not_decide_with(tmp_pa
   assert not os.listdir(tmp_path)
   meta = tj.save_policy(tmp_path / "p.npz", _policy(0.825), lam=0.825)   # its own lam: fine
   assert tj.load_policy(tmp_path / "p.npz", with_metadata=True)[1] == meta
-  rule = tj.DeployedPolicy(policy=tj.FixedExitPolicy(exit_stage=1, stages=3),
-                           discretiser=tj.Discretiser(edges=np.zeros((3, 0))), score_name="scores")
+  rule = tj.DeployedPolicy(policy=tj.core.FixedExitPolicy(exit_stage=1, num_stages=3),
+                           discretiser=tj.data.Discretiser(edges=np.zeros((3, 0))), score_name="scores")
   assert tj.save_policy(tmp_path / "r.npz", rule, lam=0.3)["lam"] == 0.3   # a rule has no lam
 
 

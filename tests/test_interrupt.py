@@ -39,8 +39,8 @@ def inputs(tmp_path_factory):
   values = np.array([[0.6, 0.2], [0.5, 0.1], [0.3, 0.0]])
   index = np.array([[0.4, 0.4], [0.4, 0.4], [np.inf, np.inf]])
   tj.save_policy(root / "pol.npz", tj.DeployedPolicy(
-      policy=tj.RecallPolicy(index=index, values=values, lam=0.8),
-      discretiser=tj.Discretiser(edges=np.full((3, 1), 0.5)), score_name="max_softmax"))
+      policy=tj.core.RecallPolicy(index=index, values=values, lam=0.8),
+      discretiser=tj.data.Discretiser(edges=np.full((3, 1), 0.5)), score_name="max_softmax"))
   return root
 
 

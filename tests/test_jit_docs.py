@@ -12,9 +12,9 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_docs import blocks
 
 import ttamer_jax as tj
-from test_docs import blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(REPO, "docs", "jit.md")
@@ -49,7 +49,7 @@ def _host_J(lam, model, states, traces):
 def test_held_out_J_equals_the_host_pipeline(example):
   ns = example
   cal, test, k = ns["cal"], ns["test"], ns["bins"].num_states
-  model = tj.fit_cascade_from_states(_host_states(ns, cal), cal.losses, cal.costs, k).cascade
+  model = tj.data.fit_cascade_from_states(_host_states(ns, cal), cal.losses, cal.costs, k).cascade
   for lam, got in ((0.9, ns["J"]), (0.95, ns["J_later"])):
     want = _host_J(lam, model, _host_states(ns, test), test).mean()
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
@@ -67,7 +67,7 @@ def test_cross_fitted_J_equals_fitting_each_fold(example):
   per_request = np.zeros(cal.num_samples)
   for held in folds:
     train = cal.subset(~held)
-    model = tj.fit_cascade_from_states(states[~held], train.losses, train.costs, k).cascade
+    model = tj.data.fit_cascade_from_states(states[~held], train.losses, train.costs, k).cascade
     per_request[held] = _host_J(0.9, model, states, cal)[held]
   got = ns["cross_fitted_J"](ns["bins"], ns["batch"](cal), ns["folds"], 0.9)
   np.testing.assert_allclose(float(got), per_request.mean(), rtol=1e-5, atol=1e-6)

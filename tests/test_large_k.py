@@ -6,8 +6,8 @@ import warnings
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 from ttamer_jax.core import kernel  # the grid helpers are internal: tested here directly
 from ttamer_jax.core.solvers import solve_recall_on_grid
@@ -60,8 +60,8 @@ def test_aggregation_switch_warns_and_solves_the_factorised_model():
   c = tj.random_cascade(jax.random.PRNGKey(5), 4, 12, concentration=0.3)
   with pytest.warns(UserWarning, match=r"K = 12 states > aggregate_above = 8: .*rank-3 product"):
     approx = tj.solve_recall(c, 0.5, aggregate_above=8, num_meta=3)
-  agg, _ = tj.aggregate_cascade(c, 3)
-  direct = tj.solve_recall_aggregated(agg, 0.5)
+  agg, _ = tj.core.aggregate_cascade(c, 3)
+  direct = tj.core.solve_recall_aggregated(agg, 0.5)
   assert abs(float(approx.value) - float(direct.value)) <= 1e-6
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # exact below the threshold, or when disabled

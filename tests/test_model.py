@@ -26,7 +26,7 @@ def test_single_stage_accepts_no_trans():
 
 
 def test_iid_cascade_repeats_distribution():
-  c = tj.iid_cascade(values=[0.0, 0.5, 1.0], probs=[0.2, 0.3, 0.5], costs=0.1, num_stages=4)
+  c = tj.core.iid_cascade(values=[0.0, 0.5, 1.0], probs=[0.2, 0.3, 0.5], costs=0.1, num_stages=4)
   np.testing.assert_allclose(c.trans, np.broadcast_to([0.2, 0.3, 0.5], (3, 3, 3)), rtol=1e-6)
   np.testing.assert_allclose(c.values, np.tile([0.0, 0.5, 1.0], (4, 1)))
   np.testing.assert_allclose(c.costs, np.full(4, 0.1), rtol=1e-6)

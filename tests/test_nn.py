@@ -14,11 +14,11 @@ B = 5
 
 def _models():
   return {
-      "mlp": (tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0)),
+      "mlp": (tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0)),
               np.random.default_rng(0).random((B, 8, 8, 1)).astype(np.float32)),
       "cnn": (tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), rngs=nnx.Rngs(1)),
               np.random.default_rng(1).random((B, 8, 8, 1)).astype(np.float32)),
-      "transformer": (tj.EarlyExitTransformer(12, 6, 3, dim=16, num_heads=2, num_blocks=3,
+      "transformer": (tj.networks.EarlyExitTransformer(12, 6, 3, dim=16, num_heads=2, num_blocks=3,
                                               mlp_dim=16, rngs=nnx.Rngs(2)),
                       np.random.default_rng(2).integers(0, 12, (B, 6)).astype(np.int32)),
   }
@@ -57,7 +57,7 @@ def test_predict_in_padded_batches_matches_forward(name):
 
 
 def test_without_error_head():
-  model = tj.EarlyExitMLP((4,), 3, hidden=8, num_blocks=2, error_head=False, rngs=nnx.Rngs(0))
+  model = tj.networks.EarlyExitMLP((4,), 3, hidden=8, num_blocks=2, error_head=False, rngs=nnx.Rngs(0))
   out = model(jnp.ones((2, 4)))
   assert out.error_logits is None
   assert model.head(0, jnp.ones((2, 8)))[1] is None
@@ -83,7 +83,7 @@ def test_error_head_is_an_observer():
 def test_local_attention_limits_the_receptive_field():
   """With window w and a [CLS] read-out at position 0, exit i sees tokens 0..w(i+1)-1 only."""
   w, length = 1, 6
-  model = tj.EarlyExitTransformer(10, length, 3, dim=16, num_heads=2, num_blocks=3, mlp_dim=16,
+  model = tj.networks.EarlyExitTransformer(10, length, 3, dim=16, num_heads=2, num_blocks=3, mlp_dim=16,
                                   window=w, rngs=nnx.Rngs(3))
   rng = np.random.default_rng(0)
   x = rng.integers(0, 10, (4, length)).astype(np.int32)
@@ -97,7 +97,7 @@ def test_local_attention_limits_the_receptive_field():
 
 
 def test_mean_readout_and_full_attention_see_everything():
-  model = tj.EarlyExitTransformer(10, 5, 3, dim=16, num_heads=2, num_blocks=2, mlp_dim=16,
+  model = tj.networks.EarlyExitTransformer(10, 5, 3, dim=16, num_heads=2, num_blocks=2, mlp_dim=16,
                                   readout="mean", rngs=nnx.Rngs(4))
   x = np.zeros((2, 5), np.int32)
   y = x.copy()
@@ -140,4 +140,4 @@ def test_config_rebuilds_the_same_network():
   with pytest.raises(ValueError, match="does not fit"):
     nn.build_model("EarlyExitMLP", {"bogus": 1})
   with pytest.raises(ValueError, match="readout"):
-    tj.EarlyExitTransformer(5, 4, 2, readout="max", rngs=nnx.Rngs(0))
+    tj.networks.EarlyExitTransformer(5, 4, 2, readout="max", rngs=nnx.Rngs(0))

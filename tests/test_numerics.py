@@ -10,8 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 
@@ -31,9 +31,9 @@ def test_replay_under_x64_the_minimal_case_of_the_issue():
     res = tj.replay(pol, np.zeros((4, 3), int), np.zeros((4, 3), np.float32), np.asarray(c.costs))
     assert res.stop_stage.shape == (4,)
     traces = tj.sample_traces(jax.random.PRNGKey(0), c, 500, loss="expected")
-    fitted = tj.fit_cascade_from_states(np.asarray(traces.signals["state_score"] * 2).astype(int),
+    fitted = tj.data.fit_cascade_from_states(np.asarray(traces.signals["state_score"] * 2).astype(int),
                                         traces.losses, traces.costs, 2)
-    ev = tj.evaluate(fitted.recall_policy(0.9), tj.traces_with_states(
+    ev = tj.evaluate(fitted.recall_policy(0.9), tj.data.traces_with_states(
         np.asarray(traces.signals["state_score"] * 2).astype(int), traces.losses, traces.costs), 0.9)
     assert np.isfinite(float(ev.objective))
 
@@ -67,7 +67,7 @@ def test_saved_float32_policy_scores_its_reported_value_in_float64(tmp_path):
   for lam in (0.3, 0.5, 0.8):
     sol = tj.solve_recall(c, lam)
     policy = tj.recall_policy(c, lam)
-    disc = tj.Discretiser.identity(c.num_stages, c.num_states)
+    disc = tj.data.Discretiser.identity(c.num_stages, c.num_states)
     path = tmp_path / f"p{lam}.npz"
     tj.save_policy(path, tj.DeployedPolicy(policy=policy, discretiser=disc, score_name="state"))
     with jax.enable_x64(True):
@@ -91,7 +91,7 @@ def test_index_is_strictly_between_grid_values():
   for t in finite:  # a midpoint between two consecutive grid values
     below, above = xs[xs < t].max(), xs[xs > t].min()
     assert t == pytest.approx((below + above) / 2, rel=1e-6)
-  graph = tj.solve_graph_recall(tj.line_graph(c), lam)
+  graph = tj.core.solve_graph_recall(tj.core.line_graph(c), lam)
   np.testing.assert_allclose(graph.index, idx, rtol=1e-6)
 
 
@@ -110,7 +110,7 @@ def test_graph_and_line_policies_take_the_unscaled_best_loss():
   c = tj.demo_cascade(4, 5)
   lam = 0.6
   line = tj.recall_policy(c, lam)
-  graph = tj.graph_policy(tj.line_graph(c), lam)
+  graph = tj.core.graph_policy(tj.core.line_graph(c), lam)
   values = np.asarray(c.values)
   for i in range(3):
     for s in range(5):
@@ -133,33 +133,33 @@ def test_exhaustive_thresholds_return_jax_arrays_like_the_other_tuners():
 # ------------------------------------------------------------------ known states
 def test_fit_from_known_states_recovers_the_chain():
   c = tj.demo_cascade(4, 6)
-  states = np.asarray(tj.sample_states(jax.random.PRNGKey(3), c, 40_000))
+  states = np.asarray(tj.core.sample_states(jax.random.PRNGKey(3), c, 40_000))
   losses = np.asarray(c.values)[np.arange(4)[None], states]
-  fit = tj.fit_cascade_from_states(states, losses, c.costs, 6, smoothing=0.0, loss_smoothing=0.0)
+  fit = tj.data.fit_cascade_from_states(states, losses, c.costs, 6, smoothing=0.0, loss_smoothing=0.0)
   counts = np.asarray(fit.counts, np.float64)
   true = np.asarray(c.trans, np.float64)
   se = np.sqrt(true * (1 - true) / np.maximum(counts[:-1], 1)[:, :, None])
   assert np.all(np.abs(np.asarray(fit.cascade.trans) - true) <= 4 * se + 1e-6)
   np.testing.assert_allclose(fit.cascade.values, c.values, rtol=1e-5)
   assert fit.score_name == "state"
-  traces = tj.traces_with_states(states, losses, c.costs)
+  traces = tj.data.traces_with_states(states, losses, c.costs)
   np.testing.assert_array_equal(np.asarray(fit.discretiser(traces.signals["state"])), states)
   with pytest.raises(ValueError, match=r"states\[0, 0\] = 7 is outside \[0, 5\]"):
-    tj.fit_cascade_from_states(np.full((2, 4), 7), np.zeros((2, 4)), c.costs, 6)
+    tj.data.fit_cascade_from_states(np.full((2, 4), 7), np.zeros((2, 4)), c.costs, 6)
   with pytest.raises(ValueError, match="states: must hold integers"):
-    tj.fit_cascade_from_states(np.full((2, 4), 0.5), np.zeros((2, 4)), c.costs)
+    tj.data.fit_cascade_from_states(np.full((2, 4), 0.5), np.zeros((2, 4)), c.costs)
 
 
 def test_slo_policies_of_a_plain_cascade():
   c = tj.demo_cascade(4, 6)
-  slo = tj.least_cost_policy(c, 0.15, key=jax.random.PRNGKey(0))
+  slo = tj.evaluation.least_cost_policy(c, 0.15, key=jax.random.PRNGKey(0))
   assert slo.source == "model" and float(slo.expected_loss) == pytest.approx(0.15, abs=1e-6)
   exact = tj.policy_metrics(c, slo.deployed.policy)
   assert float(exact.loss) == pytest.approx(0.15, abs=1e-5)
-  budget = tj.least_error_policy(c, 0.4, key=jax.random.PRNGKey(0))
+  budget = tj.evaluation.least_error_policy(c, 0.4, key=jax.random.PRNGKey(0))
   assert float(tj.policy_metrics(c, budget.deployed.policy).cost) == pytest.approx(0.4, abs=1e-5)
   with pytest.raises(ValueError, match="calibration: measuring on traces needs a FittedCascade"):
-    tj.least_cost_policy(c, 0.15, key=jax.random.PRNGKey(0),
+    tj.evaluation.least_cost_policy(c, 0.15, key=jax.random.PRNGKey(0),
                          calibration=tj.sample_traces(jax.random.PRNGKey(1), c, 10))
 
 

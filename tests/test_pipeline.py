@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax.evaluation import selection  # its lam grid
 from ttamer_jax.app import pipeline as P
 from ttamer_jax.app import reports
-from ttamer_jax.evaluation import frontier
+from ttamer_jax.evaluation import (
+  frontier,
+  selection,  # its lam grid
+)
 from ttamer_jax.networks import serving
 
 
@@ -27,7 +29,7 @@ def digits_cache(tmp_path_factory):
 
 def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
   lams = np.array([0.0, 0.4, 0.9, 1.0])
-  sweep = tj.hindsight_sweep(synthetic.test, lams)
+  sweep = tj.evaluation.hindsight_sweep(synthetic.test, lams)
   for i, lam in enumerate(lams):
     oracle = tj.hindsight_policy(synthetic.test.losses, synthetic.test.costs, lam)
     res = tj.replay_traces(oracle, synthetic.test)
@@ -77,7 +79,7 @@ def test_comparison_on_the_overthinking_workload(synthetic):
 
 
 def test_operating_points_choose_on_calibration_and_report_test():
-  res = lambda err, cost: tj.ReplaySweep(param=np.array([1.0, 2.0, 3.0]), error=np.array(err),
+  res = lambda err, cost: tj.evaluation.ReplaySweep(param=np.array([1.0, 2.0, 3.0]), error=np.array(err),
                                          cost=np.array(cost), cost_norm=np.array(cost),
                                          stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
   comp = P.PolicyComparison(fitted=None, lams=np.array([0.5]),
@@ -90,7 +92,7 @@ def test_operating_points_choose_on_calibration_and_report_test():
 
 
 def test_errors_at_budgets_least_error_within_each_budget():
-  res = lambda err, cost: tj.ReplaySweep(param=np.arange(4.0), error=np.array(err),
+  res = lambda err, cost: tj.evaluation.ReplaySweep(param=np.arange(4.0), error=np.array(err),
                                          cost=np.array(cost), cost_norm=np.array(cost),
                                          stop_histogram=np.zeros((4, 2)), answer_histogram=np.zeros((4, 2)))
   # costs 0.2 < 0.3 < 0.4 < 0.8; the point at 0.3 is dominated (more error than the one at 0.2)
@@ -126,7 +128,7 @@ def test_prepare_and_compare_reject_bad_arguments(synthetic, tmp_path):
   with pytest.raises(ValueError, match="score: traces have no signal 'nope'"):
     P.compare_policies(synthetic.calibration, synthetic.test, score="nope")
   with pytest.raises(ValueError, match="lam"):
-    tj.hindsight_sweep(synthetic.test, [1.5])
+    tj.evaluation.hindsight_sweep(synthetic.test, [1.5])
 
 
 def test_digits_pipeline_quick(digits_cache):
@@ -190,7 +192,7 @@ def test_cheapest_within_one_rule():
 
 
 def _comparison(cal_err, cal_cost):
-  res = lambda err, cost: tj.ReplaySweep(param=np.array([0.2, 0.5, 0.9]), error=np.array(err),
+  res = lambda err, cost: tj.evaluation.ReplaySweep(param=np.array([0.2, 0.5, 0.9]), error=np.array(err),
                                          cost=np.array(cost), cost_norm=np.array(cost),
                                          stop_histogram=np.zeros((3, 2)),
                                          answer_histogram=np.zeros((3, 2)))

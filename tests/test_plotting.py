@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from ttamer_jax.app import plotting  # noqa: E402
-from ttamer_jax import ReplaySweep as SweepResult  # noqa: E402
+from ttamer_jax.evaluation import ReplaySweep  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +32,7 @@ def _sweep(cost, error):
   cost, error = np.asarray(cost, float), np.asarray(error, float)
   p = cost.size
   hist = np.full((p, 3), 1 / 3)
-  return SweepResult(param=np.linspace(0, 1, p), error=error, cost=cost, cost_norm=cost,
+  return ReplaySweep(param=np.linspace(0, 1, p), error=error, cost=cost, cost_norm=cost,
                      stop_histogram=hist, answer_histogram=hist)
 
 

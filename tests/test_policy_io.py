@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+
 # Internal: the checksummed .npz reader / atomic writer, to hand-edit policy files,
 # and the sidecar-path rule (policy.npz -> policy.json), tested directly.
 from ttamer_jax.data import archive
@@ -26,7 +27,7 @@ def _fit(feature=None):
 
 
 def _deployed(kind):
-  single = tj.Discretiser.single_bin(N)
+  single = tj.data.Discretiser.single_bin(N)
   if kind == "recall":
     return _fit().recall_policy(0.4)
   if kind == "recall_agree":
@@ -36,9 +37,9 @@ def _deployed(kind):
   if kind == "mixture":
     fit = _fit()
     target = float(tj.policy_metrics(fit.cascade, tj.recall_policy(fit.cascade, 0.6)).loss) + 0.005
-    return tj.least_cost_policy(fit, target, key=jax.random.PRNGKey(3)).deployed
+    return tj.evaluation.least_cost_policy(fit, target, key=jax.random.PRNGKey(3)).deployed
   policy = {"threshold": tj.per_stage_thresholds([0.2, 0.5, 0.9], direction="below"),
-            "patience": tj.patience_policy(2, N), "fixed_exit": tj.fixed_exit(1, N)}[kind]
+            "patience": tj.core.PatiencePolicy(2, N), "fixed_exit": tj.core.FixedExitPolicy(1, N)}[kind]
   return tj.DeployedPolicy(policy=policy, discretiser=single, score_name="state_score")
 
 
@@ -174,13 +175,13 @@ def test_corrupt_files_raise(tmp_path):
 def test_unsupported_and_atomic(tmp_path, monkeypatch):
   tr = _traces()
   oracle = tj.DeployedPolicy(policy=tj.hindsight_policy(tr.losses, tr.costs, 0.5),
-                             discretiser=tj.Discretiser.single_bin(N), score_name="state_score")
+                             discretiser=tj.data.Discretiser.single_bin(N), score_name="state_score")
   with pytest.raises(ValueError, match="cannot save a HindsightPolicy"):
     tj.save_policy(tmp_path / "o.npz", oracle)
   with pytest.raises(ValueError, match="metadata: not JSON-serialisable"):
     tj.save_policy(tmp_path / "m.npz", _deployed("recall"), metadata={"x": object()})
   mismatch = tj.DeployedPolicy(policy=tj.recall_policy(tj.random_cascade(jax.random.PRNGKey(0), N, 5), 0.5),
-                               discretiser=tj.Discretiser.single_bin(N))
+                               discretiser=tj.data.Discretiser.single_bin(N))
   with pytest.raises(ValueError, match="the policy has 5 states but the discretiser 1"):
     tj.save_policy(tmp_path / "k.npz", mismatch)
   assert os.listdir(tmp_path) == []

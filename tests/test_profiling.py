@@ -17,7 +17,7 @@ def _digits_like(num, seed=0):
 
 
 # The tiny networks of test_nn.py (same shapes: their compilations are shared).
-MLP = tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
+MLP = tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
 X, Y = _digits_like(N)
 
 
@@ -66,9 +66,12 @@ def test_flops_follow_the_layer_sizes():
   assert (costs.flops >= matmul).all(), (costs.flops, matmul)
   assert (costs.flops <= 1.35 * matmul).all(), (costs.flops, matmul)
   assert np.isnan(costs.seconds).all()
-  traces = tj.collect_traces(MLP, X, Y, cost="flops", normalize_costs=False,
+  traces = tj.collect_traces(MLP, X, Y, cost="flops", normalise_costs=False,
                              timing_batch_size=8)
   np.testing.assert_allclose(traces.costs, costs.flops, rtol=1e-6)
+  with pytest.warns(DeprecationWarning, match="normalise_costs"):  # the documented old spelling
+    old = tj.collect_traces(MLP, X, Y, cost="flops", normalize_costs=False, timing_batch_size=8)
+  np.testing.assert_allclose(old.costs, costs.flops, rtol=1e-6)
 
 
 def test_measured_costs():
@@ -83,7 +86,7 @@ def test_measured_costs():
 
 
 def test_traces_of_a_network_without_error_heads():
-  net = tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, error_head=False,
+  net = tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, error_head=False,
                         rngs=nnx.Rngs(0))
   traces = tj.collect_traces(net, X, Y, cost="flops")
   assert "error_prob" not in traces.signals

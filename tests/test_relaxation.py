@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 
@@ -21,18 +21,18 @@ def test_soft_dp_converges_within_stated_bound(seed):
     for beta in (0.3, 0.1, 0.03, 0.01, 0.001):
       bound = tj.soft_min_error_bound(5, beta)
       gap_r = exact_r - float(tj.soft_solve_recall(c, lam, beta))
-      gap_nr = exact_nr - float(tj.soft_solve_no_recall(c, lam, beta))
+      gap_nr = exact_nr - float(tj.core.soft_solve_no_recall(c, lam, beta))
       assert -1e-6 <= gap_r <= bound + 1e-6
       assert -1e-6 <= gap_nr <= bound + 1e-6
       gaps_r.append(gap_r)
     assert all(a >= b - 1e-6 for a, b in zip(gaps_r, gaps_r[1:]))  # shrinks as beta -> 0
     np.testing.assert_allclose(tj.soft_solve_recall(c, lam, 0.0), exact_r, rtol=1e-6)
-    np.testing.assert_allclose(tj.soft_solve_no_recall(c, lam, 0.0), exact_nr, rtol=1e-6)
+    np.testing.assert_allclose(tj.core.soft_solve_no_recall(c, lam, 0.0), exact_nr, rtol=1e-6)
 
 
 def _brute_consult_probabilities(c, lam):
   paths, probs = ref.path_probabilities(c)
-  res = tj.replay_cascade(tj.recall_policy(c, lam), c, paths)
+  res = tj.core.replay_cascade(tj.recall_policy(c, lam), c, paths)
   stop = np.asarray(res.stop_stage)
   return np.array([np.sum(probs * (stop >= i)) for i in range(c.num_stages)])
 
@@ -60,7 +60,7 @@ def _central_difference(f, x, h=1e-6):
   return grad
 
 
-@pytest.mark.parametrize("solver", [tj.soft_solve_recall, tj.soft_solve_no_recall])
+@pytest.mark.parametrize("solver", [tj.soft_solve_recall, tj.core.soft_solve_no_recall])
 def test_soft_dp_gradients_match_finite_differences(solver):
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
@@ -98,10 +98,10 @@ def test_hard_threshold_objective_matches_loop_and_soft_converges(recall):
   losses = (rng.uniform(size=(300, 4)) < 0.3).astype(np.float32)
   costs = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
   t = np.array([0.7, 0.5, 0.6, 0.9], np.float32)
-  hard = float(tj.threshold_objective(t, scores, losses, costs, 0.6, 0, recall=recall))
+  hard = float(tj.core.threshold_objective(t, scores, losses, costs, 0.6, 0, recall=recall))
   np.testing.assert_allclose(hard, _loop_threshold_objective(t, scores, losses, costs, 0.6, recall),
                              rtol=1e-5)
-  soft = [float(tj.threshold_objective(t, scores, losses, costs, 0.6, tau, recall=recall,
+  soft = [float(tj.core.threshold_objective(t, scores, losses, costs, 0.6, tau, recall=recall,
                                        answer_tau=tau)) for tau in (1e-3, 1e-5)]
   assert abs(soft[-1] - hard) < 1e-3 and abs(soft[-1] - hard) <= abs(soft[0] - hard) + 1e-6
 
@@ -117,13 +117,13 @@ def test_threshold_on_cascade_equals_enumeration():
     losses = np.asarray(c.values)[np.arange(4)[None, :], paths]
     per_path = np.array([_loop_threshold_objective(t, s[None], l[None], np.asarray(c.costs), lam, False)
                          for s, l in zip(scores, losses)])
-    np.testing.assert_allclose(tj.threshold_objective_on_cascade(t, state_scores, c, lam, 0),
+    np.testing.assert_allclose(tj.core.threshold_objective_on_cascade(t, state_scores, c, lam, 0),
                                np.sum(probs * per_path), atol=1e-12)
 
 
 def _confidence_traces(key, c, num):
   """Traces whose score is the calibrated confidence 1 - values[i, state]."""
-  states = np.asarray(tj.sample_states(key, c, num))
+  states = np.asarray(tj.core.sample_states(key, c, num))
   losses = np.asarray(c.values)[np.arange(c.num_stages)[None, :], states]
   return 1.0 - losses, losses
 
@@ -161,7 +161,7 @@ def test_tuned_thresholds_never_beat_exact_recall_optimum(seed):
     se = per.std(ddof=1) / np.sqrt(per.size)
     assert per.mean() >= recall_opt - 4 * se
     if not recall:  # exact, no Monte-Carlo error: a threshold rule is a no-recall policy
-      exact = float(tj.threshold_objective_on_cascade(t, 1.0 - c.values, c, lam, 0))
+      exact = float(tj.core.threshold_objective_on_cascade(t, 1.0 - c.values, c, lam, 0))
       assert exact >= float(tj.solve_no_recall(c, lam).value) - 1e-6
 
 
@@ -182,7 +182,7 @@ def test_bad_beta_and_lam_raise():
   with pytest.raises(ValueError, match="beta"):
     tj.soft_solve_recall(c, 0.5, -1.0)
   with pytest.raises(ValueError, match="lam"):
-    tj.soft_solve_no_recall(c, 2.0, 0.1)
+    tj.core.soft_solve_no_recall(c, 2.0, 0.1)
 
 
 def test_recall_threshold_on_cascade_matches_policy_metrics_and_enumeration():
@@ -192,11 +192,11 @@ def test_recall_threshold_on_cascade_matches_policy_metrics_and_enumeration():
     scores = 1.0 - np.asarray(c.values)
     lam = 0.6
     for t in (np.array([0.7, 0.5, 0.6, 0.0]), np.array([2.0, 2.0, 0.1, 0.0])):
-      exact = float(tj.recall_threshold_objective_on_cascade(t, scores, c, lam, 0))
+      exact = float(tj.core.recall_threshold_objective_on_cascade(t, scores, c, lam, 0))
       # The same rule as a state policy: index +inf where the rule stops, -inf elsewhere.
       index = np.where(scores >= t[:, None], np.inf, -np.inf)
       index[-1] = np.inf
-      policy = tj.RecallPolicy(index=jnp.asarray(index), values=c.values, lam=jnp.asarray(lam))
+      policy = tj.core.RecallPolicy(index=jnp.asarray(index), values=c.values, lam=jnp.asarray(lam))
       m = tj.policy_metrics(c, policy)
       assert abs(exact - (lam * float(m.loss) + (1 - lam) * float(m.cost))) <= 1e-12
       paths, probs = ref.path_probabilities(c)
@@ -235,7 +235,7 @@ def test_batch_serving_cost_is_smooth_and_tracks_the_hard_fit():
   probs = jax.nn.softmax(logits, -1)
   conf = probs.max(-1)
   err = 1.0 - jnp.take_along_axis(probs, labels[:, None, None], -1)[..., 0]
-  soft = tj.soft_fitted_cascade(conf, err, costs, num_bins=4, width=1e-4, smoothing=1e-9)
+  soft = tj.core.soft_fitted_cascade(conf, err, costs, num_states=4, width=1e-4, smoothing=1e-9)
   np.testing.assert_allclose(np.asarray(soft.trans).sum(-1), 1.0, rtol=1e-5)
   bins = np.minimum((np.asarray(conf) * 4).astype(int), 3)
   for i in range(3):
@@ -254,8 +254,8 @@ def test_training_with_the_serving_cost_as_auxiliary_loss():
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(128, 8, 8, 1)).astype(np.float32)
   y = rng.integers(0, 10, 128).astype(np.int32)
-  config = tj.TrainConfig(num_steps=6, batch_size=32, learning_rate=1e-2, warmup_steps=1)
-  make = lambda: tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
+  config = tj.networks.TrainConfig(num_steps=6, batch_size=32, learning_rate=1e-2, warmup_steps=1)
+  make = lambda: tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=3, rngs=nnx.Rngs(0))
   plain = tj.train(make(), x, y, config, progress=False)
   assert np.all(plain.aux_loss == 0)
   model = make()

@@ -12,9 +12,9 @@ import json
 import jax
 import numpy as np
 from flax import nnx
+from fuzzing import record
 
 import ttamer_jax as tj
-from fuzzing import record
 from ttamer_jax.app import cli
 
 
@@ -92,8 +92,8 @@ def test_training_profiling_and_checkpoints_are_bit_identical(tmp_path):
   y = (x[:, 0] > 0).astype(np.int32)
   digests, traces = [], []
   for run in range(2):
-    model = tj.EarlyExitMLP((16,), 2, hidden=16, num_blocks=3, rngs=nnx.Rngs(7))
-    tj.train(model, x, y, tj.TrainConfig(num_steps=20, batch_size=32, seed=7), progress=False)
+    model = tj.networks.EarlyExitMLP((16,), 2, hidden=16, num_blocks=3, rngs=nnx.Rngs(7))
+    tj.train(model, x, y, tj.networks.TrainConfig(num_steps=20, batch_size=32, seed=7), progress=False)
     path = tmp_path / f"m{run}.npz"
     tj.save_checkpoint(path, model)
     digests.append(sha(path))

@@ -6,8 +6,8 @@ import itertools
 import jax
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 
@@ -30,7 +30,7 @@ def _diamond(rng, k=3):
 @pytest.mark.parametrize("seed", range(4))
 def test_line_as_graph_equals_line_solver(seed):
   c = tj.random_cascade(jax.random.PRNGKey(seed), 5, 4)
-  g = tj.line_graph(c)
+  g = tj.core.line_graph(c)
   for lam in (0.0, 0.3, 0.8, 1.0):
     line = tj.solve_recall(c, lam)
     graph = tj.solve_recall(g, lam)
@@ -66,7 +66,7 @@ def test_skip_line_with_free_heads_equals_line_and_costly_heads_help_skipping():
 
 def _enumerated_objective(policy, graph, cascade_like_probs, lam):
   paths, probs = cascade_like_probs
-  res = tj.replay_graph(policy, graph, paths)
+  res = tj.core.replay_graph(policy, graph, paths)
   return float(np.sum(probs * np.asarray(res.objective(lam), np.float64)))
 
 
@@ -78,7 +78,7 @@ def test_graph_policy_exact_expectation_equals_value_on_skip_line():
                      skip_first=True)
     enum = ref.path_probabilities(c)
     for lam in (0.3, 0.7, 1.0):
-      policy = tj.graph_policy(g, lam)
+      policy = tj.core.graph_policy(g, lam)
       assert abs(_enumerated_objective(policy, g, enum, lam) - float(tj.solve_recall(g, lam).value)) <= 1e-9
 
 
@@ -92,7 +92,7 @@ def test_tree_policy_exact_expectation_equals_value():
     for e, (u, w) in enumerate(zip(g.edge_src, g.edge_dst)):
       probs = probs * np.asarray(g.edge_trans[e])[paths[:, u], paths[:, w]]
     for lam in (0.25, 0.75):
-      policy = tj.graph_policy(g, lam)
+      policy = tj.core.graph_policy(g, lam)
       assert abs(_enumerated_objective(policy, g, (paths, probs), lam)
                  - float(tj.solve_recall(g, lam).value)) <= 1e-9
 
@@ -101,8 +101,8 @@ def test_tree_policy_exact_expectation_equals_value():
 def test_dag_monte_carlo_agrees_with_value(seed):
   g = _diamond(np.random.default_rng(seed))
   for lam in (0.4, 0.9):
-    policy = tj.graph_policy(g, lam)
-    res = tj.simulate_graph(jax.random.PRNGKey(seed), g, policy, 200_000)
+    policy = tj.core.graph_policy(g, lam)
+    res = tj.core.simulate_graph(jax.random.PRNGKey(seed), g, policy, 200_000)
     obj = np.asarray(res.objective(lam), np.float64)
     se = obj.std(ddof=1) / np.sqrt(obj.size)
     assert abs(obj.mean() - float(tj.solve_recall(g, lam).value)) <= 4 * se
@@ -110,7 +110,7 @@ def test_dag_monte_carlo_agrees_with_value(seed):
 
 def test_graph_policy_decide_inside_jit():
   g = _diamond(np.random.default_rng(0))
-  policy = tj.graph_policy(g, 0.5)
+  policy = tj.core.graph_policy(g, 0.5)
   stop, nxt = jax.jit(policy.decide)(0, 1, 0.9)
   assert stop.dtype == bool and int(nxt) in (1, 2)
 

@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
+
 # Internal: the atomic .npz writer (to write hand-made and tampered archives) and the
 # module default of the size limit (patched to a small value).
 from ttamer_jax.data import archive, files
@@ -43,7 +44,7 @@ def objects():
                     losses=rng.integers(0, 2, (num, n)).astype(float), costs=np.asarray(cascade.costs),
                     signals={"entropy": rng.uniform(size=(num, n))}, labels=rng.integers(0, 5, num))
   policy = tj.fit_cascade(tr, k).recall_policy(0.5)
-  model = tj.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
+  model = tj.networks.EarlyExitMLP((8,), 3, hidden=4, num_blocks=2, rngs=nnx.Rngs(0))
   return dict(traces=tr, cascade=cascade, policy=policy, checkpoint=model)
 
 

@@ -10,7 +10,7 @@ import ttamer_jax as tj
 from ttamer_jax.data import answers as answer_models  # fold and calibrator internals
 from ttamer_jax.evaluation import selection as S  # instrumented below
 
-C = tj.Candidate
+C = tj.evaluation.Candidate
 
 
 def _markov_traces(num, seed):
@@ -206,7 +206,7 @@ def _q(predicted, lo, hi):
 def test_warning_exactly_when_a_prediction_is_outside_the_interval(pred_in, pred_cv, warns):
   quantities = lambda p: {"error": _q(0.1, 0.05, 0.15), "cost_norm": _q(0.5, 0.4, 0.6),
                           "objective": _q(p, 0.05, 0.15)}
-  check = tj.ModelCheck(policy="recall[x]", lam=0.5, in_sample=quantities(pred_in),
+  check = tj.evaluation.ModelCheck(policy="recall[x]", lam=0.5, in_sample=quantities(pred_in),
                         cross_fitted=quantities(pred_cv))
   assert (check.warning() is not None) == warns == (not check.consistent)
   if warns:

@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
-from ttamer_jax.data import answers  # AnswerModel's feature count
-from ttamer_jax.networks import serving, workloads
+
 # Internal: the frozen-dataclass pytree decorator, to write policies as a user would.
 from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.data import answers  # AnswerModel's feature count
+from ttamer_jax.networks import serving, workloads
 
 
 @pytree_dataclass
@@ -21,7 +22,7 @@ class ThresholdPolicy:
   """Stop at the first stage whose score reaches ``thresholds[stage]`` (no recall)."""
 
   thresholds: chex.Array
-  recall = False          # the ttamer_jax.LinePolicy protocol, written out by a user
+  recall = False          # the ttamer_jax.core.LinePolicy protocol, written out by a user
   observes = "signals"
   num_states = None
   batch_shape = ()
@@ -68,8 +69,8 @@ class PatiencePolicy:
 
 
 def test_user_policies_implement_the_protocol():
-  assert isinstance(ThresholdPolicy(jnp.zeros(3)), tj.LinePolicy)
-  assert isinstance(PatiencePolicy(jnp.asarray(1), jnp.zeros(3)), tj.LinePolicy)
+  assert isinstance(ThresholdPolicy(jnp.zeros(3)), tj.core.LinePolicy)
+  assert isinstance(PatiencePolicy(jnp.asarray(1), jnp.zeros(3)), tj.core.LinePolicy)
 
 
 # The tiny CNN of test_nn.py (same shapes: compilations are shared), 3 stages.
@@ -78,7 +79,7 @@ N_STAGES = MODEL.num_stages
 # A few training steps on the digits, so that exits agree and disagree as real ones do.
 _DIGITS = workloads.digits(seed=0)
 tj.train(MODEL, _DIGITS.train.x, _DIGITS.train.y,
-         tj.TrainConfig(num_steps=40, batch_size=64, learning_rate=1e-2,
+         tj.networks.TrainConfig(num_steps=40, batch_size=64, learning_rate=1e-2,
                         warmup_steps=5), progress=False)
 X, Y = _DIGITS.test.x[:120], _DIGITS.test.y[:120]
 TRACES = tj.collect_traces(MODEL, X, Y, cost="flops")
@@ -95,12 +96,12 @@ def _deployed(kind):
   if kind in ("recall", "no_recall", "recall_agree", "recall_agree_best", "recall_error"):
     feature = {"recall_agree": "agree_prev", "recall_agree_best": "agree_best"}.get(kind)
     score = "error_prob" if kind == "recall_error" else "max_softmax"
-    disc = tj.Discretiser(edges=_edges(score, 4), feature=feature)
+    disc = tj.data.Discretiser(edges=_edges(score, 4), feature=feature)
     cascade = tj.synthetic_cascade(7, N_STAGES, disc.num_states, regime="random")
-    policy = (tj.no_recall_policy(cascade, 0.9) if kind == "no_recall" else
+    policy = (tj.core.no_recall_policy(cascade, 0.9) if kind == "no_recall" else
               tj.recall_policy(cascade, 0.9))
     return tj.DeployedPolicy(policy=policy, discretiser=disc, score_name=score)
-  disc = tj.Discretiser(edges=_edges("max_softmax", 2))
+  disc = tj.data.Discretiser(edges=_edges("max_softmax", 2))
   if kind == "threshold":
     mid = np.median(np.asarray(TRACES.signals["max_softmax"]), axis=0)
     return tj.DeployedPolicy(policy=ThresholdPolicy(jnp.asarray(mid, jnp.float32)),
@@ -119,7 +120,7 @@ BUCKETS = (8, 32)
 def test_serve_matches_the_unbatched_reference(kind):
   deployed = _deployed(kind)
   x = X[:40]
-  got = tj.serve(MODEL, deployed, x, buckets=BUCKETS)
+  got = tj.networks.serve(MODEL, deployed, x, buckets=BUCKETS)
   ref = serving.serve_reference(MODEL, deployed, x)
   np.testing.assert_array_equal(got.predictions, ref.predictions)
   np.testing.assert_array_equal(got.answered_exit, ref.answered_exit)
@@ -145,7 +146,7 @@ def test_serve_matches_replay_of_the_traces(kind, program):
   states = deployed.discretiser(score, TRACES.preds)
   rep = tj.replay(deployed.policy, states, TRACES.losses, TRACES.costs, scores=score,
                   preds=TRACES.preds)
-  got = tj.serve(MODEL, deployed, X, buckets=BUCKETS, program=program)
+  got = tj.networks.serve(MODEL, deployed, X, buckets=BUCKETS, program=program)
   np.testing.assert_array_equal(got.consulted,
                                 np.arange(N_STAGES)[None, :] <= got.stop_stage[:, None])
   np.testing.assert_array_equal(got.states[got.consulted], np.asarray(states)[got.consulted])
@@ -162,16 +163,16 @@ def test_serve_matches_replay_of_the_traces(kind, program):
 # error signal, against the most confident earlier exit), over posterior-answer
 # stages with and without recall, and each simple rule.
 FAMILIES = {
-    "recall": tj.Candidate("recall", "max_softmax", 4),
-    "no_recall": tj.Candidate("no_recall", "max_softmax", 4),
-    "recall_agree_prev": tj.Candidate("recall", "max_softmax", 8, feature="agree_prev"),
-    "recall_error_agree_best": tj.Candidate("recall", "error_prob", 8, feature="agree_best"),
-    "posterior_recall": tj.Candidate("recall", "max_softmax", 4, answers="posterior"),
-    "posterior_no_recall": tj.Candidate("no_recall", "max_softmax", 4, answers="posterior"),
-    "confidence": tj.Candidate("confidence", "max_softmax"),
-    "per_stage": tj.Candidate("per_stage", "max_softmax"),
-    "patience": tj.Candidate("patience"),
-    "fixed_exit": tj.Candidate("fixed_exit"),
+    "recall": tj.evaluation.Candidate("recall", "max_softmax", 4),
+    "no_recall": tj.evaluation.Candidate("no_recall", "max_softmax", 4),
+    "recall_agree_prev": tj.evaluation.Candidate("recall", "max_softmax", 8, feature="agree_prev"),
+    "recall_error_agree_best": tj.evaluation.Candidate("recall", "error_prob", 8, feature="agree_best"),
+    "posterior_recall": tj.evaluation.Candidate("recall", "max_softmax", 4, answers="posterior"),
+    "posterior_no_recall": tj.evaluation.Candidate("no_recall", "max_softmax", 4, answers="posterior"),
+    "confidence": tj.evaluation.Candidate("confidence", "max_softmax"),
+    "per_stage": tj.evaluation.Candidate("per_stage", "max_softmax"),
+    "patience": tj.evaluation.Candidate("patience"),
+    "fixed_exit": tj.evaluation.Candidate("fixed_exit"),
 }
 
 
@@ -206,7 +207,7 @@ def test_every_family_fit_policy_chooses_serves_as_it_replays(family):
   batch's exit traces, for the policy fit_policy deploys from each family."""
   deployed = _fitted(family)
   assert (deployed.answers is not None) == (FAMILIES[family].answers == "posterior")
-  got = tj.serve(MODEL, deployed, X, buckets=BUCKETS)
+  got = tj.networks.serve(MODEL, deployed, X, buckets=BUCKETS)
   stop, exits, answer, states = _replayed(deployed, TRACES)
   np.testing.assert_array_equal(got.stop_stage, stop)
   np.testing.assert_array_equal(got.answered_exit, exits)
@@ -227,13 +228,13 @@ def test_posterior_answer_policies_serve_alike_on_every_program():
   x = X[:37]
   ref = serving.serve_reference(MODEL, deployed, x)
   for program in serving.PROGRAMS:
-    got = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program=program)
+    got = tj.networks.serve(MODEL, deployed, x, buckets=BUCKETS, program=program)
     for field in ("predictions", "answered_exit", "stop_stage", "consulted", "states"):
       np.testing.assert_array_equal(getattr(got, field), getattr(ref, field),
                                     err_msg=f"{program}: {field}")
   edges = jnp.broadcast_to(jnp.asarray([0.5, 1.5, 2.5]), (N_STAGES, 3))  # state = exit j*
-  by_exit = deployed.replace(discretiser=tj.Discretiser(edges=edges), score_name="answer_stage")
-  got = tj.serve(MODEL, by_exit, X, buckets=BUCKETS)
+  by_exit = deployed.replace(discretiser=tj.data.Discretiser(edges=edges), score_name="answer_stage")
+  got = tj.networks.serve(MODEL, by_exit, X, buckets=BUCKETS)
   stop, exits, answer, states = _replayed(by_exit, TRACES)
   np.testing.assert_array_equal(got.stop_stage, stop)
   np.testing.assert_array_equal(got.answered_exit, exits)
@@ -290,7 +291,7 @@ def test_programs_agree_and_full_network_is_the_last_exit(kind, monkeypatch):
   and of up to eight (a loop over full chunks, then the remainder)."""
   deployed = _deployed(kind)
   for x in (X[:77], X[:3], X[:64]):
-    by_stage = tj.serve(MODEL, deployed, x, buckets=BUCKETS, program="stage")
+    by_stage = tj.networks.serve(MODEL, deployed, x, buckets=BUCKETS, program="stage")
     servers = [tj.Server(MODEL, deployed, buckets=BUCKETS, program=p) for p in ("chunk", "batch")]
     monkeypatch.setattr(serving, "GROUP_BYTES", 1 << 40)
     servers.append(tj.Server(MODEL, deployed, buckets=BUCKETS, program="batch"))
@@ -306,8 +307,8 @@ def test_programs_agree_and_full_network_is_the_last_exit(kind, monkeypatch):
   server = tj.Server(MODEL, deployed, buckets=BUCKETS)
   np.testing.assert_array_equal(server.full_network(X[:77]),
                                 np.asarray(TRACES.preds)[:77, -1])
-  stop_first = deployed.replace(policy=tj.FixedExitPolicy(exit_stage=0, stages=N_STAGES))
-  got = tj.serve(MODEL, stop_first, X[:40], buckets=BUCKETS)
+  stop_first = deployed.replace(policy=tj.core.FixedExitPolicy(exit_stage=0, num_stages=N_STAGES))
+  got = tj.networks.serve(MODEL, stop_first, X[:40], buckets=BUCKETS)
   assert (got.stop_stage == 0).all() and (got.states[:, 1:] == -1).all()
   with pytest.raises(ValueError, match="program: must be one of"):
     tj.Server(MODEL, deployed, program="fused")
@@ -315,16 +316,16 @@ def test_programs_agree_and_full_network_is_the_last_exit(kind, monkeypatch):
 
 def test_compile_counter_sees_new_buckets():
   deployed = _deployed("threshold")
-  tj.serve(MODEL, deployed, X[:5], buckets=BUCKETS)
+  tj.networks.serve(MODEL, deployed, X[:5], buckets=BUCKETS)
   before = serving.compile_count()
-  tj.serve(MODEL, deployed, X[:5], buckets=(5, 32))  # a new bucket size compiles
+  tj.networks.serve(MODEL, deployed, X[:5], buckets=(5, 32))  # a new bucket size compiles
   assert serving.compile_count() > before
 
 
 def test_benchmark_reports_accuracy_and_time():
   deployed = _deployed("recall")
   bench = serving.benchmark(MODEL, deployed, X, Y, buckets=BUCKETS, repeats=2)
-  served = tj.serve(MODEL, deployed, X, buckets=BUCKETS)
+  served = tj.networks.serve(MODEL, deployed, X, buckets=BUCKETS)
   assert bench.serve_accuracy == pytest.approx((served.predictions == Y).mean())
   last = np.asarray(TRACES.preds)[:, -1]
   assert bench.full_accuracy == pytest.approx((last == Y).mean())
@@ -336,31 +337,31 @@ def test_benchmark_reports_accuracy_and_time():
 def test_bad_input_raises_value_error():
   deployed = _deployed("recall")
   with pytest.raises(ValueError, match=r"expected shape \[batch, 8, 8, 1\]"):
-    tj.serve(MODEL, deployed, X[:, :, :, 0])
+    tj.networks.serve(MODEL, deployed, X[:, :, :, 0])
   with pytest.raises(ValueError, match="empty batch"):
-    tj.serve(MODEL, deployed, X[:0])
+    tj.networks.serve(MODEL, deployed, X[:0])
   four = tj.recall_policy(tj.synthetic_cascade(0, 4, 4, regime="random"), 0.5)
   with pytest.raises(ValueError, match="built for 4 stages but the network has 3 exits"):
-    tj.serve(MODEL, deployed.replace(policy=four), X)
+    tj.networks.serve(MODEL, deployed.replace(policy=four), X)
   with pytest.raises(ValueError, match="discretiser: has edges for 2 stages"):
-    tj.serve(MODEL, deployed.replace(discretiser=tj.Discretiser(edges=jnp.zeros((2, 3)))), X)
+    tj.networks.serve(MODEL, deployed.replace(discretiser=tj.data.Discretiser(edges=jnp.zeros((2, 3)))), X)
   with pytest.raises(ValueError,
                      match="policy: has 4 states per stage but the discretiser produces 8"):
-    tj.serve(MODEL, deployed.replace(
-        discretiser=tj.Discretiser(edges=_edges("max_softmax", 4), feature="agree_prev")), X)
+    tj.networks.serve(MODEL, deployed.replace(
+        discretiser=tj.data.Discretiser(edges=_edges("max_softmax", 4), feature="agree_prev")), X)
   with pytest.raises(ValueError, match="label-dependent"):
-    tj.serve(MODEL, deployed.replace(score_name="zero_one"), X)
+    tj.networks.serve(MODEL, deployed.replace(score_name="zero_one"), X)
   no_err = tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), error_head=False, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="without error heads"):
-    tj.serve(no_err, deployed.replace(score_name="error_prob"), X)
+    tj.networks.serve(no_err, deployed.replace(score_name="error_prob"), X)
   with pytest.raises(ValueError, match="expected a DeployedPolicy"):
-    tj.serve(MODEL, deployed.policy, X)
+    tj.networks.serve(MODEL, deployed.policy, X)
   with pytest.raises(ValueError, match="strictly increasing"):
-    tj.serve(MODEL, deployed, X, buckets=(32, 8))
+    tj.networks.serve(MODEL, deployed, X, buckets=(32, 8))
   with pytest.raises(ValueError, match="empty"):
-    tj.serve(MODEL, deployed, X, buckets=())
+    tj.networks.serve(MODEL, deployed, X, buckets=())
   with pytest.raises(ValueError, match="must be >= 1"):
-    tj.serve(MODEL, deployed, X, buckets=(0, 8))
+    tj.networks.serve(MODEL, deployed, X, buckets=(0, 8))
   with pytest.raises(ValueError, match="y: expected shape"):
     serving.benchmark(MODEL, deployed, X, Y[:3])
 
@@ -438,7 +439,7 @@ def test_served_stage_costs_compile_only_the_buckets_fixed_exits_reach():
   assert serving._reached_buckets(serving.DEFAULT_BUCKETS, 359) == (384, 512)
   # The per-stage kernels a server with every bucket runs are the reduced server's.
   deployed = _deployed("recall")
-  fixed = deployed.replace(policy=tj.FixedExitPolicy(exit_stage=N_STAGES - 1, stages=N_STAGES),
+  fixed = deployed.replace(policy=tj.core.FixedExitPolicy(exit_stage=N_STAGES - 1, num_stages=N_STAGES),
                            answers=None)
   buckets = (8, 16, 24, 32)
   few = serving.Server(MODEL, fixed, buckets=serving._reached_buckets(buckets, 40), program="stage")

@@ -101,7 +101,7 @@ def test_every_exit_head_gets_a_gradient_at_initialisation():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(256, 16)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 4, 256), jnp.int32)
-  model = tj.EarlyExitMLP(input_shape=(16,), num_classes=4, hidden=32, num_blocks=3,
+  model = tj.networks.EarlyExitMLP(input_shape=(16,), num_classes=4, hidden=32, num_blocks=3,
                           rngs=nnx.Rngs(0))
   costs = jnp.asarray([1.0, 1.0, 1.0])
 
@@ -121,7 +121,7 @@ def test_train_schedules_lam_without_recompiling():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(128, 8)).astype(np.float32)
   y = rng.integers(0, 3, 128)
-  model = tj.EarlyExitMLP(input_shape=(8,), num_classes=3, hidden=16, num_blocks=2,
+  model = tj.networks.EarlyExitMLP(input_shape=(8,), num_classes=3, hidden=16, num_blocks=2,
                           rngs=nnx.Rngs(0))
   costs = jnp.asarray([1.0, 2.0])
 
@@ -130,7 +130,7 @@ def test_train_schedules_lam_without_recompiling():
     return sl.serving_loss(conf, err, costs, jax.lax.stop_gradient(sl.quantile_edges(conf, 3)), lam)
 
   before = training._train_step._cache_size()
-  config = tj.TrainConfig(num_steps=6, batch_size=32)
+  config = tj.networks.TrainConfig(num_steps=6, batch_size=32)
   hist = tj.train(model, x, y, config, progress=False, aux_loss=aux,
                   aux_lam=lambda t: 0.5 + 0.08 * t)
   assert training._train_step._cache_size() == before + 1

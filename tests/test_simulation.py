@@ -4,14 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference as ref
+
 import ttamer_jax as tj
 
 
 def _exact_policy_objective(policy, cascade, lam):
   paths, probs = ref.path_probabilities(cascade)
-  res = tj.replay_cascade(policy, cascade, paths)
+  res = tj.core.replay_cascade(policy, cascade, paths)
   return float(np.sum(probs * np.asarray(res.objective(lam), np.float64)))
 
 
@@ -24,7 +24,7 @@ def test_policies_attain_their_dp_value_exactly(seed, flags):
     for lam in (0.0, 0.3, 0.7, 1.0):
       assert abs(_exact_policy_objective(tj.recall_policy(c, lam), c, lam)
                  - float(tj.solve_recall(c, lam).value)) <= 1e-9
-      assert abs(_exact_policy_objective(tj.no_recall_policy(c, lam), c, lam)
+      assert abs(_exact_policy_objective(tj.core.no_recall_policy(c, lam), c, lam)
                  - float(tj.solve_no_recall(c, lam).value)) <= 1e-9
 
 
@@ -33,7 +33,7 @@ def test_monte_carlo_within_four_standard_errors(seed):
   c = tj.random_cascade(jax.random.PRNGKey(seed), 6, 5)
   for lam in (0.3, 0.8):
     for policy, value in ((tj.recall_policy(c, lam), tj.solve_recall(c, lam).value),
-                          (tj.no_recall_policy(c, lam), tj.solve_no_recall(c, lam).value)):
+                          (tj.core.no_recall_policy(c, lam), tj.solve_no_recall(c, lam).value)):
       est = tj.monte_carlo(jax.random.PRNGKey(100 + seed), c, policy, lam, 100_000, chunk_size=30_000)
       assert float(est.num_paths) == 100_000
       np.testing.assert_allclose(est.stop_histogram.sum(), 1.0, rtol=1e-5)
@@ -46,7 +46,7 @@ def test_sample_states_follow_the_chain_and_skip_impossible_states():
                              trans=[[[0.1, 0.0, 0.9, 0.0]] * 4, [[0.0, 0.25, 0.25, 0.5]] * 4],
                              costs=np.zeros(3))
   n = 200_000
-  states = np.asarray(tj.sample_states(jax.random.PRNGKey(0), c, n))
+  states = np.asarray(tj.core.sample_states(jax.random.PRNGKey(0), c, n))
   assert states.shape == (n, 3) and states.dtype == np.int32
   for stage, p in enumerate([c.init, c.trans[0, 0], c.trans[1, 0]]):
     freq = np.bincount(states[:, stage], minlength=4) / n
@@ -58,7 +58,7 @@ def test_sample_states_follow_the_chain_and_skip_impossible_states():
 
 def test_replay_answers_and_costs_by_hand():
   # Two requests, three stages, K = 2; recall index stops at stage 1 for the first.
-  policy = tj.RecallPolicy(index=jnp.array([[-jnp.inf, -jnp.inf], [1.0, -jnp.inf], [jnp.inf, jnp.inf]]),
+  policy = tj.core.RecallPolicy(index=jnp.array([[-jnp.inf, -jnp.inf], [1.0, -jnp.inf], [jnp.inf, jnp.inf]]),
                            values=jnp.array([[0.9, 0.5], [0.2, 0.8], [0.6, 0.1]]), lam=jnp.array(1.0))
   states = np.array([[0, 0, 1], [1, 1, 0]])
   losses = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
@@ -107,9 +107,9 @@ def test_replay_refuses_a_grid_of_policies_naming_the_policy():
   import ttamer_jax as tj
   states, losses, costs = np.zeros((5, 3), np.int32), np.ones((5, 3)), np.ones(3)
   scores, preds = np.zeros((5, 3)), np.zeros((5, 3), np.int32)
-  for grid in (tj.fixed_exit(jnp.array([0, 1]), 3),
-               tj.ThresholdPolicy(thresholds=np.zeros((2, 3)))):
+  for grid in (tj.core.FixedExitPolicy(jnp.array([0, 1]), 3),
+               tj.core.ThresholdPolicy(thresholds=np.zeros((2, 3)))):
     with pytest.raises(ValueError, match="policy: .*grid of policies"):
       tj.replay(grid, states, losses, costs, scores=scores, preds=preds)
-  single = tj.replay(tj.fixed_exit(1, 3), states, losses, costs, scores=scores, preds=preds)
+  single = tj.replay(tj.core.FixedExitPolicy(1, 3), states, losses, costs, scores=scores, preds=preds)
   np.testing.assert_array_equal(np.asarray(single.stop_stage), 1)

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
-
 import reference as ref
+from hypothesis import given
+from hypothesis import strategies as st
+
 import ttamer_jax as tj
 
 TINY_CASES = [
@@ -98,7 +99,7 @@ def test_iid_uniform_losses_match_reservation_value(lam, cost):
   k, n = 11, 200
   grid = np.linspace(0, 1, k)
   probs = np.full(k, 1 / k)
-  c = tj.iid_cascade(grid, probs, cost, n)
+  c = tj.core.iid_cascade(grid, probs, cost, n)
   xi = _reservation_value(grid, probs, (1 - lam) * cost / lam)
   assert (1 - np.mean(grid <= xi)) ** (n - 1) < 1e-12  # horizon long enough to be stationary
   sol = tj.solve_recall(c, lam)

@@ -83,7 +83,7 @@ def test_single_cascade_list_of_cascades_and_batch_sizes_agree():
 
 def test_distinct_grid_sizes_are_padded_consistently():
   # Instance 0 has 2 distinct losses, instance 1 has N*K: grids padded to one M.
-  c0 = tj.iid_cascade([0.2, 0.2, 0.2, 0.7, 0.7], np.full(K, 0.2), 0.01, N)
+  c0 = tj.core.iid_cascade([0.2, 0.2, 0.2, 0.7, 0.7], np.full(K, 0.2), 0.01, N)
   c1 = _instance(_batch(2), 1)
   result = tj.sweep([c0, c1], LAMS)
   for i, c in enumerate((c0, c1)):
@@ -247,7 +247,7 @@ def test_both_table_layouts_of_a_lam_batch_equal_single_solves(k):
   # K <= kernel.SMALL_K solves a lam batch with the batch in the tables' minor axis
   # (elementwise expectation), larger K with it leading (one matrix product): both
   # must give every lam's single solve, values and index.
-  from ttamer_jax.core import kernel, solvers   # internal: the two layouts themselves
+  from ttamer_jax.core import kernel, solvers  # internal: the two layouts themselves
   assert (k <= kernel.SMALL_K) == (k != 33)
   cascade = tj.random_cascade(jax.random.PRNGKey(k), 4, k)
   grid, pos = kernel.prepare_grid(cascade.values)

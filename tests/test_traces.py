@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
+
 # Internal: the atomic .npz writer, to write inconsistent trace archives.
 from ttamer_jax.data import archive
 
@@ -181,12 +182,12 @@ def test_subset_and_split():
     tr.subset([0, 50])
   with pytest.raises(ValueError, match="selects no samples"):
     tr.subset(np.zeros(50, bool))
-  a, b = tj.split_traces(jax.random.PRNGKey(0), tr, 0.3)
+  a, b = tj.data.split_traces(jax.random.PRNGKey(0), tr, 0.3)
   assert (a.num_samples, b.num_samples) == (15, 35)
   together = np.sort(np.concatenate([np.asarray(a.scores)[:, 0], np.asarray(b.scores)[:, 0]]))
   np.testing.assert_array_equal(together, np.sort(np.asarray(tr.scores)[:, 0]))
   with pytest.raises(ValueError, match="empty split"):
-    tj.split_traces(jax.random.PRNGKey(0), tr, 1.0)
+    tj.data.split_traces(jax.random.PRNGKey(0), tr, 1.0)
 
 
 def test_sample_traces_follow_the_cascade():

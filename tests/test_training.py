@@ -24,10 +24,10 @@ def _data(num=96, seed=0):
 
 # The tiny networks of test_nn.py (same shapes: their compilations are shared).
 def _model(seed=0, num_blocks=3):
-  return tj.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=num_blocks, rngs=nnx.Rngs(seed))
+  return tj.networks.EarlyExitMLP((8, 8, 1), 10, hidden=16, num_blocks=num_blocks, rngs=nnx.Rngs(seed))
 
 
-CONFIG = tj.TrainConfig(num_steps=25, batch_size=32, learning_rate=1e-2, warmup_steps=5,
+CONFIG = tj.networks.TrainConfig(num_steps=25, batch_size=32, learning_rate=1e-2, warmup_steps=5,
                         seed=3)
 
 
@@ -83,7 +83,7 @@ def test_training_is_deterministic_given_the_seeds():
   for a, b in zip(*runs):
     np.testing.assert_array_equal(a, b)  # bit-identical
   other = _model(seed=0)
-  tj.train(other, x, y, tj.TrainConfig(**{**CONFIG.__dict__, "seed": 4}),
+  tj.train(other, x, y, tj.networks.TrainConfig(**{**CONFIG.__dict__, "seed": 4}),
            progress=False)
   assert any(not np.array_equal(a, b) for a, b in zip(runs[0], _params(other)))
 
@@ -99,7 +99,7 @@ def test_zero_exit_weight_leaves_that_head_untouched():
   x, y = _data()
   model = _model()
   before = np.asarray(model.heads[0].classifier.kernel[...])
-  config = tj.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (0.0, 0.5, 0.5),
+  config = tj.networks.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (0.0, 0.5, 0.5),
                              "weight_decay": 0.0, "num_steps": 3})
   tj.train(model, x, y, config, progress=False)
   np.testing.assert_array_equal(before, model.heads[0].classifier.kernel[...])
@@ -116,10 +116,10 @@ def test_bad_training_input():
     tj.train(model, x[:, :4], y, CONFIG, progress=False)
   with pytest.raises(ValueError, match="expected shape"):
     tj.train(model, x.reshape(20, 64), y, CONFIG, progress=False)
-  bad = tj.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (1.0, 1.0)})
+  bad = tj.networks.TrainConfig(**{**CONFIG.__dict__, "exit_weights": (1.0, 1.0)})
   with pytest.raises(ValueError, match="exit_weights"):
     tj.train(model, x, y, bad, progress=False)
-  bad = tj.TrainConfig(**{**CONFIG.__dict__, "learning_rate": float("nan")})
+  bad = tj.networks.TrainConfig(**{**CONFIG.__dict__, "learning_rate": float("nan")})
   with pytest.raises(ValueError, match="learning_rate"):
     tj.train(model, x, y, bad, progress=False)
 
@@ -145,7 +145,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_round_trip_for_every_network(tmp_path):
   nets = [tj.EarlyExitCNN((8, 8, 1), 10, channels=(4, 8, 8), rngs=nnx.Rngs(0)),
-          tj.EarlyExitTransformer(12, 6, 3, dim=16, num_heads=2, num_blocks=3, mlp_dim=16,
+          tj.networks.EarlyExitTransformer(12, 6, 3, dim=16, num_heads=2, num_blocks=3, mlp_dim=16,
                                   window=2, rngs=nnx.Rngs(0))]
   for i, net in enumerate(nets):
     tj.save_checkpoint(tmp_path / f"{i}.npz", net)

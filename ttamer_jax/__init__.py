@@ -13,6 +13,15 @@ The package is layered (docs/DESIGN.md, "Layers"); imports point down only:
 ``import ttamer_jax`` loads the first three (jax, numpy and chex only); the names
 of ``networks`` (flax, optax) are loaded on first use, and plots and tables
 import matplotlib / pandas when drawn or read.
+
+The supported surface: ``ttamer_jax.__all__`` (the names the README, docs and
+notebooks use) and each layer's ``__all__`` (``ttamer_jax.core.holm`` does not
+exist; ``ttamer_jax.evaluation.holm``, ``ttamer_jax.core.LinePolicy``,
+``ttamer_jax.networks.EarlyExitMLP`` do). ``ttamer_jax.core``, ``.data`` and
+``.evaluation`` are loaded with the package; ``.networks`` and ``.app`` on first
+access. Everything else -- names with a leading underscore and module-level
+names in no ``__all__`` (e.g. ``core.replay.replay_compiled``) -- is internal and
+may change without notice.
 """
 
 from __future__ import annotations
@@ -46,130 +55,111 @@ def _guard_program_import() -> None:
 
 _guard_program_import()
 
-from ttamer_jax.core.counting import fit_cascade_arrays
-from ttamer_jax.core.factored import AggregatedCascade, aggregate_cascade, solve_recall_aggregated
-from ttamer_jax.core.graph import RoutingGraph, line_graph, skip_line, solve_graph_recall, tree_graph
-from ttamer_jax.core.heuristics import (FixedExitPolicy, HindsightPolicy, PatiencePolicy,
-                                        ThresholdPolicy, confidence_threshold, entropy_threshold,
-                                        fixed_exit, hindsight_policy, patience_policy,
-                                        per_stage_thresholds)
-from ttamer_jax.core.model import Cascade, demo_cascade, gap_instance, iid_cascade, random_cascade
-from ttamer_jax.core.policies import (GraphPolicy, MixturePolicy, NoRecallPolicy, RecallPolicy,
-                                      aggregated_policy, graph_policy, no_recall_policy,
-                                      recall_policy)
-from ttamer_jax.core.protocol import LinePolicy, StageObservation
-from ttamer_jax.core.relaxation import (TuningResult, batch_serving_cost, cascade_from_logits,
-                                        consult_probabilities, exhaustive_thresholds_on_cascade,
-                                        grid_search_threshold,
-                                        recall_threshold_objective_on_cascade,
-                                        soft_fitted_cascade, soft_min_error_bound,
-                                        soft_solve_no_recall, soft_solve_recall,
-                                        threshold_objective, threshold_objective_on_cascade,
-                                        tune_thresholds, tune_thresholds_on_cascade)
-from ttamer_jax.core.serving_loss import exit_outcomes, quantile_edges, serving_loss
-from ttamer_jax.core.replay import (MonteCarloEstimate, ReplayResult, ReplayTotals, monte_carlo,
-                                    replay, replay_cascade, replay_graph, replay_totals,
-                                    sample_states, simulate_graph)
-from ttamer_jax.core.sharded import SweepSolutions, sweep
-from ttamer_jax.core.solutions import GraphSolution, NoRecallSolution, RecallSolution
-from ttamer_jax.core.solvers import prophet_value, solve_no_recall, solve_recall
-from ttamer_jax.core.struct import pytree_dataclass
-from ttamer_jax.data.answers import AnswerModel, fit_answer_model
-from ttamer_jax.data.cascade_io import CASCADE_FORMAT_VERSION, load_cascade, save_cascade
-from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
-from ttamer_jax.data.fitting import (FittedCascade, FittedGraph, fit_cascade,
-                                     fit_cascade_from_states, fit_discretiser, fit_skip_line,
-                                     traces_with_states)
-from ttamer_jax.data.policy_io import POLICY_FORMAT_VERSION, load_policy, save_policy
-from ttamer_jax.data.synthetic import (TraceWorkload, overthinking_cascade, sample_traces,
-                                       synthetic_cascade, synthetic_workload, workload_traces)
-from ttamer_jax.data.tables import (load_traces_table, read_traces, traces_from_table,
-                                    traces_to_table)
-from ttamer_jax.data.traces import (TRACES_FORMAT_VERSION, ExitTraces, load_traces, save_traces,
-                                    split_traces)
-from ttamer_jax.evaluation.drift import (DriftMonitor, DriftReport, drift_test, holm,
-                                         reference_counts, reference_states, state_counts,
-                                         two_sample_test)
-from ttamer_jax.evaluation.exact import (AggregationResult, PolicyMetrics, Robustness,
-                                         aggregation_report, model_robustness, perturb_cascade,
-                                         policy_metrics, split_robustness)
-from ttamer_jax.evaluation.frontier import (FrontierGap, ReplaySweep, confidence_grid,
-                                            cheapest_within, entropy_grid, fixed_exit_grid,
-                                            frontier_gap,
-                                            heuristic_sweeps, hindsight_sweep, pareto_front,
-                                            patience_grid, per_stage_grid, staircase,
-                                            sweep_no_recall, sweep_policies, sweep_recall,
-                                            tuned_objective)
-from ttamer_jax.evaluation.metrics import (Comparison, Evaluation, bootstrap_means, compare,
-                                           compare_results, evaluate, replay_traces)
-from ttamer_jax.evaluation.model_check import ModelCheck
-from ttamer_jax.evaluation.selection import (Candidate, CandidateScore, PolicySelection,
-                                             default_candidates, fit_policy)
-from ttamer_jax.evaluation.slo import (SLOPolicy, SLOReport, evaluate_slo, least_cost_policy,
-                                       least_error_policy)
-
+from ttamer_jax import core, data, evaluation  # noqa: F401 (the layers, as attributes)
 from ttamer_jax._version import __version__
+from ttamer_jax.core import (
+  Cascade,
+  RoutingGraph,
+  batch_serving_cost,
+  cascade_from_logits,
+  confidence_threshold,
+  consult_probabilities,
+  demo_cascade,
+  exhaustive_thresholds_on_cascade,
+  fit_cascade_arrays,
+  gap_instance,
+  grid_search_threshold,
+  hindsight_policy,
+  monte_carlo,
+  per_stage_thresholds,
+  prophet_value,
+  random_cascade,
+  recall_policy,
+  serving_loss,
+  skip_line,
+  soft_min_error_bound,
+  soft_solve_recall,
+  solve_no_recall,
+  solve_recall,
+  sweep,
+  tree_graph,
+  tune_thresholds,
+  tune_thresholds_on_cascade,
+)
+from ttamer_jax.core.replay import replay
+from ttamer_jax.data import (
+  POLICY_FORMAT_VERSION,
+  TRACES_FORMAT_VERSION,
+  DeployedPolicy,
+  ExitTraces,
+  fit_answer_model,
+  fit_cascade,
+  fit_discretiser,
+  load_cascade,
+  load_policy,
+  load_traces,
+  load_traces_table,
+  overthinking_cascade,
+  read_traces,
+  sample_traces,
+  save_cascade,
+  save_policy,
+  save_traces,
+  synthetic_cascade,
+  synthetic_workload,
+  traces_from_table,
+  traces_to_table,
+  workload_traces,
+)
+from ttamer_jax.evaluation import (
+  DriftMonitor,
+  Evaluation,
+  compare,
+  default_candidates,
+  drift_test,
+  evaluate,
+  fit_policy,
+  policy_metrics,
+  reference_states,
+  replay_traces,
+  split_robustness,
+  sweep_recall,
+)
 
-# Names of the networks layer, loaded (with flax and optax) on first access.
-_LAZY = {
-    "EarlyExitCNN": "ttamer_jax.networks", "EarlyExitMLP": "ttamer_jax.networks",
-    "EarlyExitTransformer": "ttamer_jax.networks", "TrainConfig": "ttamer_jax.networks",
-    "train": "ttamer_jax.networks", "save_checkpoint": "ttamer_jax.networks",
-    "load_checkpoint": "ttamer_jax.networks", "collect_traces": "ttamer_jax.networks",
-    "Server": "ttamer_jax.networks", "ServeResult": "ttamer_jax.networks",
-    "serve": "ttamer_jax.networks",
-}
-_SUBPACKAGES = ("core", "data", "evaluation", "networks", "app")
+# Names of the networks layer, loaded (with flax and optax) on first access; the
+# rest of that layer is ``ttamer_jax.networks.<name>``.
+_LAZY = {name: "ttamer_jax.networks" for name in (
+    "EarlyExitCNN", "train", "save_checkpoint", "load_checkpoint", "collect_traces", "Server")}
+# Subpackages loaded on first access (``core``, ``data`` and ``evaluation`` are
+# imported above).
+_SUBPACKAGES = ("networks", "app")
 
+# The supported surface: the names README.md, docs/ and the notebooks use. Every
+# other supported name is in its layer's ``__all__`` (``ttamer_jax.core.__all__``,
+# ``.data``, ``.evaluation``, ``.networks``) and reached as ``ttamer_jax.core.holm``
+# etc.; names in no ``__all__`` are internal.
 __all__ = [
-    # model and solvers
-    "Cascade", "demo_cascade", "gap_instance", "iid_cascade", "random_cascade",
-    "RoutingGraph", "line_graph", "skip_line", "tree_graph",
-    "AggregatedCascade", "aggregate_cascade",
-    "RecallSolution", "NoRecallSolution", "GraphSolution",
-    "solve_recall", "solve_no_recall", "prophet_value", "solve_graph_recall",
-    "solve_recall_aggregated", "sweep", "SweepSolutions",
-    # policies
-    "LinePolicy", "StageObservation", "pytree_dataclass", "RecallPolicy", "NoRecallPolicy", "GraphPolicy",
-    "MixturePolicy", "recall_policy", "no_recall_policy", "graph_policy", "aggregated_policy",
-    "ThresholdPolicy", "PatiencePolicy", "FixedExitPolicy", "HindsightPolicy",
-    "confidence_threshold", "entropy_threshold", "per_stage_thresholds", "patience_policy",
-    "fixed_exit", "hindsight_policy",
-    # replay and Monte-Carlo
-    "ReplayResult", "ReplayTotals", "MonteCarloEstimate", "replay", "replay_totals",
-    "replay_cascade", "monte_carlo",
-    "sample_states", "simulate_graph", "replay_graph",
-    # relaxation
-    "soft_solve_recall", "soft_solve_no_recall", "soft_min_error_bound", "consult_probabilities",
-    "cascade_from_logits", "threshold_objective", "threshold_objective_on_cascade",
-    "recall_threshold_objective_on_cascade", "tune_thresholds", "tune_thresholds_on_cascade",
-    "exhaustive_thresholds_on_cascade", "grid_search_threshold", "TuningResult",
-    "soft_fitted_cascade", "batch_serving_cost", "fit_cascade_arrays",
-    "serving_loss", "exit_outcomes", "quantile_edges",
-    # data
-    "ExitTraces", "split_traces", "save_traces", "load_traces", "TRACES_FORMAT_VERSION",
+    # model, solvers, policies (core)
+    "Cascade", "demo_cascade", "gap_instance", "random_cascade",
+    "RoutingGraph", "skip_line", "tree_graph",
+    "solve_recall", "solve_no_recall", "prophet_value", "sweep",
+    "recall_policy", "confidence_threshold", "per_stage_thresholds", "hindsight_policy",
+    "replay", "monte_carlo",
+    # relaxation and fitting inside jit (core)
+    "soft_solve_recall", "soft_min_error_bound", "consult_probabilities", "cascade_from_logits",
+    "tune_thresholds", "tune_thresholds_on_cascade", "exhaustive_thresholds_on_cascade",
+    "grid_search_threshold", "batch_serving_cost", "fit_cascade_arrays", "serving_loss",
+    # traces, files, fitting (data)
+    "ExitTraces", "save_traces", "load_traces", "TRACES_FORMAT_VERSION",
     "traces_from_table", "traces_to_table", "load_traces_table", "read_traces",
     "sample_traces", "overthinking_cascade", "workload_traces", "synthetic_cascade",
-    "synthetic_workload", "TraceWorkload",
-    "Discretiser", "DeployedPolicy", "trace_scores",
-    "FittedCascade", "FittedGraph", "fit_cascade", "fit_discretiser", "fit_skip_line",
-    "fit_cascade_from_states", "traces_with_states",
-    "save_cascade", "load_cascade", "CASCADE_FORMAT_VERSION",
-    "save_policy", "load_policy", "POLICY_FORMAT_VERSION", "AnswerModel", "fit_answer_model",
+    "synthetic_workload",
+    "DeployedPolicy", "fit_cascade", "fit_discretiser", "fit_answer_model",
+    "save_cascade", "load_cascade", "save_policy", "load_policy", "POLICY_FORMAT_VERSION",
     # evaluation
-    "Evaluation", "Comparison", "evaluate", "compare", "compare_results", "replay_traces",
-    "bootstrap_means", "cheapest_within",
-    "PolicyMetrics", "policy_metrics", "Robustness", "perturb_cascade", "model_robustness",
-    "split_robustness", "AggregationResult", "aggregation_report",
-    "ReplaySweep", "FrontierGap", "sweep_recall", "sweep_no_recall", "sweep_policies",
-    "hindsight_sweep", "heuristic_sweeps", "confidence_grid", "entropy_grid", "per_stage_grid",
-    "patience_grid", "fixed_exit_grid", "pareto_front", "staircase", "frontier_gap",
-    "tuned_objective",
-    "fit_policy", "PolicySelection", "Candidate", "CandidateScore", "default_candidates",
-    "ModelCheck",
-    "SLOPolicy", "SLOReport", "least_cost_policy", "least_error_policy", "evaluate_slo",
-    "DriftMonitor", "DriftReport", "drift_test", "two_sample_test", "holm", "state_counts",
-    "reference_states", "reference_counts",
+    "Evaluation", "evaluate", "compare", "replay_traces", "policy_metrics", "split_robustness",
+    "sweep_recall", "fit_policy", "default_candidates",
+    "DriftMonitor", "drift_test", "reference_states",
     # networks (loaded on first use)
     *_LAZY,
     "__version__",
@@ -187,4 +177,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-  return sorted(set(__all__) | set(_SUBPACKAGES))
+  return sorted(set(__all__) | {"core", "data", "evaluation", *_SUBPACKAGES})

@@ -141,7 +141,7 @@ def serving_probe(calibration: ExitTraces, num_states: int = 8) -> DeployedPolic
   score, _, _ = resolve_signals(calibration)
   n = calibration.num_stages
   fitted = fit_cascade(calibration, num_states, score=score)
-  return fitted.deploy(FixedExitPolicy(exit_stage=n - 1, stages=n))
+  return fitted.deploy(FixedExitPolicy(exit_stage=n - 1, num_stages=n))
 
 
 def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick: bool = False,
@@ -169,8 +169,7 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
       0 (:func:`~ttamer_jax.networks.serving.cost_shares`). Compiles the server
       once per process (a few seconds).
   """
-  from ttamer_jax.networks import profiling
-  from ttamer_jax.networks import workloads
+  from ttamer_jax.networks import profiling, workloads
 
   if workload not in WORKLOADS:
     raise ValueError(f"workload: must be one of {WORKLOADS}, got {workload!r}")
@@ -380,7 +379,7 @@ format_operating_points = reports.format_operating_points
 format_objectives = reports.format_objectives
 
 
-def summarize(comparison: PolicyComparison, tolerance: float = 0.01,
+def summarise(comparison: PolicyComparison, tolerance: float = 0.01,
               objective_lams: Any = OBJECTIVE_LAMS, budgets: Any = COST_BUDGETS) -> dict:
   """A comparison as plain values: operating points, held-out objectives at
   ``objective_lams``, least held-out errors at the cost ``budgets``, frontier gaps,
@@ -692,7 +691,7 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
 
   Fits on ``calibration_path`` (or the first part of a random ``split`` of the
   traces) and measures on the traces (or the rest). ``plot``: also draw the
-  Pareto plot there. Result: :func:`summarize` plus ``{traces, calibration, how,
+  Pareto plot there. Result: :func:`summarise` plus ``{traces, calibration, how,
   lams[, plot]}``.
   """
   from ttamer_jax.app import plotting
@@ -719,7 +718,7 @@ def sweep_files(traces_path: str, *, calibration_path: str | None = None, split:
   resolve_signals(test, score, conf)
   comp = compare_policies(calibration, test, num_states=states, score=score, confidence_score=conf,
                           entropy_score=entropy, lams=lams, feature=feature, progress=progress)
-  result = summarize(comp, tolerance)
+  result = summarise(comp, tolerance)
   result.update(traces=traces_path, calibration=calibration_path, how=how,
                 lams=np.asarray(comp.lams))
   if plot is not None:
@@ -792,7 +791,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
              log: Callable[[str], None] | None = None) -> Run:
   """``ttamer demo``: the whole job on a built-in workload, written to the folder ``out``.
 
-  :func:`prepare` -> :func:`compare_policies` -> :func:`summarize` (every family's
+  :func:`prepare` -> :func:`compare_policies` -> :func:`summarise` (every family's
   frontier, measured on the test split); deploys the policy that
   :func:`~ttamer_jax.fit_policy` chooses by cross-fitting on the calibration split
   (least cost within ``tolerance`` of the last exit's error) and reports it measured
@@ -838,7 +837,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   score, conf, entropy = resolve_signals(prep.calibration)
   comp = compare_policies(prep.calibration, prep.test, num_states=states, score=score,
                           confidence_score=conf, entropy_score=entropy, progress=progress)
-  summary = summarize(comp, tolerance)
+  summary = summarise(comp, tolerance)
   points = summary["operating_points"]
   lam = recall_lam(comp, tolerance)
   say("[3/4] choose the policy to deploy by cross-fitting on the calibration split ...")

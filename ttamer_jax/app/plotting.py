@@ -113,7 +113,7 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
   panel, this shows where and by how much they differ.
 
   Args:
-    frontiers: ``{name: SweepResult}`` (anything with ``cost_norm`` and ``error``).
+    frontiers: ``{name: ReplaySweep}`` (anything with ``cost_norm`` and ``error``).
     path: output file (its suffix names the image type: :func:`check_image_path`).
     title, error_label, cost_label: texts of the title and the axes.
     full_error: if given, a horizontal line at the full model's error and a band

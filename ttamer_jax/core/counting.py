@@ -11,7 +11,7 @@ With ``A_i [N, K]`` the one-hot (or soft) state assignments of stage ``i`` and
 :func:`fit_cascade_arrays` is that one pure function: it runs under ``jit``,
 ``vmap`` (over ``weights``: cross-fitting folds, bootstrap resamples) and, with
 soft assignments, ``grad``. Every fit of the library -- :func:`ttamer_jax.fit_cascade`,
-:func:`ttamer_jax.fit_cascade_from_states`, the relaxation's soft fit and the
+:func:`ttamer_jax.data.fit_cascade_from_states`, the relaxation's soft fit and the
 batched selection -- counts through :func:`fitted_tables`.
 
 Smoothing (``smoothing = a``): a row with counts ``C[t]`` becomes
@@ -160,7 +160,7 @@ def fit_cascade_arrays(states: Any, losses: Any, costs: Any, num_states: int, *,
                        prior: str = "uniform") -> Cascade:
   """The cascade fitted to states already known, as one pure function of arrays.
 
-  The same numbers as :func:`ttamer_jax.fit_cascade_from_states` (which calls
+  The same numbers as :func:`ttamer_jax.data.fit_cascade_from_states` (which calls
   this), but usable inside ``jit``, ``vmap`` (e.g. over ``weights`` for folds or
   bootstrap resamples) and ``grad`` (soft ``states``).
 

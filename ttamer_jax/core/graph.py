@@ -226,6 +226,10 @@ def skip_line(cascade: Cascade, block_costs: Any = None, head_costs: Any = None,
     head_costs: ``[n]`` cost of running exit head ``i``.
     skip_first: also let the root enter any stage directly (stage 1 is otherwise
       always consulted, as on a line).
+
+  Returns:
+    A :class:`RoutingGraph` over the ``n`` stages (``values [n, K]``) with an edge
+    ``i -> j`` for every ``i < j``, each with its ``[K, K]`` transition and its cost.
   """
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
@@ -266,7 +270,19 @@ def tree_graph(values: Any, parents: Sequence[int], edge_trans: Any, edge_costs:
                root_init: Any, root_cost: float) -> RoutingGraph:
   """A directed tree: node 0 is the root (always consulted); node ``u > 0`` hangs
   below ``parents[u-1] < u`` with transition ``edge_trans[u-1]`` and cost
-  ``edge_costs[u-1]``. E.g. a router (node 0) choosing among specialist models."""
+  ``edge_costs[u-1]``. E.g. a router (node 0) choosing among specialist models.
+
+  Args:
+    values: ``[V, K]`` loss of answering with node ``u`` in state ``s``.
+    parents: ``V - 1`` ints, ``parents[u-1] < u``: the parent of node ``u``.
+    edge_trans: ``[V-1, K, K]`` row-stochastic transition of each edge ``parent -> u``.
+    edge_costs: ``[V-1]`` cost of consulting node ``u`` from its parent (>= 0).
+    root_init: ``[K]`` distribution of the root's state.
+    root_cost: ``[]`` cost of the root (always paid).
+
+  Returns:
+    A :class:`RoutingGraph` of ``V`` nodes with one entry (the root).
+  """
   parents = validation.as_numpy("parents", parents, ndim=1, kind="int")
   root_init = validation.as_numpy("root_init", root_init, ndim=1)
   root_cost = validation.as_float_scalar("root_cost", root_cost)

@@ -1,6 +1,6 @@
 """The heuristics people deploy today, as line policies (DESIGN.md section 6).
 
-Every baseline implements :class:`~ttamer_jax.LinePolicy`, so
+Every baseline implements :class:`~ttamer_jax.core.LinePolicy`, so
 :func:`~ttamer_jax.replay`, the evaluation and frontier code, and serving (through
 :class:`~ttamer_jax.DeployedPolicy`) run them exactly like the solver policies.
 Heuristics read ``obs.score`` / ``obs.pred`` and ignore ``obs.state``
@@ -8,8 +8,8 @@ Heuristics read ``obs.score`` / ``obs.pred`` and ignore ``obs.state``
 grid is one batched policy that ``vmap`` replays in one call. The hindsight
 oracle (``observes = "true_losses"``) is fed the true losses as ``obs.score``.
 
-The no-recall optimum is :class:`~ttamer_jax.NoRecallPolicy` (see
-:meth:`~ttamer_jax.FittedCascade.no_recall_policy`).
+The no-recall optimum is :class:`~ttamer_jax.core.NoRecallPolicy` (see
+:meth:`~ttamer_jax.data.FittedCascade.no_recall_policy`).
 """
 
 from __future__ import annotations
@@ -22,18 +22,14 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.model import default_float
-from ttamer_jax.core.protocol import StageObservation
+from ttamer_jax.core.protocol import LastStagePolicy, StageObservation
 from ttamer_jax.core.struct import pytree_dataclass
 
 DIRECTIONS = ("above", "below")
 
 
-def _no_estimate(obs: StageObservation):
-  return jnp.zeros(obs.state.shape, default_float())
-
-
 @pytree_dataclass(static=("direction",))
-class ThresholdPolicy:
+class ThresholdPolicy(LastStagePolicy):
   """Exit at the first stage whose score crosses that stage's threshold; answer = last.
 
   Attributes:
@@ -46,9 +42,9 @@ class ThresholdPolicy:
   thresholds: chex.Array
   direction: str = "above"
 
-  recall = False
   observes = "signals"
-  num_states = None
+  grid_field = "thresholds"
+  grid_field_ndim = 1
 
   def __post_init__(self):
     if self.direction not in DIRECTIONS:
@@ -66,16 +62,6 @@ class ThresholdPolicy:
   @property
   def num_stages(self) -> int:
     return self.thresholds.shape[-1]
-
-  @property
-  def batch_shape(self) -> tuple[int, ...]:
-    return tuple(self.thresholds.shape[:-1])
-
-  def estimate(self, stage, obs: StageObservation):
-    return _no_estimate(obs)
-
-  def initial_carry(self, batch_size: int):
-    return ()
 
   def step(self, carry, stage, obs: StageObservation, best):
     t = self.thresholds[stage]
@@ -95,12 +81,28 @@ def _shared_threshold(threshold, num_stages: int) -> chex.Array:
 
 
 def confidence_threshold(threshold, num_stages: int) -> ThresholdPolicy:
-  """One confidence threshold for every stage: exit once ``score >= threshold``."""
+  """One confidence threshold for every stage: exit once ``score >= threshold``.
+
+  Args:
+    threshold: ``[]`` confidence to exit at (may be traced).
+    num_stages: ``n``.
+
+  Returns:
+    A :class:`ThresholdPolicy` with ``thresholds [n]``, ``direction="above"``.
+  """
   return ThresholdPolicy(thresholds=_shared_threshold(threshold, num_stages), direction="above")
 
 
 def per_stage_thresholds(thresholds, direction: str = "above") -> ThresholdPolicy:
-  """A threshold per stage (``[n]``)."""
+  """A threshold per stage (``[n]``).
+
+  Args:
+    thresholds: ``[n]`` threshold of each stage (may be traced).
+    direction: ``"above"`` (stop iff ``score >= t``) or ``"below"``.
+
+  Returns:
+    A :class:`ThresholdPolicy` with ``thresholds [n]``.
+  """
   if validation.is_concrete(thresholds):
     thresholds = validation.as_numpy("thresholds", thresholds, ndim=1)
   elif np.ndim(thresholds) != 1:
@@ -113,43 +115,33 @@ def entropy_threshold(threshold, num_stages: int) -> ThresholdPolicy:
   return ThresholdPolicy(thresholds=_shared_threshold(threshold, num_stages), direction="below")
 
 
-@pytree_dataclass(static=("stages",))
-class PatiencePolicy:
+@pytree_dataclass(static=("num_stages",))
+class PatiencePolicy(LastStagePolicy):
   """Exit once the last ``patience`` consulted exits gave the same prediction.
 
   ``patience = 1`` exits at the first stage; PABEE's patience ``t`` is ``t + 1``
   here. The carry holds each request's current run length and last prediction.
 
   Attributes:
-    patience: ``[]`` int32 run length to exit at (>= 1).
-    stages: static number of stages ``n``.
+    patience: ``[]`` int32 run length to exit at (>= 1); ``[P]`` for a grid of
+      ``P`` policies.
+    num_stages: static number of stages ``n``.
   """
 
   patience: chex.Array
-  stages: int
+  num_stages: int
 
-  recall = False
   observes = "signals"
-  num_states = None
+  grid_field = "patience"
 
   def __post_init__(self):
-    object.__setattr__(self, "stages", validation.check_positive_int("stages", self.stages))
+    object.__setattr__(self, "num_stages",
+                       validation.check_positive_int("num_stages", self.num_stages))
     if validation.is_concrete(self.patience):
       p = validation.as_numpy("patience", self.patience, kind="int")
       if p.size and p.min() < 1:
         raise ValueError(f"patience = {p.min()} must be >= 1")
       object.__setattr__(self, "patience", validation.device_array(p, np.int32))
-
-  @property
-  def num_stages(self) -> int:
-    return self.stages
-
-  @property
-  def batch_shape(self) -> tuple[int, ...]:
-    return tuple(np.shape(self.patience))
-
-  def estimate(self, stage, obs: StageObservation):
-    return _no_estimate(obs)
 
   def initial_carry(self, batch_size: int):
     return (jnp.zeros((batch_size,), jnp.int32), jnp.full((batch_size,), -1, jnp.int32))
@@ -161,58 +153,35 @@ class PatiencePolicy:
     return (run, obs.pred.astype(jnp.int32)), run >= self.patience
 
 
-def patience_policy(patience, num_stages: int) -> PatiencePolicy:
-  return PatiencePolicy(patience=patience, stages=num_stages)
-
-
-@pytree_dataclass(static=("stages",))
-class FixedExitPolicy:
+@pytree_dataclass(static=("num_stages",))
+class FixedExitPolicy(LastStagePolicy):
   """Always answer with stage ``exit_stage`` (0-based), consulting stages ``0..exit_stage``.
 
   Attributes:
-    exit_stage: ``[]`` int32.
-    stages: static number of stages ``n``.
+    exit_stage: ``[]`` int32; ``[P]`` for a grid of ``P`` policies.
+    num_stages: static number of stages ``n``.
   """
 
   exit_stage: chex.Array
-  stages: int
+  num_stages: int
 
-  recall = False
   observes = "nothing"
-  num_states = None
+  grid_field = "exit_stage"
 
   def __post_init__(self):
-    n = validation.check_positive_int("stages", self.stages)
-    object.__setattr__(self, "stages", n)
+    n = validation.check_positive_int("num_stages", self.num_stages)
+    object.__setattr__(self, "num_stages", n)
     if validation.is_concrete(self.exit_stage):
       k = validation.as_numpy("exit_stage", self.exit_stage, kind="int")
       if k.size and (k.min() < 0 or k.max() >= n):
         raise ValueError(f"exit_stage = {int(k.min() if k.min() < 0 else k.max())} outside 0..{n - 1}")
       object.__setattr__(self, "exit_stage", validation.device_array(k, np.int32))
 
-  @property
-  def num_stages(self) -> int:
-    return self.stages
-
-  @property
-  def batch_shape(self) -> tuple[int, ...]:
-    return tuple(np.shape(self.exit_stage))
-
-  def estimate(self, stage, obs: StageObservation):
-    return _no_estimate(obs)
-
-  def initial_carry(self, batch_size: int):
-    return ()
-
   def step(self, carry, stage, obs: StageObservation, best):
     return carry, jnp.broadcast_to(stage >= self.exit_stage, obs.state.shape)
 
 
-def fixed_exit(exit_stage: int, num_stages: int) -> FixedExitPolicy:
-  return FixedExitPolicy(exit_stage=exit_stage, stages=num_stages)
-
-
-@pytree_dataclass(static=("stages",))
+@pytree_dataclass(static=("num_stages",))
 class HindsightPolicy:
   """Per-sample oracle on recorded traces: the hindsight optimum as a policy.
 
@@ -224,20 +193,16 @@ class HindsightPolicy:
 
   Attributes:
     stop_stage: ``[N]`` int32 last stage consulted for each recorded request.
-    stages: static number of stages ``n``.
+    num_stages: static number of stages ``n``.
   """
 
   stop_stage: chex.Array
-  stages: int
+  num_stages: int
 
   recall = True
   observes = "true_losses"
   num_states = None
   batch_shape = ()
-
-  @property
-  def num_stages(self) -> int:
-    return self.stages
 
   def estimate(self, stage, obs: StageObservation):
     return obs.score
@@ -280,10 +245,17 @@ def check_losses_and_costs(losses: Any, costs: Any) -> tuple[np.ndarray, np.ndar
 def hindsight_policy(losses: Any, costs: Any, lam) -> HindsightPolicy:
   """The per-request optimum ``argmin_k lam * min_{j<=k} l_j + (1-lam) * (c_0+..+c_k)``.
 
-  Args:
-    losses: ``[N, n]`` true losses; costs: ``[n]`` or ``[N, n]``; lam in [0, 1].
   Ties pick the earliest ``k``, so the answer is the earliest stage of least loss.
   Runs on the host (float64 stops per request).
+
+  Args:
+    losses: ``[N, n]`` true losses.
+    costs: ``[n]`` or ``[N, n]`` stage costs.
+    lam: ``[]`` trade-off weight in [0, 1].
+
+  Returns:
+    A :class:`HindsightPolicy` with ``stop_stage [N]``: replay it on the same
+    requests, in the same order.
   """
   validation.refuse_traced("hindsight_policy", "inside jit, ttamer_jax.prophet_value is the "
                            "hindsight optimum of a model (docs/jit.md)", losses=losses,
@@ -291,4 +263,4 @@ def hindsight_policy(losses: Any, costs: Any, lam) -> HindsightPolicy:
   validation.check_scalar_lam(lam)
   losses, costs = check_losses_and_costs(losses, costs)
   stops = hindsight_stops(losses, costs, np.asarray([float(lam)]))[0]
-  return HindsightPolicy(stop_stage=jnp.asarray(stops, jnp.int32), stages=losses.shape[1])
+  return HindsightPolicy(stop_stage=jnp.asarray(stops, jnp.int32), num_stages=losses.shape[1])

@@ -182,7 +182,7 @@ def row_thresholds(xs: chex.Array, axis: int = -1) -> chex.Array:
   value follows. It is non-decreasing in ``r`` (so are ``xs`` and the next larger
   value), so the threshold of the *last* row where stopping is optimal is the
   *largest* threshold over the stopping rows: :func:`stop_or_continue` gets the index
-  from the max-reduction that used to find that row, and nothing is searched
+  from the same max-reduction that finds that row, and nothing is searched
   afterwards (a vmapped ``searchsorted`` per stage x lam x state cost several times
   the whole recursion at small K). Equal grid values (duplicates, or distinct losses
   that ``lam`` scales to one float) share one threshold. O(M) per grid, once per solve.

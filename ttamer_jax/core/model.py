@@ -137,6 +137,10 @@ def random_cascade(key: chex.PRNGKey, num_stages: int, num_states: int, *,
     shared_grid: if true, every stage has the loss grid ``linspace(0, 1, K)`` (the
       state *is* the loss bin), so the solver's x-grid has ``M = K`` points;
       otherwise losses are i.i.d. uniform on ``[0, 1]`` and ``M = n K``.
+
+  Returns:
+    A :class:`Cascade`: ``values [n, K]``, ``init [K]``, ``trans [n-1, K, K]``,
+    ``costs [n]``.
   """
   n = validation.check_positive_int("num_stages", num_stages)
   k = validation.check_positive_int("num_states", num_states)
@@ -166,6 +170,12 @@ def gap_instance(alpha: float) -> Cascade:
   (and the hindsight optimum) pay ``1/alpha^3``. States: stage 1 is always in
   state 0 (loss ``1/alpha^2``); stage 2 is in state 0 (loss 0) w.p. ``1 - 1/alpha``
   and in state 1 (loss ``1/alpha``) otherwise.
+
+  Args:
+    alpha: the gap, > 1.
+
+  Returns:
+    A two-stage, two-state :class:`Cascade` (``values [2, 2]``, ``costs [2]`` zero).
   """
   alpha = validation.as_float_scalar("alpha", alpha)
   if not np.isfinite(alpha) or alpha <= 1:
@@ -186,6 +196,14 @@ def demo_cascade(num_stages: int = 5, num_states: int = 8) -> Cascade:
   inputs stay hard) and drift one bin easier per stage; with probability 0.15 a
   deeper model "over-thinks" and lands in a harder bin. Costs grow 1.6x per stage
   and are normalised to sum to 1.
+
+  Args:
+    num_stages: ``n`` models.
+    num_states: ``K`` error bins.
+
+  Returns:
+    A :class:`Cascade`: ``values [n, K]``, ``init [K]``, ``trans [n-1, K, K]``,
+    ``costs [n]`` (summing to 1).
   """
   n = validation.check_positive_int("num_stages", num_stages)
   k = validation.check_positive_int("num_states", num_states)

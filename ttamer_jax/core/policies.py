@@ -1,7 +1,7 @@
 """Solver policies as pytrees with an online step usable inside ``jit``.
 
 :class:`RecallPolicy`, :class:`NoRecallPolicy` and the randomised
-:class:`MixturePolicy` implement :class:`~ttamer_jax.LinePolicy`; the routing
+:class:`MixturePolicy` implement :class:`~ttamer_jax.core.LinePolicy`; the routing
 policy :class:`GraphPolicy` decides a stop and a successor. Constructors validate
 their tables once; inside transformations (rebuilt by JAX) they do not.
 """
@@ -18,8 +18,8 @@ import numpy as np
 from ttamer_jax.core import validation
 from ttamer_jax.core.factored import AggregatedCascade, solve_recall_aggregated
 from ttamer_jax.core.graph import RoutingGraph, solve_graph_recall
-from ttamer_jax.core.model import Cascade, default_float
-from ttamer_jax.core.protocol import LinePolicy, StageObservation, check_line_policy
+from ttamer_jax.core.model import Cascade
+from ttamer_jax.core.protocol import LastStagePolicy, LinePolicy, StageObservation, check_line_policy
 from ttamer_jax.core.solutions import GraphSolution
 from ttamer_jax.core.solvers import solve_no_recall, solve_recall
 from ttamer_jax.core.struct import pytree_dataclass, trusted
@@ -86,7 +86,7 @@ class RecallPolicy:
   @classmethod
   def lam_grid_axes(cls) -> RecallPolicy:
     """``jax.vmap`` ``in_axes`` of a ``lam`` grid of one model (``index [P, n, K]``,
-    ``lam [P]``, one shared ``values [n, K]``), e.g. for :func:`~ttamer_jax.replay_totals`."""
+    ``lam [P]``, one shared ``values [n, K]``), e.g. for :func:`~ttamer_jax.core.replay_totals`."""
     return trusted(cls, index=0, values=None, lam=0)
 
   def should_stop(self, stage, state, best_loss):
@@ -111,7 +111,7 @@ class RecallPolicy:
 
 
 @pytree_dataclass
-class NoRecallPolicy:
+class NoRecallPolicy(LastStagePolicy):
   """Optimal stopping without recall: stop iff ``stop[stage, state]``; answer = last stage.
 
   Attributes:
@@ -120,8 +120,9 @@ class NoRecallPolicy:
 
   stop: chex.Array
 
-  recall = False
   observes = "states"
+  grid_field = "stop"
+  grid_field_ndim = 2
 
   def __post_init__(self):
     if validation.is_concrete(self.stop):
@@ -140,18 +141,8 @@ class NoRecallPolicy:
   def num_states(self) -> int:
     return self.stop.shape[-1]
 
-  @property
-  def batch_shape(self) -> tuple[int, ...]:
-    return tuple(self.stop.shape[:-2])
-
   def should_stop(self, stage, state):
     return self.stop[stage, state]
-
-  def estimate(self, stage, obs: StageObservation):
-    return jnp.zeros(obs.state.shape, default_float())
-
-  def initial_carry(self, batch_size: int):
-    return ()
 
   def step(self, carry, stage, obs: StageObservation, best):
     return carry, self.should_stop(stage, obs.state)
@@ -160,8 +151,17 @@ class NoRecallPolicy:
 def recall_policy(cascade: Cascade, lam) -> RecallPolicy:
   """Solves :func:`~ttamer_jax.solve_recall` and wraps the index as a policy.
 
-  On an :class:`~ttamer_jax.AggregatedCascade` the index is solved through the
+  On an :class:`~ttamer_jax.core.AggregatedCascade` the index is solved through the
   factors (over the original states).
+
+  Args:
+    cascade: a :class:`Cascade` (or :class:`~ttamer_jax.core.AggregatedCascade`),
+      ``n`` stages of ``K`` states.
+    lam: ``[]`` trade-off weight in [0, 1]; a ``[L]`` grid under ``jax.vmap``.
+
+  Returns:
+    A :class:`~ttamer_jax.core.RecallPolicy`: ``index [n, K]``, ``values [n, K]``,
+    ``lam []``.
   """
   solution = solve_recall(cascade, lam)  # validates cascade and lam
   return trusted(RecallPolicy, index=solution.index, values=cascade.values,

@@ -1,6 +1,6 @@
 """The line-policy protocol: what replay, Monte-Carlo, serving and evaluation need.
 
-Solver policies (:class:`~ttamer_jax.RecallPolicy`, :class:`~ttamer_jax.NoRecallPolicy`),
+Solver policies (:class:`~ttamer_jax.core.RecallPolicy`, :class:`~ttamer_jax.core.NoRecallPolicy`),
 the heuristics people deploy (:mod:`ttamer_jax.core.heuristics`), randomised
 mixtures and the hindsight oracle all implement :class:`LinePolicy`, so one
 replay loop runs them all, inside ``jit`` and over batches of requests.
@@ -11,8 +11,11 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import chex
+import jax.numpy as jnp
+import numpy as np
 
 from ttamer_jax.core import validation
+from ttamer_jax.core.model import default_float
 from ttamer_jax.core.struct import pytree_dataclass
 
 # What a policy reads after each stage (``LinePolicy.observes``):
@@ -87,10 +90,40 @@ class LinePolicy(Protocol):
     estimate so far, this stage included."""
 
 
+class LastStagePolicy:
+  """The :class:`LinePolicy` members every no-recall policy shares, in one place.
+
+  A policy that answers with the last consulted stage reads no loss estimate and,
+  unless it overrides them, keeps no per-request memory and no state table. A
+  subclass names the array field that holds its parameters (``grid_field``) and
+  that field's rank for one policy (``grid_field_ndim``); leading axes beyond it
+  are the grid (``batch_shape``). It still defines ``observes``, ``num_stages``
+  and ``step``.
+  """
+
+  recall = False
+  num_states = None
+  grid_field = ""
+  grid_field_ndim = 0
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    shape = np.shape(getattr(self, self.grid_field))
+    return tuple(shape[:len(shape) - self.grid_field_ndim])
+
+  def estimate(self, stage: Any, obs: StageObservation) -> chex.Array:
+    """``[B]`` zeros: without recall the answer is the last stage, whatever its estimate."""
+    return jnp.zeros(obs.state.shape, default_float())
+
+  def initial_carry(self, batch_size: int) -> Any:
+    """``()``: no per-request memory."""
+    return ()
+
+
 def check_line_policy(policy: Any, name: str = "policy") -> LinePolicy:
   """``policy`` implements :class:`LinePolicy` (``ValueError`` naming ``name`` otherwise)."""
   if not isinstance(policy, LinePolicy):
-    raise ValueError(f"{name}: expected a line policy (ttamer_jax.LinePolicy), got "
+    raise ValueError(f"{name}: expected a line policy (ttamer_jax.core.LinePolicy), got "
                      f"{type(policy).__name__}")
   if policy.observes not in OBSERVES:
     raise ValueError(f"{name}: observes = {policy.observes!r} is not one of {OBSERVES}")
@@ -102,4 +135,4 @@ def check_single_policy(policy: LinePolicy, name: str = "policy") -> None:
   if policy.batch_shape != ():
     raise ValueError(f"{name}: this {type(policy).__name__} is a grid of policies (batch shape "
                      f"{policy.batch_shape}); replay one at a time, jax.vmap over the grid, or "
-                     "use ttamer_jax.sweep_policies")
+                     "use ttamer_jax.evaluation.sweep_policies")

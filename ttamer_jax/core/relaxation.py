@@ -39,12 +39,28 @@ from ttamer_jax.core.model import Cascade
 
 
 def softmin(a: chex.Array, b: chex.Array, beta) -> chex.Array:
-  """``-beta * log(exp(-a/beta) + exp(-b/beta))``: a smooth lower bound on ``min(a, b)``."""
+  """``-beta * log(exp(-a/beta) + exp(-b/beta))``: a smooth lower bound on ``min(a, b)``.
+
+  Args:
+    a, b: arrays of one broadcast shape ``[...]``.
+    beta: ``[]`` temperature > 0 (``min <= softmin + beta log 2``).
+
+  Returns:
+    ``[...]`` the soft minimum, elementwise.
+  """
   return -beta * jnp.logaddexp(-a / beta, -b / beta)
 
 
 def soft_min_error_bound(num_stages: int, beta: float) -> float:
-  """Bound on ``J_exact - J_soft``: one softmin per stage boundary, each off by <= beta log 2."""
+  """Bound on ``J_exact - J_soft``: one softmin per stage boundary, each off by <= beta log 2.
+
+  Args:
+    num_stages: ``n`` stages of the line.
+    beta: the soft-min temperature of :func:`soft_solve_recall`.
+
+  Returns:
+    ``(n - 1) * beta * log 2`` as a Python float.
+  """
   return max(num_stages - 1, 0) * beta * math.log(2.0)
 
 
@@ -79,6 +95,11 @@ def soft_solve_recall(cascade: Cascade, lam, beta, *, extra_costs: Any = None,
       consulted; ``d J / d extra_costs`` at 0 is the probability that the optimal
       policy consults each stage (envelope theorem), see
       :func:`consult_probabilities`.
+    precision: ``jax.lax.Precision`` of the matrix products.
+
+  Returns:
+    ``[]`` soft value, within ``soft_min_error_bound(n, beta)`` below the exact
+    recall optimum ``J*``; smooth in ``values``, ``trans``, ``costs`` and ``lam``.
   """
   _check(cascade, lam, beta)
   n = cascade.values.shape[-2]
@@ -101,7 +122,18 @@ def _soft_recall(cascade, lam, beta, extra, precision):
 
 
 def soft_solve_no_recall(cascade: Cascade, lam, beta, *, precision=DEFAULT_PRECISION) -> chex.Array:
-  """Soft-min value of the no-recall recursion; ``beta = 0`` gives the exact value."""
+  """Soft-min value of the no-recall recursion; ``beta = 0`` gives the exact value.
+
+  Args:
+    cascade: the line (its fields may be traced: use inside ``jax.grad``).
+    lam: ``[]`` trade-off weight in [0, 1].
+    beta: ``[]`` soft-min temperature >= 0.
+    precision: ``jax.lax.Precision`` of the matrix products.
+
+  Returns:
+    ``[]`` soft value, within ``soft_min_error_bound(n, beta)`` below the exact
+    no-recall optimum; smooth in ``values``, ``trans``, ``costs`` and ``lam``.
+  """
   _check(cascade, lam, beta)
   return _soft_no_recall(cascade, lam, jnp.asarray(beta, cascade.values.dtype), precision)
 
@@ -126,6 +158,13 @@ def consult_probabilities(cascade: Cascade, lam) -> chex.Array:
   By the envelope theorem this is the gradient of ``J*`` w.r.t. an unweighted
   per-stage cost at 0 -- the exact derivative the soft DP's cost gradients approach
   (``d J* / d c_i = (1 - lam) * consult_probabilities[i]``).
+
+  Args:
+    cascade: the line, ``n`` stages.
+    lam: ``[]`` trade-off weight in [0, 1].
+
+  Returns:
+    ``[n]`` probabilities (stage 0: 1) in the cascade's dtype.
   """
   validation.check_scalar_lam(lam)
   n = cascade.num_stages
@@ -134,14 +173,32 @@ def consult_probabilities(cascade: Cascade, lam) -> chex.Array:
 
 
 def cascade_from_logits(values, init_logits, trans_logits, costs) -> Cascade:
-  """A cascade whose distributions are softmaxes of logits (differentiable parameters)."""
+  """A cascade whose distributions are softmaxes of logits (differentiable parameters).
+
+  Args:
+    values: ``[n, K]`` loss of each (stage, state), >= 0.
+    init_logits: ``[K]`` logits of stage 1's state distribution.
+    trans_logits: ``[n-1, K, K]`` logits of each transition row.
+    costs: ``[n]`` stage costs, >= 0.
+
+  Returns:
+    A :class:`~ttamer_jax.Cascade` with ``init = softmax(init_logits)`` and
+    ``trans = softmax(trans_logits, axis=-1)``.
+  """
   return Cascade(values=values, init=jax.nn.softmax(init_logits, axis=-1),
                  trans=jax.nn.softmax(trans_logits, axis=-1), costs=costs)
 
 
 # ------------------------------------------------------------ soft heuristics
 def stop_distribution(stop_probs: chex.Array) -> chex.Array:
-  """``[..., n]`` P(stop exactly at i) from per-stage P(stop | reached); last stage stops."""
+  """P(stop exactly at stage i) from per-stage P(stop | reached); the last stage stops.
+
+  Args:
+    stop_probs: ``[..., n]`` probability of stopping at each stage once reached.
+
+  Returns:
+    ``[..., n]`` probability of stopping exactly at each stage (sums to 1).
+  """
   p = stop_probs.at[..., -1].set(1.0)
   reach = jnp.cumprod(1.0 - p, axis=-1)
   reach = jnp.concatenate([jnp.ones_like(reach[..., :1]), reach[..., :-1]], axis=-1)
@@ -198,9 +255,19 @@ def threshold_objective_on_cascade(thresholds: chex.Array, state_scores: chex.Ar
                                    cascade: Cascade, lam, tau) -> chex.Array:
   """Exact expected objective of a (soft) no-recall threshold rule on a cascade.
 
-  ``state_scores [n, K]`` is the confidence the rule reads in each (stage, state);
-  one forward pass of the chain with the continuing mass:
+  One forward pass of the chain with the continuing mass:
   ``m_{i+1} = (m_i * (1 - p_i)) @ trans_i``.
+
+  Args:
+    thresholds: ``[n]`` (or ``[]``: one for every stage) thresholds.
+    state_scores: ``[n, K]`` confidence the rule reads in each (stage, state).
+    cascade: the line, ``n`` stages of ``K`` states.
+    lam: ``[]`` trade-off weight in [0, 1].
+    tau: relaxation temperature; ``0`` gives the hard rule (ties stop).
+
+  Returns:
+    ``[]`` expected ``lam * loss + (1 - lam) * cost`` of the rule on the cascade,
+    smooth in ``thresholds`` for ``tau > 0``.
   """
   n, _ = cascade.values.shape
   thresholds = jnp.broadcast_to(thresholds, (n,))
@@ -230,6 +297,16 @@ def recall_threshold_objective_on_cascade(thresholds: chex.Array, state_scores: 
   the earlier stage) -- a threshold rule that *recalls*. The forward pass carries
   the mass of (which (stage, state) is the best so far, current state): an
   ``[n K, K]`` table, one ``[nK, K] @ [K, K]`` product per stage.
+
+  Args:
+    thresholds: ``[n]`` (or ``[]``: one for every stage) thresholds.
+    state_scores: ``[n, K]`` confidence the rule reads in each (stage, state).
+    cascade: the line, ``n`` stages of ``K`` states.
+    lam: ``[]`` trade-off weight in [0, 1].
+    tau: relaxation temperature; ``0`` gives the hard rule.
+
+  Returns:
+    ``[]`` expected ``lam * recalled loss + (1 - lam) * cost`` on the cascade.
   """
   values = cascade.values
   n, k = values.shape
@@ -264,6 +341,17 @@ def tune_thresholds_on_cascade(key: chex.PRNGKey, cascade: Cascade, state_scores
   state); the objective is :func:`threshold_objective_on_cascade` (no recall) or
   :func:`recall_threshold_objective_on_cascade` (recall hybrid), so the reported
   hard objective has no sampling error.
+
+  Args:
+    key: PRNG key of the restarts' initial thresholds.
+    cascade: the line, ``n`` stages of ``K`` states.
+    state_scores: ``[n, K]`` confidence the rule reads in each (stage, state).
+    lam: ``[]`` trade-off weight in [0, 1].
+    recall, restarts, steps, learning_rate, tau_start, tau_end: as for
+      :func:`tune_thresholds` (``tau`` in units of each stage's score spread).
+
+  Returns:
+    A :class:`TuningResult` (``thresholds [n]`` in ``state_scores`` units).
   """
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
@@ -307,9 +395,18 @@ def exhaustive_thresholds_on_cascade(cascade: Cascade, state_scores: Any, lam, *
 
   A hard rule only depends on which states of each stage pass, i.e. on the rank of
   ``t_i`` among stage ``i``'s ``K`` scores: ``(K + 1)^(n-1)`` rules (the last stage
-  always stops). Returns ``(thresholds [n], objective [])``, both JAX arrays in the
-  cascade's dtype like :func:`grid_search_threshold`, or raises ``ValueError`` when
-  there are more than ``max_candidates`` rules.
+  always stops).
+
+  Args:
+    cascade: the line, ``n`` stages of ``K`` states.
+    state_scores: ``[n, K]`` confidence the rule reads in each (stage, state).
+    lam: ``[]`` trade-off weight in [0, 1].
+    recall: score the recall hybrid (:func:`recall_threshold_objective_on_cascade`).
+    max_candidates: refuse (``ValueError``) above this many rules.
+
+  Returns:
+    ``(thresholds [n], objective [])``, JAX arrays in the cascade's dtype (like
+    :func:`grid_search_threshold`); the last threshold is ``-inf``.
   """
   scores = np.asarray(state_scores, np.float64)
   n, k = scores.shape
@@ -358,6 +455,24 @@ def tune_thresholds(key: chex.PRNGKey, scores, losses, costs, lam, *, recall: bo
   scores; Adam runs ``steps`` steps while ``tau`` anneals geometrically from
   ``tau_start`` to ``tau_end`` (in standardised units). The hard policy of every
   restart is then evaluated and the best kept.
+
+  Args:
+    key: PRNG key of the restarts' initial quantiles.
+    scores: ``[N, n]`` confidence per exit (higher = more confident).
+    losses: ``[N, n]`` true losses.
+    costs: ``[n]`` or ``[N, n]`` stage costs.
+    lam: ``[]`` trade-off weight in [0, 1].
+    recall: tune the recall variant of :func:`threshold_objective`.
+    shared: one threshold for every stage instead of one per stage.
+    restarts: ``R`` random starts; steps: Adam steps per start.
+    learning_rate: Adam's step size (standardised units).
+    tau_start, tau_end: the annealed relaxation temperature.
+    answer_tau: soft-argmax temperature of the recalled answer.
+
+  Returns:
+    A :class:`TuningResult`: ``thresholds [n]`` in raw score units, the hard
+    objective ``[]``, and per restart ``[R, n]`` thresholds, ``[R]`` hard objectives,
+    ``[R, steps]`` soft curves.
   """
   scores = jnp.asarray(scores, jnp.float32)
   losses = jnp.asarray(losses, jnp.float32)
@@ -402,7 +517,19 @@ def tune_thresholds(key: chex.PRNGKey, scores, losses, costs, lam, *, recall: bo
 def grid_search_threshold(scores, losses, costs, lam, *, recall: bool = False,
                           num_candidates: int = 256) -> tuple[chex.Array, chex.Array]:
   """Best single threshold over ``num_candidates`` score quantiles (plus +inf: never
-  stop early). Returns ``(threshold, hard objective)``."""
+  stop early).
+
+  Args:
+    scores: ``[N, n]`` confidence per exit (higher = more confident).
+    losses: ``[N, n]`` true losses.
+    costs: ``[n]`` or ``[N, n]`` stage costs.
+    lam: ``[]`` trade-off weight in [0, 1].
+    recall: score the recall variant of :func:`threshold_objective`.
+    num_candidates: quantiles of all scores tried.
+
+  Returns:
+    ``(threshold [], hard objective [])`` as float32 JAX arrays.
+  """
   scores = jnp.asarray(scores, jnp.float32)
   candidates = jnp.quantile(scores.reshape(-1), jnp.linspace(0.0, 1.0, num_candidates))
   candidates = jnp.concatenate([candidates, jnp.array([jnp.inf])])
@@ -415,11 +542,11 @@ def grid_search_threshold(scores, losses, costs, lam, *, recall: bool = False,
 
 # ------------------------------------------------------- training-loop surrogate
 def soft_fitted_cascade(confidence: chex.Array, error: chex.Array, costs: chex.Array, *,
-                        num_bins: int = 8, width: float | None = None,
+                        num_states: int = 8, width: float | None = None,
                         smoothing: float = 1.0) -> Cascade:
   """A cascade fitted to one batch with *soft* bin memberships (differentiable).
 
-  Each request's confidence at each exit is spread over ``num_bins`` bins on
+  Each request's confidence at each exit is spread over ``num_states`` bins on
   ``[0, 1]`` with Gaussian memberships of ``width`` (default: one bin width); the
   fit then mirrors :func:`ttamer_jax.fit_cascade`: calibrated loss per (exit, bin)
   = membership-weighted mean ``error`` (shrunk to the exit's mean by ``smoothing``
@@ -430,18 +557,26 @@ def soft_fitted_cascade(confidence: chex.Array, error: chex.Array, costs: chex.A
     confidence: ``[B, n]`` per-exit confidence in ``[0, 1]`` (e.g. max-softmax).
     error: ``[B, n]`` per-exit loss to calibrate (e.g. ``1 - p(true label)``).
     costs: ``[n]`` per-stage costs.
+    num_states: ``K`` states (uniform bins on ``[0, 1]``), static.
+    width: the memberships' Gaussian width (default ``1 / K``).
+    smoothing: pseudo-requests of the Laplace / shrinkage smoothing.
+
+  Returns:
+    A :class:`~ttamer_jax.Cascade` with ``values [n, K]``, ``init [K]``,
+    ``trans [n-1, K, K]`` and ``costs [n]``, differentiable in ``confidence``,
+    ``error`` and ``costs``.
   """
-  centers = (jnp.arange(num_bins) + 0.5) / num_bins
-  width = 1.0 / num_bins if width is None else width
+  centers = (jnp.arange(num_states) + 0.5) / num_states
+  width = 1.0 / num_states if width is None else width
   q = jax.nn.softmax(-0.5 * ((confidence[..., None] - centers) / width) ** 2, axis=-1)  # [B, n, K]
-  ones = jnp.ones(num_bins, q.dtype)
+  ones = jnp.ones(num_states, q.dtype)
   values, init, trans, _ = counting.fitted_tables(q, error, jnp.ones(q.shape[0], q.dtype), ones, ones,
                                                   smoothing, smoothing)
   return Cascade(values=values, init=init, trans=trans, costs=costs)
 
 
 def batch_serving_cost(logits: chex.Array, labels: chex.Array, costs: chex.Array, lam, *,
-                       beta: float = 0.01, num_bins: int = 8, width: float | None = None,
+                       beta: float = 0.01, num_states: int = 8, width: float | None = None,
                        smoothing: float = 1.0) -> chex.Array:
   """Differentiable optimal serving cost of an early-exit network on one batch.
 
@@ -449,12 +584,23 @@ def batch_serving_cost(logits: chex.Array, labels: chex.Array, costs: chex.Array
   loss = ``1 - p(label)``) and returns its soft-min recall value
   :func:`soft_solve_recall` at temperature ``beta``: the objective the optimal
   recall policy would reach if the batch were the calibration set. Use it as an
-  auxiliary training loss. Args: ``logits [B, n, C]``, ``labels [B]``, ``costs [n]``.
+  auxiliary training loss.
+
+  Args:
+    logits: ``[B, n, C]`` class logits of every exit.
+    labels: ``[B]`` int true classes.
+    costs: ``[n]`` stage costs.
+    lam: ``[]`` trade-off weight in [0, 1].
+    beta: soft-min temperature of the recursion.
+    num_states, width, smoothing: as for :func:`soft_fitted_cascade`.
+
+  Returns:
+    ``[]`` the soft optimal recall value, differentiable in ``logits`` and ``costs``.
   """
   probs = jax.nn.softmax(logits, axis=-1)
   confidence = probs.max(-1)
   p_true = jnp.take_along_axis(probs, labels[:, None, None].astype(jnp.int32), axis=-1)[..., 0]
-  cascade = soft_fitted_cascade(confidence, 1.0 - p_true, costs, num_bins=num_bins, width=width,
+  cascade = soft_fitted_cascade(confidence, 1.0 - p_true, costs, num_states=num_states, width=width,
                                 smoothing=smoothing)
   return _soft_recall(cascade, lam, jnp.asarray(beta, cascade.values.dtype),
                       jnp.zeros_like(cascade.costs), DEFAULT_PRECISION)

@@ -1,9 +1,16 @@
 """Batched replay of policies on state paths, and Monte-Carlo evaluation.
 
-``replay`` runs any :class:`~ttamer_jax.LinePolicy` on recorded or sampled
+``replay`` runs any :class:`~ttamer_jax.core.LinePolicy` on recorded or sampled
 per-stage observations and scores it with the *true* per-request losses
 and costs. ``monte_carlo`` samples paths from a cascade in chunks (memory bounded
 by ``chunk_size * n``) and accumulates the statistics.
+
+Entry points: :func:`replay` (one policy on ``[N, n]`` requests),
+:func:`replay_totals` (a grid of policies, summed), :func:`replay_cascade` (scored
+with a cascade's own losses), :func:`replay_graph` (a routing policy), and
+:func:`ttamer_jax.replay_traces` (on :class:`~ttamer_jax.ExitTraces`, in
+``evaluation``). ``replay_trusted``, ``replay_totals_trusted`` and
+``replay_compiled`` are internal: the same loops without the boundary checks.
 """
 
 from __future__ import annotations
@@ -21,8 +28,7 @@ from ttamer_jax.core import validation
 from ttamer_jax.core.graph import RoutingGraph
 from ttamer_jax.core.model import Cascade, default_float
 from ttamer_jax.core.policies import GraphPolicy, MixturePolicy
-from ttamer_jax.core.protocol import (LinePolicy, StageObservation, check_line_policy,
-                                      check_single_policy)
+from ttamer_jax.core.protocol import LinePolicy, StageObservation, check_line_policy, check_single_policy
 from ttamer_jax.core.shapes import bucket_size
 from ttamer_jax.core.struct import pytree_dataclass
 
@@ -179,17 +185,21 @@ def replay(policy: LinePolicy, states: Any, losses: Any, costs: Any, *, scores: 
   """Runs ``policy`` on ``N`` requests whose every stage was observed.
 
   Args:
-    policy: a :class:`~ttamer_jax.LinePolicy` (one policy, not a grid).
+    policy: a :class:`~ttamer_jax.core.LinePolicy` (one policy, not a grid).
     states: ``[N, n]`` int discretised state of every request at every stage.
     losses: ``[N, n]`` true loss of answering request ``r`` with stage ``i``.
     costs: ``[n]`` or ``[N, n]`` cost of consulting each stage.
     scores: optional ``[N, n]`` float raw exit scores (for heuristics).
     preds: optional ``[N, n]`` int exit predictions (for heuristics).
+
+  Returns:
+    A :class:`ReplayResult`: ``stop_stage [N]``, ``answer_stage [N]``, ``loss [N]``,
+    ``cost [N]``.
   """
   check_line_policy(policy)
   check_single_policy(policy)
   _check_replay_arrays(policy, states, losses, costs, scores, preds)
-  return replay_arrays(policy, states, losses, costs, scores, preds)
+  return replay_trusted(policy, states, losses, costs, scores, preds)
 
 
 def _pads_freely(policy) -> bool:
@@ -224,9 +234,10 @@ def _cut_requests(result, num):
   return jax.tree_util.tree_map(lambda a: a[:num], result)
 
 
-def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=None
+def replay_trusted(policy: LinePolicy, states, losses, costs, scores=None, preds=None
                   ) -> ReplayResult:
-  """:func:`replay` of trusted inputs (validated by the caller, e.g. :class:`~ttamer_jax.ExitTraces`).
+  """Internal: :func:`replay` of trusted inputs (validated by the caller, e.g.
+  :class:`~ttamer_jax.ExitTraces`); what evaluation calls after its own checks.
 
   Float inputs keep their dtype; the best-so-far carry takes the wider of the
   losses' and the policy's estimate dtype. The requests are padded to
@@ -257,7 +268,9 @@ def replay_arrays(policy: LinePolicy, states, losses, costs, scores=None, preds=
 
 @jax.jit
 def replay_compiled(policy, states, losses, costs, scores, preds) -> ReplayResult:
-  """The compiled replay loop (trusted ``[N, n]`` inputs; vmappable over policies)."""
+  """Internal: the compiled replay loop (trusted ``[N, n]`` inputs; vmappable over
+  policies). :func:`replay` and :func:`replay_trusted` pad the requests to a bucket
+  before calling it, so a new batch size rarely compiles it anew."""
   num, n = states.shape
   obs_by_stage = StageObservation(state=states.T, score=scores.T, pred=preds.T)
 
@@ -331,9 +344,9 @@ def replay_totals(policies: LinePolicy, states: Any, losses: Any, costs: Any, *,
   ``O(P x block)`` for any ``N`` and the carries stay in cache.
 
   Args:
-    policies: a :class:`~ttamer_jax.LinePolicy` whose leaves named by ``policy_axes``
+    policies: a :class:`~ttamer_jax.core.LinePolicy` whose leaves named by ``policy_axes``
       carry a leading grid axis ``P`` (e.g. a heuristic grid from
-      :func:`~ttamer_jax.confidence_grid`, or recall policies of many ``lam``).
+      :func:`~ttamer_jax.evaluation.confidence_grid`, or recall policies of many ``lam``).
     states, losses, costs, scores, preds: as for :func:`replay`.
     policy_axes: a ``jax.vmap`` ``in_axes`` prefix of ``policies``: ``0`` (every leaf
       batched) or :meth:`RecallPolicy.lam_grid_axes` for a ``lam`` grid that shares one
@@ -353,7 +366,7 @@ def replay_totals(policies: LinePolicy, states: Any, losses: Any, costs: Any, *,
   if len(set(sizes)) > 1:
     raise ValueError(f"policies: the batched leaves have different grid sizes {sorted(set(sizes))}")
   _check_replay_arrays(policies, states, losses, costs, scores, preds)
-  return replay_totals_arrays(policies, states, losses, costs, scores, preds,
+  return replay_totals_trusted(policies, states, losses, costs, scores, preds,
                               policy_axes=policy_axes)
 
 
@@ -371,9 +384,9 @@ def _grid_sizes(policies, policy_axes) -> list[int]:
   return sizes
 
 
-def replay_totals_arrays(policies, states, losses, costs, scores=None, preds=None, *,
+def replay_totals_trusted(policies, states, losses, costs, scores=None, preds=None, *,
                          policy_axes=0) -> ReplayTotals:
-  """:func:`replay_totals` of trusted inputs (validated by the caller)."""
+  """Internal: :func:`replay_totals` of trusted inputs (validated by the caller)."""
   num, n = np.shape(states)
   block, num_blocks = grid_block(num, max(_grid_sizes(policies, policy_axes) + [1]))
   size = block * num_blocks
@@ -406,9 +419,9 @@ def grid_block(num: int, grid_size: int) -> tuple[int, int]:
 def static_axes(policy_axes: Any) -> tuple[Any, tuple]:
   """``policy_axes`` as a static jit argument that hashes by value: ``(treedef, leaves)``.
 
-  An axes pytree such as :meth:`RecallPolicy.lam_grid_axes` hashes by identity, so each
-  new one recompiled the grid replay (``fit_policy``: 82 compilations of it instead
-  of 10, 32 s of compiling)."""
+  An axes pytree such as :meth:`RecallPolicy.lam_grid_axes` hashes by identity, so as
+  a static argument each new one would compile the grid replay anew; ``fit_policy``
+  builds one per candidate and fold, and its compilations would dominate its time."""
   leaves, treedef = jax.tree_util.tree_flatten(policy_axes)
   return treedef, tuple(leaves)
 
@@ -515,6 +528,19 @@ def monte_carlo(key: chex.PRNGKey, cascade: Cascade, policy, lam, num_paths: int
   Paths are processed ``chunk_size`` at a time (``lax.map``), so memory stays
   ``O(chunk_size * n)`` for any ``num_paths``. Sums are accumulated in float32
   per chunk and combined in the result dtype.
+
+  Args:
+    key: PRNG key of the sampled paths.
+    cascade: the line the paths are drawn from, ``n`` stages of ``K`` states.
+    policy: a :class:`~ttamer_jax.core.LinePolicy` over the cascade's states.
+    lam: ``[]`` trade-off weight of the reported objective.
+    num_paths: sampled paths (static).
+    chunk_size: paths per chunk (static).
+
+  Returns:
+    A :class:`~ttamer_jax.core.MonteCarloEstimate`: ``objective []`` and its
+    standard error, mean ``loss []`` and ``cost []``, ``stop_histogram [n]``,
+    ``answer_histogram [n]``, ``num_paths []``.
   """
   validation.check_scalar_lam(lam)
   num_paths = _check_num_paths(num_paths)

@@ -51,7 +51,7 @@ MAX_BATCH_BYTES = 1 << 30
 # larger batch ran 3-10x slower per entry on a 2-core EPYC (K = 8, 16, 32: chunks
 # of 512, 128, 32 lams vs twice that). Above kernel.SMALL_K the per-stage product
 # needs rows more than cache: K = 64 .. 256 ran at 150-320 GFLOP/s in chunks of 8
-# lams vs 130-180 in chunks of 1-2 (BENCHMARKS.md, issue 16).
+# lams vs 130-180 in chunks of 1-2 (BENCHMARKS.md).
 MAX_TABLE_BYTES_CPU = 1 << 17
 MIN_PRODUCT_LAMS_CPU = 8
 MAX_PRODUCT_BYTES_CPU = 1 << 23

@@ -48,12 +48,12 @@ def solve_recall(cascade, lam, *, precision=DEFAULT_PRECISION, x_chunk: int | No
                  aggregate_above: int | None | str = "auto", num_meta: int = DEFAULT_NUM_META):
   """Optimal policy with recall by backward dynamic programming.
 
-  On a :class:`~ttamer_jax.RoutingGraph` this is :func:`~ttamer_jax.solve_graph_recall`;
-  on an :class:`~ttamer_jax.AggregatedCascade`, :func:`~ttamer_jax.solve_recall_aggregated`.
+  On a :class:`~ttamer_jax.RoutingGraph` this is :func:`~ttamer_jax.core.solve_graph_recall`;
+  on an :class:`~ttamer_jax.core.AggregatedCascade`, :func:`~ttamer_jax.core.solve_recall_aggregated`.
 
   Above ``aggregate_above`` states (``"auto"``: :data:`AGGREGATE_ABOVE_K`) the
   cascade's transitions are first factorised through ``num_meta`` meta-states
-  (:func:`~ttamer_jax.aggregate_cascade`) and the factorised model is solved in
+  (:func:`~ttamer_jax.core.aggregate_cascade`) and the factorised model is solved in
   ``O(n M K q)``; a ``UserWarning`` says so and how far the factors are from the
   true transitions. The result is then the optimum of that approximate model,
   not of ``cascade``. ``aggregate_above=None`` always solves exactly.
@@ -71,7 +71,7 @@ def solve_recall(cascade, lam, *, precision=DEFAULT_PRECISION, x_chunk: int | No
     num_meta: meta-states ``q`` of the aggregation.
 
   Returns:
-    :class:`RecallSolution` (:class:`~ttamer_jax.GraphSolution` on a graph).
+    :class:`RecallSolution` (:class:`~ttamer_jax.core.GraphSolution` on a graph).
   """
   if isinstance(cascade, RoutingGraph):
     return solve_graph_recall(cascade, lam, precision=precision)
@@ -175,6 +175,15 @@ def solve_no_recall(cascade: Cascade, lam, *, precision=DEFAULT_PRECISION) -> No
   """Optimal stopping without recall (answer = last consulted stage).
 
   ``W_n(s) = lam l_n(s)``; ``W_i(s) = min(lam l_i(s), (1-lam) c_{i+1} + trans_i W_{i+1})``.
+
+  Args:
+    cascade: the line, ``n`` stages of ``K`` states.
+    lam: ``[]`` trade-off weight in [0, 1] (may be traced).
+    precision: ``jax.lax.Precision`` of the matrix products.
+
+  Returns:
+    A :class:`~ttamer_jax.core.NoRecallSolution`: ``value []`` and the ``stop
+    [n, K]`` bool table.
   """
   _check_inputs(cascade, lam)
   return solve_no_recall_compiled(cascade, lam, precision)
@@ -210,6 +219,15 @@ def prophet_value(cascade: Cascade, lam, *, chunk_size: int = 4096,
   ``P(B > b)`` is a masked forward pass of the chain, run for every breakpoint at
   once (``chunk_size`` breakpoints per pass bounds memory at ``chunk_size * K``),
   and ``E[B]`` integrates the resulting step function exactly.
+
+  Args:
+    cascade: the line, ``n`` stages of ``K`` states.
+    lam: ``[]`` trade-off weight in [0, 1] (may be traced).
+    chunk_size: breakpoints per forward pass (memory ``chunk_size * K``).
+    precision: ``jax.lax.Precision`` of the matrix products.
+
+  Returns:
+    ``[]`` the hindsight optimum, a lower bound on every policy's objective.
   """
   _check_inputs(cascade, lam)
   chunk_size = validation.check_positive_int("chunk_size", chunk_size)

@@ -266,6 +266,10 @@ def fit_answer_model(traces: ExitTraces, *, score: str | None = None) -> AnswerM
   Args:
     traces: calibration traces (losses >= 0; 0/1 errors or expected losses).
     score: the exit signal the evidence reads (default: the primary ``scores``).
+
+  Returns:
+    An :class:`~ttamer_jax.data.AnswerModel` (``weights``, ``mean``, ``scale``
+    ``[P, D]`` for the ``P`` stage pairs).
   """
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")

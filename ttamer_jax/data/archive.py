@@ -110,7 +110,8 @@ def read_npz(path: str | os.PathLike, what: str, *, max_bytes: int | None = None
       except Exception as e:  # zipfile.BadZipFile (CRC), pickled objects, bad headers
         raise ValueError(f"{path}: field {key!r} is corrupt ({type(e).__name__}: {e})") from None
   if "checksum_names" not in out or "checksums" not in out:
-    raise ValueError(f"{path}: field 'checksums' is missing (not a ttamer_jax {what} file; write it with ttamer_jax.save_{what})")
+    raise ValueError(f"{path}: field 'checksums' is missing (not a ttamer_jax {what} file; write it "
+                     f"with ttamer_jax.save_{what})")
   names, sums = out.pop("checksum_names"), out.pop("checksums")
   if names.ndim != 1 or names.dtype.kind != "U" or sums.shape != (names.shape[0], 32):
     raise ValueError(f"{path}: field 'checksums' is malformed (shape {sums.shape}, names {names.shape})")

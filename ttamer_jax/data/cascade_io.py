@@ -27,8 +27,7 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.model import Cascade
-from ttamer_jax.data.archive import (check_format_version, field_error, read_npz,
-                                     write_npz_atomic)
+from ttamer_jax.data.archive import check_format_version, field_error, read_npz, write_npz_atomic
 
 CASCADE_FORMAT_VERSION = 1
 _KIND = "ttamer_jax.Cascade"
@@ -36,7 +35,15 @@ _FIELDS = ("values", "init", "trans", "costs")
 
 
 def save_cascade(path: str | os.PathLike, cascade: Cascade) -> None:
-  """Writes ``cascade`` to ``path`` (``.npz``, format :data:`CASCADE_FORMAT_VERSION`)."""
+  """Writes ``cascade`` to ``path`` (``.npz``, format :data:`CASCADE_FORMAT_VERSION`).
+
+  Args:
+    path: destination ``.npz`` file.
+    cascade: the :class:`~ttamer_jax.Cascade`.
+
+  Returns:
+    ``None``.
+  """
   validation.refuse_traced("save_cascade", "write files outside jit (or from "
                            "jax.debug.callback)", cascade=cascade)
   if not isinstance(cascade, Cascade):
@@ -54,6 +61,14 @@ def load_cascade(path: str | os.PathLike, *, max_bytes: int | None = None) -> Ca
 
   Files over ``max_bytes`` (default :data:`ttamer_jax.data.files.MAX_FILE_BYTES`) are
   refused before they are read.
+
+  Args:
+    path: a file written by :func:`save_cascade`.
+    max_bytes: refuse larger files.
+
+  Returns:
+    The :class:`~ttamer_jax.Cascade` (``values [n, K]``, ``init [K]``,
+    ``trans [n-1, K, K]``, ``costs [n]``).
   """
   path = os.fspath(path)
   fields = read_npz(path, "cascade", max_bytes=max_bytes)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttamer_jax.core import validation
-from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.core.protocol import LinePolicy, StageObservation
+from ttamer_jax.core.struct import pytree_dataclass
 
 FEATURES = (None, "agree_prev", "agree_best")
 PRIMARY_SCORE = "scores"
@@ -186,13 +186,13 @@ class DeployedPolicy:
   """A line policy ready to serve: read ``score_name``, discretise, decide.
 
   Attributes:
-    policy: any :class:`~ttamer_jax.LinePolicy` over the discretiser's states.
+    policy: any :class:`~ttamer_jax.core.LinePolicy` over the discretiser's states.
     discretiser: maps exit scores (and predictions) to the policy's states.
     score_name: static name of the exit signal the discretiser reads
       (``"max_softmax"``, ``"entropy"``, ``"error_prob"``, ...; ``"scores"`` is the
       traces' primary score field). With ``answers``, a signal of the virtual traces.
     answers: ``None`` (the stages are the exits), or an
-      :class:`~ttamer_jax.AnswerModel`: the policy's stages are its virtual
+      :class:`~ttamer_jax.data.AnswerModel`: the policy's stages are its virtual
       posterior-answer stages (:meth:`stage_traces`).
   """
 

@@ -29,7 +29,6 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-
 # Default size limit of every loader: 1 GiB (about 40 million requests x 4 stages
 # of traces with two signals).
 MAX_FILE_BYTES = 1 << 30

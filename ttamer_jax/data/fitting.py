@@ -20,9 +20,8 @@ row falls back to the prior. Losses are shrunk to the stage's mean loss with
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import chex
 import jax
@@ -34,8 +33,7 @@ from ttamer_jax.core.graph import RoutingGraph, skip_costs
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import no_recall_policy, recall_policy
 from ttamer_jax.core.struct import pytree_dataclass
-from ttamer_jax.data.discretise import (FEATURES, PRIMARY_SCORE, DeployedPolicy, Discretiser,
-                                        trace_scores)
+from ttamer_jax.data.discretise import FEATURES, PRIMARY_SCORE, DeployedPolicy, Discretiser, trace_scores
 from ttamer_jax.data.traces import ExitTraces
 
 BINNINGS = ("quantile", "uniform")
@@ -51,7 +49,7 @@ MAX_FIT_TABLE_BYTES = 1 << 32
 JIT_FIT = ("inside jit, fit the bins outside it (ttamer_jax.fit_discretiser), then call the "
            "Discretiser and ttamer_jax.fit_cascade_arrays inside (docs/jit.md)")
 JIT_BINS = ("fit the bins once outside jit and call the Discretiser inside it "
-            "(ttamer_jax.Discretiser(edges) also takes traced edges; docs/jit.md)")
+            "(ttamer_jax.data.Discretiser(edges) also takes traced edges; docs/jit.md)")
 
 
 # ------------------------------------------------------------------ discretiser
@@ -79,24 +77,33 @@ def column_quantiles(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
   return out
 
 
-def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
+def fit_discretiser(scores: Any, num_states: int, *, binning: str = "quantile",
                     score_range: Any = None, feature: Any = None) -> Discretiser:
   """Per-stage bin edges of ``scores [N, n]``.
 
   Args:
     scores: ``[N, n]`` calibration scores.
-    num_bins: ``B`` bins per stage.
+    num_states: ``K`` states per stage: ``K`` bins, or ``K / 2`` bins with a
+      ``feature`` (``K`` must then be even), as in :func:`fit_cascade`.
     binning: ``"quantile"`` (each bin holds ~``N/B`` calibration samples; ties can
       leave bins empty) or ``"uniform"`` (equal width on ``score_range``).
     score_range: ``(low, high)`` for uniform bins; default: each stage's min/max.
     feature: ``None``, ``"agree_prev"`` or ``"agree_best"`` (see :class:`Discretiser`).
 
+  Returns:
+    A :class:`Discretiser` with ``edges [n, B - 1]`` (float32) and ``num_states = K``.
+
   Runs on the host (quantiles sort); inside ``jit`` it raises ``ValueError`` naming
   the alternative: bins fitted outside, the :class:`Discretiser` called inside.
   """
-  validation.refuse_traced("fit_discretiser", JIT_BINS, scores=scores, num_bins=num_bins,
+  validation.refuse_traced("fit_discretiser", JIT_BINS, scores=scores, num_states=num_states,
                            score_range=score_range)
-  b = validation.check_positive_int("num_bins", num_bins)
+  k = validation.check_positive_int("num_states", num_states)
+  if feature not in FEATURES:
+    raise ValueError(f"feature: must be one of {FEATURES}, got {feature!r}")
+  if feature is not None and k % 2:
+    raise ValueError(f"num_states = {k} must be even with feature={feature!r} (K = 2 x bins)")
+  b = k // 2 if feature is not None else k
   if binning not in BINNINGS:
     raise ValueError(f"binning: must be one of {BINNINGS}, got {binning!r}")
   scores = validation.as_numpy("scores", scores, ndim=2).astype(np.float64)
@@ -107,7 +114,7 @@ def fit_discretiser(scores: Any, num_bins: int, *, binning: str = "quantile",
   if scores.shape[1] < 1:
     raise ValueError("scores: no stages (n = 0)")
   if scores.shape[1] * (b - 1) * 4 > MAX_FIT_TABLE_BYTES:  # float32 edges [n, B-1]
-    raise ValueError(f"num_bins = {b}: the bin edges of {scores.shape[1]} stages would exceed the "
+    raise ValueError(f"num_states = {k}: the bin edges of {scores.shape[1]} stages would exceed the "
                      f"{MAX_FIT_TABLE_BYTES / 2**30:.0f} GiB limit of "
                      "ttamer_jax.data.fitting.MAX_FIT_TABLE_BYTES")
   levels = np.arange(1, b) / b
@@ -157,10 +164,7 @@ def _discretise(traces: ExitTraces, num_states, binning, score, score_range, fea
       raise ValueError(f"feature: must be one of {FEATURES}, got {feature!r}")
     k = validation.check_positive_int("num_states", num_states)
     check_table_bytes(k, pairs(traces.num_stages))  # before binning K quantiles
-    if feature is not None and k % 2:
-      raise ValueError(f"num_states = {k} must be even with feature={feature!r} (K = 2 x bins)")
-    bins = k // 2 if feature is not None else k
-    discretiser = fit_discretiser(scores, bins, binning=binning, score_range=score_range,
+    discretiser = fit_discretiser(scores, k, binning=binning, score_range=score_range,
                                   feature=feature)
   else:
     if not isinstance(discretiser, Discretiser):
@@ -289,7 +293,7 @@ class FittedCascade:
     counts: ``[n, K]`` number of calibration samples per (stage, state).
     cost_scale: ``[]`` mean cost of running every stage in the traces' units
       (``cascade.costs * cost_scale`` are the raw mean stage costs).
-    answers: ``None``, or the :class:`~ttamer_jax.AnswerModel` whose virtual
+    answers: ``None``, or the :class:`~ttamer_jax.data.AnswerModel` whose virtual
       stages the cascade models (posterior-answer stages).
     score_name: static name of the score signal fitted on (``"scores"``: the
       traces' primary scores).

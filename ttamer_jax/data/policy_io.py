@@ -11,10 +11,10 @@ it (``<name>.json``); the loader reads only the ``.npz``: the ``.npz`` rules, an
 editing the ``.json`` changes nothing (:func:`sidecar_differences` says when the
 two disagree; ``ttamer evaluate`` prints a warning line then).
 
-Supported policies: :class:`~ttamer_jax.RecallPolicy`,
-:class:`~ttamer_jax.NoRecallPolicy`, the heuristics of
+Supported policies: :class:`~ttamer_jax.core.RecallPolicy`,
+:class:`~ttamer_jax.core.NoRecallPolicy`, the heuristics of
 :mod:`ttamer_jax.core.heuristics` (except the non-deployable hindsight oracle) and
-:class:`~ttamer_jax.MixturePolicy` of those.
+:class:`~ttamer_jax.core.MixturePolicy` of those.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from ttamer_jax.core import heuristics, validation
 from ttamer_jax.core.model import default_float
 from ttamer_jax.core.policies import MixturePolicy, NoRecallPolicy, RecallPolicy
 from ttamer_jax.data.answers import AnswerModel
-from ttamer_jax.data.archive import (check_format_version, field_error, read_npz,
-                                     write_npz_atomic)
+from ttamer_jax.data.archive import check_format_version, field_error, read_npz, write_npz_atomic
 from ttamer_jax.data.discretise import FEATURES, DeployedPolicy, Discretiser, check_consistent
 from ttamer_jax.data.files import write_text
 
@@ -41,13 +40,15 @@ POLICY_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _KIND = "ttamer_jax.DeployedPolicy"
 
-# type name -> (class, array fields, static fields)
+# type name -> (class, array fields, static fields as {metadata key: attribute}). The
+# metadata key "stages" is the file format's name for a heuristic's ``num_stages``.
+_STAGES = {"stages": "num_stages"}
 _LEAF_TYPES = {
-    "recall": (RecallPolicy, ("index", "values", "lam"), ()),
-    "no_recall": (NoRecallPolicy, ("stop",), ()),
-    "threshold": (heuristics.ThresholdPolicy, ("thresholds",), ("direction",)),
-    "patience": (heuristics.PatiencePolicy, ("patience",), ("stages",)),
-    "fixed_exit": (heuristics.FixedExitPolicy, ("exit_stage",), ("stages",)),
+    "recall": (RecallPolicy, ("index", "values", "lam"), {}),
+    "no_recall": (NoRecallPolicy, ("stop",), {}),
+    "threshold": (heuristics.ThresholdPolicy, ("thresholds",), {"direction": "direction"}),
+    "patience": (heuristics.PatiencePolicy, ("patience",), _STAGES),
+    "fixed_exit": (heuristics.FixedExitPolicy, ("exit_stage",), _STAGES),
 }
 
 
@@ -71,7 +72,7 @@ def _encode(policy, prefix: str, arrays: dict) -> dict:
   _, fields, static = _LEAF_TYPES[name]
   for f in fields:
     arrays[f"{prefix}.{f}"] = np.asarray(getattr(policy, f))
-  return dict(type=name, **{s: getattr(policy, s) for s in static})
+  return dict(type=name, **{key: getattr(policy, attr) for key, attr in static.items()})
 
 
 # dtype kinds each stored array may have (checked before any value is looked at).
@@ -117,7 +118,7 @@ def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
   values = {f: _field(arrays, path, f"{prefix}.{f}") for f in fields}
   if set(spec) - {"type", *static}:
     raise ValueError(f"{path}: unexpected entries {sorted(set(spec) - {'type', *static})} for {prefix!r}")
-  kwargs = {s: spec.get(s) for s in static}
+  kwargs = {attr: spec.get(key) for key, attr in static.items()}
   if kind == "recall":
     _check_recall(path, prefix, **values)
   elif kind == "no_recall":
@@ -127,6 +128,9 @@ def _decode(spec: Any, prefix: str, arrays: dict, path: str, used: set):
   try:
     return cls(**values, **kwargs)
   except ValueError as e:  # "thresholds: ..." -> "field 'policy.thresholds': ..."
+    for key, attr in static.items():  # named as in the file
+      if str(e).startswith(attr) and key != attr:
+        e = ValueError(key + str(e)[len(attr):])
     raise field_error(path, e, prefix + ".") from None
 
 
@@ -318,6 +322,10 @@ def save_policy(path: str | os.PathLike, deployed: DeployedPolicy, *, lam: Any =
     full_cost: the mean cost of running every stage on the fitting traces (raw
       units), recorded as ``full_cost``: the policy's costs were shares of it, so
       its ``lam`` is unit-free.
+
+  Returns:
+    The metadata written (a JSON-serialisable ``dict``: format version, policy
+    structure, ``num_stages``, ``num_states``, ``lam``, fit date, user fields).
   """
   validation.refuse_traced("save_policy", "write files outside jit (or from jax.debug.callback)",
                            deployed=deployed, lam=lam, full_cost=full_cost)

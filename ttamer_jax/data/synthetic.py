@@ -32,8 +32,16 @@ def sample_traces(key: chex.PRNGKey, cascade, num_samples: int, *, loss: str = "
   prediction equals a random label iff the error is 0; with ``loss="expected"`` the
   loss is ``values[i, state]`` itself and predictions are drawn the same way.
 
+  Args:
+    key: PRNG key of the samples.
+    cascade: the ground truth, ``n`` stages of ``K`` states.
+    num_samples: ``N`` requests.
+    loss: ``"bernoulli"`` (0/1 errors) or ``"expected"`` (the values themselves).
+    num_classes: labels are drawn uniformly from this many classes.
+
   Returns:
-    ExitTraces with ``signals={"state_score": scores}`` and ``labels``.
+    :class:`~ttamer_jax.ExitTraces` with ``[N, n]`` scores, preds and losses,
+    ``costs [n]``, ``signals={"state_score": scores}`` and ``labels [N]``.
   """
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a ttamer_jax.Cascade, got {type(cascade).__name__}")
@@ -71,6 +79,16 @@ def overthinking_cascade(num_stages: int = 5, num_states: int = 16, *, overthink
   grow 1.6x per stage and sum to 1. The kernels live in ``u`` units, so ``K = 16``
   and ``K = 1000`` describe the same workload; ``(5, 8)`` is
   :func:`~ttamer_jax.demo_cascade` exactly.
+
+  Args:
+    num_stages: ``n``.
+    num_states: ``K`` difficulty bins.
+    overthink: probability that a deeper stage jumps to a harder bin.
+    decay: per-stage factor of the error probability.
+
+  Returns:
+    A :class:`~ttamer_jax.Cascade`: ``values [n, K]``, ``init [K]``,
+    ``trans [n-1, K, K]``, ``costs [n]`` (summing to 1).
   """
   n = validation.check_positive_int("num_stages", num_stages)
   k = validation.check_positive_int("num_states", num_states)
@@ -100,6 +118,17 @@ def workload_traces(key: chex.PRNGKey, cascade: Cascade, num_samples: int, *,
   probability plus within-bin jitter; also the primary score), ``"max_softmax"``
   (``1 - p_err * (0.85 + 0.3 u)`` clipped to ``[1/C, 1]``, ``u`` the jitter) and
   ``"entropy"`` (entropy of a softmax with that max, times log-normal noise).
+
+  Args:
+    key: PRNG key of the samples.
+    cascade: the ground truth, ``n`` stages of ``K`` states, values in ``[0, 1]``.
+    num_samples: ``N`` requests.
+    num_classes: ``C`` classes of the labels and predictions.
+    repeat_mistake: probability that a wrong exit after a wrong exit repeats it.
+
+  Returns:
+    :class:`~ttamer_jax.ExitTraces` with ``[N, n]`` arrays, ``costs [n]``, the
+    signals above and ``labels [N]``.
   """
   k_tr, k_noise, k_rep, k_wrong = jax.random.split(key, 4)
   tr = sample_traces(k_tr, cascade, num_samples, loss="bernoulli", num_classes=num_classes)
@@ -163,6 +192,16 @@ def synthetic_cascade(seed: int = 0, num_stages: int = 4, num_states: int = 6, *
       20-40% of its mass to harder bins and, at every stage after the first, a
       random third of the states have a loss *above* that state's loss at the
       previous stage -- later stages are sometimes worse.
+
+  Args:
+    seed: NumPy seed of the draw.
+    num_stages: ``n``.
+    num_states: ``K``.
+    regime: ``"random"``, ``"improving"`` or ``"overthink"`` (above).
+
+  Returns:
+    A :class:`~ttamer_jax.Cascade`: ``values [n, K]`` in ``[0, 1]``, ``init [K]``,
+    ``trans [n-1, K, K]``, ``costs [n]``.
   """
   if regime not in SYNTHETIC_REGIMES:
     raise ValueError(f"regime: must be one of {SYNTHETIC_REGIMES}, got {regime!r}")
@@ -213,6 +252,10 @@ def synthetic_workload(*, seed: int = 0, regime: str = "overthink", num_stages: 
     num_stages, num_states: ``n`` and ``K``.
     sizes: number of samples in (train, calibration, test).
     num_classes: labels are drawn uniformly from this many classes.
+
+  Returns:
+    A :class:`~ttamer_jax.data.TraceWorkload`: the ground-truth cascade and the
+    train, calibration and test :class:`~ttamer_jax.ExitTraces` (``[sizes[j], n]``).
   """
   if len(tuple(sizes)) != 3:
     raise ValueError(f"sizes: expected (train, calibration, test) sizes, got {sizes!r}")

@@ -56,7 +56,7 @@ def _column_values(col, name: str) -> np.ndarray:
       dtype, pd.PeriodDtype):
     raise ValueError(f"column {name!r}: must be numeric, has type {dtype} (dates or durations "
                      "would be read as counts of time units)")
-  if dtype == object or types.is_string_dtype(dtype):
+  if dtype == object or types.is_string_dtype(dtype):  # noqa: E721 (a dtype equals object)
     inferred = types.infer_dtype(col, skipna=True)
     if inferred not in _NUMBER_OBJECTS:
       numeric = pd.to_numeric(col, errors="coerce")
@@ -103,6 +103,13 @@ def traces_from_table(table: Any, *, form: str | None = None) -> ExitTraces:
   ``loss_i``, ``cost_i``, optional ``label``; further ``{name}_{i}`` column groups
   covering every stage become signals. ``form=None`` picks long iff a ``stage``
   column exists. Costs equal for every sample are stored per stage (``[n]``).
+
+  Args:
+    table: a pandas ``DataFrame`` or pyarrow ``Table``.
+    form: ``"long"``, ``"wide"`` or ``None`` (chosen by the columns).
+
+  Returns:
+    :class:`~ttamer_jax.ExitTraces` with ``[N, n]`` arrays.
   """
   pd = _pandas()
   if hasattr(table, "to_pandas") and not isinstance(table, pd.DataFrame):
@@ -240,7 +247,15 @@ def _from_wide(df) -> ExitTraces:
 
 
 def traces_to_table(traces: ExitTraces, *, form: str = "long"):
-  """The inverse of :func:`traces_from_table` (a pandas ``DataFrame``)."""
+  """The inverse of :func:`traces_from_table` (a pandas ``DataFrame``).
+
+  Args:
+    traces: :class:`~ttamer_jax.ExitTraces` (``N`` requests, ``n`` stages).
+    form: ``"long"`` (``N n`` rows) or ``"wide"`` (``N`` rows).
+
+  Returns:
+    A pandas ``DataFrame``.
+  """
   pd = _pandas()
   if form not in ("long", "wide"):
     raise ValueError(f"form: must be 'long' or 'wide', got {form!r}")
@@ -281,6 +296,14 @@ def load_traces_table(path: str | os.PathLike, *, form: str | None = None,
 
   Files over ``max_bytes`` (default :data:`ttamer_jax.data.files.MAX_FILE_BYTES`) are
   refused before they are read.
+
+  Args:
+    path: a ``.csv`` or ``.parquet`` file.
+    form: ``"long"``, ``"wide"`` or ``None`` (chosen by the columns).
+    max_bytes: refuse larger files.
+
+  Returns:
+    :class:`~ttamer_jax.ExitTraces` with ``[N, n]`` arrays.
   """
   pd = _pandas()
   path = os.fspath(path)
@@ -315,6 +338,13 @@ def read_traces(path: str | os.PathLike, *, max_bytes: int | None = None) -> Exi
   pandas, and pyarrow for Parquet). What ``ttamer fit``, ``evaluate`` and ``sweep`` read.
   Another extension raises ``ValueError`` listing the accepted ones; a bad file raises
   ``ValueError`` naming the path, the column or field, and the problem.
+
+  Args:
+    path: a ``.npz``, ``.csv``, ``.parquet`` or ``.pq`` file.
+    max_bytes: refuse larger files.
+
+  Returns:
+    :class:`~ttamer_jax.ExitTraces` with ``[N, n]`` arrays.
   """
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()

@@ -239,6 +239,13 @@ def save_traces(path: str | os.PathLike, traces: ExitTraces) -> None:
   Fields: ``format_version``, ``kind``, ``scores``, ``preds``, ``losses``, ``costs``,
   ``signal_names [S]`` with ``signal_0 .. signal_{S-1}``, optional ``labels``, and
   per-field checksums. Written atomically; loaded with ``allow_pickle=False``.
+
+  Args:
+    path: destination ``.npz`` file.
+    traces: the :class:`ExitTraces` (``N`` requests, ``n`` stages).
+
+  Returns:
+    ``None``.
   """
   validation.refuse_traced("save_traces", "write files outside jit (or from "
                            "jax.debug.callback)", traces=traces)
@@ -261,6 +268,14 @@ def load_traces(path: str | os.PathLike, *, max_bytes: int | None = None) -> Exi
 
   Files over ``max_bytes`` (default :data:`ttamer_jax.data.files.MAX_FILE_BYTES`) are
   refused before they are read.
+
+  Args:
+    path: a file written by :func:`save_traces`.
+    max_bytes: refuse larger files.
+
+  Returns:
+    :class:`ExitTraces` (``scores``, ``preds``, ``losses`` ``[N, n]``, ``costs``
+    ``[n]`` or ``[N, n]``, ``signals``, optional ``labels [N]``).
   """
   path = os.fspath(path)
   fields = read_npz(path, "traces", max_bytes=max_bytes)

@@ -84,6 +84,14 @@ def reference_states(deployed: DeployedPolicy, traces: ExitTraces, *,
 
   With ``consulted_only`` the policy is replayed and stages after each request's
   stop are masked, as serving never runs them.
+
+  Args:
+    deployed: the :class:`DeployedPolicy`.
+    traces: :class:`ExitTraces`, ``N`` requests, ``n`` stages.
+    consulted_only: mask the stages the policy does not run.
+
+  Returns:
+    ``[N, n]`` int32 states (``-1``: not consulted).
   """
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
@@ -267,6 +275,17 @@ def drift_test(deployed: DeployedPolicy, calibration: ExitTraces, traffic: ExitT
 
   Both are discretised by ``deployed`` (and, with ``consulted_only``, masked to
   the stages the policy runs); ``kwargs`` go to :func:`two_sample_test`.
+
+  Args:
+    deployed: the :class:`DeployedPolicy` being served.
+    calibration: the traces it was fitted on (``N`` requests, ``n`` stages).
+    traffic: recorded serving traces (``M`` requests, ``n`` stages).
+    consulted_only: count only the stages the policy runs.
+    **kwargs: :func:`~ttamer_jax.evaluation.two_sample_test`'s options.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.DriftReport` (per stage ``[n]`` statistics and
+    p-values, the Holm decision).
   """
   ref = reference_counts(deployed, calibration, consulted_only=consulted_only)
   obs = reference_counts(deployed, traffic, consulted_only=consulted_only)

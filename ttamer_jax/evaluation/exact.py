@@ -20,9 +20,9 @@ import numpy as np
 from ttamer_jax.core.factored import aggregate_cascade, solve_recall_aggregated
 from ttamer_jax.core.model import Cascade
 from ttamer_jax.core.policies import MixturePolicy, RecallPolicy
+from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.core.protocol import StageObservation, check_line_policy
 from ttamer_jax.core.solvers import solve_recall
-from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data.discretise import DeployedPolicy
 from ttamer_jax.data.traces import ExitTraces
@@ -67,6 +67,14 @@ def policy_metrics(cascade: Cascade, policy) -> PolicyMetrics:
   With recall, the forward pass carries the mass of (identity of the best stage
   so far ``(j, s_j)``, current state): ``[n K, K]`` per stage, one ``[nK, K] x [K, K]``
   product per stage. Without recall, a ``[K]`` vector.
+
+  Args:
+    cascade: the model, ``n`` stages of ``K`` states.
+    policy: as above.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.PolicyMetrics`: ``loss []``, ``cost []``, the
+    ``stop`` and ``answer`` histograms ``[n]``.
   """
   if not isinstance(cascade, Cascade):
     raise ValueError(f"cascade: expected a Cascade, got {type(cascade).__name__}")
@@ -210,7 +218,19 @@ def model_robustness(policy, cascade: Cascade, lam) -> Robustness:
 def split_robustness(policy, refit_policy, traces: ExitTraces, lam, *, key=None,
                      num_resamples: int = 1000, level: float = 0.95) -> Robustness:
   """``policy`` (fitted on another split) vs ``refit_policy`` (fitted on ``traces``'
-  own split) replayed on ``traces``, with a paired bootstrap interval."""
+  own split) replayed on ``traces``, with a paired bootstrap interval.
+
+  Args:
+    policy: the policy fitted elsewhere.
+    refit_policy: the policy fitted on ``traces``' own split.
+    traces: :class:`ExitTraces` both are replayed on.
+    lam: weight of the loss in the objective.
+    key, num_resamples, level: the paired bootstrap.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.Robustness`: both objectives ``[]`` and their
+    difference with an interval.
+  """
   c = compare(policy, refit_policy, traces, lam, key=key, num_resamples=num_resamples, level=level)
   refit = float(c.objective_b)
   return Robustness(objective=c.objective_a, refit_objective=c.objective_b, degradation=c.diff,

@@ -25,7 +25,7 @@ from ttamer_jax.core import heuristics, kernel, validation
 from ttamer_jax.core.kernel import DEFAULT_PRECISION
 from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.protocol import check_line_policy
-from ttamer_jax.core.replay import replay_totals_arrays
+from ttamer_jax.core.replay import replay_totals_trusted
 from ttamer_jax.core.solvers import solve_no_recall_compiled, solve_recall_lams
 from ttamer_jax.core.struct import pytree_dataclass, trusted
 from ttamer_jax.data.discretise import trace_scores
@@ -111,7 +111,7 @@ def _line_policies(cascade, lams, grid, pos, recall: bool):
 
 
 def _grid_stats(policies, states, losses, costs, scores, preds, policy_axes=0):
-  tot = replay_totals_arrays(policies, states, losses, costs, scores, preds, policy_axes=policy_axes)
+  tot = replay_totals_trusted(policies, states, losses, costs, scores, preds, policy_axes=policy_axes)
   num = tot.num
   return (tot.loss / num, tot.cost / num, tot.stop_counts / num, tot.answer_counts / num,
           tot.recalled_counts / num)
@@ -135,7 +135,17 @@ def _sweep(fitted: FittedCascade, traces: ExitTraces, lams, recall: bool) -> Rep
 
 def sweep_recall(fitted: FittedCascade, traces: ExitTraces, lams: Any) -> ReplaySweep:
   """Recall-optimal policies of ``fitted`` for every ``lam`` replayed on ``traces``
-  (one batched solve, then every policy replayed in blocks of requests)."""
+  (one batched solve, then every policy replayed in blocks of requests).
+
+  Args:
+    fitted: the :class:`~ttamer_jax.data.FittedCascade` the policies solve.
+    traces: held-out :class:`ExitTraces`.
+    lams: ``[L]`` trade-off weights.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.ReplaySweep` with ``param [L]`` (the lams) and
+    ``[L]`` error, cost and normalised cost.
+  """
   return _sweep(fitted, traces, lams, True)
 
 
@@ -249,12 +259,12 @@ def per_stage_grid(traces: ExitTraces, score_name: str | None = None, num: int =
 def patience_grid(num_stages: int):
   """Patience ``1..n`` (``n``: effectively the full model unless all exits agree)."""
   p = np.arange(1, validation.check_positive_int("num_stages", num_stages) + 1)
-  return heuristics.PatiencePolicy(patience=p, stages=num_stages), p
+  return heuristics.PatiencePolicy(patience=p, num_stages=num_stages), p
 
 
 def fixed_exit_grid(num_stages: int):
   k = np.arange(validation.check_positive_int("num_stages", num_stages))
-  return heuristics.FixedExitPolicy(exit_stage=k, stages=num_stages), k
+  return heuristics.FixedExitPolicy(exit_stage=k, num_stages=num_stages), k
 
 
 def heuristic_sweeps(calibration: ExitTraces, traces: ExitTraces, *,

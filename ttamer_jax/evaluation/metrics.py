@@ -20,11 +20,10 @@ import numpy as np
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
-from ttamer_jax.core.replay import ReplayResult, check_key, replay_arrays
+from ttamer_jax.core.replay import ReplayResult, check_key, replay_trusted
 from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data.discretise import DeployedPolicy, check_consistent, trace_scores
 from ttamer_jax.data.traces import ExitTraces
-
 
 # What the ValueError of a host-side evaluation inside jit names instead (docs/jit.md).
 JIT_REPLAY = ("inside jit, discretise with the policy's Discretiser and replay the states with "
@@ -66,6 +65,15 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
   A :class:`DeployedPolicy` with an answer model replays on its virtual
   posterior-answer stages (:meth:`DeployedPolicy.stage_traces`). Runs on the host;
   inside ``jit`` use :func:`ttamer_jax.replay` on states (docs/jit.md).
+
+  Args:
+    policy: as for :func:`evaluate`.
+    traces: :class:`ExitTraces`, ``N`` requests.
+    score_name: the signal heuristics read (default: the primary scores).
+
+  Returns:
+    A :class:`~ttamer_jax.core.ReplayResult`: ``stop_stage``, ``answer_stage``,
+    ``loss``, ``cost``, each ``[N]``.
   """
   validation.refuse_traced("replay_traces", JIT_REPLAY, policy=policy, traces=traces)
   if isinstance(policy, DeployedPolicy) and isinstance(traces, ExitTraces):
@@ -75,7 +83,7 @@ def replay_traces(policy, traces: ExitTraces, *, score_name: str | None = None) 
   if line.num_stages != traces.num_stages:
     raise ValueError(f"traces: have {traces.num_stages} stages but the policy was built for "
                      f"{line.num_stages} stages")
-  return replay_arrays(line, states, traces.losses, traces.costs, scores, preds)
+  return replay_trusted(line, states, traces.losses, traces.costs, scores, preds)
 
 
 # ------------------------------------------------------------------ bootstrap
@@ -233,12 +241,17 @@ def evaluate(policy, traces: ExitTraces, lam, *, key: chex.PRNGKey | None = None
 
   Args:
     policy: a :class:`DeployedPolicy`, a heuristic from :mod:`ttamer_jax.core.heuristics`
-      (reading ``score_name``) or a :class:`~ttamer_jax.HindsightPolicy`.
+      (reading ``score_name``) or a :class:`~ttamer_jax.core.HindsightPolicy`.
     traces: held-out :class:`ExitTraces` (not the ones the policy was fitted on).
     lam: weight of the loss in the reported objective.
     key: PRNG key of the bootstrap (default ``PRNGKey(0)``: reproducible).
     num_resamples: bootstrap resamples.
     level: confidence level of the intervals.
+    score_name: the signal a heuristic reads (default: the primary scores).
+
+  Returns:
+    An :class:`Evaluation`: mean ``error``, ``cost``, ``cost_norm`` and ``objective``
+    ``[]`` with ``[2]`` bootstrap intervals, and the stop and answer histograms ``[n]``.
 
   Runs on the host (bootstrap, histograms); inside ``jit`` use
   :func:`ttamer_jax.replay` on states and average its ``loss`` and ``cost`` (docs/jit.md).
@@ -303,7 +316,19 @@ def compare_objectives(oa: np.ndarray, ob: np.ndarray, *, key, num_resamples: in
 
 def compare(policy_a, policy_b, traces: ExitTraces, lam, *, key=None, num_resamples: int = 1000,
             level: float = 0.95, score_name: str | None = None) -> Comparison:
-  """Replays both policies on ``traces`` and compares them request by request."""
+  """Replays both policies on ``traces`` and compares them request by request.
+
+  Args:
+    policy_a, policy_b: policies as for :func:`evaluate`.
+    traces: held-out :class:`ExitTraces`.
+    lam: weight of the loss in the compared objective.
+    key, num_resamples, level: the paired bootstrap of the differences.
+    score_name: the signal heuristics read (default: the primary scores).
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.Comparison`: per-policy :class:`Evaluation`
+    and ``b - a`` differences of objective, loss and cost ``[]`` with intervals.
+  """
   validation.refuse_traced("compare", JIT_REPLAY, policy_a=policy_a, policy_b=policy_b,
                            traces=traces, lam=lam, key=key)
   return compare_results(replay_traces(policy_a, traces, score_name=score_name),

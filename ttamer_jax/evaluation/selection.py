@@ -53,15 +53,27 @@ from ttamer_jax.core.policies import NoRecallPolicy, RecallPolicy
 from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.discretise import DeployedPolicy, Discretiser, trace_scores
-from ttamer_jax.data.fitting import (FittedCascade, check_table_bytes, column_quantiles, fit_cascade,
-                                     fit_discretiser, mean_stage_costs, pad_requests, request_bucket,
-                                     unit_free_costs)
+from ttamer_jax.data.fitting import (
+  FittedCascade,
+  check_table_bytes,
+  column_quantiles,
+  fit_cascade,
+  fit_discretiser,
+  mean_stage_costs,
+  pad_requests,
+  request_bucket,
+  unit_free_costs,
+)
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
-from ttamer_jax.evaluation.frontier import (cheapest_within, sweep_no_recall, sweep_policies,
-                                            sweep_recall)
-from ttamer_jax.evaluation.metrics import (Comparison, bootstrap_means, normalised_objective,
-                                           percentile_ci, replay_traces)
+from ttamer_jax.evaluation.frontier import cheapest_within, sweep_no_recall, sweep_policies, sweep_recall
+from ttamer_jax.evaluation.metrics import (
+  Comparison,
+  bootstrap_means,
+  normalised_objective,
+  percentile_ci,
+  replay_traces,
+)
 
 TTAMER_KINDS = ("recall", "no_recall")
 RULE_KINDS = ("confidence", "per_stage", "patience", "fixed_exit")
@@ -138,6 +150,12 @@ def default_candidates(traces: ExitTraces) -> tuple[Candidate, ...]:
   previous exit, and with the most confident earlier exit); posterior-answer
   stages with 4, 8 and 16 bins. Rules: one confidence threshold, per-stage
   thresholds, patience, a fixed exit.
+
+  Args:
+    traces: the calibration :class:`ExitTraces` (which signals are recorded).
+
+  Returns:
+    A tuple of :class:`~ttamer_jax.evaluation.Candidate`.
   """
   signals = dict(traces.signals or {})
   conf = "max_softmax" if "max_softmax" in signals else None
@@ -209,10 +227,10 @@ def _rule_grid(candidate: Candidate, traces: ExitTraces):
   n = traces.num_stages
   if candidate.kind == "patience":
     p = np.arange(1, n + 1)
-    return PatiencePolicy(patience=p, stages=n), p.astype(float)
+    return PatiencePolicy(patience=p, num_stages=n), p.astype(float)
   if candidate.kind == "fixed_exit":
     k = np.arange(n)
-    return FixedExitPolicy(exit_stage=k, stages=n), k.astype(float)
+    return FixedExitPolicy(exit_stage=k, num_stages=n), k.astype(float)
   scores = np.asarray(trace_scores(traces, candidate.score), np.float64)
   return ThresholdPolicy(thresholds=rule_thresholds(candidate.kind, scores)), RULE_LEVELS
 
@@ -466,6 +484,11 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
     key: PRNG key of the folds and the bootstrap (default ``PRNGKey(0)``).
     num_resamples, level: bootstrap of the reported intervals.
     progress: a progress line per candidate.
+
+  Returns:
+    A :class:`~ttamer_jax.evaluation.PolicySelection`: the chosen
+    :class:`DeployedPolicy` refitted on all of ``traces``, its candidate, and every
+    candidate's cross-fitted score.
   """
   validation.refuse_traced(
       "fit_policy", "inside jit, fit bins outside (ttamer_jax.fit_discretiser), then "
@@ -785,7 +808,8 @@ class _Tables:
     them (recall and no-recall candidates of one design bin alike)."""
     key = (table, fold, bins, binning, feature)
     if key not in self.bins:
-      self.bins[key] = fit_discretiser(np.asarray(self.scores[table][train], np.float64), bins,
+      states = bins * (1 if feature is None else 2)
+      self.bins[key] = fit_discretiser(np.asarray(self.scores[table][train], np.float64), states,
                                        binning=binning, feature=feature)
     return self.bins[key]
 
@@ -843,7 +867,7 @@ def _posterior_tables(ctx: _Folds, score, key, tables: _Tables):
   """Virtual posterior-answer tables of every fit (its training view: nested
   cross-fitted calibrators; its replay view: the calibrator of all its training
   requests), every calibrator fitted in one program. Returns the refit's
-  :class:`~ttamer_jax.AnswerModel`."""
+  :class:`~ttamer_jax.data.AnswerModel`."""
   traces = ctx.traces
   num = traces.num_samples
   scores = np.asarray(trace_scores(traces, score), np.float64)
@@ -963,10 +987,10 @@ def _rule_grids(ctx: _Folds, family: str, members, scores):
   reps = len(members) * groups
   if family == "patience":
     p = np.arange(1, n + 1)
-    return PatiencePolicy(patience=np.tile(p, (reps, 1)), stages=n), p.astype(float)
+    return PatiencePolicy(patience=np.tile(p, (reps, 1)), num_stages=n), p.astype(float)
   if family == "fixed_exit":
     p = np.arange(n)
-    return FixedExitPolicy(exit_stage=np.tile(p, (reps, 1)), stages=n), p.astype(float)
+    return FixedExitPolicy(exit_stage=np.tile(p, (reps, 1)), num_stages=n), p.astype(float)
   grids = [rule_thresholds(c.kind, scores[t]) for _, c in members for t in ctx.train]
   dtype = jax.dtypes.canonicalize_dtype(np.float64)
   return ThresholdPolicy(thresholds=np.stack(grids).astype(dtype)), RULE_LEVELS

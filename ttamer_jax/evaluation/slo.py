@@ -16,7 +16,6 @@ reproducible.
 
 from __future__ import annotations
 
-
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -150,9 +149,9 @@ def least_cost_policy(fitted: FittedCascade | Cascade, target_error: float, *, k
   when the constraint binds).
 
   Args:
-    fitted: a :class:`~ttamer_jax.FittedCascade`, or a plain :class:`~ttamer_jax.Cascade`
+    fitted: a :class:`~ttamer_jax.data.FittedCascade`, or a plain :class:`~ttamer_jax.Cascade`
       (states you already know: the policy reads the ``"state"`` signal, see
-      :func:`~ttamer_jax.fit_cascade_from_states`; costs in the cascade's units).
+      :func:`~ttamer_jax.data.fit_cascade_from_states`; costs in the cascade's units).
     target_error: the error target (same units as the traces' losses).
     key: PRNG key of the per-request coins.
     calibration: traces to measure ``E[loss]``/``E[cost]`` on (``source="traces"``);

@@ -10,7 +10,7 @@ data sets and their networks). Imports from ``core``, ``data`` and
 from ttamer_jax.networks import nn, profiling, serving, training, workloads
 from ttamer_jax.networks.nn import EarlyExitCNN, EarlyExitMLP, EarlyExitNet, EarlyExitTransformer
 from ttamer_jax.networks.profiling import collect_traces
-from ttamer_jax.networks.serving import ServeResult, Server, serve
+from ttamer_jax.networks.serving import Server, ServeResult, serve
 from ttamer_jax.networks.training import TrainConfig, load_checkpoint, save_checkpoint, train
 
 __all__ = ["nn", "profiling", "serving", "training", "workloads", "EarlyExitCNN", "EarlyExitMLP",

@@ -199,6 +199,13 @@ class EarlyExitCNN(EarlyExitNet):
   (8x8 -> 4x4 -> 2x2). Each head concatenates global mean and max pooling
   (``2 * channels[i]`` features) and applies one linear layer, so heads are cheap
   next to blocks.
+
+  Args:
+    input_shape: ``(H, W, C)`` of an image or ``(L, C)`` of a signal.
+    num_classes: ``C`` classes of every exit's ``[B, C]`` logits.
+    channels: feature maps of each block; ``n = len(channels)`` exits.
+    error_head: also give each exit a learned error logit ``[B]``.
+    rngs: ``nnx.Rngs`` of the initial parameters.
   """
 
   def __init__(self, input_shape=(8, 8, 1), num_classes: int = 10,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any
 
 import chex
@@ -21,8 +22,8 @@ import numpy as np
 from flax import nnx
 
 from ttamer_jax.core import validation
-from ttamer_jax.networks.nn import EarlyExitNet, predict
 from ttamer_jax.data.traces import ExitTraces
+from ttamer_jax.networks.nn import EarlyExitNet, predict
 from ttamer_jax.networks.training import check_labels
 
 # Signals computable at serving time (no label needed), and the label-dependent
@@ -144,9 +145,9 @@ def measure_stage_costs(model: EarlyExitNet, x: Any, *, repeats: int = 20,
 
 
 def collect_traces(model: EarlyExitNet, x: Any, y: Any, *, score: str = "max_softmax",
-                   loss: str = "zero_one", cost: str = "measured", normalize_costs: bool = True,
+                   loss: str = "zero_one", cost: str = "measured", normalise_costs: bool = True,
                    repeats: int = 20, timing_batch_size: int = 256,
-                   batch_size: int = 512) -> ExitTraces:
+                   batch_size: int = 512, normalize_costs: bool | None = None) -> ExitTraces:
   """Runs every exit of ``model`` on ``(x, y)`` and records exit traces.
 
   Args:
@@ -158,12 +159,14 @@ def collect_traces(model: EarlyExitNet, x: Any, y: Any, *, score: str = "max_sof
     loss: ``"zero_one"`` (error of the exit's argmax) or ``"cross_entropy"``.
     cost: ``"measured"`` (median wall time of each stage, see
       :func:`measure_stage_costs`) or ``"flops"`` (XLA cost analysis).
-    normalize_costs: divide the costs by their sum, so that the full network costs
+    normalise_costs: divide the costs by their sum, so that the full network costs
       1 and a policy's cost is its fraction of the full network's (the stage-wise
       sum); otherwise costs are seconds or FLOPs per sample.
     repeats: timed calls per stage (``cost="measured"``).
     timing_batch_size: batch size of the timed calls.
     batch_size: batch size of the forward passes over ``x``.
+    normalize_costs: the American spelling of ``normalise_costs``, accepted with a
+      ``DeprecationWarning`` (the library spells words the British way).
 
   Returns:
     :class:`~ttamer_jax.ExitTraces` with ``signals`` ``"max_softmax"``,
@@ -174,6 +177,10 @@ def collect_traces(model: EarlyExitNet, x: Any, y: Any, *, score: str = "max_sof
     ValueError: a wrong input shape or dtype, labels outside ``[0, C)``, an unknown
       score, loss or cost kind.
   """
+  if normalize_costs is not None:
+    warnings.warn("collect_traces: normalize_costs is spelt normalise_costs", DeprecationWarning,
+                  stacklevel=2)
+    normalise_costs = normalize_costs
   x = model.check_input(x)
   y = check_labels(model, y, x.shape[0])
   check_signal_name(model, score)
@@ -194,7 +201,7 @@ def collect_traces(model: EarlyExitNet, x: Any, y: Any, *, score: str = "max_sof
   stage_costs = measure_stage_costs(model, x, repeats=repeats, batch_size=timing_batch_size,
                                     timed=cost == "measured")
   costs = stage_costs.per_sample_seconds if cost == "measured" else stage_costs.flops
-  if normalize_costs:
+  if normalise_costs:
     costs = costs / costs.sum()
   return ExitTraces(scores=signals[score], preds=preds, losses=signals[loss], costs=costs,
                     signals=signals, labels=y)

@@ -61,12 +61,12 @@ from flax import nnx
 
 from ttamer_jax.core import validation
 from ttamer_jax.core.heuristics import FixedExitPolicy, PatiencePolicy
+from ttamer_jax.core.protocol import check_line_policy, check_single_policy
 from ttamer_jax.data import answers as answer_models
 from ttamer_jax.data.answers import AnswerModel
 from ttamer_jax.data.discretise import PRIMARY_SCORE, DeployedPolicy, Discretiser
 from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph, StaticOnce
 from ttamer_jax.networks.profiling import SERVABLE_SIGNALS, check_signal_name, exit_signal
-from ttamer_jax.core.protocol import check_line_policy, check_single_policy
 from ttamer_jax.networks.training import check_labels
 
 # Evenly spaced: padding the requests a stage serves to their bucket computes at
@@ -828,7 +828,7 @@ def served_stage_costs(model: EarlyExitNet, deployed: DeployedPolicy, x: Any, *,
   # Exit states (no answer model) read the signal the deployed policy's stages read.
   score = deployed.score_name if deployed.answers is None else deployed.answers.score_name
   servers = [Server(model, deployed.replace(
-      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), stages=n), answers=None,
+      policy=FixedExitPolicy(exit_stage=jnp.asarray(k, jnp.int32), num_stages=n), answers=None,
       score_name=score), buckets=reached, program=program) for k in range(n)]
   for server in servers:
     server(x)

@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ttamer_jax.data.files import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax.core import validation
 from ttamer_jax.core.progress import progress_iter
+from ttamer_jax.data.files import atomic_path, check_expanded_size, check_file_size, write_npz
 from ttamer_jax.networks.nn import MODELS, EarlyExitNet, StaticGraph, build_model, predict
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -316,6 +316,14 @@ def save_checkpoint(path: str | os.PathLike, model: EarlyExitNet, *,
   The file is written to a temporary file beside ``path`` and moved into place,
   so a failure never leaves a half-written checkpoint. ``metadata`` must be
   JSON-serialisable (e.g. the training config and accuracy).
+
+  Args:
+    path: destination ``.npz`` file.
+    model: the network.
+    metadata: JSON-serialisable extra fields.
+
+  Returns:
+    ``None``.
   """
   path = os.fspath(path)
   names, leaves, _ = _param_arrays(model)
@@ -388,6 +396,14 @@ def load_checkpoint(path: str | os.PathLike, model: EarlyExitNet | None = None, 
   With ``model=None`` the network is rebuilt from the stored class and config.
   Files over ``max_bytes`` (default :data:`ttamer_jax.data.files.MAX_FILE_BYTES`) are
   refused before they are read.
+
+  Args:
+    path: a file written by :func:`save_checkpoint`.
+    model: the network to restore into, or ``None`` to rebuild it.
+    max_bytes: refuse larger files.
+
+  Returns:
+    The network, parameters restored.
 
   Raises:
     ValueError: missing or corrupt file, unsupported ``format_version``, a
