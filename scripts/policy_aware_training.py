@@ -21,8 +21,8 @@ replayed on the held-out test split. Reported: held-out J (per-request ``lam * e
 lam) * cost share``), the paired difference to ``standard`` with a 95% bootstrap interval over
 seeds and requests (two levels: seeds, then requests within a seed), and the last exit's
 held-out accuracy. The target (issue 27): >= 3% lower J than ``standard`` at equal last-exit
-accuracy (within 0.5 points) on both networks; "met" below also asks the interval to exclude 0. Results: ``--out``/results.json and
-results.md (BENCHMARKS.md quotes the table).
+accuracy (within 0.5 points) on both networks; "met" below also asks the interval to exclude
+0. Results: ``--out``/results.json and results.md (BENCHMARKS.md quotes the table).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.core import serving_loss as sl
+from ttamer_jax.core import training_loss as sl
 from ttamer_jax.networks import profiling, training, workloads
 
 NETWORKS = {"mnist1d": workloads.mnist1d, "sequences": workloads.sequences}

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import ttamer_jax as tj
-from ttamer_jax.core import serving_loss as sl
+from ttamer_jax.core import training_loss as sl
 from ttamer_jax.data.fitting import column_quantiles
 from ttamer_jax.networks import training
 
@@ -29,7 +29,7 @@ def batch():
 def test_hard_limit_is_the_recall_optimum_of_the_hard_fit(batch):
   conf, err, costs, edges = batch
   states = np.stack([np.searchsorted(edges[i], conf[:, i], side="right") for i in range(N)], 1)
-  fitted = tj.fit_cascade_from_states(states, err, costs, K)
+  fitted = tj.data.fit_cascade_from_states(states, err, costs, K)
   for lam in (0.3, 0.8, 0.95):
     exact = float(tj.solve_recall(fitted.cascade, lam).value)
     soft = float(sl.serving_loss(conf, err, costs, edges, lam, beta=0.0, width=1e-6))
