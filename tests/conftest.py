@@ -38,6 +38,25 @@ def pytest_unconfigure(config):
     shutil.rmtree(TTAMER_CACHE, ignore_errors=True)
 
 
+# The modules that take longest, longest first (measured: BENCHMARKS.md, "The test suite").
+# pytest-xdist's --dist loadfile hands whole modules to its workers in collection order;
+# by default it first reorders them by their number of tests, which put the long modules
+# with few tests (the notebooks, the float64 re-run) last, where one worker ran them alone.
+LONGEST_FIRST = ("test_cli.py", "test_notebooks.py", "test_numerics.py", "test_docs.py",
+                 "test_bench.py", "test_serving.py", "test_selection.py", "test_pipeline.py",
+                 "test_fuzz_cli.py", "test_crossfit.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module
+
+
 @pytest.fixture(scope="session")
 def ttamer_cache():
   """The run's shared ``$TTAMER_CACHE`` folder (see above)."""
