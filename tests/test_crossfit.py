@@ -62,8 +62,8 @@ def _training_grid(cand, train, point, k_inner, f, folds):
     on = train if on is None else on
     import dataclasses
     sweep = (tj.sweep_recall if cand.kind == "recall" else tj.sweep_no_recall)(
-        dataclasses.replace(fitted, answers=None), on, S.AUTO_LAMS)
-    grid = S.AUTO_LAMS
+        dataclasses.replace(fitted, answers=None), on, S.LAMS)
+    grid = S.LAMS
   return grid, np.asarray(sweep.error), np.asarray(sweep.cost_norm), S._last_exit_error(on)
 
 

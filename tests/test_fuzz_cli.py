@@ -35,7 +35,7 @@ from hypothesis import given, settings, strategies as st
 
 import ttamer_jax as tj
 from fuzzing import record
-from ttamer_jax.app import cli, pipeline
+from ttamer_jax.app import cli, commands, compare
 from ttamer_jax.data import policy_io
 from ttamer_jax import load_cascade, save_cascade
 from ttamer_jax import fit_cascade
@@ -365,10 +365,10 @@ def test_valid_sweep(n, data):
   if as_json:
     result = json.loads(stdout)
     np.testing.assert_allclose(result["lams"], np.linspace(start, stop, num), rtol=1e-12)
-    families = set(pipeline.POLICIES) - ({"entropy"} if "entropy" not in names else set())
+    families = set(compare.POLICIES) - ({"entropy"} if "entropy" not in names else set())
     assert {r["policy"] for r in result["operating_points"]} == families
     assert len(result["frontiers"]["recall"]) == num
-    assert [o["lam"] for o in result["objectives"]] == pytest.approx(list(pipeline.OBJECTIVE_LAMS))
+    assert [o["lam"] for o in result["objectives"]] == pytest.approx(list(compare.OBJECTIVE_LAMS))
     assert result["fitted"]["num_states"] == k and result["fitted"]["num_stages"] == n
     for row in result["frontiers"]["recall"]:
       assert -1e-9 <= row["cost_norm"] <= 1 + 1e-6
@@ -417,7 +417,7 @@ def _base_argv(command, f, out):
 OPTION_TYPES = {
     "fit": {"--states": cli.positive_int, "--lam": cli.lam_or_auto, "--tolerance": cli.fraction,
             "--binning": ("quantile", "uniform"), "--feature": ("agree_prev",),
-            "--candidates": pipeline.CANDIDATE_SETS, "--folds": cli.positive_int,
+            "--candidates": commands.CANDIDATE_SETS, "--folds": cli.positive_int,
             "--seed": cli.seed_value},
     "evaluate": {"--lam": cli.single_lam, "--resamples": cli.resample_count, "--level": cli.fraction,
                  "--seed": cli.seed_value},

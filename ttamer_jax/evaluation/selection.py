@@ -58,8 +58,8 @@ from ttamer_jax.data.fitting import (FittedCascade, check_table_bytes, column_qu
                                      unit_free_costs)
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
-from ttamer_jax.evaluation.frontier import (cheapest_within, sweep_no_recall, sweep_policies,
-                                            sweep_recall)
+from ttamer_jax.evaluation.frontier import (LAMS, cheapest_within, sweep_no_recall,
+                                            sweep_policies, sweep_recall)
 from ttamer_jax.evaluation.metrics import (Comparison, bootstrap_means, normalised_objective,
                                            percentile_ci, replay_traces)
 
@@ -68,9 +68,6 @@ RULE_KINDS = ("confidence", "per_stage", "patience", "fixed_exit")
 ANSWERS = ("exits", "posterior")
 # Grid of the simple rules' parameters (quantile levels of the training scores).
 RULE_LEVELS = np.linspace(0.0, 1.0, 49)
-# lam grid of the T-Tamer candidates in tolerance mode (``--lam auto``).
-AUTO_LAMS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 41),
-                                      1.0 - np.geomspace(1e-4, 2e-2, 16)]))
 
 
 # ------------------------------------------------------------------ candidates
@@ -662,8 +659,9 @@ def fit_at(candidate: Candidate, traces: ExitTraces, point: OperatingPoint, *,
   """The candidate fitted on ``traces`` at the operating point ``point`` chosen there.
 
   T-Tamer at a given ``lam`` is solved at that ``lam``; in tolerance mode its
-  ``lam`` is the cheapest of :data:`AUTO_LAMS` within tolerance when replayed on
-  ``traces`` (the cross-fitted virtual traces for posterior answers). Rules take
+  ``lam`` is the cheapest of :data:`~ttamer_jax.evaluation.frontier.LAMS` within
+  tolerance when replayed on ``traces`` (the cross-fitted virtual traces for posterior
+  answers). Rules take
   thresholds from ``traces`` and the parameter best there.
   """
   if candidate.ttamer:
@@ -675,9 +673,9 @@ def fit_at(candidate: Candidate, traces: ExitTraces, point: OperatingPoint, *,
       model_only = dataclasses.replace(fitted, answers=None)
       on = traces if virtual is None else virtual
       sweep = (sweep_recall if candidate.kind == "recall" else sweep_no_recall)(
-          model_only, on, AUTO_LAMS)
+          model_only, on, LAMS)
       i = point.pick(np.asarray(sweep.error), np.asarray(sweep.cost_norm), _last_exit_error(on))
-      lam = float(AUTO_LAMS[i])
+      lam = float(LAMS[i])
     deployed = (fitted.recall_policy(lam) if candidate.kind == "recall"
                 else fitted.no_recall_policy(lam))
     return FittedCandidate(candidate, deployed, fitted, lam)
@@ -920,7 +918,7 @@ def _ttamer_family(ctx: _Folds, kind, members, tables: _Tables, answers, outcome
   lam, tol, by_tolerance = ctx.point_args(dtype)
   out = crossfit.ttamer_outcomes(inst, *tables.stacked(), ctx.weights.astype(dtype), k_pad,
                                  kind == "recall", by_tolerance, ctx.raw_costs.astype(dtype), lam,
-                                 AUTO_LAMS.astype(dtype), tol)
+                                 LAMS.astype(dtype), tol)
   out = jax.tree_util.tree_map(np.asarray, out)
   if ctx.point.lam is not None:   # the given lam itself, not its float32 copy
     out = dataclasses.replace(out, lam=np.full(out.lam.shape, ctx.point.lam))
