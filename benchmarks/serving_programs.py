@@ -28,7 +28,6 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ttamer_jax.networks import serving  # noqa: E402
 from ttamer_jax.networks.serving import (_TRACES, ServeResult, Server, bucket_of,  # noqa: E402
                                          _IN_FLIGHT, _padded_output, _queued, _stage_math,
                                          _store, compile_count)

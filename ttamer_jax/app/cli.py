@@ -95,8 +95,10 @@ def single_lam(text: str) -> float:
   return float(lams[0])
 
 
-def lam_or_auto(text: str):
-  return "auto" if text.strip() == "auto" else single_lam(text)
+def lam_or_auto(text: str) -> float | None:
+  """``--lam`` of ``ttamer fit``: one lam value, or ``auto`` (``None``: least cost within
+  ``--tolerance``)."""
+  return None if text.strip() == "auto" else single_lam(text)
 
 
 def _number(text: str, kind=float):

@@ -68,22 +68,24 @@ def fit_candidates(traces: ExitTraces, which: str, *, states: int | None, score:
   return tuple(c for c in cands if c.ttamer) if which == "ttamer" else cands
 
 
-def fit(traces_path: str, out: str, *, states: int | None = None, lam: Any = "auto",
-                 tolerance: float = 0.01, score: str | None = None, feature: str | None = None,
-                 binning: str | None = None, cascade_out: str | None = None,
-                 candidates: str = "auto", folds: int = 5, seed: int = 0,
-                 progress: bool = False) -> Run:
+def fit(traces_path: str, out: str, *, states: int | None = None, lam: float | None = None,
+        tolerance: float = 0.01, score: str | None = None, feature: str | None = None,
+        binning: str | None = None, cascade_out: str | None = None, candidates: str = "auto",
+        folds: int = 5, seed: int = 0, progress: bool = False) -> Run:
   """``ttamer fit``: chooses a policy by cross-fitting on a traces file and saves it.
 
   :func:`~ttamer_jax.fit_policy` replays every candidate (T-Tamer optima over several
   state designs, and the simple rules) out of fold on the traces and keeps the best
-  by replay, never by a model's own value. ``lam="auto"``: the least cross-fitted
-  cost whose cross-fitted error is within ``tolerance`` of the last exit's (when
-  none is, the most accurate candidate, and the result says so). Saves the policy
+  by replay, never by a model's own value. ``lam=None`` (``--lam auto``): the least
+  cross-fitted cost whose cross-fitted error is within ``tolerance`` of the last exit's
+  (when none is, the most accurate candidate, and the result says so); ``tolerance`` is
+  ignored when ``lam`` is given. ``lam`` and ``tolerance`` become one
+  :class:`~ttamer_jax.evaluation.selection.OperatingPoint`, validated before any work. Saves the policy
   to ``out`` (+ its JSON sidecar) and, with ``cascade_out``, the chosen model's
   fitted cascade (none when a simple rule is chosen). Result: ``{policy, metadata,
   lam, lam_choice, in_sample, selection, cascade}``.
   """
+  point = selection.OperatingPoint(lam=lam, tolerance=tolerance if lam is None else None)
   check_input(traces_path, "traces")
   outputs = [("--out", out, "policy")]
   if out:  # save_policy writes a .json copy beside the policy
@@ -102,12 +104,10 @@ def fit(traces_path: str, out: str, *, states: int | None = None, lam: Any = "au
   score, _, _ = compare.resolve_signals(traces, score)
   cands = fit_candidates(traces, candidates, states=states, score=score, feature=feature,
                          binning=binning)
-  auto = lam == "auto"
-  sel = selection.fit_policy(traces, None if auto else float(lam),
-                             tolerance=tolerance if auto else None, folds=folds,
-                             candidates=cands, key=jax.random.PRNGKey(seed), progress=progress)
-  report_lam = sel.solve_lam if sel.solve_lam is not None else (None if auto else float(lam))
-  if auto:
+  sel = selection.select(traces, point, folds=folds, candidates=cands,
+                         key=jax.random.PRNGKey(seed), progress=progress)
+  report_lam = sel.solve_lam if sel.solve_lam is not None else point.lam
+  if point.lam is None:
     how = (f"auto: least cross-fitted cost within {reports.tolerance_text(tolerance)} of the last "
            "exit's error" if sel.tolerance_met else
            "auto: no candidate within the tolerance; the most accurate validated policy")

@@ -415,16 +415,9 @@ def _paired(a: CandidateScore, b: CandidateScore, level: float) -> Comparison:
                     objective_a=np.asarray(a.objective), objective_b=np.asarray(b.objective))
 
 
-def _check_args(traces, lam, tolerance, folds, candidates):
+def _check_args(traces, folds, candidates):
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
-  if (lam is None) == (tolerance is None):
-    raise ValueError("give exactly one of lam (minimise J) and tolerance (least cost within "
-                     "tolerance of the last exit's error)")
-  if lam is not None:
-    validation.check_scalar_lam(lam)
-  if tolerance is not None:
-    tolerance = validation.as_nonnegative_scalar("tolerance", tolerance)
   folds = validation.check_positive_int("folds", folds)
   if not 2 <= folds <= traces.num_samples:
     raise ValueError(f"folds = {folds} must lie in [2, N = {traces.num_samples}]")
@@ -442,7 +435,7 @@ def _check_args(traces, lam, tolerance, folds, candidates):
   if len(set(names)) != len(names):
     dup = next(x for i, x in enumerate(names) if x in names[:i])
     raise ValueError(f"candidates: {dup!r} appears twice")
-  return tolerance, folds, candidates
+  return folds, candidates
 
 
 def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float | None = None,
@@ -463,20 +456,44 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
     key: PRNG key of the folds and the bootstrap (default ``PRNGKey(0)``).
     num_resamples, level: bootstrap of the reported intervals.
     progress: a progress line per candidate.
+
+  Returns:
+    The :class:`PolicySelection`: the chosen policy refitted on all of ``traces``, every
+    candidate's cross-fitted scores and the model check.
   """
   validation.refuse_traced(
       "fit_policy", "inside jit, fit bins outside (ttamer_jax.fit_discretiser), then "
       "ttamer_jax.fit_cascade_arrays with fold weights, ttamer_jax.solve_recall and "
       "ttamer_jax.replay (docs/jit.md)", traces=traces, lam=lam)
+  return select(traces, OperatingPoint(lam=lam, tolerance=tolerance), folds=folds,
+                candidates=candidates, key=key, num_resamples=num_resamples, level=level,
+                progress=progress)
+
+
+def select(traces: ExitTraces, point: "OperatingPoint", *, folds: int = 5,
+           candidates: Sequence[Candidate] | None = None, key: chex.PRNGKey | None = None,
+           num_resamples: int = 1000, level: float = 0.95,
+           progress: bool = False) -> PolicySelection:
+  """:func:`fit_policy` at an operating point already validated (``ttamer fit`` builds one
+  from its flags); the arguments and the result are :func:`fit_policy`'s.
+
+  Args:
+    traces: calibration traces ``[N, n]``.
+    point: least ``J`` at ``point.lam``, or least cost within ``point.tolerance``.
+    folds, candidates, key, num_resamples, level, progress: as :func:`fit_policy`.
+
+  Returns:
+    The :class:`PolicySelection`.
+  """
+  lam, tolerance = point.lam, point.tolerance
   candidates = default_candidates(traces) if candidates is None else candidates
-  tolerance, folds, candidates = _check_args(traces, lam, tolerance, folds, candidates)
+  folds, candidates = _check_args(traces, folds, candidates)
   # Keys drawn on the host: jax.random.split / fold_in would each compile a program.
   key = np.zeros(2, np.uint32) if key is None else key
   k_folds, k_inner, k_boot, _ = crossfit.subkeys(key, 4)
   ids = answer_models.fold_ids(k_folds, traces.num_samples, folds)
   full = traces.full_cost()
   reference = float(np.mean(np.asarray(traces.losses, np.float64)[:, -1]))
-  point = OperatingPoint(lam=None if lam is None else float(lam), tolerance=tolerance)
   batch = _cross_fit_batched(candidates, traces, ids, folds, point, k_inner, progress=progress)
   outcomes = batch.outcomes
   scores = _scores(candidates, outcomes, point.lam, full)
@@ -528,10 +545,32 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
   """How a candidate's operating point is chosen on the traces it is fitted on:
-  least ``J`` at ``lam``, or least cost within ``tolerance`` of the last exit's error."""
+  least ``J`` at ``lam``, or least cost within ``tolerance`` of the last exit's error.
+
+  The one form ``lam`` takes on the fitting path, validated here, where it enters.
+
+  Attributes:
+    lam: trade-off weight in ``[0, 1]`` (a Python float), or ``None`` in tolerance mode.
+    tolerance: error tolerance ``>= 0`` (a Python float), or ``None`` with ``lam``.
+
+  Raises:
+    ValueError: both or neither given, ``lam`` outside ``[0, 1]`` or not a finite
+      scalar, ``tolerance`` negative or not finite.
+  """
 
   lam: float | None
   tolerance: float | None
+
+  def __post_init__(self):
+    if (self.lam is None) == (self.tolerance is None):
+      raise ValueError("give exactly one of lam (minimise J) and tolerance (least cost within "
+                       "tolerance of the last exit's error)")
+    if self.lam is not None:
+      validation.check_scalar_lam(self.lam)
+      object.__setattr__(self, "lam", float(self.lam))
+    else:
+      object.__setattr__(self, "tolerance",
+                         float(validation.as_nonnegative_scalar("tolerance", self.tolerance)))
 
   def pick(self, error: np.ndarray, cost_norm: np.ndarray, reference: float) -> int:
     """Row of a grid's ``(error, cost_norm)`` (ties: the first row)."""
@@ -802,9 +841,7 @@ def _cross_fit_batched(candidates, traces: ExitTraces, ids: np.ndarray, folds: i
                        key, progress: bool = False) -> _Batch:
   """Every candidate cross-fitted over ``folds`` and refitted on all requests, in one
   program per family (:mod:`ttamer_jax.evaluation.crossfit`). ``point``: an
-  :class:`OperatingPoint` (or a ``lam``)."""
-  if not isinstance(point, OperatingPoint):
-    point = OperatingPoint(lam=float(point), tolerance=None)
+  :class:`OperatingPoint`."""
   ctx = _folds(traces, ids, folds, point)
   outcomes: list = [None] * len(candidates)
   builders, in_sample = {}, {}

@@ -58,7 +58,6 @@ from ttamer_jax.data.discretise import PRIMARY_SCORE, DeployedPolicy, Discretise
 from ttamer_jax.networks.nn import EarlyExitNet, StaticGraph, StaticOnce
 from ttamer_jax.networks.profiling import SERVABLE_SIGNALS, check_signal_name, exit_signal
 from ttamer_jax.core.protocol import check_line_policy, check_single_policy
-from ttamer_jax.networks.training import check_labels
 
 # Evenly spaced: padding the requests a stage serves to their bucket computes at
 # most 32 extra rows per chunk of 512 (6% of the full network's work on the chunk,
@@ -68,7 +67,7 @@ DEFAULT_BUCKETS = tuple(range(32, 513, 32))
 _IN_FLIGHT = 8
 # A server queues a stage's requests across a group of up to _IN_FLIGHT
 # chunks, as many as keep one stage's request state (every group row) within
-# GROUP_BYTES. Measured on a 2-core EPYC (2 MiB L2 per core, scripts/
+# GROUP_BYTES. Measured on a 2-core EPYC (2 MiB L2 per core, benchmarks/
 # serving_overhead.py): mnist1d (5 KiB per request) served slower in groups of
 # 1024 rows than of 512, and much slower in groups of 4096; sequences (1.7 KiB)
 # gains from groups of 2048 (its later stages then run on full chunks).
