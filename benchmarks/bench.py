@@ -1149,12 +1149,12 @@ def main(argv=None, *, entry: str = "script", prog: str | None = None,
          parser_class: type = argparse.ArgumentParser) -> int:
   """Runs the harness with ``argv`` (default ``sys.argv[1:]``); see :func:`build_parser`.
 
-  Returns:
-    0 when every check passed, 1 when one failed, 2 for ``--require-gpu`` without a GPU.
-
   Args:
     argv: the flags of :func:`build_parser`.
     entry, prog, parser_class: as :func:`build_parser`.
+
+  Returns:
+    0 when every check passed, 1 when one failed, 2 for ``--require-gpu`` without a GPU.
 
   Raises:
     ValueError: bad flags (:func:`check_args`) or an unwritable ``--out``.
@@ -1270,5 +1270,6 @@ def run(args: argparse.Namespace, sections: list[str]) -> int:
 if __name__ == "__main__":
   try:
     sys.exit(main())
-  except ValueError as e:
-    sys.exit(f"bench.py: error: {e}")
+  except ValueError as e:  # bad flags: one line and exit code 2, as `ttamer bench` does
+    print(f"bench.py: error: {e}", file=sys.stderr)
+    sys.exit(2)

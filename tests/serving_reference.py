@@ -26,7 +26,8 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> se
   serving.check_deployed(model, deployed)
   policy, n = deployed.policy, model.num_stages
   num = x.shape[0]
-  out = serving.ServeResult(predictions=np.zeros(num, np.int32), answered_exit=np.zeros(num, np.int32),
+  out = serving.ServeResult(predictions=np.zeros(num, np.int32),
+                            answered_exit=np.zeros(num, np.int32),
                     stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
                     states=np.full((num, n), -1, np.int32))
   for r in range(num):
@@ -40,12 +41,13 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> se
       score, pred_arr = serving._exit_observation(deployed, stage, logits, err)
       answered = stage
       if deployed.answers is not None:
-        evidence, score, pred_arr, answered_arr = serving._virtual_stage(deployed, stage, evidence, score,
-                                                                 pred_arr)
+        evidence, score, pred_arr, answered_arr = serving._virtual_stage(
+            deployed, stage, evidence, score, pred_arr)
         answered = int(np.asarray(answered_arr)[0])
       pred = int(np.asarray(pred_arr)[0])
       obs = deployed.observe(stage, score, jnp.asarray([pred], jnp.int32),
-                             jnp.asarray([prev_pred], jnp.int32), jnp.asarray([top_pred], jnp.int32))
+                             jnp.asarray([prev_pred], jnp.int32),
+                             jnp.asarray([top_pred], jnp.int32))
       if float(np.asarray(score)[0]) > top_score:
         top_score, top_pred = float(np.asarray(score)[0]), pred
       if policy.recall:

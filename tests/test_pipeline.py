@@ -44,11 +44,13 @@ def test_comparison_on_the_overthinking_workload(synthetic):
                             "patience", "fixed_exit", "hindsight"}
   for name, res in comp.test.items():
     assert res.param.shape == comp.calibration[name].param.shape
-  # The oracle bounds every deployable policy at every lam.
+  # The oracle bounds every deployable policy at every lam, up to float32 rounding: the
+  # replay's totals are float32 sums (their last bits depend on how the lam grid is
+  # blocked), the oracle's cost at lam = 0 is a stage cost exactly.
   hind = comp.test["hindsight"]
   rec = comp.test["recall"]
   lam = comp.lams
-  assert np.all(hind.objective(lam) <= rec.objective(lam) + 1e-9)
+  assert np.all(hind.objective(lam) <= rec.objective(lam) + 4 * np.finfo(np.float32).eps)
   # Recall beats no-recall where over-thinking bites (high lam), on held-out data.
   rows = {r["lam"]: r for r in C.objectives_at(comp, [0.97])}
   assert rows[0.97]["recall"] < rows[0.97]["no_recall"]

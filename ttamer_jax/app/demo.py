@@ -229,10 +229,17 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
       each stage timed alone (:func:`~ttamer_jax.networks.profiling.collect_traces`);
       ``"served"`` (network workloads only), each stage's seconds per request as
       the default :class:`~ttamer_jax.Server` runs it on the calibration inputs
-      (:func:`~ttamer_jax.networks.serving.served_stage_costs` with
+      (:func:`~ttamer_jax.networks.serving_costs.served_stage_costs` with
       :func:`serving_probe`), per-stage overhead included, as shares floored above
-      0 (:func:`~ttamer_jax.networks.serving.cost_shares`). Compiles the server
+      0 (:func:`~ttamer_jax.networks.serving_costs.cost_shares`). Compiles the server
       once per process (a few seconds).
+
+  Returns:
+    The :class:`Prepared` traces: calibration and test splits ``[N, n]`` with the same
+    per-stage costs, the network (``None`` for trace-only workloads) and what happened.
+
+  Raises:
+    ValueError: an unknown workload, or ``costs`` it cannot have.
   """
   if workload not in WORKLOADS:
     raise ValueError(f"workload: must be one of {tuple(WORKLOADS)}, got {workload!r}")
@@ -255,8 +262,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
              log: Callable[[str], None] | None = None) -> Run:
   """``ttamer demo``: the whole job on a built-in workload, written to the folder ``out``.
 
-  :func:`prepare` -> :func:`~.compare.compare_policies` -> :func:`~.compare.summarize` (every family's
-  frontier, measured on the test split); deploys the policy that
+  :func:`prepare` -> :func:`~.compare.compare_policies` -> :func:`~.compare.summarize`
+  (every family's frontier, measured on the test split); deploys the policy that
   :func:`~ttamer_jax.fit_policy` chooses by cross-fitting on the calibration split
   (least cost within ``tolerance`` of the last exit's error) and reports it measured
   on the test split next to its model check and, for a network workload, served
@@ -338,7 +345,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
       files["pareto_plot"] = plotting.plot_pareto(
           comp.test, at("pareto.png"), title=f"{prep.name}: held-out accuracy / {with_cost} frontiers",
           cost_label=f"mean {with_cost} / full network", error_label="test error rate",
-          full_error=comp.full_error["test"], tolerance=tolerance, points=compare.pareto_marks(points))
+          full_error=comp.full_error["test"], tolerance=tolerance,
+          points=compare.pareto_marks(points))
       files["index_heatmap"] = plotting.plot_index_heatmap(
           recall_policy.policy.index, at("index_heatmap.png"), lam=lam,
           title=f"{prep.name}: dynamic index of the recall family's operating point")
