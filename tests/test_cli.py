@@ -207,9 +207,16 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   assert float(ev.cost_norm) == pytest.approx(selected["test"]["cost_norm"], abs=1e-9)
   if selected["model_check"] is not None:
     assert "modelled" in proc.stdout and "measured" in proc.stdout
-  # The recall family's operating point is the optimum of the saved cascade (the heatmap's).
+  # The heatmap shows the saved policy when it is a recall policy: its lam, and the optimum
+  # of the saved cascade there; else the recall family's operating point (8 states).
   cascade = load_cascade(os.path.join(d, "cascade.npz"))
-  assert cascade.num_states == 8 and 0 <= results["chosen_lam"] <= 1
+  assert 0 <= results["chosen_lam"] <= 1
+  if isinstance(deployed.policy, tj.RecallPolicy):
+    assert results["chosen_lam"] == selected["solve_lam"] == meta["lam"]
+    np.testing.assert_allclose(tj.solve_recall(cascade, results["chosen_lam"]).index,
+                               deployed.policy.index, rtol=1e-5)
+  else:
+    assert cascade.num_states == 8
   # The network was trained into the cache the environment named.
   assert "digits-cnn-seed0-steps150.npz" in os.listdir(world["cache"])
   # ... and so were the compiled programs (a second demo loads instead of compiling).

@@ -30,6 +30,7 @@ import numpy as np
 from ttamer_jax.app import compare, reports
 from ttamer_jax.app.reports import Run
 from ttamer_jax.core.heuristics import FixedExitPolicy
+from ttamer_jax.core.policies import RecallPolicy
 from ttamer_jax.data import model_cascade, policy_io, synthetic
 from ttamer_jax.data.cascade_io import save_cascade
 from ttamer_jax.data.discretise import DeployedPolicy
@@ -250,6 +251,34 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
 
 
 # ------------------------------------------------------------------ the demo
+def index_shown(comparison: compare.PolicyComparison, sel: selection.PolicySelection,
+                tolerance: float) -> tuple[DeployedPolicy, float, Any, str]:
+  """The recall policy whose index table the demo draws and whose cascade it saves.
+
+  The deployed policy itself when it is a recall policy (it has an index table): the
+  heatmap, ``chosen_lam`` and ``cascade.npz`` then are the saved policy's. A simple rule
+  or a no-recall policy has no index: then the recall family of the comparison at its
+  operating point, chosen by the rule selection deploys with
+  (:func:`~ttamer_jax.app.compare.recall_operating_lam`).
+
+  Args:
+    comparison: every family's sweeps on the calibration and test splits.
+    sel: the selection whose policy is deployed.
+    tolerance: accuracy tolerance of the operating point.
+
+  Returns:
+    ``(policy, lam, cascade, what)``: the deployed recall policy, the ``lam`` it is the
+    optimum at, the fitted cascade it is the optimum of (``ttamer solve cascade.npz --lam
+    lam`` gives its index) and a phrase naming it.
+  """
+  if isinstance(sel.deployed.policy, RecallPolicy) and sel.fitted is not None:
+    return (sel.deployed, float(sel.solve_lam), sel.fitted.cascade,
+            f"the deployed {sel.chosen.name}")
+  lam = compare.recall_operating_lam(comparison, tolerance)
+  return (comparison.fitted.recall_policy(lam), lam, comparison.fitted.cascade,
+          "the recall family's operating point")
+
+
 # Every file `ttamer demo` writes into its --out folder.
 DEMO_FILES = ("pareto.png", "index_heatmap.png", "exit_histograms.png", "policy.npz", "policy.json",
               "calibration_traces.npz", "test_traces.npz", "cascade.npz", "report.md",
@@ -269,7 +298,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
   on the test split next to its model check and, for a network workload, served
   (:func:`~ttamer_jax.networks.serving_costs.served_wall_time`: its wall time next to the
   full network's, ``selected["served"]``); writes the plots (``plots``), the
-  policy, the traces, the recall family's cascade, ``report.md`` and
+  policy, the traces, the cascade of the index drawn (:func:`index_shown`), ``report.md`` and
   ``results.json`` (the result). ``log``: receives the status lines (``None``: silent).
   ``costs``: the per-stage costs the policies are fitted on (:func:`prepare`; the
   report and ``info["costs"]`` say which).
@@ -311,10 +340,9 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
       "calibration requests; sweep every policy family ...")
   score, conf, entropy = compare.resolve_signals(prep.calibration)
   comp = compare.compare_policies(prep.calibration, prep.test, num_states=states, score=score,
-                          confidence_score=conf, entropy_score=entropy, progress=progress)
+                                  confidence_score=conf, entropy_score=entropy, progress=progress)
   summary = compare.summarize(comp, tolerance)
   points = summary["operating_points"]
-  lam = compare.recall_operating_lam(comp, tolerance)
   say("[3/4] choose the policy to deploy by cross-fitting on the calibration split ...")
   sel = selection.fit_policy(prep.calibration, tolerance=tolerance, key=jax.random.PRNGKey(seed),
                              progress=progress)
@@ -333,7 +361,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
     from ttamer_jax.networks import serving_costs
     selected["served"] = serving_costs.served_wall_time(prep.model, deployed, *prep.test_inputs)
   say(f"[4/4] write the plots, the policy ({sel.chosen.name}) and the report ...")
-  recall_policy = comp.fitted.recall_policy(lam)
+  shown, lam, cascade, index_of = index_shown(comp, sel, tolerance)
 
   with interrupts_deferred():  # every file of the folder, or on Ctrl-C none
     os.makedirs(out, exist_ok=True)
@@ -348,8 +376,8 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
           full_error=comp.full_error["test"], tolerance=tolerance,
           points=compare.pareto_marks(points))
       files["index_heatmap"] = plotting.plot_index_heatmap(
-          recall_policy.policy.index, at("index_heatmap.png"), lam=lam,
-          title=f"{prep.name}: dynamic index of the recall family's operating point")
+          shown.policy.index, at("index_heatmap.png"), lam=lam,
+          title=f"{prep.name}: dynamic index of {index_of}")
       stops, recalled = {}, {}
       for name in HISTOGRAM_POLICIES:
         row = next(r for r in points if r["policy"] == name)
@@ -369,7 +397,7 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
     files["policy"], files["policy_metadata"] = at("policy.npz"), policy_io.sidecar_path(at("policy.npz"))
     save_traces(at("calibration_traces.npz"), prep.calibration)
     save_traces(at("test_traces.npz"), prep.test)
-    save_cascade(at("cascade.npz"), comp.fitted.cascade)
+    save_cascade(at("cascade.npz"), cascade)
     files.update(calibration_traces=at("calibration_traces.npz"), test_traces=at("test_traces.npz"),
                  cascade=at("cascade.npz"))
     files["report"], files["results"] = at("report.md"), at("results.json")
