@@ -192,38 +192,38 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
 
 def _demo(args) -> int:
   run = demo.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
-                          tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
-                          plots=not args.no_plots, progress=_progress(args), costs=args.costs,
-                          log=None if args.json else _say)
+                      tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
+                      plots=not args.no_plots, progress=_progress(args), costs=args.costs,
+                      log=None if args.json else _say)
   return emit(args, run, reports.demo_text)
 
 
 def _fit(args) -> int:
   run = commands.fit(args.traces, args.out, states=args.states, lam=args.lam,
-                              tolerance=args.tolerance, score=args.score, feature=args.feature,
-                              binning=args.binning, cascade_out=args.cascade_out,
-                              candidates=args.candidates, folds=args.folds, seed=args.seed,
-                              progress=_progress(args))
+                     tolerance=args.tolerance, score=args.score, feature=args.feature,
+                     binning=args.binning, cascade_out=args.cascade_out,
+                     candidates=args.candidates, folds=args.folds, seed=args.seed,
+                     progress=_progress(args))
   return emit(args, run, reports.fit_text)
 
 
 def _evaluate(args) -> int:
   run = commands.evaluate(args.policy, args.traces, lam=args.lam, resamples=args.resamples,
-                                level=args.level, seed=args.seed, log=_say)
+                          level=args.level, seed=args.seed, log=_say)
   return emit(args, run, reports.evaluate_text)
 
 
 def _sweep(args) -> int:
   run = commands.sweep(args.traces, calibration_path=args.calibration, split=args.split,
-                             seed=args.seed, lams=args.lam, states=args.states, score=args.score,
-                             confidence_score=args.confidence_score, feature=args.feature,
-                             tolerance=args.tolerance, plot=args.plot, progress=_progress(args))
+                       seed=args.seed, lams=args.lam, states=args.states, score=args.score,
+                       confidence_score=args.confidence_score, feature=args.feature,
+                       tolerance=args.tolerance, plot=args.plot, progress=_progress(args))
   return emit(args, run, reports.sweep_text)
 
 
 def _solve(args) -> int:
   return emit(args, commands.solve(args.cascade, lams=args.lam, plot=args.plot),
-              reports.solve_text)
+                                   reports.solve_text)
 
 
 def bench_harness() -> str | None:

@@ -143,8 +143,8 @@ MIN_INTERVAL_REQUESTS = 30
 
 
 def evaluate(policy_path: str, traces_path: str, *, lam: float | None = None,
-                   resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                   log: Callable[[str], None] | None = None) -> Run:
+             resamples: int = 1000, level: float = 0.95, seed: int = 0,
+             log: Callable[[str], None] | None = None) -> Run:
   """``ttamer evaluate``: replays a policy file on a traces file, with bootstrap CIs.
 
   ``lam``: of the reported objective (default: the one the policy file records).
@@ -186,9 +186,9 @@ def evaluate(policy_path: str, traces_path: str, *, lam: float | None = None,
 
 
 def sweep(traces_path: str, *, calibration_path: str | None = None, split: float = 0.5,
-                seed: int = 0, lams: Any = None, states: int = 8, score: str | None = None,
-                confidence_score: str | None = None, feature: str | None = None,
-                tolerance: float = 0.01, plot: str | None = None, progress: bool = False) -> Run:
+          seed: int = 0, lams: Any = None, states: int = 8, score: str | None = None,
+          confidence_score: str | None = None, feature: str | None = None,
+          tolerance: float = 0.01, plot: str | None = None, progress: bool = False) -> Run:
   """``ttamer sweep``: every family's frontier, fitted on calibration, measured held out.
 
   Fits on ``calibration_path`` (or the first part of a random ``split`` of the
