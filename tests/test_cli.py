@@ -20,8 +20,8 @@ import pytest
 
 import ttamer_jax as tj
 from ttamer_jax import fit_cascade, load_cascade, load_traces, save_cascade, save_traces
-from ttamer_jax.app import cli, pipeline, reports
-from ttamer_jax.data import CASCADE_FORMAT_VERSION
+from ttamer_jax.app import cli, commands, compare, reports
+from ttamer_jax.data import CASCADE_FORMAT_VERSION, paths
 from ttamer_jax.data.archive import write_npz_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,7 +188,7 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   results = json.load(open(os.path.join(d, "results.json")))
   assert results["workload"] == "digits-cnn" and results["quick"] is True
   rows = {r["policy"]: r for r in results["operating_points"]}
-  assert set(rows) == set(pipeline.POLICIES)
+  assert set(rows) == set(compare.POLICIES)
   # The saved policy is the one cross-fitting chose on calibration, and its held-out
   # numbers are what the demo reports as measured on the test split.
   deployed, meta = tj.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
@@ -204,9 +204,16 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   assert float(ev.cost_norm) == pytest.approx(selected["test"]["cost_norm"], abs=1e-9)
   if selected["model_check"] is not None:
     assert "modelled" in proc.stdout and "measured" in proc.stdout
-  # The recall family's operating point is the optimum of the saved cascade (the heatmap's).
+  # The heatmap shows the saved policy when it is a recall policy: its lam, and the optimum
+  # of the saved cascade there; else the recall family's operating point (8 states).
   cascade = load_cascade(os.path.join(d, "cascade.npz"))
-  assert cascade.num_states == 8 and 0 <= results["chosen_lam"] <= 1
+  assert 0 <= results["chosen_lam"] <= 1
+  if isinstance(deployed.policy, tj.core.RecallPolicy):
+    assert results["chosen_lam"] == selected["solve_lam"] == meta["lam"]
+    np.testing.assert_allclose(tj.solve_recall(cascade, results["chosen_lam"]).index,
+                               deployed.policy.index, rtol=1e-5)
+  else:
+    assert cascade.num_states == 8
   # The network was trained into the cache the environment named.
   assert "digits-cnn-seed0-steps150.npz" in os.listdir(world["cache"])
   # ... and so were the compiled programs (a second demo loads instead of compiling).
@@ -273,7 +280,7 @@ def test_sweep_json_and_plot(world):
   result = json.loads(_ok(world["runs"]["sweep"]).stdout)
   _png(world["out"]("sweep.png"))
   assert len(result["lams"]) == 21
-  assert {r["policy"] for r in result["operating_points"]} == set(pipeline.POLICIES)
+  assert {r["policy"] for r in result["operating_points"]} == set(compare.POLICIES)
   assert len(result["frontiers"]["recall"]) == 21
   assert result["plot"] == world["out"]("sweep.png")
 
@@ -469,9 +476,9 @@ def test_sweep_prints_errors_at_budgets_and_frontier_gaps(world):
   """The sweep result holds, per family, the least held-out error at each cost budget
   (read off its held-out frontier) and the mean gaps to recall; the text explains '-'."""
   result = json.loads(_ok(world["runs"]["sweep"]).stdout)
-  assert result["budgets"] == list(pipeline.COST_BUDGETS)
+  assert result["budgets"] == list(compare.COST_BUDGETS)
   rows = {r["policy"]: r for r in result["errors_at_budgets"]}
-  assert set(rows) == set(pipeline.POLICIES) == set(result["frontier_gaps"]) | {"recall"}
+  assert set(rows) == set(compare.POLICIES) == set(result["frontier_gaps"]) | {"recall"}
   for name, row in rows.items():
     front = result["frontiers"][name]
     cost = np.array([p["cost_norm"] for p in front])
@@ -497,10 +504,10 @@ def test_output_paths_are_checked_before_any_work(files, tmp_path, capsys, monke
   def never(*args, **kwargs):
     raise AssertionError("computed before the output paths were checked")
 
-  monkeypatch.setattr(pipeline, "compare_policies", never)
-  monkeypatch.setattr(pipeline.selection, "fit_policy", never)
-  monkeypatch.setattr(pipeline, "load_cascade", never)
-  monkeypatch.setattr(pipeline, "read_traces", never)
+  monkeypatch.setattr(compare, "compare_policies", never)
+  monkeypatch.setattr(commands.selection, "fit_policy", never)
+  monkeypatch.setattr(commands, "load_cascade", never)
+  monkeypatch.setattr(paths, "read_traces", never)
   missing = tmp_path / "missing"
   for argv in (["sweep", files["test"], "--plot", str(tmp_path / "f.txt")],
                ["sweep", files["test_csv"], "--calibration", files["cal_csv"], "--plot",
@@ -606,8 +613,8 @@ def test_demo_costs_option_parses_and_reaches_the_demo(tmp_path, capsys):
 def test_compare_with_progress_bar_matches_without():
   cal, test = _synthetic_traces()
   lams = np.linspace(0, 1, 9)
-  a = pipeline.compare_policies(cal, test, num_states=6, lams=lams, progress=True)
-  b = pipeline.compare_policies(cal, test, num_states=6, lams=lams)
+  a = compare.compare_policies(cal, test, num_states=6, lams=lams, progress=True)
+  b = compare.compare_policies(cal, test, num_states=6, lams=lams)
   assert a.full_error == b.full_error
   for split in ("calibration", "test"):
     sa, sb = getattr(a, split), getattr(b, split)
@@ -628,12 +635,22 @@ def test_lam_values():
 
 
 def test_bench_defaults_match_the_suite():
-  from ttamer_jax.app import bench
-  args = cli.build_parser().parse_args(["bench"])
+  from test_bench import import_benchmark
+  bench = import_benchmark("bench")
+  args = bench.build_parser("ttamer").parse_args([])
   # Every section but the opt-in ones (the select section takes minutes), in the suite's order.
-  assert args.sections.split(",") == [x for x in bench.SECTIONS if x not in bench.OPT_IN]
+  assert bench.check_args(args) == [x for x in bench.SECTIONS if x not in bench.OPT_IN]
   assert bench.OPT_IN == ("select",)
   assert not args.full and args.out == "ttamer_bench.json"
+  assert cli.bench_harness() == os.path.join(REPO, "benchmarks", "bench.py")
+
+
+def test_bench_from_an_install_without_the_harness_says_where_it_lives(monkeypatch, capsys):
+  monkeypatch.setattr(cli, "bench_harness", lambda: None)
+  assert cli.main(["bench", "--sections", "numpy"]) == cli.EXIT_USAGE
+  out, err = capsys.readouterr()
+  assert out == "" and len(err.strip().splitlines()) == 1
+  assert "benchmarks/bench.py in the source repository" in err
 
 
 def test_jsonable_and_index_text():
@@ -665,21 +682,22 @@ def test_console_script_is_declared():
 # ------------------------------------------------------------------ compilation cache
 CACHE_ARGV = {"demo": ["demo"], "fit": ["fit", "t.npz", "--out", "p.npz"],
               "evaluate": ["evaluate", "p.npz", "t.npz"], "sweep": ["sweep", "t.npz"],
-              "solve": ["solve", "c.npz"], "bench": ["bench"]}
+              "solve": ["solve", "c.npz"]}
 
 
 def test_every_command_turns_on_the_compilation_cache(monkeypatch, tmp_path):
   """As the `ttamer` program (argv from sys.argv) every command keeps its compiled programs
-  in --cache-dir (default $TTAMER_CACHE; '' off; bench only when asked); called from Python
-  (main(argv)), none touches JAX's process-wide settings. The work itself is stubbed."""
+  in --cache-dir (default $TTAMER_CACHE; '' off); called from Python (main(argv)), none
+  touches JAX's process-wide settings. The work itself is stubbed. (`ttamer bench`:
+  test_bench_caches_compiled_programs_only_when_asked.)"""
   assert set(CACHE_ARGV) == set(cli.COMMANDS)
   calls = []
-  monkeypatch.setattr(pipeline, "enable_compilation_cache", lambda d: calls.append(d) or d or None)
+  monkeypatch.setattr(cli, "enable_compilation_cache", lambda d: calls.append(d) or d or None)
   monkeypatch.setenv("TTAMER_CACHE", str(tmp_path / "home"))
   mine = str(tmp_path / "mine")
   for command, argv in CACHE_ARGV.items():
     monkeypatch.setitem(cli.COMMANDS, command, lambda args: 0)
-    default = "" if command == "bench" else str(tmp_path / "home")
+    default = str(tmp_path / "home")
     for extra, want in (([], default), (["--cache-dir", mine], mine), (["--cache-dir", ""], "")):
       monkeypatch.setattr(sys, "argv", ["ttamer", *argv, *extra])
       calls.clear()
@@ -687,6 +705,22 @@ def test_every_command_turns_on_the_compilation_cache(monkeypatch, tmp_path):
       assert calls == [want], (command, extra)
     calls.clear()
     assert cli.main([*argv, "--cache-dir", mine]) == 0 and calls == []
+
+
+def test_bench_caches_compiled_programs_only_when_asked(monkeypatch, tmp_path):
+  """The harness times compilation: a warm cache would replace it by loading, so
+  `ttamer bench` keeps compiled programs only in a --cache-dir it is given."""
+  from test_bench import import_benchmark
+  bench = import_benchmark("bench")
+  calls = []
+  monkeypatch.setattr(cli, "enable_compilation_cache", lambda d: calls.append(d) or d or None)
+  monkeypatch.setattr(bench, "run", lambda args, sections: 0)
+  out = str(tmp_path / "b.json")
+  for extra, want in (([], []), (["--cache-dir", str(tmp_path / "mine")], [str(tmp_path / "mine")]),
+                      (["--cache-dir", ""], [])):
+    calls.clear()
+    assert bench.main(["--out", out, *extra], entry="ttamer") == 0
+    assert calls == want, extra
 
 
 def test_a_command_writes_its_compiled_programs_to_the_cache(tmp_path):

@@ -62,8 +62,8 @@ def _training_grid(cand, train, point, k_inner, f, folds):
     on = train if on is None else on
     import dataclasses
     sweep = (tj.sweep_recall if cand.kind == "recall" else tj.evaluation.sweep_no_recall)(
-        dataclasses.replace(fitted, answers=None), on, S.AUTO_LAMS)
-    grid = S.AUTO_LAMS
+        dataclasses.replace(fitted, answers=None), on, S.LAMS)
+    grid = S.LAMS
   return grid, np.asarray(sweep.error), np.asarray(sweep.cost_norm), S._last_exit_error(on)
 
 
@@ -104,7 +104,7 @@ def test_batched_outcomes_are_the_host_loops_request_by_request(point):
 def test_the_refit_is_the_host_fit_on_every_request():
   tr = _traces(400, 1)
   ids, k_inner = _setup(tr)
-  batch = S._cross_fit_batched(CANDIDATES[:3], tr, ids, 4, 0.8, k_inner)
+  batch = S._cross_fit_batched(CANDIDATES[:3], tr, ids, 4, S.OperatingPoint(0.8, None), k_inner)
   for i, cand in enumerate(CANDIDATES[:3]):
     final = batch.final(i)
     host = S.refit(cand, tr, S.OperatingPoint(0.8, None), key=k_inner)
@@ -128,7 +128,8 @@ def test_a_folds_policy_never_sees_that_folds_losses():
   def fold0_costs(flip_fold):
     losses = np.asarray(tr.losses).copy()
     losses[ids == flip_fold] = 1 - losses[ids == flip_fold]
-    batch = S._cross_fit_batched(CANDIDATES, tr.replace(losses=losses), ids, 4, 0.8, k_inner)
+    batch = S._cross_fit_batched(CANDIDATES, tr.replace(losses=losses), ids, 4,
+                                 S.OperatingPoint(0.8, None), k_inner)
     return [out[1][ids == 0] for out in batch.outcomes]
 
   base = fold0_costs(None)

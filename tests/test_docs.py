@@ -23,6 +23,7 @@ import re
 import shlex
 
 import pytest
+from test_bench import import_benchmark
 
 from ttamer_jax.app import cli
 
@@ -101,11 +102,21 @@ def test_python_blocks_run(name, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ commands
 PARSER = cli.build_parser()
+# `ttamer bench ARGS` hands ARGS to the checkout's harness, whose parser owns the flags.
+BENCH_PARSER = import_benchmark("bench").build_parser("ttamer", prog="ttamer bench")
 
 
 def _subparsers(parser) -> dict[str, argparse.ArgumentParser]:
   (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-  return dict(action.choices)
+  return dict(action.choices, bench=BENCH_PARSER)
+
+
+def _parse(args: list[str]) -> None:
+  """Parses a ``ttamer`` command line as the program does (SystemExit if it is bad)."""
+  if args[:1] == ["bench"]:
+    BENCH_PARSER.parse_args(args[1:])
+  else:
+    PARSER.parse_args(args)
 
 
 def _ttamer_commands(block):
@@ -130,7 +141,7 @@ def test_documented_commands_parse(name):
       continue
     for line, args in _ttamer_commands(block):
       try:
-        PARSER.parse_args(args)
+        _parse(args)
       except SystemExit as e:  # argparse reports a bad command line by exiting
         raise AssertionError(f"{block.where}: `{line.strip()}` does not parse (exit {e.code})") from e
       count += 1
@@ -165,11 +176,11 @@ def test_synopsis_options_exist(name):
 
 def test_demo_timings_agree_everywhere():
   """README.md, docs/cli.md and `ttamer demo --help` quote the one measured timing
-  (pipeline.DEMO_TIMING, with the machine), not figures of their own."""
-  from ttamer_jax.app import pipeline
+  (demo.DEMO_TIMING, with the machine), not figures of their own."""
+  from ttamer_jax.app import demo
 
-  phrase = " ".join(pipeline.demo_timing_text().split())
-  assert "measured on" in phrase and all(pipeline.DEMO_TIMING[k] > 0
+  phrase = " ".join(demo.demo_timing_text().split())
+  assert "measured on" in phrase and all(demo.DEMO_TIMING[k] > 0
                                          for k in ("first_s", "cached_s", "train_s"))
   for path in ("README.md", "docs/cli.md"):
     with open(os.path.join(REPO, path), encoding="utf-8") as f:

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 import ttamer_jax as tj
 from ttamer_jax import fit_cascade, load_cascade, load_traces, save_cascade, save_traces
-from ttamer_jax.app import cli, pipeline
+from ttamer_jax.app import cli, commands, compare
 from ttamer_jax.data import policy_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -364,10 +364,10 @@ def test_valid_sweep(n, data):
   if as_json:
     result = json.loads(stdout)
     np.testing.assert_allclose(result["lams"], np.linspace(start, stop, num), rtol=1e-12)
-    families = set(pipeline.POLICIES) - ({"entropy"} if "entropy" not in names else set())
+    families = set(compare.POLICIES) - ({"entropy"} if "entropy" not in names else set())
     assert {r["policy"] for r in result["operating_points"]} == families
     assert len(result["frontiers"]["recall"]) == num
-    assert [o["lam"] for o in result["objectives"]] == pytest.approx(list(pipeline.OBJECTIVE_LAMS))
+    assert [o["lam"] for o in result["objectives"]] == pytest.approx(list(compare.OBJECTIVE_LAMS))
     assert result["fitted"]["num_states"] == k and result["fitted"]["num_stages"] == n
     for row in result["frontiers"]["recall"]:
       assert -1e-9 <= row["cost_norm"] <= 1 + 1e-6
@@ -416,7 +416,7 @@ def _base_argv(command, f, out):
 OPTION_TYPES = {
     "fit": {"--states": cli.positive_int, "--lam": cli.lam_or_auto, "--tolerance": cli.fraction,
             "--binning": ("quantile", "uniform"), "--feature": ("agree_prev",),
-            "--candidates": pipeline.CANDIDATE_SETS, "--folds": cli.positive_int,
+            "--candidates": commands.CANDIDATE_SETS, "--folds": cli.positive_int,
             "--seed": cli.seed_value},
     "evaluate": {"--lam": cli.single_lam, "--resamples": cli.resample_count, "--level": cli.fraction,
                  "--seed": cli.seed_value},

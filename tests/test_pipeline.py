@@ -1,4 +1,5 @@
-"""The end-to-end pipeline: traces -> fitted policy -> comparison -> operating points."""
+"""The end-to-end job (app.demo, app.compare, app.commands): traces -> fitted policy ->
+comparison -> operating points."""
 
 import os
 import re
@@ -7,18 +8,15 @@ import numpy as np
 import pytest
 
 import ttamer_jax as tj
-from ttamer_jax.app import pipeline as P
-from ttamer_jax.app import reports
-from ttamer_jax.evaluation import (
-  frontier,
-  selection,  # its lam grid
-)
-from ttamer_jax.networks import serving
+from ttamer_jax.app import commands, demo, reports
+from ttamer_jax.app import compare as C
+from ttamer_jax.evaluation import frontier
+from ttamer_jax.networks import serving_costs
 
 
 @pytest.fixture(scope="module")
 def synthetic():
-  return P.prepare("synthetic", seed=0, quick=True)
+  return demo.prepare("synthetic", seed=0, quick=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +40,22 @@ def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
 
 
 def test_comparison_on_the_overthinking_workload(synthetic):
-  comp = P.compare_policies(synthetic.calibration, synthetic.test, num_states=8)
+  comp = C.compare_policies(synthetic.calibration, synthetic.test, num_states=8)
   assert set(comp.test) == {"recall", "no_recall", "confidence", "per_stage", "entropy",
                             "patience", "fixed_exit", "hindsight"}
   for name, res in comp.test.items():
     assert res.param.shape == comp.calibration[name].param.shape
-  # The oracle bounds every deployable policy at every lam.
+  # The oracle bounds every deployable policy at every lam, up to float32 rounding: the
+  # replay's totals are float32 sums (their last bits depend on how the lam grid is
+  # blocked), the oracle's cost at lam = 0 is a stage cost exactly.
   hind = comp.test["hindsight"]
   rec = comp.test["recall"]
   lam = comp.lams
-  assert np.all(hind.objective(lam) <= rec.objective(lam) + 1e-9)
+  assert np.all(hind.objective(lam) <= rec.objective(lam) + 4 * np.finfo(np.float32).eps)
   # Recall beats no-recall where over-thinking bites (high lam), on held-out data.
-  rows = {r["lam"]: r for r in P.objectives_at(comp, [0.97])}
+  rows = {r["lam"]: r for r in C.objectives_at(comp, [0.97])}
   assert rows[0.97]["recall"] < rows[0.97]["no_recall"]
-  points = {r["policy"]: r for r in P.operating_points(comp, tolerance=0.01)}
+  points = {r["policy"]: r for r in C.operating_points(comp, tolerance=0.01)}
   fixed = points["fixed_exit"]
   # Always answering with the last exit qualifies by definition and costs the full model.
   assert fixed["frontier_cost"] is not None and fixed["frontier_cost"] <= 1.0 + 1e-6  # float32 costs
@@ -66,11 +66,11 @@ def test_comparison_on_the_overthinking_workload(synthetic):
     assert np.all(np.asarray(comp.test[name].recalled_histogram) == 0), name
   assert np.asarray(comp.test["recall"].recalled_histogram).sum() > 0
   # The budget table is each family's held-out staircase read at the budgets.
-  rows = {r["policy"]: r for r in P.errors_at_budgets(comp)}
+  rows = {r["policy"]: r for r in C.errors_at_budgets(comp)}
   assert set(rows) == set(comp.test)
   for name, res in comp.test.items():
-    expected = frontier.staircase(res.cost_norm, res.error, P.COST_BUDGETS)
-    for e, c, want, budget in zip(rows[name]["error"], rows[name]["cost"], expected, P.COST_BUDGETS):
+    expected = frontier.staircase(res.cost_norm, res.error, C.COST_BUDGETS)
+    for e, c, want, budget in zip(rows[name]["error"], rows[name]["cost"], expected, C.COST_BUDGETS):
       assert (e is None) == (not np.isfinite(want))
       if e is not None:
         assert e == pytest.approx(want) and c <= budget
@@ -82,11 +82,11 @@ def test_operating_points_choose_on_calibration_and_report_test():
   res = lambda err, cost: tj.evaluation.ReplaySweep(param=np.array([1.0, 2.0, 3.0]), error=np.array(err),
                                          cost=np.array(cost), cost_norm=np.array(cost),
                                          stop_histogram=np.zeros((3, 2)), answer_histogram=np.zeros((3, 2)))
-  comp = P.PolicyComparison(fitted=None, lams=np.array([0.5]),
+  comp = C.PolicyComparison(fitted=None, lams=np.array([0.5]),
                             calibration={"a": res([0.30, 0.105, 0.10], [0.2, 0.5, 1.0])},
                             test={"a": res([0.30, 0.125, 0.09], [0.25, 0.55, 1.0])},
                             full_error={"calibration": 0.10, "test": 0.10})
-  (row,) = P.operating_points(comp, tolerance=0.01)
+  (row,) = C.operating_points(comp, tolerance=0.01)
   assert row["chosen_param"] == 2.0 and row["chosen_cost"] == 0.55 and row["chosen_error"] == 0.125
   assert row["frontier_cost"] == 1.0 and row["frontier_error"] == 0.09
 
@@ -98,9 +98,9 @@ def test_errors_at_budgets_least_error_within_each_budget():
   # costs 0.2 < 0.3 < 0.4 < 0.8; the point at 0.3 is dominated (more error than the one at 0.2)
   test = {"a": res([0.30, 0.35, 0.20, 0.10], [0.2, 0.3, 0.4, 0.8]),
           "b": res([0.25, 0.25, 0.25, 0.25], [0.6, 0.7, 0.8, 0.9])}
-  comp = P.PolicyComparison(fitted=None, lams=np.array([0.5]), calibration=test, test=test,
+  comp = C.PolicyComparison(fitted=None, lams=np.array([0.5]), calibration=test, test=test,
                             full_error={"calibration": 0.1, "test": 0.1})
-  a, b = P.errors_at_budgets(comp, [0.1, 0.25, 0.5, 0.75])
+  a, b = C.errors_at_budgets(comp, [0.1, 0.25, 0.5, 0.75])
   assert a == dict(policy="a", error=[None, 0.30, 0.20, 0.20], cost=[None, 0.2, 0.4, 0.4])
   assert b == dict(policy="b", error=[None, None, None, 0.25], cost=[None, None, None, 0.6])
   text = reports.format_budgets([a, b], [0.1, 0.25, 0.5, 0.75])
@@ -113,42 +113,42 @@ def test_errors_at_budgets_least_error_within_each_budget():
 
 def test_prepare_and_compare_reject_bad_arguments(synthetic, tmp_path):
   with pytest.raises(ValueError, match="workload"):
-    P.prepare("imagenet")
+    demo.prepare("imagenet")
   for workload in ("sklearn", "synthetic"):  # nothing to serve: refused before any work
     message = (f"costs: 'served' needs a network workload (digits, sequences, mnist1d), "
                f"got '{workload}'")
     with pytest.raises(ValueError, match=re.escape(message)):
-      P.prepare(workload, costs="served")
+      demo.prepare(workload, costs="served")
     with pytest.raises(ValueError, match=re.escape(message)):
-      P.run_demo(str(tmp_path / "d"), workload=workload, costs="served", plots=False)
+      demo.run_demo(str(tmp_path / "d"), workload=workload, costs="served", plots=False)
   with pytest.raises(ValueError, match=re.escape("costs: must be one of ('measured', 'served'), "
                                                  "got 'bogus'")):
-    P.prepare("digits", costs="bogus", cache_dir=str(tmp_path))
+    demo.prepare("digits", costs="bogus", cache_dir=str(tmp_path))
   assert os.listdir(tmp_path) == []
   with pytest.raises(ValueError, match="score: traces have no signal 'nope'"):
-    P.compare_policies(synthetic.calibration, synthetic.test, score="nope")
+    C.compare_policies(synthetic.calibration, synthetic.test, score="nope")
   with pytest.raises(ValueError, match="lam"):
     tj.evaluation.hindsight_sweep(synthetic.test, [1.5])
 
 
 def test_digits_pipeline_quick(digits_cache):
-  prep = P.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False)
+  prep = demo.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False)
   assert prep.calibration.num_stages == 4 and prep.test.num_samples > 300
   np.testing.assert_allclose(np.sum(prep.calibration.costs), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(prep.test.costs, prep.calibration.costs)
   assert prep.info["costs"] == "measured" and "served_stage_cost_share" not in prep.info
   assert prep.info["checkpoint"] and (digits_cache / prep.info["checkpoint"].split("/")[-1]).exists()
-  again = P.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False)
+  again = demo.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False)
   assert again.info["loaded"]
   np.testing.assert_array_equal(again.test.preds, prep.test.preds)
-  comp = P.compare_policies(prep.calibration, prep.test, num_states=4, lams=np.linspace(0, 1, 11))
+  comp = C.compare_policies(prep.calibration, prep.test, num_states=4, lams=np.linspace(0, 1, 11))
   assert np.all(np.isfinite(comp.test["recall"].error))
 
 
 def test_digits_served_costs_are_positive_shares_on_both_splits(digits_cache):
   """costs="served": both splits carry the serving path's per-stage costs, as floored
   shares of the served seconds; info keeps the measured shares beside them."""
-  prep = P.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False,
+  prep = demo.prepare("digits", seed=0, quick=True, cache_dir=str(digits_cache), progress=False,
                    costs="served")
   costs = np.asarray(prep.calibration.costs)
   assert costs.shape == (4,) and np.all(costs > 0)
@@ -159,7 +159,7 @@ def test_digits_served_costs_are_positive_shares_on_both_splits(digits_cache):
   assert info["stage_cost_share"] == info["served_stage_cost_share"] == costs.tolist()
   served = np.asarray(info["served_us_per_request"])
   assert served.shape == (4,) and np.all(served >= 0) and served.sum() > 0
-  np.testing.assert_allclose(costs, serving.cost_shares(served), rtol=1e-5)
+  np.testing.assert_allclose(costs, serving_costs.cost_shares(served), rtol=1e-5)
   measured = np.asarray(info["measured_stage_cost_share"])
   assert measured.shape == (4,) and np.all(measured > 0)
   np.testing.assert_allclose(measured.sum(), 1.0, rtol=1e-5)
@@ -167,9 +167,9 @@ def test_digits_served_costs_are_positive_shares_on_both_splits(digits_cache):
 
 def test_the_primary_signal_may_be_named_scores(synthetic):
   lams = np.array([0.5, 0.97])
-  named = P.compare_policies(synthetic.calibration, synthetic.test, num_states=4, lams=lams,
+  named = C.compare_policies(synthetic.calibration, synthetic.test, num_states=4, lams=lams,
                              score="scores", confidence_score="scores")
-  default = P.compare_policies(synthetic.calibration, synthetic.test, num_states=4, lams=lams,
+  default = C.compare_policies(synthetic.calibration, synthetic.test, num_states=4, lams=lams,
                                score=None, confidence_score=None)
   for family in ("recall", "confidence"):
     np.testing.assert_array_equal(named.test[family].error, default.test[family].error)
@@ -196,7 +196,7 @@ def _comparison(cal_err, cal_cost):
                                          cost=np.array(cost), cost_norm=np.array(cost),
                                          stop_histogram=np.zeros((3, 2)),
                                          answer_histogram=np.zeros((3, 2)))
-  return P.PolicyComparison(fitted=None, lams=np.array([0.2, 0.5, 0.9]),
+  return C.PolicyComparison(fitted=None, lams=np.array([0.2, 0.5, 0.9]),
                             calibration={"recall": res(cal_err, cal_cost)},
                             test={"recall": res(cal_err, cal_cost)},
                             full_error={"calibration": 0.10, "test": 0.10})
@@ -204,11 +204,11 @@ def _comparison(cal_err, cal_cost):
 
 def test_deployed_lam_is_the_operating_point_else_least_error():
   comp = _comparison([0.30, 0.105, 0.10], [0.2, 0.5, 1.0])
-  (row,) = P.operating_points(comp, tolerance=0.01)
-  assert P.recall_lam(comp, 0.01) == row["chosen_param"] == 0.5
+  (row,) = C.operating_points(comp, tolerance=0.01)
+  assert C.recall_operating_lam(comp, 0.01) == row["chosen_param"] == 0.5
   comp = _comparison([0.30, 0.125, 0.12], [0.2, 0.5, 1.0])  # nothing within one point
-  (row,) = P.operating_points(comp, tolerance=0.01)
-  assert row["chosen_param"] is None and P.recall_lam(comp, 0.01) == 0.9
+  (row,) = C.operating_points(comp, tolerance=0.01)
+  assert row["chosen_param"] is None and C.recall_operating_lam(comp, 0.01) == 0.9
 
 
 def test_fit_and_save_chooses_lam_by_the_same_rule(synthetic, tmp_path):
@@ -217,9 +217,9 @@ def test_fit_and_save_chooses_lam_by_the_same_rule(synthetic, tmp_path):
   traces = synthetic.calibration
   path, out = str(tmp_path / "t.npz"), str(tmp_path / "p.npz")
   tj.save_traces(path, traces)
-  run = P.fit_and_save(path, out, states=4, tolerance=0.02)
+  run = commands.fit(path, out, states=4, tolerance=0.02)
   fitted = tj.fit_cascade(traces, 4, score="max_softmax")
-  lams = selection.AUTO_LAMS
+  lams = frontier.LAMS
   sweep = tj.sweep_recall(fitted, traces, lams)
   full = float(np.asarray(traces.losses)[:, -1].mean())
   i, met = frontier.cheapest_within(sweep.cost_norm, sweep.error, full, 0.02)
@@ -230,7 +230,7 @@ def test_fit_and_save_chooses_lam_by_the_same_rule(synthetic, tmp_path):
   assert run.notes["sidecar"] == str(tmp_path / "p.json")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.npz", "t.npz"]
   with pytest.raises(ValueError, match="must be even"):
-    P.fit_and_save(path, str(tmp_path / "q.npz"), states=3, feature="agree_prev")
+    commands.fit(path, str(tmp_path / "q.npz"), states=3, feature="agree_prev")
   assert not (tmp_path / "q.npz").exists()
 
 
@@ -242,8 +242,8 @@ def test_demo_keeps_compiled_programs_in_its_cache(tmp_path):
   import sys
 
   script = ("import sys, jax, jax.numpy as jnp\n"
-            "from ttamer_jax.app import pipeline\n"
-            "print(pipeline.enable_compilation_cache(sys.argv[1]))\n"
+            "from ttamer_jax.app import cli\n"
+            "print(cli.enable_compilation_cache(sys.argv[1]))\n"
             "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n")
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env["JAX_PLATFORMS"] = "cpu"

@@ -1,6 +1,7 @@
 """Policy-guided batched serving against an unbatched reference and against replay."""
 
 import functools
+import json
 
 import chex
 import jax
@@ -8,13 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from serving_reference import serve_reference
+from test_bench import import_benchmark
 
 import ttamer_jax as tj
 
 # Internal: the frozen-dataclass pytree decorator, to write policies as a user would.
 from ttamer_jax.core.struct import pytree_dataclass
 from ttamer_jax.data import answers  # AnswerModel's feature count
-from ttamer_jax.networks import serving, workloads
+from ttamer_jax.networks import serving, serving_costs, workloads
+
+# The serving programs the package does not ship (benchmarks/), each checked against its one.
+programs = import_benchmark("serving_programs")
 
 
 @pytree_dataclass
@@ -121,7 +127,7 @@ def test_serve_matches_the_unbatched_reference(kind):
   deployed = _deployed(kind)
   x = X[:40]
   got = tj.networks.serve(MODEL, deployed, x, buckets=BUCKETS)
-  ref = serving.serve_reference(MODEL, deployed, x)
+  ref = serve_reference(MODEL, deployed, x)
   np.testing.assert_array_equal(got.predictions, ref.predictions)
   np.testing.assert_array_equal(got.answered_exit, ref.answered_exit)
   np.testing.assert_array_equal(got.stop_stage, ref.stop_stage)
@@ -136,7 +142,7 @@ def test_serve_matches_the_unbatched_reference(kind):
     np.testing.assert_array_equal(got.answered_exit, got.stop_stage)
 
 
-@pytest.mark.parametrize("program", serving.PROGRAMS)
+@pytest.mark.parametrize("program", programs.PROGRAMS)
 @pytest.mark.parametrize("kind", ("recall", "recall_agree", "recall_agree_best", "no_recall"))
 def test_serve_matches_replay_of_the_traces(kind, program):
   """Serving a batch = replaying the same policy on the batch's full exit traces:
@@ -146,7 +152,7 @@ def test_serve_matches_replay_of_the_traces(kind, program):
   states = deployed.discretiser(score, TRACES.preds)
   rep = tj.replay(deployed.policy, states, TRACES.losses, TRACES.costs, scores=score,
                   preds=TRACES.preds)
-  got = tj.networks.serve(MODEL, deployed, X, buckets=BUCKETS, program=program)
+  got = programs.make_server(MODEL, deployed, buckets=BUCKETS, program=program)(X)
   np.testing.assert_array_equal(got.consulted,
                                 np.arange(N_STAGES)[None, :] <= got.stop_stage[:, None])
   np.testing.assert_array_equal(got.states[got.consulted], np.asarray(states)[got.consulted])
@@ -226,9 +232,9 @@ def test_posterior_answer_policies_serve_alike_on_every_program():
   stages' other signal, the answering exit (``answer_stage``), as replay does."""
   deployed = _fitted("posterior_recall")
   x = X[:37]
-  ref = serving.serve_reference(MODEL, deployed, x)
-  for program in serving.PROGRAMS:
-    got = tj.networks.serve(MODEL, deployed, x, buckets=BUCKETS, program=program)
+  ref = serve_reference(MODEL, deployed, x)
+  for program in programs.PROGRAMS:
+    got = programs.make_server(MODEL, deployed, buckets=BUCKETS, program=program)(x)
     for field in ("predictions", "answered_exit", "stop_stage", "consulted", "states"):
       np.testing.assert_array_equal(getattr(got, field), getattr(ref, field),
                                     err_msg=f"{program}: {field}")
@@ -291,12 +297,13 @@ def test_programs_agree_and_full_network_is_the_last_exit(kind, monkeypatch):
   and of up to eight (a loop over full chunks, then the remainder)."""
   deployed = _deployed(kind)
   for x in (X[:77], X[:3], X[:64]):
-    by_stage = tj.networks.serve(MODEL, deployed, x, buckets=BUCKETS, program="stage")
-    servers = [tj.Server(MODEL, deployed, buckets=BUCKETS, program=p) for p in ("chunk", "batch")]
+    by_stage = programs.StageServer(MODEL, deployed, buckets=BUCKETS)(x)
+    servers = [programs.ChunkServer(MODEL, deployed, buckets=BUCKETS),
+               programs.BatchServer(MODEL, deployed, buckets=BUCKETS)]
     monkeypatch.setattr(serving, "GROUP_BYTES", 1 << 40)
-    servers.append(tj.Server(MODEL, deployed, buckets=BUCKETS, program="batch"))
+    servers.append(programs.BatchServer(MODEL, deployed, buckets=BUCKETS))
     monkeypatch.setattr(serving, "GROUP_BYTES", 1)
-    servers.append(tj.Server(MODEL, deployed, buckets=BUCKETS, program="batch"))
+    servers.append(programs.BatchServer(MODEL, deployed, buckets=BUCKETS))
     monkeypatch.undo()
     assert [s.group_chunks for s in servers[2:]] == [8, 1]
     for server in servers:
@@ -311,7 +318,7 @@ def test_programs_agree_and_full_network_is_the_last_exit(kind, monkeypatch):
   got = tj.networks.serve(MODEL, stop_first, X[:40], buckets=BUCKETS)
   assert (got.stop_stage == 0).all() and (got.states[:, 1:] == -1).all()
   with pytest.raises(ValueError, match="program: must be one of"):
-    tj.Server(MODEL, deployed, program="fused")
+    programs.make_server(MODEL, deployed, program="fused")
 
 
 def test_compile_counter_sees_new_buckets():
@@ -322,16 +329,18 @@ def test_compile_counter_sees_new_buckets():
   assert serving.compile_count() > before
 
 
-def test_benchmark_reports_accuracy_and_time():
+def test_served_wall_time_reports_accuracy_and_time():
   deployed = _deployed("recall")
-  bench = serving.benchmark(MODEL, deployed, X, Y, buckets=BUCKETS, repeats=2)
+  timed = serving_costs.served_wall_time(MODEL, deployed, X, Y, buckets=BUCKETS, repeats=2)
   served = tj.networks.serve(MODEL, deployed, X, buckets=BUCKETS)
-  assert bench.serve_accuracy == pytest.approx((served.predictions == Y).mean())
+  assert timed["serve_accuracy"] == pytest.approx((served.predictions == Y).mean())
   last = np.asarray(TRACES.preds)[:, -1]
-  assert bench.full_accuracy == pytest.approx((last == Y).mean())
-  assert bench.mean_stages == pytest.approx(served.num_consulted.mean())
-  assert bench.serve_seconds > 0 and bench.full_seconds > 0 and bench.speedup > 0
-  assert bench.batch_size == len(X)
+  assert timed["full_accuracy"] == pytest.approx((last == Y).mean())
+  assert timed["mean_stages"] == pytest.approx(served.num_consulted.mean())
+  assert timed["serve_seconds"] > 0 and timed["full_seconds"] > 0 and timed["speedup"] > 0
+  assert timed["batch_size"] == len(X)
+  assert timed["speedup"] == pytest.approx(timed["full_seconds"] / timed["serve_seconds"])
+  assert json.loads(json.dumps(timed)) == timed  # JSON-ready, as results.json stores it
 
 
 def test_bad_input_raises_value_error():
@@ -363,14 +372,14 @@ def test_bad_input_raises_value_error():
   with pytest.raises(ValueError, match="must be >= 1"):
     tj.networks.serve(MODEL, deployed, X, buckets=(0, 8))
   with pytest.raises(ValueError, match="y: expected shape"):
-    serving.benchmark(MODEL, deployed, X, Y[:3])
+    serving_costs.served_wall_time(MODEL, deployed, X, Y[:3])
 
 
 def test_served_stage_costs_are_per_request_seconds_of_each_stage():
   deployed = _deployed("recall")
-  costs = serving.served_stage_costs(MODEL, deployed, X[:40], buckets=BUCKETS, repeats=1)
+  costs = serving_costs.served_stage_costs(MODEL, deployed, X[:40], buckets=BUCKETS, repeats=1)
   assert costs.shape == (N_STAGES,) and (costs >= 0).all() and costs.sum() > 0
-  shares = serving.cost_shares(costs)
+  shares = serving_costs.cost_shares(costs)
   assert (shares > 0).all() and shares.sum() == pytest.approx(1.0)
 
 
@@ -378,9 +387,9 @@ def test_served_cost_model_recovers_per_batch_and_per_request_parts(monkeypatch)
   """The fit against a serving time known in closed form: stage ``k`` of a batch of ``b``
   takes ``a[k] + c[k] * b`` seconds (served_stage_costs returns it per request)."""
   a, c = np.array([2e-3, 1e-3, 0.0]), np.array([1e-5, 3e-5, 2e-5])
-  monkeypatch.setattr(serving, "served_stage_costs",
+  monkeypatch.setattr(serving_costs, "served_stage_costs",
                       lambda model, deployed, x, **kw: (a + c * len(x)) / len(x))
-  model = serving.served_cost_model(MODEL, _deployed("recall"), X[:40], fraction=4)
+  model = serving_costs.served_cost_model(MODEL, _deployed("recall"), X[:40], fraction=4)
   np.testing.assert_allclose(model.per_batch, a, atol=1e-12)
   np.testing.assert_allclose(model.per_request, c, rtol=1e-9)
   assert model.batch_size == 40
@@ -395,19 +404,19 @@ def test_served_cost_model_recovers_per_batch_and_per_request_parts(monkeypatch)
 
 
 def test_served_cost_model_validates_its_inputs():
-  model = serving.ServedCostModel(per_batch=np.zeros(3), per_request=np.ones(3), batch_size=8)
+  model = serving_costs.ServedCostModel(per_batch=np.zeros(3), per_request=np.ones(3), batch_size=8)
   with pytest.raises(ValueError, match="reach"):
     model.seconds([1.0, 0.5])
   with pytest.raises(ValueError, match=r"reach: fractions"):
     model.per_request_costs([1.0, 1.5, 0.0])
   with pytest.raises(ValueError, match="fraction"):
-    serving.served_cost_model(MODEL, _deployed("recall"), X[:6], fraction=4)
+    serving_costs.served_cost_model(MODEL, _deployed("recall"), X[:6], fraction=4)
   with pytest.raises(ValueError, match="fraction"):
-    serving.served_cost_model(MODEL, _deployed("recall"), X[:40], fraction=1)
+    serving_costs.served_cost_model(MODEL, _deployed("recall"), X[:40], fraction=1)
 
 
 def test_served_cost_model_on_a_real_server():
-  model = serving.served_cost_model(MODEL, _deployed("recall"), X[:40], buckets=BUCKETS,
+  model = serving_costs.served_cost_model(MODEL, _deployed("recall"), X[:40], buckets=BUCKETS,
                                     repeats=1)
   assert model.per_batch.shape == model.per_request.shape == (N_STAGES,)
   assert (model.per_batch >= 0).all() and (model.per_request >= 0).all()
@@ -416,36 +425,36 @@ def test_served_cost_model_on_a_real_server():
 
 def test_served_cost_shares_are_floored_positive_shares():
   """A stage that timing noise makes free (clamped to 0) keeps a small positive share."""
-  np.testing.assert_allclose(serving.cost_shares([1.0, 3.0]), [0.25, 0.75])
-  shares = serving.cost_shares([0.0, 2e-6, 3e-6], floor=0.01)
+  np.testing.assert_allclose(serving_costs.cost_shares([1.0, 3.0]), [0.25, 0.75])
+  shares = serving_costs.cost_shares([0.0, 2e-6, 3e-6], floor=0.01)
   assert shares.sum() == pytest.approx(1.0) and (shares > 0).all()
   assert shares[0] == pytest.approx(0.01 / 1.01) and shares[2] / shares[1] == pytest.approx(1.5)
-  assert serving.cost_shares([0.0, 1.0])[0] == pytest.approx(serving.MIN_STAGE_SHARE, rel=1e-2)
+  assert serving_costs.cost_shares([0.0, 1.0])[0] == pytest.approx(serving_costs.MIN_STAGE_SHARE, rel=1e-2)
   with pytest.raises(ValueError, match="costs: every stage measured as free"):
-    serving.cost_shares([0.0, 0.0])
+    serving_costs.cost_shares([0.0, 0.0])
   with pytest.raises(ValueError, match=r"costs\[1\] = -1.0 is negative"):
-    serving.cost_shares([1.0, -1.0])
+    serving_costs.cost_shares([1.0, -1.0])
   with pytest.raises(ValueError, match="costs"):
-    serving.cost_shares([1.0, np.nan])
+    serving_costs.cost_shares([1.0, np.nan])
   with pytest.raises(ValueError, match=r"floor: must be in \[0, 1/2\)"):
-    serving.cost_shares([1.0, 1.0], floor=0.5)
+    serving_costs.cost_shares([1.0, 1.0], floor=0.5)
 
 
 def test_served_stage_costs_compile_only_the_buckets_fixed_exits_reach():
   """Fixed-exit serving never compacts: every stage runs on the bucket of its chunk."""
-  assert serving._reached_buckets((8, 16, 24, 32), 40) == (8, 32)
-  assert serving._reached_buckets((8, 16, 24, 32), 64) == (32,)
-  assert serving._reached_buckets((8, 16, 24, 32), 5) == (8, 32)
-  assert serving._reached_buckets(serving.DEFAULT_BUCKETS, 359) == (384, 512)
+  assert serving_costs.reached_buckets((8, 16, 24, 32), 40) == (8, 32)
+  assert serving_costs.reached_buckets((8, 16, 24, 32), 64) == (32,)
+  assert serving_costs.reached_buckets((8, 16, 24, 32), 5) == (8, 32)
+  assert serving_costs.reached_buckets(serving.DEFAULT_BUCKETS, 359) == (384, 512)
   # The per-stage kernels a server with every bucket runs are the reduced server's.
   deployed = _deployed("recall")
   fixed = deployed.replace(policy=tj.core.FixedExitPolicy(exit_stage=N_STAGES - 1, num_stages=N_STAGES),
                            answers=None)
   buckets = (8, 16, 24, 32)
-  few = serving.Server(MODEL, fixed, buckets=serving._reached_buckets(buckets, 40), program="stage")
+  few = programs.StageServer(MODEL, fixed, buckets=serving_costs.reached_buckets(buckets, 40))
   few(X[:40])
   before = serving.compile_count()
-  serving.Server(MODEL, fixed, buckets=buckets, program="stage")(X[:40])
+  programs.StageServer(MODEL, fixed, buckets=buckets)(X[:40])
   assert serving.compile_count() == before
 
 

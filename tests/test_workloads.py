@@ -132,7 +132,7 @@ def test_mnist1d_is_generated_offline_and_split_stratified():
 
 
 def test_model_cascade_traces_with_measured_latency():
-  from ttamer_jax.networks import model_cascade
+  from ttamer_jax.data import model_cascade
   w = model_cascade.model_cascade(seed=0, num_samples=900, repeats=2)
   assert w.calibration.num_stages == len(model_cascade.STAGES) == 5
   assert w.calibration.num_samples == w.test.num_samples == 270

@@ -8,7 +8,7 @@ The package is layered (docs/DESIGN.md, "Layers"); imports point down only:
   data        traces, file formats, tables, discretisers, fitting, synthetic data
   evaluation  held-out metrics, exact metrics on a model, frontiers, SLO, drift
   networks    Flax nnx early-exit networks: training, profiling, serving, workloads
-  app         pipeline, reports, plots, the ``ttamer`` command line, benchmarks
+  app         the demo and its workloads, comparisons, the commands, reports, plots, the CLI
 
 ``import ttamer_jax`` loads the first three (jax, numpy and chex only); the names
 of ``networks`` (flax, optax) are loaded on first use, and plots and tables

@@ -14,15 +14,18 @@ failed; 130 interrupted. The file formats are in ``docs/trace_format.md``,
 ``docs/policy_format.md`` and :mod:`ttamer_jax.data.cascade_io`; the commands in
 ``docs/cli.md``.
 
-This module only parses: each command is one call into :mod:`.pipeline` (which
-does the work and checks the files) and one :func:`emit` of the result, as text
-(:mod:`.reports`) or JSON.
+This module parses, and sets up the process (JAX's compilation cache, the Ctrl-C
+handler): each command is one call into :mod:`.commands` (or :mod:`.demo`), which
+does the work and checks the files, and one :func:`emit` of the result, as text
+(:mod:`.reports`) or JSON. ``ttamer bench`` hands its arguments to the benchmark
+harness of a source checkout (``benchmarks/bench.py``), which parses them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import math
 import os
 import signal
@@ -31,9 +34,10 @@ import textwrap
 import threading
 from typing import Callable
 
+import jax
 import numpy as np
 
-from ttamer_jax.app import pipeline, reports
+from ttamer_jax.app import commands, demo, reports
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -44,12 +48,9 @@ MAX_RESAMPLES = 1_000_000
 # Seeds become jax.random.PRNGKey(seed): larger ones overflow (or, above 2**32, alias
 # smaller seeds' keys without x64).
 MAX_SEED = 2**32 - 1
-# ttamer_jax.app.bench.SECTIONS, repeated so that --help does not import the bench
-# (tests/test_bench.py checks they agree).
-BENCH_SECTIONS = ("floor", "sweep", "batch", "replay", "large", "memory", "numpy", "mdp", "mc",
-                  "profile", "select", "compile")
-# Run only when named (ttamer_jax.app.bench.OPT_IN): the full select takes minutes.
-BENCH_OPT_IN = ("select",)
+# Where `ttamer bench` finds the benchmark harness, relative to the folder holding the
+# package: a source checkout has it, an installed package does not.
+BENCH_HARNESS = os.path.join("benchmarks", "bench.py")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,8 +95,10 @@ def single_lam(text: str) -> float:
   return float(lams[0])
 
 
-def lam_or_auto(text: str):
-  return "auto" if text.strip() == "auto" else single_lam(text)
+def lam_or_auto(text: str) -> float | None:
+  """``--lam`` of ``ttamer fit``: one lam value, or ``auto`` (``None``: least cost within
+  ``--tolerance``)."""
+  return None if text.strip() == "auto" else single_lam(text)
 
 
 def _number(text: str, kind=float):
@@ -142,7 +145,7 @@ def fraction(text: str) -> float:
 
 
 # ------------------------------------------------------------------ commands
-def emit(args, run: pipeline.Run, text: Callable | None = None) -> int:
+def emit(args, run: reports.Run, text: Callable | None = None) -> int:
   """The one way a command prints its result: the JSON document with ``--json``,
   else ``text(result, notes)``."""
   print(reports.dumps(run.result) if args.json else text(run.result, run.notes))
@@ -161,65 +164,103 @@ def _say(text: str) -> None:
 
 def compilation_cache(args) -> str | None:
   """Turns on JAX's persistent compilation cache in ``<--cache-dir>/xla`` (default
-  :func:`pipeline.default_cache_dir`; ``''``: off), so that a second run of a command
-  loads its compiled programs instead of compiling them again. A cache the user set
-  up (``$JAX_COMPILATION_CACHE_DIR``) wins. ``ttamer bench`` times compilation, so
-  it caches only when given ``--cache-dir``. Returns the folder in use, or ``None``."""
-  cache = args.cache_dir
-  if cache is None:
-    cache = "" if args.command == "bench" else pipeline.default_cache_dir()
-  return pipeline.enable_compilation_cache(cache)
+  :func:`~ttamer_jax.app.demo.default_cache_dir`; ``''``: off), so that a second run of
+  a command loads its compiled programs instead of compiling them again. A cache the
+  user set up (``$JAX_COMPILATION_CACHE_DIR``) wins. Returns the folder in use, or
+  ``None``."""
+  cache = demo.default_cache_dir() if args.cache_dir is None else args.cache_dir
+  return enable_compilation_cache(cache)
+
+
+def enable_compilation_cache(cache_dir: str) -> str | None:
+  """Keeps XLA's compiled programs in ``<cache_dir>/xla`` (JAX's persistent compilation
+  cache), so that a second ``ttamer demo`` loads what the first one compiled instead of
+  compiling it again (most of a cached demo's time without it). A cache the user set up
+  (``$JAX_COMPILATION_CACHE_DIR``) is left as it is. Returns the folder in use, or
+  ``None`` when ``cache_dir`` is empty (caching off) and none is set.
+
+  JAX reads this setting when it compiles its first program; call it before.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current or not cache_dir:
+    return current or None
+  path = os.path.join(cache_dir, "xla")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the many small ones too
+  return path
 
 
 def _demo(args) -> int:
-  run = pipeline.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
-                          tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
-                          plots=not args.no_plots, progress=_progress(args), costs=args.costs,
-                          log=None if args.json else _say)
+  run = demo.run_demo(args.out, workload=args.workload, quick=args.quick, states=args.states,
+                      tolerance=args.tolerance, seed=args.seed, cache_dir=args.cache_dir,
+                      plots=not args.no_plots, progress=_progress(args), costs=args.costs,
+                      log=None if args.json else _say)
   return emit(args, run, reports.demo_text)
 
 
 def _fit(args) -> int:
-  run = pipeline.fit_and_save(args.traces, args.out, states=args.states, lam=args.lam,
-                              tolerance=args.tolerance, score=args.score, feature=args.feature,
-                              binning=args.binning, cascade_out=args.cascade_out,
-                              candidates=args.candidates, folds=args.folds, seed=args.seed,
-                              progress=_progress(args))
+  run = commands.fit(args.traces, args.out, states=args.states, lam=args.lam,
+                     tolerance=args.tolerance, score=args.score, feature=args.feature,
+                     binning=args.binning, cascade_out=args.cascade_out,
+                     candidates=args.candidates, folds=args.folds, seed=args.seed,
+                     progress=_progress(args))
   return emit(args, run, reports.fit_text)
 
 
 def _evaluate(args) -> int:
-  run = pipeline.evaluate_files(args.policy, args.traces, lam=args.lam, resamples=args.resamples,
-                                level=args.level, seed=args.seed, log=_say)
+  run = commands.evaluate(args.policy, args.traces, lam=args.lam, resamples=args.resamples,
+                          level=args.level, seed=args.seed, log=_say)
   return emit(args, run, reports.evaluate_text)
 
 
 def _sweep(args) -> int:
-  run = pipeline.sweep_files(args.traces, calibration_path=args.calibration, split=args.split,
-                             seed=args.seed, lams=args.lam, states=args.states, score=args.score,
-                             confidence_score=args.confidence_score, feature=args.feature,
-                             tolerance=args.tolerance, plot=args.plot, progress=_progress(args))
+  run = commands.sweep(args.traces, calibration_path=args.calibration, split=args.split,
+                       seed=args.seed, lams=args.lam, states=args.states, score=args.score,
+                       confidence_score=args.confidence_score, feature=args.feature,
+                       tolerance=args.tolerance, plot=args.plot, progress=_progress(args))
   return emit(args, run, reports.sweep_text)
 
 
 def _solve(args) -> int:
-  return emit(args, pipeline.solve_file(args.cascade, lams=args.lam, plot=args.plot),
-              reports.solve_text)
+  return emit(args, commands.solve(args.cascade, lams=args.lam, plot=args.plot),
+                                   reports.solve_text)
 
 
-def _bench(args) -> int:
-  code, result = pipeline.run_bench(
-      quick=args.quick, full=args.full, gpu=args.gpu, require_gpu=args.require_gpu,
-      repeats=args.repeats, sections=args.sections, out=args.out, budget_s=args.budget_s,
-      quiet_stdout=args.json)
-  if args.json and result is not None:
-    emit(args, pipeline.Run(result))
-  return code
+def bench_harness() -> str | None:
+  """The path of ``benchmarks/bench.py`` beside this package's folder (a source
+  checkout), or ``None`` (an installed package: the harness is not installed)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  path = os.path.join(root, BENCH_HARNESS)
+  return path if os.path.isfile(path) else None
+
+
+def bench(argv: list[str]) -> int:
+  """``ttamer bench ARGS``: the benchmark harness of a source checkout, run with ``ARGS``.
+
+  The harness parses its own flags (``python benchmarks/bench.py --help``); from this
+  command it defaults to the ``--quick`` sizes and ``ttamer_bench.json``.
+
+  Args:
+    argv: the arguments after ``bench``.
+
+  Returns:
+    The harness's exit code; 2 (after one line on stderr) when this package was
+    installed without the repository's ``benchmarks/`` folder.
+  """
+  path = bench_harness()
+  if path is None:
+    print(f"ttamer bench: the benchmark harness is {BENCH_HARNESS} in the source repository "
+          "(it is not installed); run it from a checkout: python benchmarks/bench.py --quick",
+          file=sys.stderr)
+    return EXIT_USAGE
+  spec = importlib.util.spec_from_file_location("ttamer_benchmarks_bench", path)
+  harness = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(harness)
+  return harness.main(argv, entry="ttamer", prog="ttamer bench", parser_class=_Parser)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _demo, "fit": _fit, "evaluate": _evaluate, "sweep": _sweep, "solve": _solve,
-    "bench": _bench}
+    "demo": _demo, "fit": _fit, "evaluate": _evaluate, "sweep": _sweep, "solve": _solve}
 
 
 # ------------------------------------------------------------------ parser
@@ -275,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help, description=description, formatter_class=fmt,
                           epilog=_EPILOG, parents=[_shared(**shared)])
 
-  demo = add("demo", "the whole job on a built-in workload: train, fit, compare, plot, save",
+  demo_cmd = add("demo", "the whole job on a built-in workload: train, fit, compare, plot, save",
              "Trains (or loads from the cache) the digits early-exit CNN, records exit traces\n"
              "with measured per-exit latency, fits a cascade on the calibration split, sweeps\n"
              "lam for the recall and no-recall optima and every heuristic (confidence,\n"
@@ -285,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
              "calibration) + policy.json, the traces, cascade.npz, report.md, results.json.\n\n"
              "  ttamer demo\n"
              "  ttamer demo --quick --out /tmp/demo\n\n"
-             + textwrap.fill(f"Takes {pipeline.demo_timing_text()}. Progress goes to stderr: a "
+             + textwrap.fill(f"Takes {demo.demo_timing_text()}. Progress goes to stderr: a "
                              "bar on a terminal, else one line every 5 s (step, ETA, loss); "
                              "--no-progress: none.", 80),
              states="score bins per exit of the fitted cascade (default 8)",
@@ -293,13 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
              seed="seed of the split and training (default 0)", no_progress="no progress output",
              cache_dir="cache of the trained network, and of compiled programs in DIR/xla "
                        "(default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
-  demo.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
-  demo.add_argument("--quick", action="store_true",
+  demo_cmd.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
+  demo_cmd.add_argument("--quick", action="store_true",
                     help="train a tenth of the steps (a smoke run; worse network)")
-  demo.add_argument("--workload", default="digits", choices=pipeline.WORKLOADS,
+  demo_cmd.add_argument("--workload", default="digits", choices=tuple(demo.WORKLOADS),
                     help="built-in workload (default digits; synthetic: no network)")
-  demo.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
-  demo.add_argument("--costs", default="measured", choices=pipeline.COST_OPTIONS,
+  demo_cmd.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
+  demo_cmd.add_argument("--costs", default="measured", choices=demo.COST_OPTIONS,
                     help="per-stage costs the policies are fitted on: measured (default; each "
                          "stage timed alone) or served (each stage as the serving path runs it, "
                          "its per-stage overhead included; network workloads only)")
@@ -328,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trade-off weight in [0, 1] of error vs cost share, or 'auto' (default): "
                         "the least cross-fitted cost whose cross-fitted error is within "
                         "--tolerance of the last exit's")
-  fit.add_argument("--candidates", default="auto", choices=pipeline.CANDIDATE_SETS,
+  fit.add_argument("--candidates", default="auto", choices=commands.CANDIDATE_SETS,
                    help="all: T-Tamer designs and simple rules; ttamer: T-Tamer only; recall: "
                         "only the recall optimum of --states/--score/--feature/--binning; auto "
                         "(default): recall when --states, --feature or --binning is given, else all")
@@ -363,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
            seed="seed of the split (0)", no_progress="no progress output")
   sw.add_argument("traces", metavar="TRACES", help=TRACES_HELP + "; held out with --calibration")
   sw.add_argument("--lam", type=lam_values, default=None,
-                  help="lam grid: START:STOP:NUM, a list a,b,c or one value (default: 201 even "
-                       "values plus 30 in [0.99, 0.9999])")
+                  help="lam grid: START:STOP:NUM, a list a,b,c or one value (default: 41 even "
+                       "values plus 16 in [0.98, 0.9999], the grid ttamer fit chooses on)")
   sw.add_argument("--calibration", default=None, metavar="CAL",
                   help="fit on these traces instead of a split of TRACES")
   sw.add_argument("--split", type=fraction, default=0.5,
@@ -385,25 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
   so.add_argument("--plot", default=None, metavar="OUT.png",
                   help="heatmap of the index table (one --lam value)")
 
-  be = add("bench", "speed and memory benchmarks of the solvers (quick sizes by default)",
-           "The benchmark suite of scripts/bench.py (BENCHMARKS.md): each solver timed next\n"
-           "to NumPy / a general MDP solver, sweeps, Monte-Carlo, memory, profile checks.\n"
-           "Defaults to the --quick sizes (under a minute); --full runs the CPU sizes.\n\n"
-           "  ttamer bench\n"
-           "  ttamer bench --sections numpy,sweep --repeats 3 --json",
-           cache_dir="keep compiled programs in DIR/xla (default: off -- the bench times "
-                     "compilation, which a warm cache would replace by loading)")
-  be.add_argument("--quick", action="store_true", help="small sizes (the default)")
-  be.add_argument("--full", action="store_true", help="the full CPU sizes (~10 min on 2 cores)")
-  be.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
-  be.add_argument("--require-gpu", action="store_true", help="fail unless JAX's backend is a GPU")
-  be.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (7)")
-  be.add_argument("--sections", default=",".join(x for x in BENCH_SECTIONS if x not in BENCH_OPT_IN),
-                  help="comma-separated subset of " + ",".join(BENCH_SECTIONS) + " (default: all "
-                       "but " + ",".join(BENCH_OPT_IN) + ", which runs only when named)")
-  be.add_argument("--out", default="ttamer_bench.json", help="results JSON (./ttamer_bench.json)")
-  be.add_argument("--budget-s", type=seconds_value, default=0.0,
-                  help="skip the remaining sections after this many seconds (0: no limit)")
+  sub.add_parser("bench", add_help=False, help="speed and memory benchmarks of the solvers "
+                 "(a source checkout's benchmarks/bench.py; its flags: ttamer bench --help)")
   return parser
 
 
@@ -449,6 +473,9 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
   """Runs ``ttamer`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+  words = sys.argv[1:] if argv is None else list(argv)
+  if words[:1] == ["bench"]:  # the harness parses its own flags
+    return _run_bench(words[1:], own_process=argv is None)
   args = build_parser().parse_args(argv)
   args.own_process = argv is None  # run as the `ttamer` program, not called from Python
   try:
@@ -466,6 +493,19 @@ def main(argv=None) -> int:
       signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
   except BaseException as e:  # noqa: BLE001 -- sorted out below, the rest re-raised
+    return _failed(args, e)
+
+
+def _run_bench(argv: list[str], *, own_process: bool) -> int:
+  """``ttamer bench``, with the program's Ctrl-C and error handling; the harness turns
+  JAX's compilation cache on only when given ``--cache-dir`` (it times compilation)."""
+  args = argparse.Namespace(command="bench", own_process=own_process)
+  try:
+    if own_process and callable(signal.getsignal(signal.SIGINT)):
+      signal.signal(signal.SIGINT, _interrupt)
+      sys.unraisablehook = _unraisable
+    return bench(argv)
+  except BaseException as e:  # noqa: BLE001 -- sorted out by _failed, the rest re-raised
     return _failed(args, e)
 
 

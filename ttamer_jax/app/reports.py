@@ -1,21 +1,37 @@
 """What the application prints and writes as text: tables, reports, JSON.
 
-Pure functions of plain values -- the result documents of the :mod:`.pipeline`
-commands (dicts of numbers, strings and arrays) and a few options -- each
+Pure functions of plain values -- the result documents of the
+:mod:`.commands` (dicts of numbers, strings and arrays) and a few options -- each
 returning a string or a JSON-ready value, so each is tested without running a
 command. The ``*_text(result, notes)`` functions are the text faces of the
-commands (``notes``: what only the text shows, see :class:`.pipeline.Run`);
+commands (``notes``: what only the text shows, see :class:`Run`);
 ``--json`` prints :func:`dumps` of the same ``result``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What one ``ttamer`` command did.
+
+  Attributes:
+    result: its JSON document (``ttamer ... --json`` prints ``reports.dumps(result)``).
+    notes: what only its text report shows (resolved signal names, options);
+      ``reports.<command>_text(result, notes)`` is the text.
+  """
+
+  result: dict
+  notes: dict = dataclasses.field(default_factory=dict)
+
 
 # What each policy family is called in tables, legends and plots.
 LABELS = {
@@ -118,7 +134,7 @@ def table_legend(tolerance: float, full_error: Mapping[str, float], cost_word: s
 
 
 def format_budgets(rows: list[dict], budgets: list[float], cost_word: str = "cost") -> str:
-  """Plain-text table of :func:`~ttamer_jax.app.pipeline.errors_at_budgets`: each
+  """Plain-text table of :func:`~ttamer_jax.app.compare.errors_at_budgets`: each
   family's least held-out error at each cost budget; ``<`` marks the least deployable
   error per budget, ``-`` a family with no point at or below that budget."""
   header = ["policy"] + [f"{cost_word} <= {100 * b:g}%" for b in budgets]
@@ -178,7 +194,7 @@ def _cell(v, pct_value=False):
 
 def format_operating_points(rows: list[dict], full_error: Mapping[str, float],
                             tolerance: float = 0.01) -> str:
-  """Markdown table of :func:`~ttamer_jax.app.pipeline.operating_points`."""
+  """Markdown table of :func:`~ttamer_jax.app.compare.operating_points`."""
   lines = [f"Full network: test error {100 * full_error['test']:.2f}% "
            f"(calibration {100 * full_error['calibration']:.2f}%); target: within "
            f"{100 * tolerance:.0f} point.",
@@ -197,7 +213,7 @@ def format_operating_points(rows: list[dict], full_error: Mapping[str, float],
 
 
 def format_objectives(rows: list[dict]) -> str:
-  """Markdown table of :func:`~ttamer_jax.app.pipeline.objectives_at` (best deployable in bold)."""
+  """Markdown table of :func:`~ttamer_jax.app.compare.objectives_at` (best deployable in bold)."""
   names = [k for k in rows[0] if k != "lam"]
   lines = ["| lam | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
   for r in rows:
@@ -407,7 +423,7 @@ def selected_lines(sel: Mapping, policy_file: str) -> list[str]:
 
 
 def served_line(served: Mapping) -> str:
-  """The deployed policy served by the network (``ServeBenchmark.as_dict``), timed next
+  """The deployed policy served by the network (``serving_costs.served_wall_time``), timed next
   to the full network (every exit) on the same requests."""
   ms = lambda s: f"{1e3 * s:.1f} ms"
   return (f"Served on the test split ({served['batch_size']} requests, median of "

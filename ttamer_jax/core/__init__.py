@@ -64,11 +64,11 @@ from ttamer_jax.core.replay import (
                                    sample_states,
                                    simulate_graph,
 )
-from ttamer_jax.core.training_loss import exit_outcomes, quantile_edges, serving_loss
 from ttamer_jax.core.sharded import SweepSolutions, sweep
 from ttamer_jax.core.solutions import GraphSolution, NoRecallSolution, RecallSolution
 from ttamer_jax.core.solvers import prophet_value, solve_no_recall, solve_recall
 from ttamer_jax.core.struct import pytree_dataclass
+from ttamer_jax.core.training_loss import exit_outcomes, quantile_edges, serving_loss
 
 __all__ = [
     "fit_cascade_arrays", "AggregatedCascade", "aggregate_cascade", "solve_recall_aggregated",

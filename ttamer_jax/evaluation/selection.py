@@ -66,7 +66,7 @@ from ttamer_jax.data.fitting import (
 )
 from ttamer_jax.data.traces import ExitTraces
 from ttamer_jax.evaluation import crossfit, model_check
-from ttamer_jax.evaluation.frontier import cheapest_within, sweep_no_recall, sweep_policies, sweep_recall
+from ttamer_jax.evaluation.frontier import LAMS, cheapest_within, sweep_no_recall, sweep_policies, sweep_recall
 from ttamer_jax.evaluation.metrics import (
   Comparison,
   bootstrap_means,
@@ -80,9 +80,6 @@ RULE_KINDS = ("confidence", "per_stage", "patience", "fixed_exit")
 ANSWERS = ("exits", "posterior")
 # Grid of the simple rules' parameters (quantile levels of the training scores).
 RULE_LEVELS = np.linspace(0.0, 1.0, 49)
-# lam grid of the T-Tamer candidates in tolerance mode (``--lam auto``).
-AUTO_LAMS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 41),
-                                      1.0 - np.geomspace(1e-4, 2e-2, 16)]))
 
 
 # ------------------------------------------------------------------ candidates
@@ -436,16 +433,9 @@ def _paired(a: CandidateScore, b: CandidateScore, level: float) -> Comparison:
                     objective_a=np.asarray(a.objective), objective_b=np.asarray(b.objective))
 
 
-def _check_args(traces, lam, tolerance, folds, candidates):
+def _check_args(traces, folds, candidates):
   if not isinstance(traces, ExitTraces):
     raise ValueError(f"traces: expected ExitTraces, got {type(traces).__name__}")
-  if (lam is None) == (tolerance is None):
-    raise ValueError("give exactly one of lam (minimise J) and tolerance (least cost within "
-                     "tolerance of the last exit's error)")
-  if lam is not None:
-    validation.check_scalar_lam(lam)
-  if tolerance is not None:
-    tolerance = validation.as_nonnegative_scalar("tolerance", tolerance)
   folds = validation.check_positive_int("folds", folds)
   if not 2 <= folds <= traces.num_samples:
     raise ValueError(f"folds = {folds} must lie in [2, N = {traces.num_samples}]")
@@ -463,7 +453,7 @@ def _check_args(traces, lam, tolerance, folds, candidates):
   if len(set(names)) != len(names):
     dup = next(x for i, x in enumerate(names) if x in names[:i])
     raise ValueError(f"candidates: {dup!r} appears twice")
-  return tolerance, folds, candidates
+  return folds, candidates
 
 
 def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float | None = None,
@@ -486,23 +476,42 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
     progress: a progress line per candidate.
 
   Returns:
-    A :class:`~ttamer_jax.evaluation.PolicySelection`: the chosen
-    :class:`DeployedPolicy` refitted on all of ``traces``, its candidate, and every
-    candidate's cross-fitted score.
+    A :class:`~ttamer_jax.evaluation.PolicySelection`: the chosen policy refitted on all
+    of ``traces``, every candidate's cross-fitted scores and the model check.
   """
   validation.refuse_traced(
       "fit_policy", "inside jit, fit bins outside (ttamer_jax.fit_discretiser), then "
       "ttamer_jax.fit_cascade_arrays with fold weights, ttamer_jax.solve_recall and "
       "ttamer_jax.replay (docs/jit.md)", traces=traces, lam=lam)
+  return select(traces, OperatingPoint(lam=lam, tolerance=tolerance), folds=folds,
+                candidates=candidates, key=key, num_resamples=num_resamples, level=level,
+                progress=progress)
+
+
+def select(traces: ExitTraces, point: "OperatingPoint", *, folds: int = 5,
+           candidates: Sequence[Candidate] | None = None, key: chex.PRNGKey | None = None,
+           num_resamples: int = 1000, level: float = 0.95,
+           progress: bool = False) -> PolicySelection:
+  """:func:`fit_policy` at an operating point already validated (``ttamer fit`` builds one
+  from its flags); the arguments and the result are :func:`fit_policy`'s.
+
+  Args:
+    traces: calibration traces ``[N, n]``.
+    point: least ``J`` at ``point.lam``, or least cost within ``point.tolerance``.
+    folds, candidates, key, num_resamples, level, progress: as :func:`fit_policy`.
+
+  Returns:
+    The :class:`PolicySelection`.
+  """
+  lam, tolerance = point.lam, point.tolerance
   candidates = default_candidates(traces) if candidates is None else candidates
-  tolerance, folds, candidates = _check_args(traces, lam, tolerance, folds, candidates)
+  folds, candidates = _check_args(traces, folds, candidates)
   # Keys drawn on the host: jax.random.split / fold_in would each compile a program.
   key = np.zeros(2, np.uint32) if key is None else key
   k_folds, k_inner, k_boot, _ = crossfit.subkeys(key, 4)
   ids = answer_models.fold_ids(k_folds, traces.num_samples, folds)
   full = traces.full_cost()
   reference = float(np.mean(np.asarray(traces.losses, np.float64)[:, -1]))
-  point = OperatingPoint(lam=None if lam is None else float(lam), tolerance=tolerance)
   batch = _cross_fit_batched(candidates, traces, ids, folds, point, k_inner, progress=progress)
   outcomes = batch.outcomes
   scores = _scores(candidates, outcomes, point.lam, full)
@@ -554,10 +563,32 @@ def fit_policy(traces: ExitTraces, lam: float | None = None, *, tolerance: float
 @dataclasses.dataclass(frozen=True)
 class OperatingPoint:
   """How a candidate's operating point is chosen on the traces it is fitted on:
-  least ``J`` at ``lam``, or least cost within ``tolerance`` of the last exit's error."""
+  least ``J`` at ``lam``, or least cost within ``tolerance`` of the last exit's error.
+
+  The one form ``lam`` takes on the fitting path, validated here, where it enters.
+
+  Attributes:
+    lam: trade-off weight in ``[0, 1]`` (a Python float), or ``None`` in tolerance mode.
+    tolerance: error tolerance ``>= 0`` (a Python float), or ``None`` with ``lam``.
+
+  Raises:
+    ValueError: both or neither given, ``lam`` outside ``[0, 1]`` or not a finite
+      scalar, ``tolerance`` negative or not finite.
+  """
 
   lam: float | None
   tolerance: float | None
+
+  def __post_init__(self):
+    if (self.lam is None) == (self.tolerance is None):
+      raise ValueError("give exactly one of lam (minimise J) and tolerance (least cost within "
+                       "tolerance of the last exit's error)")
+    if self.lam is not None:
+      validation.check_scalar_lam(self.lam)
+      object.__setattr__(self, "lam", float(self.lam))
+    else:
+      object.__setattr__(self, "tolerance",
+                         float(validation.as_nonnegative_scalar("tolerance", self.tolerance)))
 
   def pick(self, error: np.ndarray, cost_norm: np.ndarray, reference: float) -> int:
     """Row of a grid's ``(error, cost_norm)`` (ties: the first row)."""
@@ -685,8 +716,9 @@ def fit_at(candidate: Candidate, traces: ExitTraces, point: OperatingPoint, *,
   """The candidate fitted on ``traces`` at the operating point ``point`` chosen there.
 
   T-Tamer at a given ``lam`` is solved at that ``lam``; in tolerance mode its
-  ``lam`` is the cheapest of :data:`AUTO_LAMS` within tolerance when replayed on
-  ``traces`` (the cross-fitted virtual traces for posterior answers). Rules take
+  ``lam`` is the cheapest of :data:`~ttamer_jax.evaluation.frontier.LAMS` within
+  tolerance when replayed on ``traces`` (the cross-fitted virtual traces for posterior
+  answers). Rules take
   thresholds from ``traces`` and the parameter best there.
   """
   if candidate.ttamer:
@@ -698,9 +730,9 @@ def fit_at(candidate: Candidate, traces: ExitTraces, point: OperatingPoint, *,
       model_only = dataclasses.replace(fitted, answers=None)
       on = traces if virtual is None else virtual
       sweep = (sweep_recall if candidate.kind == "recall" else sweep_no_recall)(
-          model_only, on, AUTO_LAMS)
+          model_only, on, LAMS)
       i = point.pick(np.asarray(sweep.error), np.asarray(sweep.cost_norm), _last_exit_error(on))
-      lam = float(AUTO_LAMS[i])
+      lam = float(LAMS[i])
     deployed = (fitted.recall_policy(lam) if candidate.kind == "recall"
                 else fitted.no_recall_policy(lam))
     return FittedCandidate(candidate, deployed, fitted, lam)
@@ -828,9 +860,7 @@ def _cross_fit_batched(candidates, traces: ExitTraces, ids: np.ndarray, folds: i
                        key, progress: bool = False) -> _Batch:
   """Every candidate cross-fitted over ``folds`` and refitted on all requests, in one
   program per family (:mod:`ttamer_jax.evaluation.crossfit`). ``point``: an
-  :class:`OperatingPoint` (or a ``lam``)."""
-  if not isinstance(point, OperatingPoint):
-    point = OperatingPoint(lam=float(point), tolerance=None)
+  :class:`OperatingPoint`."""
   ctx = _folds(traces, ids, folds, point)
   outcomes: list = [None] * len(candidates)
   builders, in_sample = {}, {}
@@ -944,7 +974,7 @@ def _ttamer_family(ctx: _Folds, kind, members, tables: _Tables, answers, outcome
   lam, tol, by_tolerance = ctx.point_args(dtype)
   out = crossfit.ttamer_outcomes(inst, *tables.stacked(), ctx.weights.astype(dtype), k_pad,
                                  kind == "recall", by_tolerance, ctx.raw_costs.astype(dtype), lam,
-                                 AUTO_LAMS.astype(dtype), tol)
+                                 LAMS.astype(dtype), tol)
   out = jax.tree_util.tree_map(np.asarray, out)
   if ctx.point.lam is not None:   # the given lam itself, not its float32 copy
     out = dataclasses.replace(out, lam=np.full(out.lam.shape, ctx.point.lam))

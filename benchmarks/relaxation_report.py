@@ -1,7 +1,7 @@
 """How much do tuned threshold heuristics leave on the table? (issue: differentiable relaxation)
 
-    python scripts/relaxation_report.py                 # ~2-4 min on 2 CPU cores
-    python scripts/relaxation_report.py --quick         # smaller tuning budget
+    python benchmarks/relaxation_report.py                 # ~2-4 min on 2 CPU cores
+    python benchmarks/relaxation_report.py --quick         # smaller tuning budget
 
 Part 1 -- cascades, evaluated exactly (no sampling error). A threshold rule reads a
 confidence per (stage, state), here the calibrated one ``1 - values``. Columns:
@@ -17,7 +17,7 @@ any threshold rule must lose a factor alpha.
 Part 2 -- workloads, on held-out traces: everything tuned or fitted on the
 calibration split, scored on the test split (digits CNN, sequence Transformer,
 synthetic over-thinking traces; networks come from the same cache as
-``scripts/reproduce_early_exit.py``). "recall" is the recall optimum of the
+``benchmarks/reproduce_early_exit.py``). "recall" is the recall optimum of the
 cascade fitted on calibration (8 max-softmax bins), replayed on test.
 """
 
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.app import pipeline
+from ttamer_jax.app import demo
 
 LAMS = (0.5, 0.7, 0.9, 0.97)
 
@@ -66,7 +66,7 @@ def cascade_rows(name, cascade, lams, tuning):
 
 
 def workload_rows(name, lams, tuning, cache_dir):
-  prep = pipeline.prepare(name, seed=0, cache_dir=cache_dir, progress=False)
+  prep = demo.prepare(name, seed=0, cache_dir=cache_dir, progress=False)
   cal, test = prep.calibration, prep.test
   fitted = tj.fit_cascade(cal, 8, score="max_softmax")
   s_cal, s_test = np.asarray(cal.signals["max_softmax"]), np.asarray(test.signals["max_softmax"])
@@ -111,7 +111,7 @@ def main(argv=None):
   parser.add_argument("--out", default="relaxation_out")
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--cache-dir", default=None)
-  parser.add_argument("--workloads", nargs="*", default=list(pipeline.WORKLOADS))
+  parser.add_argument("--workloads", nargs="*", default=list(demo.WORKLOADS))
   args = parser.parse_args(argv)
   tuning = dict(steps=100, restarts=4) if args.quick else dict(steps=300, restarts=8)
   t0 = time.perf_counter()

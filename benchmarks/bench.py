@@ -1,12 +1,12 @@
 """Speed and memory of the solvers, each measured next to what a user would
 otherwise use, in one run.
 
-    python scripts/bench.py                 # CPU sizes (~10 min on 2 cores), writes bench_results.json
-    python scripts/bench.py --quick         # small sizes, a smoke run (~1 min)
-    python scripts/bench.py --gpu           # accelerator sizes: K up to 8192, sweeps up to 65536 lams
-    python scripts/bench.py --gpu --quick   # the --gpu code path at tiny sizes (runs on a CPU)
-    python scripts/bench.py --sections floor,numpy   # a subset
-    python scripts/bench.py --sections select --select-traces ttamer_demo_out/calibration_traces.npz
+    python benchmarks/bench.py                 # CPU sizes (~10 min on 2 cores), writes bench_results.json
+    python benchmarks/bench.py --quick         # small sizes, a smoke run (~1 min)
+    python benchmarks/bench.py --gpu           # accelerator sizes: K up to 8192, sweeps up to 65536 lams
+    python benchmarks/bench.py --gpu --quick   # the --gpu code path at tiny sizes (runs on a CPU)
+    python benchmarks/bench.py --sections floor,numpy   # a subset
+    python benchmarks/bench.py --sections select --select-traces ttamer_demo_out/calibration_traces.npz
     ttamer bench                            # the same, --quick sizes by default (--full for CPU sizes)
 
 Sections (each a table, all in the JSON; all but the opt-in ``select`` run by
@@ -47,7 +47,7 @@ default, and it too with ``--quick``):
            stages of ``model_cascade`` (scikit-learn, trained offline, ~1 min; fixed
            costs), rows resampled with a fixed seed past its 10,500; ``--quick``:
            synthetic traces, (a) and 2000, 2000, 2037. Opt-in (~4 min, 2 cores):
-           ``python scripts/bench.py --sections select [--select-traces PATH]``;
+           ``python benchmarks/bench.py --sections select [--select-traces PATH]``;
   compile  first-call time of solve / sweep / replay / evaluate / fit in a fresh
            process, and the number of compilations as the batch size varies.
 
@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import io
 import json
 import os
 import platform
@@ -72,15 +71,20 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 
-# Grow GPU memory on demand (JAX preallocates 75% otherwise), so the large-K
-# worker process can allocate beside this one and peaks are the program's own.
+# The one place the harness's memory setting is made, before JAX starts a backend: grow
+# GPU memory on demand (JAX preallocates 75% otherwise), so that the large-K worker
+# process can allocate beside this one and peaks are the program's own.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Run as a file from a checkout (python benchmarks/bench.py) or loaded by `ttamer bench`:
+# the checkout's ttamer_jax and this folder's modules are importable either way.
+sys.path[:0] = [p for p in (os.path.dirname(HERE), HERE) if p not in sys.path]
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from reference_solvers import explicit_mdp, mdp_solver, numpy_monte_carlo, numpy_solve_recall, numpy_sweep  # noqa: E402
 
 import ttamer_jax as tj  # noqa: E402
 from ttamer_jax.core import kernel, sharded  # noqa: E402
@@ -228,153 +232,6 @@ def compiled_solver(c: tj.Cascade):
   chunk = kernel.default_x_chunk(grid.size, c.num_states, grid.dtype.itemsize)
   fn = jax.jit(lambda c, lam, g, p: solve_recall_on_grid(c, lam, g, p, P, chunk))
   return fn, (jnp.asarray(grid), jnp.asarray(pos))
-
-
-# -------------------------------------------------------------- references
-def numpy_solve_recall(values, init, trans, costs, lam):
-  """The recursion of DESIGN.md section 3 written the obvious vectorised way in
-  NumPy, in the arrays' dtype (float32 like the JAX solver)."""
-  n, k = values.shape
-  lam = values.dtype.type(lam)
-  grid = np.unique(values)
-  pos = np.searchsorted(grid, values)
-  xs = lam * grid
-  cols = np.arange(k)
-  v = np.repeat(xs[:, None], k, axis=1)
-  for i in range(n - 2, -1, -1):
-    at_l = v[pos[i + 1], cols]
-    g = np.where(grid[:, None] <= values[i + 1][None, :], v, at_l[None, :])
-    cont = (1 - lam) * costs[i + 1] + g @ trans[i].T
-    v = np.minimum(xs[:, None], cont)
-  return (1 - lam) * costs[0] + init @ v[pos[0], cols]
-
-
-def explicit_mdp(values, init, trans, costs, lam):
-  """The recall problem as a plain finite-horizon MDP for a general solver.
-
-  States ``(stage i, best-so-far row m, state s)`` plus one absorbing terminal
-  state; actions 0 = stop (reward ``-lam grid[m]``, go to terminal) and
-  1 = continue (reward ``-(1-lam) c_{i+1}``, go to ``(i+1, min(m, pos_{i+1}(t)),
-  t)`` with probability ``trans_i[s, t]``; at the last stage it stops). Rewards
-  are negated costs (MDP solvers maximise).
-
-  Returns ``(P, R, start)``: two ``[S, S]`` CSR matrices, ``R [S, 2]``, and
-  ``start(V)`` mapping the stage-0 value vector to the objective.
-  """
-  import scipy.sparse as sp
-  values, init, trans, costs = (np.asarray(a, np.float64) for a in (values, init, trans, costs))
-  # float32 rows sum to 1 within ~1e-7; pymdptoolbox demands 10 float64 epsilons.
-  trans = trans / trans.sum(-1, keepdims=True)
-  n, k = values.shape
-  grid = np.unique(values)
-  pos = np.searchsorted(grid, values)
-  m = grid.size
-  num = n * m * k + 1
-  terminal = num - 1
-  xs = lam * grid
-  state = lambda i, mm, s: (i * m + mm) * k + s
-  idx = np.arange(num - 1)
-  stop_reward = np.append(-np.tile(np.repeat(xs, k), n), 0.0)
-  p_stop = sp.csr_matrix((np.ones(num), (np.arange(num), np.full(num, terminal))), shape=(num, num))
-  rows, cols, data = [], [], []
-  mm, ss, tt = np.meshgrid(np.arange(m), np.arange(k), np.arange(k), indexing="ij")
-  for i in range(n - 1):
-    rows.append(state(i, mm, ss).ravel())
-    cols.append(state(i + 1, np.minimum(mm, pos[i + 1][tt]), tt).ravel())
-    data.append(trans[i][ss, tt].ravel())
-  last = idx[idx >= state(n - 1, 0, 0)]
-  rows += [last, [terminal]]
-  cols += [np.full(last.size, terminal), [terminal]]
-  data += [np.ones(last.size), [1.0]]
-  p_cont = sp.csr_matrix((np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))),
-                         shape=(num, num))
-  stage_of = idx // (m * k)
-  cont_reward = np.append(
-      np.where(stage_of < n - 1, -(1 - lam) * costs[np.minimum(stage_of + 1, n - 1)],
-               stop_reward[:-1]), 0.0)
-  reward = np.stack([stop_reward, cont_reward], axis=1)
-  first = state(0, pos[0], np.arange(k))
-
-  def start(v0):
-    return (1 - lam) * costs[0] - float(init @ v0[first])
-
-  return [p_stop, p_cont], reward, start, n
-
-
-def mdp_solver():
-  """``(label, solve(P, R, horizon) -> V0)``: pymdptoolbox if installed, else a
-  generic sparse backward induction (what FiniteHorizon does internally)."""
-  try:
-    import mdptoolbox.mdp
-  except ImportError:
-    def solve(p, r, horizon):
-      v = np.zeros(r.shape[0])
-      for _ in range(horizon):
-        v = np.max(np.stack([r[:, a] + p[a] @ v for a in range(len(p))]), axis=0)
-      return v
-    return "generic sparse backward induction (pymdptoolbox not installed)", solve
-
-  import scipy.sparse as sp
-
-  class StoredEntriesCSR(sp.csr_matrix):
-    """pymdptoolbox's input checks do not scale with sparse transitions: its
-    row-sum check subtracts a ``[S]`` vector from the ``[S, 1]`` np.matrix that
-    ``P.sum(axis=1)`` returns (a dense ``[S, S]`` broadcast: 19 GB at K = 64),
-    and its sign check ``(P >= 0).all()`` makes every implicit zero explicit.
-    Both checks mean the same with a flat row sum and the stored entries; the
-    solver itself (``FiniteHorizon.run``: one sparse matvec per action and
-    step) is untouched."""
-
-    def __ge__(self, other):
-      if np.isscalar(other) and other == 0:
-        return self.data >= 0  # implicit zeros are >= 0
-      return super().__ge__(other)
-
-    def sum(self, axis=None, *args, **kwargs):
-      total = super().sum(axis, *args, **kwargs)
-      return np.asarray(total).ravel() if axis in (1, -1) else total
-
-  def solve(p, r, horizon):
-    p = [m if isinstance(m, StoredEntriesCSR) else StoredEntriesCSR(m) for m in p]
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # "discount = 1" and scipy.sparse comparison warnings
-      fh = mdptoolbox.mdp.FiniteHorizon(p, r, 1.0, horizon)
-      fh.run()
-    return fh.V[:, 0]
-  return "pymdptoolbox FiniteHorizon", solve
-
-
-def numpy_monte_carlo(seed, values, init, trans, costs, index, lam, num_paths, chunk=1 << 20):
-  """Samples paths and replays the recall policy, vectorised over paths in
-  NumPy (float32). Returns ``(mean objective, standard error)``."""
-  rng = np.random.default_rng(seed)
-  n, k = values.shape
-  init_cdf = np.cumsum(init)
-  trans_cdf = np.cumsum(trans, axis=-1)
-  cum_costs = np.cumsum(costs)
-  total = total_sq = 0.0
-  done = 0
-  while done < num_paths:
-    b = min(chunk, num_paths - done)
-    u = rng.random((n, b), dtype=np.float32)
-    s = np.minimum((u[0][:, None] >= init_cdf[None, :]).sum(1), k - 1)
-    best = values[0, s]
-    stop_stage = np.full(b, n - 1)
-    active = np.ones(b, bool)
-    for i in range(n):
-      if i > 0:
-        s = np.minimum((u[i][:, None] >= trans_cdf[i - 1][s]).sum(1), k - 1)
-        best = np.where(active, np.minimum(best, values[i, s]), best)
-      stop = active & (lam * best <= index[i, s])
-      stop_stage = np.where(stop, i, stop_stage)
-      active &= ~stop
-    obj = lam * best + (1 - lam) * cum_costs[stop_stage]
-    total += float(obj.sum(dtype=np.float64))
-    total_sq += float((obj.astype(np.float64) ** 2).sum())
-    done += b
-  mean = total / num_paths
-  var = max(total_sq / num_paths - mean * mean, 0.0) * num_paths / max(num_paths - 1, 1)
-  return mean, (var / num_paths) ** 0.5
 
 
 # ---------------------------------------------------------------- sections
@@ -675,7 +532,7 @@ def select_base_traces(source: str, stages: int) -> tj.ExitTraces:
   scikit-learn models, 10,500 requests; ~1 min to train) or ``"synthetic"`` (4000)."""
   if source == "synthetic":
     return tj.synthetic_workload(seed=0, num_stages=stages, sizes=(1, 4000, 1)).calibration
-  from ttamer_jax.networks.model_cascade import model_cascade
+  from ttamer_jax.data.model_cascade import model_cascade
   cal = model_cascade(seed=0, num_samples=30_000, fractions=(0.3, 0.35, 0.35),
                       repeats=1).calibration
   cols = [*range(stages - 1), 4]
@@ -769,7 +626,7 @@ def bench_select(cfg, checks):
       else:
         calls = [[f"({case}) fit_policy, {label}", path(num)]
                  for label, num in zip(_call_labels(sizes), sizes)]
-        args = [sys.executable, "-m", "ttamer_jax.app.bench", "--select-worker", json.dumps(calls)]
+        args = [sys.executable, os.path.abspath(__file__), "--select-worker", json.dumps(calls)]
         new = _select_process(args, env, checks, f"({case}) fit_policy on {sizes}")[0] or []
       for r in new:
         print(f"  {r['case']}: {r['requests']} x {r['stages']}, {r['wall_s']:.1f} s, "
@@ -786,7 +643,7 @@ def bench_large(cfg, n, checks):
   root = os.path.dirname(os.path.dirname(os.path.abspath(tj.__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
-  proc = subprocess.run([sys.executable, "-m", "ttamer_jax.app.bench", "--large-worker", str(k)],
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--large-worker", str(k)],
                         capture_output=True, text=True, timeout=900, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("LARGE ")]
   ok = proc.returncode == 0 and bool(lines)
@@ -898,29 +755,6 @@ def _sweep_aliases(batch, lams) -> bool:
 
 
 # ---------------------------------------------------------- batched sweeps
-def numpy_sweep(values, init, trans, costs, lams):
-  """``[I, L]`` recall values: the recursion of :func:`numpy_solve_recall` vectorised
-  over a batch of ``I`` cascades (``values [I, n, K]``, ...) and ``L`` lams at once,
-  in the arrays' dtype -- how one would batch it by hand in NumPy."""
-  num, n, k = values.shape
-  dtype = values.dtype
-  grid, pos = kernel.pad_grids(values)                                   # [I, M], [I, n, K]
-  grid, lams = grid.astype(dtype), np.asarray(lams, dtype)
-  xs = lams[None, :, None] * grid[:, None, :]                            # [I, L, M]
-  v = np.repeat(xs[..., None], k, axis=-1)                               # [I, L, M, K]
-  inst, lam_ix, cols = np.arange(num)[:, None, None], np.arange(lams.size)[None, :, None], \
-      np.arange(k)[None, None, :]
-  keep = (1 - lams)[None, :, None, None]
-  for i in range(n - 2, -1, -1):
-    at_l = v[inst, lam_ix, pos[:, i + 1][:, None, :], cols]              # [I, L, K]
-    g = np.where(grid[:, None, :, None] <= values[:, i + 1][:, None, None, :], v,
-                 at_l[:, :, None, :])
-    cont = keep * costs[:, i + 1][:, None, None, None] + g @ np.swapaxes(trans[:, i], -1, -2)[:, None]
-    v = np.minimum(xs[..., None], cont)
-  start = v[inst, lam_ix, pos[:, 0][:, None, :], cols]                  # [I, L, K]
-  return (1 - lams)[None, :] * costs[:, 0][:, None] + np.einsum("ik,ilk->il", init, start)
-
-
 def batch_products_fn(num: int, num_lams: int, m: int, k: int):
   """The stage products of :func:`tj.sweep` alone on the same batch: per ``(instance, lam
   chunk)`` the ``n - 1`` dependent expectations ``E[G | s]`` of the solver's layout (lam-minor
@@ -1011,13 +845,13 @@ def _replay_instance(n: int, k: int, num: int, num_policies: int):
   """Requests sampled from a random cascade, a recall ``lam`` grid and a threshold grid."""
   cascade = tj.random_cascade(jax.random.PRNGKey(800), n, k)
   # Host arrays, as traces loaded from files are.
-  states = np.asarray(tj.sample_states(jax.random.PRNGKey(801), cascade, num))   # [N, n]
+  states = np.asarray(tj.core.sample_states(jax.random.PRNGKey(801), cascade, num))   # [N, n]
   losses = np.asarray(cascade.values)[np.arange(n), states]                      # [N, n]
   scores = np.random.default_rng(802).random((num, n), np.float32)
   lams = np.linspace(0.02, 0.98, num_policies, dtype=np.float32)
   index = tj.sweep(cascade, lams).index                                           # [P, n, K]
-  recall = tj.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams))
-  thresholds = tj.ThresholdPolicy(
+  recall = tj.core.RecallPolicy(index=index, values=cascade.values, lam=jnp.asarray(lams))
+  thresholds = tj.core.ThresholdPolicy(
       thresholds=jnp.broadcast_to(jnp.linspace(0.0, 1.0, num_policies)[:, None],
                                   (num_policies, n)))
   return cascade, states, losses, scores, recall, thresholds
@@ -1029,7 +863,7 @@ def _one_policy(policies, axes, p):
 
 
 def bench_replay(cfg, repeats, checks):
-  """``tj.replay_totals`` of 256-policy grids on ``N`` requests x 8 stages (stage-steps
+  """``tj.core.replay_totals`` of 256-policy grids on ``N`` requests x 8 stages (stage-steps
   per second) vs the one-policy replay vmapped over the grid, unblocked, on fewer
   requests; agreement with one-policy replays; XLA temp memory of the blocked program."""
   from ttamer_jax.core import replay as replay_module
@@ -1037,12 +871,12 @@ def bench_replay(cfg, repeats, checks):
   cascade, states, losses, scores, recall, thresholds = _replay_instance(n, k, num, size)
   costs = np.asarray(cascade.costs)
   rows = []
-  families = (("recall lam grid", recall, tj.RecallPolicy.lam_grid_axes(), None),
+  families = (("recall lam grid", recall, tj.core.RecallPolicy.lam_grid_axes(), None),
               ("threshold grid", thresholds, 0, scores))
   for name, grid, axes, sc in families:
-    run = lambda s=states, l=losses, sc=sc: tj.replay_totals(grid, s, l, costs, scores=sc,
+    run = lambda s=states, l=losses, sc=sc: tj.core.replay_totals(grid, s, l, costs, scores=sc,
                                                              policy_axes=axes).loss
-    tot = tj.replay_totals(grid, states, losses, costs, scores=sc, policy_axes=axes)
+    tot = tj.core.replay_totals(grid, states, losses, costs, scores=sc, policy_axes=axes)
     worst = 0.0
     for p in (0, size // 2, size - 1):
       one = tj.replay(_one_policy(grid, axes, p), states, losses, costs, scores=sc)
@@ -1111,9 +945,9 @@ def compile_worker(quick: bool) -> dict:
 
   rows = [first_call("solve_recall", lambda: tj.solve_recall(cascade, lam).value)]
   policy = tj.recall_policy(cascade, lam)
-  states = np.asarray(tj.sample_states(jax.random.PRNGKey(1), cascade, traces.num_samples))
+  states = np.asarray(tj.core.sample_states(jax.random.PRNGKey(1), cascade, traces.num_samples))
   losses = np.asarray(cascade.values)[np.arange(n), states]                       # [N, n]
-  threshold = tj.ThresholdPolicy(thresholds=np.full(n, 0.8, np.float32))
+  threshold = tj.core.ThresholdPolicy(thresholds=np.full(n, 0.8, np.float32))
   rows += [
       first_call("sweep (64 lams)", lambda: tj.sweep(cascade, np.linspace(0, 1, 64)).value),
       first_call("replay", lambda: tj.replay(policy, states, losses, cascade.costs).loss),
@@ -1149,7 +983,7 @@ def compile_worker(quick: bool) -> dict:
 
 def bench_compile(cfg, checks):
   import subprocess
-  args = [sys.executable, "-m", "ttamer_jax.app.bench", "--compile-worker"]
+  args = [sys.executable, os.path.abspath(__file__), "--compile-worker"]
   args += ["quick"] if cfg.get("compile_quick") else ["full"]
   proc = subprocess.run(args, capture_output=True, text=True, timeout=1800)
   line = next((l for l in proc.stdout.splitlines() if l.startswith("COMPILE ")), None)
@@ -1223,28 +1057,107 @@ def run_section(name, cfg, n, repeats, peak, checks, results, titles):
   return bench_profile(cfg, n, checks)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+# The defaults of the two entry points: this file runs the CPU sizes, `ttamer bench`
+# (a smoke run from the package's command line) the --quick sizes.
+ENTRY_DEFAULTS = {"script": dict(out="bench_results.json", quick=False),
+                  "ttamer": dict(out="ttamer_bench.json", quick=True)}
+
+
+def build_parser(entry: str = "script", *, prog: str | None = None,
+                 parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The harness's one argument parser.
+
+  Args:
+    entry: ``"script"`` (``python benchmarks/bench.py``: the CPU sizes, writes
+      ``bench_results.json``) or ``"ttamer"`` (``ttamer bench``: the ``--quick`` sizes
+      unless ``--full``, writes ``ttamer_bench.json``).
+    prog: program name in usage and error lines.
+    parser_class: the parser class (``ttamer`` passes its one-line-error parser).
+
+  Returns:
+    The parser; :func:`main` runs what it parses.
+  """
+  defaults = ENTRY_DEFAULTS[entry]
+  parser = parser_class(prog=prog, description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes, a smoke run" + (" (the default)" if defaults["quick"] else ""))
+  parser.add_argument("--full", action="store_true",
+                      help="the full CPU sizes (~10 min on 2 cores)" + (
+                          "" if defaults["quick"] else " (the default)"))
   parser.add_argument("--gpu", action="store_true", help="accelerator sizes (K up to 8192)")
   parser.add_argument("--require-gpu", action="store_true",
                       help="fail unless JAX's default backend is a GPU")
-  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--repeats", type=int, default=7, help="timed rounds per measurement (7)")
   parser.add_argument("--sections", default=None,
                       help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
-                           f"outside --quick all but {','.join(OPT_IN)})")
+                           f"outside --quick all but {','.join(OPT_IN)}, which runs only when named)")
   parser.add_argument("--select-traces", default=None, metavar="PATH",
                       help="select section: case (a) fits these traces (e.g. the demo's "
                            "calibration_traces.npz) instead of generated ones")
-  parser.add_argument("--out", default="bench_results.json")
+  parser.add_argument("--out", default=defaults["out"], help=f"results JSON ({defaults['out']})")
   parser.add_argument("--budget-s", type=float, default=0.0,
                       help="skip the remaining sections once this many seconds have passed "
                            "(0: no limit); skipped sections are listed in the JSON")
+  parser.add_argument("--json", action="store_true",
+                      help="print the results JSON on stdout (the tables go to stderr)")
+  parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                      help="keep compiled programs in DIR/xla (default: off -- the harness times "
+                           "compilation, which a warm cache would replace by loading)")
   parser.add_argument("--large-worker", type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument("--select-worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--compile-worker", choices=("quick", "full"), help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  parser.set_defaults(entry=entry)
+  return parser
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+  """Validates the parsed flags before any work; returns the sections to run.
+
+  Args:
+    args: what :func:`build_parser`'s parser returned.
+
+  Returns:
+    The section names, in the order given (default: every section, the opt-in ones
+    only with the quick sizes).
+
+  Raises:
+    ValueError: ``--quick`` with ``--full``, ``--repeats`` below 1, an unknown or empty
+      ``--sections``, a negative ``--budget-s``.
+  """
+  if args.quick and args.full:
+    raise ValueError("--quick and --full exclude each other")
+  if args.repeats < 1:
+    raise ValueError(f"--repeats {args.repeats} must be >= 1")
+  if not args.budget_s >= 0:
+    raise ValueError(f"--budget-s {args.budget_s} must be >= 0")
+  if args.sections is None:
+    # The opt-in sections join a default run only in an explicit --quick run of this
+    # file; `ttamer bench` (quick by default) leaves them out.
+    opt_in = args.quick and args.entry == "script"
+    return [s for s in SECTIONS if opt_in or s not in OPT_IN]
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown or not sections:
+    raise ValueError(f"--sections: unknown {unknown or 'empty'}; choose from {','.join(SECTIONS)}")
+  return sections
+
+
+def main(argv=None, *, entry: str = "script", prog: str | None = None,
+         parser_class: type = argparse.ArgumentParser) -> int:
+  """Runs the harness with ``argv`` (default ``sys.argv[1:]``); see :func:`build_parser`.
+
+  Args:
+    argv: the flags of :func:`build_parser`.
+    entry, prog, parser_class: as :func:`build_parser`.
+
+  Returns:
+    0 when every check passed, 1 when one failed, 2 for ``--require-gpu`` without a GPU.
+
+  Raises:
+    ValueError: bad flags (:func:`check_args`) or an unwritable ``--out``.
+  """
+  args = build_parser(entry, prog=prog, parser_class=parser_class).parse_args(argv)
   if args.large_worker:
     print("LARGE " + json.dumps(large_worker(12, args.large_worker)), flush=True)
     return 0
@@ -1254,11 +1167,29 @@ def main(argv=None):
   if args.select_worker:
     print("SELECT " + json.dumps(select_worker(json.loads(args.select_worker))), flush=True)
     return 0
-  default = [s for s in SECTIONS if args.quick or s not in OPT_IN]
-  sections = [s.strip() for s in args.sections.split(",") if s.strip()] if args.sections else default
-  unknown = set(sections) - set(SECTIONS)
-  if unknown:
-    parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+  sections = check_args(args)
+  from ttamer_jax.data.paths import check_output
+  check_output(args.out, "results")
+  if args.cache_dir:
+    from ttamer_jax.app.cli import enable_compilation_cache
+    enable_compilation_cache(args.cache_dir)
+  args.quick = args.quick or (ENTRY_DEFAULTS[entry]["quick"] and not args.full)
+  if not args.json:
+    return run(args, sections)
+  with contextlib.redirect_stdout(sys.stderr):  # tables to stderr, JSON to stdout
+    code = run(args, sections)
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      print(f.read().rstrip())
+  return code
+
+
+def run(args: argparse.Namespace, sections: list[str]) -> int:
+  """Runs ``sections`` with the checked flags ``args``; writes ``args.out``.
+
+  Returns:
+    0 when every check passed, 1 when one failed, 2 for ``--require-gpu`` without a GPU.
+  """
   if args.require_gpu and jax.default_backend() != "gpu":
     print(f"bench.py: --require-gpu but JAX's backend is {jax.default_backend()!r} "
           f"(devices: {jax.devices()})", file=sys.stderr)
@@ -1335,4 +1266,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except ValueError as e:  # bad flags: one line and exit code 2, as `ttamer bench` does
+    print(f"bench.py: error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,7 +1,7 @@
 """Network -> exit traces -> optimal policy -> frontier and faster serving, per workload.
 
-    python scripts/reproduce_early_exit.py                  # all workloads, ~3-5 min on 2 CPU cores
-    python scripts/reproduce_early_exit.py --workloads digits --out early_exit_out
+    python benchmarks/reproduce_early_exit.py                  # all workloads, ~3-5 min on 2 CPU cores
+    python benchmarks/reproduce_early_exit.py --workloads digits --out early_exit_out
 
 For each workload (``digits``: scikit-learn's bundled 8x8 digits with the early-exit
 CNN; ``sequences``: generated token sequences with the early-exit Transformer;
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from ttamer_jax.app import pipeline, plotting
+from ttamer_jax.app import compare, demo, plotting, reports
 
 
 def _jsonable(x):
@@ -42,12 +42,12 @@ def _jsonable(x):
 
 def run_workload(name: str, args) -> tuple[str, dict]:
   t0 = time.perf_counter()
-  prep = pipeline.prepare(name, seed=args.seed, cache_dir=args.cache_dir, quick=args.quick,
-                          progress=sys.stderr.isatty())
-  comp = pipeline.compare_policies(prep.calibration, prep.test, num_states=args.states)
-  points = pipeline.operating_points(comp, tolerance=args.tolerance)
-  objectives = pipeline.objectives_at(comp, [0.5, 0.9, 0.97, 0.99])
-  gaps = pipeline.frontier_gaps(comp)
+  prep = demo.prepare(name, seed=args.seed, cache_dir=args.cache_dir, quick=args.quick,
+                      progress=sys.stderr.isatty())
+  comp = compare.compare_policies(prep.calibration, prep.test, num_states=args.states)
+  points = compare.operating_points(comp, tolerance=args.tolerance)
+  objectives = compare.objectives_at(comp, [0.5, 0.9, 0.97, 0.99])
+  gaps = compare.frontier_gaps(comp)
   plot = plotting.plot_pareto(
       {k: v for k, v in comp.test.items() if k != "fixed_exit"},
       os.path.join(args.out, f"{name}_pareto.png"), title=f"{prep.name}: held-out frontiers",
@@ -63,28 +63,30 @@ def run_workload(name: str, args) -> tuple[str, dict]:
   lines += [f"Calibration {prep.calibration.num_samples} / test {prep.test.num_samples} requests; "
             f"fitted {args.states} max-softmax bins per exit.", "",
             "### Latency to stay within 1 point of the full network's accuracy", "",
-            pipeline.format_operating_points(points, comp.full_error, args.tolerance), "",
+            reports.format_operating_points(points, comp.full_error, args.tolerance), "",
             "### Held-out objective lam * error + (1 - lam) * latency (setting tuned on calibration)",
-            "", pipeline.format_objectives(objectives), "",
+            "", reports.format_objectives(objectives), "",
             "Mean error gap to the recall frontier over the common latency range (positive: recall "
             "better): " + ", ".join(f"{k} {v:+.4f}" for k, v in gaps.items()) + ".", ""]
   serving_result = None
   if prep.model is not None:
-    from ttamer_jax.networks import serving
+    from ttamer_jax.networks import serving_costs
     chosen = next(r for r in points if r["policy"] == "recall")
     if chosen["chosen_param"] is not None:
       deployed = comp.fitted.recall_policy(chosen["chosen_param"])
       x, y = prep.test_inputs
-      bench = serving.benchmark(prep.model, deployed, x, y, buckets=(32, 128, 512), repeats=5)
-      serving_result = dict(lam=chosen["chosen_param"], serve_ms=1e3 * bench.serve_seconds,
-                            full_ms=1e3 * bench.full_seconds, speedup=bench.speedup,
-                            serve_accuracy=bench.serve_accuracy, full_accuracy=bench.full_accuracy,
-                            mean_stages=bench.mean_stages, batch=bench.batch_size)
+      bench = serving_costs.served_wall_time(prep.model, deployed, x, y, buckets=(32, 128, 512),
+                                             repeats=5)
+      serving_result = dict(lam=chosen["chosen_param"], serve_ms=1e3 * bench["serve_seconds"],
+                            full_ms=1e3 * bench["full_seconds"], speedup=bench["speedup"],
+                            serve_accuracy=bench["serve_accuracy"],
+                            full_accuracy=bench["full_accuracy"],
+                            mean_stages=bench["mean_stages"], batch=bench["batch_size"])
       lines += ["### Serving the test split with that recall policy", "",
-                f"`serve` (bucketed compaction) {1e3 * bench.serve_seconds:.1f} ms vs full network "
-                f"{1e3 * bench.full_seconds:.1f} ms on {bench.batch_size} requests "
-                f"(**{bench.speedup:.2f}x**); accuracy {100 * bench.serve_accuracy:.1f}% vs "
-                f"{100 * bench.full_accuracy:.1f}%; {bench.mean_stages:.2f} stages per request on "
+                f"`serve` (bucketed compaction) {1e3 * bench['serve_seconds']:.1f} ms vs full "
+                f"network {1e3 * bench['full_seconds']:.1f} ms on {bench['batch_size']} requests "
+                f"(**{bench['speedup']:.2f}x**); accuracy {100 * bench['serve_accuracy']:.1f}% vs "
+                f"{100 * bench['full_accuracy']:.1f}%; {bench['mean_stages']:.2f} stages per request on "
                 "average. Wall time includes per-stage dispatch and host round trips that the "
                 "per-stage latency model above does not count.", ""]
   lines += [f"![{prep.name} frontiers]({os.path.basename(plot)})", "",
@@ -98,8 +100,8 @@ def run_workload(name: str, args) -> tuple[str, dict]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workloads", nargs="+", default=list(pipeline.WORKLOADS),
-                      choices=pipeline.WORKLOADS)
+  parser.add_argument("--workloads", nargs="+", default=list(demo.WORKLOADS),
+                      choices=tuple(demo.WORKLOADS))
   parser.add_argument("--out", default="early_exit_out")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--states", type=int, default=8, help="score bins per exit of the fitted cascade")
@@ -116,7 +118,7 @@ def main(argv=None):
     print(text, flush=True)
     sections.append(text)
     results.append(result)
-  sections.append(f"Total {time.perf_counter() - t0:.0f} s. Command: `python scripts/reproduce_early_exit.py "
+  sections.append(f"Total {time.perf_counter() - t0:.0f} s. Command: `python benchmarks/reproduce_early_exit.py "
                   + " ".join(argv if argv is not None else sys.argv[1:]) + "`")
   with open(os.path.join(args.out, "report.md"), "w") as f:
     f.write("\n".join(sections) + "\n")

@@ -6,7 +6,7 @@ over random cascades with losses and costs spanning 1e-8..1e8, concentrated
 hindsight solvers. docs/formulation.md ("Precision") states the bound the tests
 enforce (ratio <= 4); this script shows the margin.
 
-    python scripts/float32_precision.py --cascades 300
+    python benchmarks/float32_precision.py --cascades 300
 """
 
 import argparse

@@ -1,10 +1,10 @@
 """Does policy-guided serving deliver the saving the measured per-stage costs predict?
 
-    python scripts/serving_overhead.py                        # digits, sequences, mnist1d
-    python scripts/serving_overhead.py --workloads sequences --quick --repeats 3
+    python benchmarks/serving_overhead.py                        # digits, sequences, mnist1d
+    python benchmarks/serving_overhead.py --workloads sequences --quick --repeats 3
 
 For each built-in network workload it takes the trained network and the
-calibration / test traces the pipeline prepares (``ttamer_jax.app.pipeline.prepare``,
+calibration / test traces the demo prepares (``ttamer_jax.app.demo.prepare``,
 checkpoints from the cache), fits
 
   * ``selected``: the policy ``tj.fit_policy`` chooses (what ``ttamer demo`` deploys;
@@ -73,11 +73,11 @@ def _parse(argv):
                       "stage)")
   p.add_argument("--served-costs", action="store_true",
                  help="also measure the per-stage costs of the serving path "
-                      "(serving.served_stage_costs), report each policy's share by them, and "
+                      "(serving_costs.served_stage_costs), report each policy's share by them, and "
                       "serve a recall policy fitted on them")
   p.add_argument("--batch-costs", action="store_true",
                  help="also measure each stage's per-batch and per-request served time "
-                      "(serving.served_cost_model), report each policy's serving time as "
+                      "(serving_costs.served_cost_model), report each policy's serving time as "
                       "that model prices it, and refit the recall policy on the per-request "
                       "costs it implies at the policy's own reach (a fixed point)")
   p.add_argument("--tolerance", type=float, default=0.01, help="as ttamer demo")
@@ -105,17 +105,14 @@ def _parse(argv):
 
 
 def recall_at_demo_lam(calibration, tolerance):
-  """The recall optimum at the demo's ``lam`` (``pipeline.recall_lam``'s choice)."""
-  from ttamer_jax.app import pipeline
-  from ttamer_jax.data.fitting import fit_cascade
-  from ttamer_jax.evaluation import frontier
+  """The recall optimum of the demo's design (8 max-softmax bins) at the lam ``ttamer fit``
+  deploys it at: the cheapest within ``tolerance`` of the last exit's error."""
+  from ttamer_jax.evaluation import selection
 
-  fitted = fit_cascade(calibration, 8, score="max_softmax")
-  sweep = frontier.sweep_recall(fitted, calibration, pipeline.default_lams())
-  full_error = float(np.asarray(calibration.losses)[:, -1].mean())
-  i, _ = frontier.cheapest_within(sweep.cost_norm, sweep.error, full_error, tolerance)
-  lam = float(np.asarray(sweep.param)[i])
-  return fitted.recall_policy(lam), lam
+  fitted = selection.fit_at(selection.Candidate("recall", "max_softmax", 8), calibration,
+                            selection.OperatingPoint(lam=None, tolerance=tolerance),
+                            key=jax.random.PRNGKey(0))
+  return fitted.deployed, fitted.param
 
 
 def reach_fractions(deployed, traces) -> np.ndarray:
@@ -129,10 +126,10 @@ def refit_on_batch_costs(calibration, cost_model, tolerance, iterations=6):
   """The recall policy fitted on the per-request costs ``cost_model`` implies at the
   policy's own reach: start from every request reaching every stage, refit until the
   reach (rounded to 1%) repeats. Returns ``(deployed, lam, reach, iterations run)``."""
-  from ttamer_jax.networks import serving
+  from ttamer_jax.networks import serving_costs
   reach, seen = np.ones(calibration.num_stages), set()
   for it in range(1, iterations + 1):
-    costs = serving.cost_shares(cost_model.per_request_costs(reach))
+    costs = serving_costs.cost_shares(cost_model.per_request_costs(reach))
     deployed, lam = recall_at_demo_lam(calibration.replace(costs=costs), tolerance)
     reach = reach_fractions(deployed, calibration)
     key = tuple(np.round(reach, 2))
@@ -158,8 +155,9 @@ def cost_share(served, costs) -> float:
 def padded_share(served, costs, server) -> float:
   """Share of the full cost in rows actually computed, padding included.
 
-  ``program="batch"``: per group, stage ``i`` computes its continuing requests in
-  full chunks of the largest bucket plus the remainder padded to its bucket;
+  The batch program (the package's ``Server``): per group, stage ``i`` computes its
+  continuing requests in full chunks of the largest bucket plus the remainder padded
+  to its bucket;
   otherwise per chunk of the largest bucket, stage ``i`` computes its continuing
   requests padded to their bucket. The full network (``Server.full_network``)
   computes each chunk padded to its bucket at every stage. What serving can
@@ -171,11 +169,11 @@ def padded_share(served, costs, server) -> float:
 
   def rows(count):
     full, rest = divmod(int(count), cap)
-    return full * cap + (serving._bucket(buckets, rest) if rest else 0)
+    return full * cap + (serving.bucket_of(buckets, rest) if rest else 0)
 
   run = full = 0.0
   for start in range(0, num, cap):
-    full += serving._bucket(buckets, min(cap, num - start)) * costs.sum()
+    full += serving.bucket_of(buckets, min(cap, num - start)) * costs.sum()
   group = cap * (server.group_chunks if server.program == "batch" else 1)
   for start in range(0, num, group):
     counts = served.consulted[start:start + group].sum(axis=0)
@@ -193,23 +191,24 @@ def time_policies(model, policies, x, y, *, buckets, repeats):
   reference)."""
   import jax.numpy as jnp
   from flax import nnx
+  from serving_programs import make_server
 
-  from ttamer_jax.networks import serving
+  from ttamer_jax.networks import serving_costs
   from ttamer_jax.networks.nn import StaticGraph
 
   kw = {} if buckets is None else dict(buckets=buckets)
-  servers = {k: serving.Server(model, d, program=prog, **kw) for k, (d, prog) in policies.items()}
+  servers = {k: make_server(model, d, program=prog, **kw) for k, (d, prog) in policies.items()}
   ref = next(iter(servers.values()))
   graph, state = StaticGraph(nnx.graphdef(model)), nnx.state(model)
   x_dev = jnp.asarray(x)
-  full_pred = np.asarray(serving._last_exit(graph, state, x_dev))
+  full_pred = np.asarray(serving_costs._last_exit(graph, state, x_dev))
   ref.full_network(x)
   t0 = time.perf_counter()
   results = {k: s(x) for k, s in servers.items()}  # compiles what this batch needs
   compile_s = time.perf_counter() - t0
   for s in servers.values():
     s(x)
-  calls = {"full_one_call": lambda: jax.block_until_ready(serving._last_exit(graph, state, x_dev)),
+  calls = {"full_one_call": lambda: jax.block_until_ready(serving_costs._last_exit(graph, state, x_dev)),
            "full_chunked": lambda: ref.full_network(x)}
   calls.update({k: (lambda s=s: s(x)) for k, s in servers.items()})
   times = {k: [] for k in calls}
@@ -229,11 +228,11 @@ def time_policies(model, policies, x, y, *, buckets, repeats):
 
 def run_workload(name, args):
   import ttamer_jax as tj
-  from ttamer_jax.app import pipeline
+  from ttamer_jax.app import demo
 
   t0 = time.perf_counter()
-  prep = pipeline.prepare(name, seed=args.seed, cache_dir=args.cache_dir, quick=args.quick,
-                          progress=sys.stderr.isatty())
+  prep = demo.prepare(name, seed=args.seed, cache_dir=args.cache_dir, quick=args.quick,
+                      progress=sys.stderr.isatty())
   model, n = prep.model, prep.model.num_stages
   x, y = prep.test_inputs
   if args.batch:
@@ -245,7 +244,7 @@ def run_workload(name, args):
   recall, lam = recall_at_demo_lam(prep.calibration, args.tolerance)
   base = {"recall": recall, "all_stages": every_stage(recall, n)}
   selected_note = None
-  from ttamer_jax.networks import serving
+  from ttamer_jax.networks import serving, serving_costs
   try:
     serving.check_deployed(model, sel.deployed)
     base["selected"] = sel.deployed
@@ -254,13 +253,13 @@ def run_workload(name, args):
   served_costs = None
   kw = {} if args.buckets is None else dict(buckets=args.buckets)
   if args.served_costs:  # per-stage costs as serving runs them, overhead included
-    served_costs = serving.served_stage_costs(model, recall, x, repeats=args.repeats, **kw)
+    served_costs = serving_costs.served_stage_costs(model, recall, x, repeats=args.repeats, **kw)
     refit, _ = recall_at_demo_lam(
-        prep.calibration.replace(costs=serving.cost_shares(served_costs)), args.tolerance)
+        prep.calibration.replace(costs=serving_costs.cost_shares(served_costs)), args.tolerance)
     base["recall_on_served_costs"] = refit
   cost_model = batch_refit = None
   if args.batch_costs:
-    cost_model = serving.served_cost_model(model, recall, x, repeats=args.repeats, **kw)
+    cost_model = serving_costs.served_cost_model(model, recall, x, repeats=args.repeats, **kw)
     refit, refit_lam, refit_reach, refit_iters = refit_on_batch_costs(
         prep.calibration, cost_model, args.tolerance)
     base["recall_on_batch_costs"] = refit
@@ -362,7 +361,7 @@ def main(argv=None):
             f"{np.round(r['per_request_us'], 1).tolist()}; batch-cost refit {r['batch_cost_refit']}",
             flush=True)
   load = os.getloadavg()
-  meta = dict(command="python scripts/serving_overhead.py " + " ".join(
+  meta = dict(command="python benchmarks/serving_overhead.py " + " ".join(
       argv if argv is not None else sys.argv[1:]), machine=platform.platform(),
       cpus=os.cpu_count(), backend=jax.default_backend(), loadavg=list(load), jax=jax.__version__)
   print("\n" + format_table(results))

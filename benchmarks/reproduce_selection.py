@@ -1,7 +1,7 @@
 """Does the policy `ttamer fit` hands a user hold up on held-out traffic?
 
-    python scripts/reproduce_selection.py                       # every workload, 3 seeds (~1-2 h, 2 cores)
-    python scripts/reproduce_selection.py --workloads sklearn --seeds 0 --out sel_out
+    python benchmarks/reproduce_selection.py                       # every workload, 3 seeds (~1-2 h, 2 cores)
+    python benchmarks/reproduce_selection.py --workloads sklearn --seeds 0 --out sel_out
 
 For each workload and seed: the calibration traces are the only data the choice
 sees (:func:`ttamer_jax.fit_policy`, 5-fold cross-fitting over every default
@@ -39,8 +39,9 @@ import jax
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.app import pipeline, reports
+from ttamer_jax.app import demo, reports
 from ttamer_jax.evaluation import selection
+from ttamer_jax.evaluation.metrics import normalised_objective
 
 LAMS = (0.5, 0.8, 0.9, 0.95, 0.99)
 WORKLOADS = ("mnist1d", "sklearn", "digits", "sequences", "synthetic")
@@ -55,8 +56,9 @@ BASELINES = {
 RULES = ("confidence", "per_stage", "patience", "fixed_exit")
 
 
-def _j(res, lam, full) -> np.ndarray:
-  return lam * np.asarray(res.loss, np.float64) + (1 - lam) * np.asarray(res.cost, np.float64) / full
+def _objective(res, lam, full) -> np.ndarray:
+  """``[N]`` per-request unit-free ``J`` of a replay (the measure selection scores with)."""
+  return normalised_objective(res.loss, res.cost, lam, full)
 
 
 def previous_rule(scores):
@@ -77,14 +79,14 @@ def run_one(prep, lam: float, seed: int, num_resamples: int) -> dict:
   sel = tj.fit_policy(cal, lam, key=key, num_resamples=num_resamples)
   fit_seconds = time.perf_counter() - t0
   full = test.full_cost()
-  per = {"selected": _j(tj.replay_traces(sel.deployed, test), lam, full)}
+  per = {"selected": _objective(tj.replay_traces(sel.deployed, test), lam, full)}
   point = selection.OperatingPoint(lam, None)
   old = previous_rule(list(sel.scores))
-  per["previous_rule"] = (per["selected"] if old is sel.chosen else _j(
+  per["previous_rule"] = (per["selected"] if old is sel.chosen else _objective(
       tj.replay_traces(selection.refit(old.candidate, cal, point, key=key).deployed, test), lam, full))
   for name, cand in BASELINES.items():
     fitted = selection.refit(cand, cal, point, key=key)
-    per[name] = _j(tj.replay_traces(fitted.deployed, test), lam, full)
+    per[name] = _objective(tj.replay_traces(fitted.deployed, test), lam, full)
   cv = {s.candidate: s for s in sel.scores}
   best_rule = min(RULES, key=lambda r: cv[BASELINES[r]].objective if BASELINES[r] in cv else np.inf)
   d = per["selected"] - per[best_rule]
@@ -122,7 +124,7 @@ def run_workload(name: str, seeds, args) -> list[dict]:
   rows = []
   for seed in seeds:
     t0 = time.perf_counter()
-    full_prep = pipeline.prepare(name, seed=seed, cache_dir=args.cache_dir, quick=args.quick,
+    full_prep = demo.prepare(name, seed=seed, cache_dir=args.cache_dir, quick=args.quick,
                                  progress=sys.stderr.isatty())
     for size in args.sizes:
       prep = subsample(full_prep, size, seed)
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "selection.json"), "w") as f:
       f.write(reports.dumps(dict(rows=rows, stats=stats)) + "\n")
     with open(os.path.join(args.out, "selection.md"), "w") as f:
-      f.write(f"# Selected policy vs the simple rules, held out\n\n`python scripts/reproduce_selection.py "
+      f.write(f"# Selected policy vs the simple rules, held out\n\n`python benchmarks/reproduce_selection.py "
               f"{' '.join(argv or sys.argv[1:])}` ({time.perf_counter() - t0:.0f} s)\n\n{table}\n")
   print(table)
   return 0

@@ -1,7 +1,7 @@
 """Does policy-aware training pay? Held-out J of the policy fit_policy selects, per training variant.
 
-    python scripts/policy_aware_training.py                       # both networks, 3 seeds
-    python scripts/policy_aware_training.py --networks mnist1d --seeds 0 --steps 300   # a smoke run
+    python benchmarks/policy_aware_training.py                       # both networks, 3 seeds
+    python benchmarks/policy_aware_training.py --networks mnist1d --seeds 0 --steps 300   # a smoke run
 
 For each network (MNIST-1D's early-exit CNN, the sequences Transformer) and seed, three
 networks are trained from the same initialisation, batch order, steps and data:

@@ -1,10 +1,10 @@
 """How would each choice rule have done on held-out traffic? Every candidate, every cell.
 
-    python scripts/choice_rules.py                                  # 5 workloads x 3 seeds x 3 sizes (~20 min, 2 cores)
-    python scripts/choice_rules.py --workloads synthetic --sizes 500 --out rules_out
+    python benchmarks/choice_rules.py       # 5 workloads x 3 seeds x 3 sizes (~20 min, 2 cores)
+    python benchmarks/choice_rules.py --workloads synthetic --sizes 500 --out rules_out
 
 For each workload, seed, calibration size and ``lam`` (the cells of
-``scripts/reproduce_selection.py``): one :func:`ttamer_jax.fit_policy` on the calibration
+``benchmarks/reproduce_selection.py``): one :func:`ttamer_jax.fit_policy` on the calibration
 split, then *every* scored candidate's refit (:meth:`PolicySelection.refit_of`, no new
 fitting) replayed on the held-out test split. Any choice rule is then a function of the
 cross-fitted scores, and its held-out ``J`` is looked up, so rules are compared on the same
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.app import pipeline
+from ttamer_jax.app import demo
 from ttamer_jax.evaluation import selection
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ RULES = {
 def collect(name: str, seeds, sizes, args) -> list[dict]:
   cells = []
   for seed in seeds:
-    full_prep = pipeline.prepare(name, seed=seed, cache_dir=args.cache_dir, progress=False)
+    full_prep = demo.prepare(name, seed=seed, cache_dir=args.cache_dir, progress=False)
     for size in sizes:
       prep = rs.subsample(full_prep, size, seed)
       cal, test = prep.calibration, prep.test

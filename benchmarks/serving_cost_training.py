@@ -1,7 +1,7 @@
 """Does training with the optimal serving cost as an auxiliary loss move the frontier?
 
-    python scripts/serving_cost_training.py            # ~4 min on 2 CPU cores
-    python scripts/serving_cost_training.py --seeds 0 --aux-weights 1
+    python benchmarks/serving_cost_training.py            # ~4 min on 2 CPU cores
+    python benchmarks/serving_cost_training.py --seeds 0 --aux-weights 1
 
 For each seed, the digits early-exit CNN is trained twice from the same
 initialisation and batch order: once with the usual joint exit loss, once with
@@ -10,7 +10,7 @@ cascade fitted (with soft bins) to each training batch's exits, at ``lam`` and t
 measured per-stage latency shares (ttamer_jax.batch_serving_cost). Both
 networks are then profiled on the calibration split, a cascade is fitted there, and
 the recall optimum is swept over lam and scored on the held-out test split
-(ttamer_jax.app.pipeline). Reported per seed: final-exit accuracy, the mean error gap
+(ttamer_jax.app.compare). Reported per seed: final-exit accuracy, the mean error gap
 between the two held-out recall frontiers (positive: the auxiliary loss helped),
 the latency to stay within 1 point of the full network, and the held-out
 objective at ``lam``.
@@ -28,14 +28,14 @@ import time
 import numpy as np
 
 import ttamer_jax as tj
-from ttamer_jax.app import pipeline
+from ttamer_jax.app import compare
 from ttamer_jax.networks import profiling, training, workloads
 
 
 def evaluate_network(model, wl, costs):
   cal = profiling.collect_traces(model, wl.calibration.x, wl.calibration.y, cost="flops").replace(costs=costs)
   test = profiling.collect_traces(model, wl.test.x, wl.test.y, cost="flops").replace(costs=costs)
-  comp = pipeline.compare_policies(cal, test, num_states=8)
+  comp = compare.compare_policies(cal, test, num_states=8)
   return comp
 
 
@@ -73,7 +73,7 @@ def main(argv=None):
       comp = comps[name]
       rec = comp.test["recall"]
       gap = float(tj.evaluation.frontier_gap(rec.cost_norm, rec.error, ref.cost_norm, ref.error).mean_gap)
-      point = next(r for r in pipeline.operating_points(comp) if r["policy"] == "recall")
+      point = next(r for r in compare.operating_points(comp) if r["policy"] == "recall")
       _, obj = tj.evaluation.tuned_objective(comp.calibration["recall"], rec, args.lam)
       rows.append(dict(seed=seed, variant=name, aux_weight=w,
                        final_exit_accuracy=float(training.exit_accuracy(model, wl.test.x, wl.test.y)[-1]),

@@ -10,7 +10,7 @@ half and every number below is measured on the held-out half.
 Writes to ``--out`` (default ``./frontier_out``): ``frontier.png`` (the frontiers),
 ``frontier.csv`` (every swept point), ``summary.json`` (all tables).
 
-    PYTHONPATH=. python scripts/frontier.py [--out DIR] [--samples N] [--aggregation]
+    PYTHONPATH=. python benchmarks/frontier.py [--out DIR] [--samples N] [--aggregation]
 """
 
 from __future__ import annotations
@@ -23,15 +23,6 @@ import sys
 import time
 
 import numpy as np
-
-
-def _progress(iterable, desc):
-  """A tqdm bar on an interactive terminal (tqdm is optional)."""
-  try:
-    from tqdm.auto import tqdm
-  except ImportError:
-    return iterable
-  return tqdm(iterable, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
 def _parse(argv):
@@ -53,52 +44,12 @@ def _parse(argv):
   return args
 
 
-def _hindsight_sweep(traces, lams):
-  import ttamer_jax as tj
-  from ttamer_jax.evaluation import ReplaySweep
-  full = float(np.asarray(traces.cost_matrix(), np.float64).sum(1).mean())
-  err, cost = [], []
-  for lam in _progress(lams, "hindsight"):
-    res = tj.replay_traces(tj.hindsight_policy(traces.losses, traces.costs, lam), traces)
-    err.append(float(np.mean(res.loss)))
-    cost.append(float(np.mean(res.cost)))
-  n = traces.num_stages
-  return ReplaySweep(param=np.asarray(lams), error=np.asarray(err), cost=np.asarray(cost),
-                     cost_norm=np.asarray(cost) / full, stop_histogram=np.zeros((len(lams), n)),
-                     answer_histogram=np.zeros((len(lams), n)))
-
-
-def _plot(path, sweeps, fronts, title):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  styles = {"recall": ("C3", "-", 2.4), "recall+agree": ("C1", "-", 2.0), "no-recall": ("C0", "--", 1.6),
-            "confidence": ("C2", ":", 1.6), "per-stage": ("C4", ":", 1.6), "entropy": ("C5", ":", 1.6),
-            "patience": ("C6", "-.", 1.6), "fixed-exit": ("C7", "-.", 1.6), "hindsight": ("k", "--", 1.0)}
-  fig, ax = plt.subplots(figsize=(8, 5.5))
-  for name, sw in sweeps.items():
-    color, ls, lw = styles.get(name, ("C8", "-", 1.0))
-    idx = fronts[name]
-    c, e = np.asarray(sw.cost_norm)[idx], np.asarray(sw.error)[idx]
-    ax.step(c, e, where="post", color=color, ls=ls, lw=lw, label=name)
-    ax.plot(c, e, "o", color=color, ms=2.5)
-  ax.set_xlabel("mean cost / cost of the full cascade (held-out)")
-  ax.set_ylabel("error rate of the answer (held-out)")
-  ax.set_title(title, fontsize=10)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-
-
 def main(argv=None) -> int:
   args = _parse(argv)
   import jax
 
-  import ttamer_jax  # noqa: F401  (version)
   import ttamer_jax as tj
+  from ttamer_jax.app import plotting
 
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
@@ -116,15 +67,13 @@ def main(argv=None) -> int:
 
   lams = np.linspace(0.0, 1.0, args.lams + 1)[1:]
   sweeps = {"recall": tj.sweep_recall(fit, held, lams),
-            "recall+agree": tj.sweep_recall(fit_agree, held, lams),
-            "no-recall": tj.evaluation.sweep_no_recall(fit, held, lams)}
+            "recall_agree": tj.sweep_recall(fit_agree, held, lams),
+            "no_recall": tj.evaluation.sweep_no_recall(fit, held, lams)}
   heur_held = tj.evaluation.heuristic_sweeps(calib, held, confidence_score="max_softmax", entropy_score="entropy")
   heur_cal = tj.evaluation.heuristic_sweeps(calib, calib, confidence_score="max_softmax", entropy_score="entropy")
-  names = {"confidence": "confidence", "per_stage": "per-stage", "entropy": "entropy",
-           "patience": "patience", "fixed_exit": "fixed-exit"}
-  for k, v in names.items():
-    sweeps[v] = heur_held[k]
-  sweeps["hindsight"] = _hindsight_sweep(held, lams)
+  names = ("confidence", "per_stage", "entropy", "patience", "fixed_exit")
+  sweeps.update({k: heur_held[k] for k in names})
+  sweeps["hindsight"] = tj.evaluation.hindsight_sweep(held, lams)
   fronts = {name: tj.evaluation.pareto_front(sw.cost_norm, sw.error) for name, sw in sweeps.items()}
 
   # ---- table 1: frontiers
@@ -146,7 +95,7 @@ def main(argv=None) -> int:
   print("\nHeld-out objective lam*error + (1-lam)*cost at fixed lam; policies fitted / heuristics "
         "tuned on the calibration half (lower is better; +- is one standard error).")
   lam_points = (0.3, 0.5, 0.7, 0.9)
-  cols = ["recall", "recall+agree", "no-recall"] + list(names.values()) + ["hindsight"]
+  cols = ["recall", "recall_agree", "no_recall", *names, "hindsight"]
   print(f"{'lam':>4} " + " ".join(f"{c:>13}" for c in cols))
   table2 = []
   for lam in lam_points:
@@ -154,10 +103,9 @@ def main(argv=None) -> int:
     ev_agree = tj.evaluate(fit_agree.recall_policy(lam), held, lam)
     ev_nr = tj.evaluate(fit.no_recall_policy(lam), held, lam)
     row = {"lam": lam, "recall": float(ev.objective), "recall_se": float(ev.objective_se),
-           "recall+agree": float(ev_agree.objective), "no-recall": float(ev_nr.objective)}
-    for k, v in names.items():
-      row[v] = tj.evaluation.tuned_objective(heur_cal[k], heur_held[k], lam)[1]
-    import ttamer_jax as tj
+           "recall_agree": float(ev_agree.objective), "no_recall": float(ev_nr.objective)}
+    for k in names:
+      row[k] = tj.evaluation.tuned_objective(heur_cal[k], heur_held[k], lam)[1]
     row["hindsight"] = float(tj.evaluate(tj.hindsight_policy(held.losses, held.costs, lam),
                                                  held, lam).objective)
     table2.append(row)
@@ -209,7 +157,6 @@ def main(argv=None) -> int:
   # ---- optional: aggregation
   table5 = []
   if args.aggregation:
-    import ttamer_jax as tj
     print(f"\nSoft state aggregation at K = {args.agg_states}, lam = 0.5, float64: the policy solved on "
           "the q-meta-state model, evaluated exactly on the true model, vs the exact optimum.")
     with jax.enable_x64(True):
@@ -218,9 +165,9 @@ def main(argv=None) -> int:
                    jax.random.PRNGKey(args.seed), args.stages, args.agg_states, concentration=0.05,
                    cost_scale=0.2)}
       for label, big in cases.items():
-        jax.block_until_ready(ttamer_jax.solve_recall(big, 0.5))   # compile
+        jax.block_until_ready(tj.solve_recall(big, 0.5))   # compile
         t_exact = time.perf_counter()
-        exact = float(jax.block_until_ready(ttamer_jax.solve_recall(big, 0.5)).value)
+        exact = float(jax.block_until_ready(tj.solve_recall(big, 0.5)).value)
         t_exact = time.perf_counter() - t_exact
         print(f"  {label}: exact optimum {exact:.8f} (dense O(M K^2) solve {t_exact:.3f} s)")
         for r in tj.evaluation.aggregation_report(big, 0.5, (25, 50, 100, 200), progress=sys.stderr.isatty()):
@@ -244,9 +191,12 @@ def main(argv=None) -> int:
                  aggregation=table5)
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  _plot(os.path.join(args.out, "frontier.png"), sweeps, fronts,
-        f"Over-thinking cascade ({args.stages} stages): held-out frontiers, fitted on "
-        f"{calib.num_samples} calibration traces")
+  plotting.plot_pareto(
+      sweeps, os.path.join(args.out, "frontier.png"),
+      title=f"Over-thinking cascade ({args.stages} stages): held-out frontiers, fitted on "
+            f"{calib.num_samples} calibration traces",
+      error_label="error rate of the answer (held-out)",
+      cost_label="mean cost / cost of the full cascade (held-out)")
   print(f"\nWrote {args.out}/frontier.png, frontier.csv, summary.json ({time.time() - t0:.1f} s)")
   return 0
 
