@@ -42,9 +42,10 @@ def pytest_unconfigure(config):
 # pytest-xdist's --dist loadfile hands whole modules to its workers in collection order;
 # by default it first reorders them by their number of tests, which put the long modules
 # with few tests (the notebooks, the float64 re-run) last, where one worker ran them alone.
-LONGEST_FIRST = ("test_cli.py", "test_notebooks.py", "test_numerics.py", "test_docs.py",
-                 "test_bench.py", "test_serving.py", "test_selection.py", "test_pipeline.py",
-                 "test_fuzz_cli.py", "test_crossfit.py")
+LONGEST_FIRST = ("test_serving.py", "test_cli.py", "test_sweep.py", "test_relaxation.py",
+                 "test_crossfit.py", "test_solvers.py", "test_counting.py", "test_workloads.py",
+                 "test_long_process.py", "test_model.py", "test_bench.py", "test_notebooks.py",
+                 "test_numerics.py", "test_slo.py", "test_fuzz_cli.py", "test_docs.py")
 
 
 def pytest_configure(config):
