@@ -140,3 +140,29 @@ def test_train_schedules_lam_without_recompiling():
     tj.train(model, x, y, config, progress=False, aux_loss=aux, aux_lam=lambda t: 0.5 + 0.2 * t)
   with pytest.raises(ValueError, match="aux_lam: given without aux_loss"):
     tj.train(model, x, y, config, progress=False, aux_lam=0.5)
+
+
+def test_degenerate_batches_stay_finite_inside_jit():
+  """Valid but degenerate input -- every signal equal (all edges tie), no errors, one
+  request, a stage that costs nothing -- gives a finite value and gradient inside jit."""
+  f = jax.jit(jax.value_and_grad(lambda s, l, c, lam: sl.serving_loss(
+      s, l, c, jax.lax.stop_gradient(sl.quantile_edges(s, K)), lam)))
+  cases = [(np.full((B, N), 0.5, np.float32), np.zeros((B, N), np.float32)),
+           (np.random.default_rng(3).uniform(size=(1, N)).astype(np.float32),
+            np.ones((1, N), np.float32))]
+  for signals, losses in cases:
+    for costs in (np.array([0.0, 1.0, 2.0, 3.0], np.float32), np.zeros(N, np.float32)):
+      value, grad = f(signals, losses, costs, jnp.float32(0.9))
+      assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+
+
+def test_batch_serving_cost_costs_have_no_unit_and_lam_is_checked():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(64, 3, 5)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 5, 64))
+  costs = jnp.asarray([1.0, 2.0, 3.0])
+  seconds = tj.batch_serving_cost(logits, labels, costs, 0.8)
+  millis = tj.batch_serving_cost(logits, labels, 1000.0 * costs, 0.8)
+  assert float(seconds) == pytest.approx(float(millis), rel=1e-6)
+  with pytest.raises(ValueError, match="lam"):
+    tj.batch_serving_cost(logits, labels, costs, 1.5)

@@ -583,24 +583,28 @@ def batch_serving_cost(logits: chex.Array, labels: chex.Array, costs: chex.Array
   Fits :func:`soft_fitted_cascade` to the batch's exits (confidence = max-softmax,
   loss = ``1 - p(label)``) and returns its soft-min recall value
   :func:`soft_solve_recall` at temperature ``beta``: the objective the optimal
-  recall policy would reach if the batch were the calibration set. Use it as an
-  auxiliary training loss.
+  recall policy would reach if the batch were the calibration set. Fixed uniform
+  bins on ``[0, 1]`` and a smooth loss: :func:`ttamer_jax.serving_loss` is the same
+  value with the ingredients that get deployed (the deployed bins, the 0/1 loss, any
+  exit signal); docs/training.md measures whether either pays.
 
   Args:
     logits: ``[B, n, C]`` class logits of every exit.
     labels: ``[B]`` int true classes.
-    costs: ``[n]`` stage costs.
-    lam: ``[]`` trade-off weight in [0, 1].
+    costs: ``[n]`` stage costs >= 0, any unit: divided by their sum, so ``lam`` has none.
+    lam: ``[]`` trade-off weight in [0, 1] (validated when concrete; may be traced).
     beta: soft-min temperature of the recursion.
     num_states, width, smoothing: as for :func:`soft_fitted_cascade`.
 
   Returns:
     ``[]`` the soft optimal recall value, differentiable in ``logits`` and ``costs``.
   """
+  validation.check_scalar_lam(lam)
   probs = jax.nn.softmax(logits, axis=-1)
   confidence = probs.max(-1)
   p_true = jnp.take_along_axis(probs, labels[:, None, None].astype(jnp.int32), axis=-1)[..., 0]
-  cascade = soft_fitted_cascade(confidence, 1.0 - p_true, costs, num_states=num_states, width=width,
-                                smoothing=smoothing)
+  shares = counting.unit_free(jnp.asarray(costs, probs.dtype))
+  cascade = soft_fitted_cascade(confidence, 1.0 - p_true, shares, num_states=num_states,
+                                width=width, smoothing=smoothing)
   return _soft_recall(cascade, lam, jnp.asarray(beta, cascade.values.dtype),
                       jnp.zeros_like(cascade.costs), DEFAULT_PRECISION)
