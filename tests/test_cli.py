@@ -9,6 +9,8 @@ interpreter start.
 """
 
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -110,6 +112,17 @@ def _env(cache):
   return env
 
 
+def _in_process(argv):
+  """``cli.main(argv)`` in this process, as a finished subprocess (code, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      code = cli.main(argv)
+    except SystemExit as e:  # argparse's refusals exit, as in the program
+      code = e.code
+  return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def _ttamer(argv, env, cwd):
   return subprocess.run([sys.executable, "-m", "ttamer_jax", *argv], capture_output=True, text=True,
                         env=env, cwd=cwd, timeout=600)
@@ -132,8 +145,12 @@ def world(tmp_path_factory, ttamer_cache):
       "solve": ["solve", f["cascade"], "--lam", "0.3", "--plot", out("index.png")],
       "bench": ["bench", "--sections", "numpy", "--repeats", "1", "--out", out("bench.json"),
                 "--json"],
-      # bad paths and malformed files: exit 2, one line, nothing written
+      # a bad path, as the program: exit 2, one line, nothing written
       "fit_missing": ["fit", f["missing"], "--out", out("never1.npz")],
+  }
+  # More refusals, in this process (the same main(); they stop before any compilation):
+  # the program's own exit code and streams are checked by fit_missing above.
+  in_process = {
       "evaluate_truncated": ["evaluate", f["policy"], f["truncated"], "--json"],
       "solve_flipped": ["solve", f["flipped_cascade"], "--lam", "0.3", "--plot", out("never2.png")],
       "sweep_bad_lam": ["sweep", f["test"], "--lam", "0:2:5", "--plot", out("never3.png")],
@@ -144,6 +161,7 @@ def world(tmp_path_factory, ttamer_cache):
     # The demo first: it is the longest.
     futures = {name: pool.submit(_ttamer, argv, env, root) for name, argv in runs.items()}
     results = {name: fut.result() for name, fut in futures.items()}
+  results.update({name: _in_process(argv) for name, argv in in_process.items()})
   return dict(files=f, root=root, out=out, runs=results, cache=cache)
 
 

@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo_cmd.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
   demo_cmd.add_argument("--quick", action="store_true",
-                    help="train a tenth of the steps (a smoke run; worse network)")
+                    help="train a tenth of the steps and serve with two bucket sizes (a smoke run; "
+                         "worse network)")
   demo_cmd.add_argument("--workload", default="digits", choices=tuple(demo.WORKLOADS),
                     help="built-in workload (default digits; synthetic: no network)")
   demo_cmd.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")

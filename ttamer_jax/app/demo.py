@@ -188,6 +188,11 @@ def _network(workload: str, *, seed: int, quick: bool, cache_dir: str, progress:
                   test_inputs=(wl.test.x, wl.test.y))
 
 
+# --quick serves with two bucket sizes (as the notebooks' small mode): one kernel per stage
+# and size to compile instead of up to sixteen -- 20 of the quick demo's 50 s were the
+# default buckets' compilations. The served time then includes more padding.
+QUICK_BUCKETS = (64, 512)
+
 # The built-in workloads, name -> loader(seed=, quick=, cache_dir=, progress=, costs=).
 # Network workloads: "digits" (scikit-learn's bundled 8x8 digits, early-exit CNN),
 # "sequences" (generated token sequences, early-exit Transformer), "mnist1d" (MNIST-1D
@@ -359,7 +364,9 @@ def run_demo(out: str = "ttamer_demo_out", *, workload: str = "digits", quick: b
                   notes=list(sel.notes))
   if prep.model is not None:  # served wall time on the test split, next to every exit's
     from ttamer_jax.networks import serving_costs
-    selected["served"] = serving_costs.served_wall_time(prep.model, deployed, *prep.test_inputs)
+    buckets = QUICK_BUCKETS if quick else serving_costs.DEFAULT_BUCKETS
+    selected["served"] = serving_costs.served_wall_time(prep.model, deployed, *prep.test_inputs,
+                                                        buckets=buckets)
   say(f"[4/4] write the plots, the policy ({sel.chosen.name}) and the report ...")
   shown, lam, cascade, index_of = index_shown(comp, sel, tolerance)
 
