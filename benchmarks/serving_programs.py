@@ -137,10 +137,7 @@ class _ChunkedServer(Server):
   def __call__(self, x: Any) -> ServeResult:
     x = self.model.check_input(x)
     num, n = x.shape[0], self.num_stages
-    result = ServeResult(predictions=np.zeros(num, np.int32),
-                         answered_exit=np.zeros(num, np.int32),
-                         stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
-                         states=np.full((num, n), -1, np.int32))
+    result = ServeResult.empty(num, n)
     chunks = list(self._chunks(x, to_cap=self.pad_to_cap))
     for g in range(0, len(chunks), _IN_FLIGHT):
       self._serve_group(chunks[g:g + _IN_FLIGHT], result)

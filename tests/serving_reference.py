@@ -26,10 +26,7 @@ def serve_reference(model: EarlyExitNet, deployed: DeployedPolicy, x: Any) -> se
   serving.check_deployed(model, deployed)
   policy, n = deployed.policy, model.num_stages
   num = x.shape[0]
-  out = serving.ServeResult(predictions=np.zeros(num, np.int32),
-                            answered_exit=np.zeros(num, np.int32),
-                    stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
-                    states=np.full((num, n), -1, np.int32))
+  out = serving.ServeResult.empty(num, n)
   for r in range(num):
     h = jnp.asarray(x[r:r + 1])
     carry = policy.initial_carry(1)

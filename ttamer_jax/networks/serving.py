@@ -110,6 +110,21 @@ class ServeResult:
     """``[B]`` number of stages run per request."""
     return self.consulted.sum(axis=1)
 
+  @classmethod
+  def empty(cls, num: int, num_stages: int) -> "ServeResult":
+    """The result buffers a server fills in: zeros, nothing consulted, states ``-1``.
+
+    Args:
+      num: ``B`` requests.
+      num_stages: ``n`` stages.
+
+    Returns:
+      A :class:`ServeResult` of ``[B]`` / ``[B, n]`` arrays.
+    """
+    return cls(predictions=np.zeros(num, np.int32), answered_exit=np.zeros(num, np.int32),
+               stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, num_stages), bool),
+               states=np.full((num, num_stages), -1, np.int32))
+
 
 # ------------------------------------------------------------ validation
 def check_deployed(model: EarlyExitNet, deployed: Any) -> None:
@@ -517,10 +532,7 @@ class Server:
   def __call__(self, x: Any) -> ServeResult:
     x = self.model.check_input(x)
     num, n = x.shape[0], self.num_stages
-    result = ServeResult(predictions=np.zeros(num, np.int32),
-                         answered_exit=np.zeros(num, np.int32),
-                         stop_stage=np.zeros(num, np.int32), consulted=np.zeros((num, n), bool),
-                         states=np.full((num, n), -1, np.int32))
+    result = ServeResult.empty(num, n)
     for start, records in [(start, self._batch(xg, m)) for start, m, xg in self._groups(x)]:
       for stage, record in enumerate(np.asarray(records)):
         _store(result, start, stage, record)
