@@ -135,7 +135,9 @@ def world(tmp_path_factory, ttamer_cache):
   f = _make_files(root)
   out = lambda name: os.path.join(root, name)
   runs = {
-      "demo": ["demo", "--quick", "--out", out("demo")],
+      "demo": ["demo", "--quick", "--out", out("demo")],   # the default workload: the model cascade
+      "demo_digits": ["demo", "--workload", "digits", "--quick", "--no-plots", "--out",
+                      out("demo_digits")],
       "fit": ["fit", f["cal"], "--candidates", "recall", "--states", "6", "--out", out("fit.npz"),
               "--cascade-out", out("fit_cascade.npz"), "--json"],
       "fit_select": ["fit", f["cal"], "--lam", "0.9", "--out", out("fit_select.npz")],
@@ -189,14 +191,14 @@ def _png(path):
 
 
 # ------------------------------------------------------------------ subprocess runs
-def test_demo_writes_every_artefact_and_prints_the_comparison(world):
+def test_demo_writes_every_artefact_and_prints_the_answer_first(world):
   proc = _ok(world["runs"]["demo"])
   d = world["out"]("demo")
   expected = {"pareto.png", "index_heatmap.png", "exit_histograms.png", "policy.npz", "policy.json",
               "calibration_traces.npz", "test_traces.npz", "cascade.npz", "report.md",
               "results.json"}
   assert set(os.listdir(d)) == expected
-  for name in ("recall optimum (ttamer)", "no-recall optimum", "confidence threshold", "patience",
+  for name in ("recall optimum", "no-recall optimum", "confidence threshold", "patience",
                "hindsight oracle"):
     assert name in proc.stdout
   for name in expected:  # says where it wrote everything
@@ -204,7 +206,9 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   for png in ("pareto.png", "index_heatmap.png", "exit_histograms.png"):
     _png(os.path.join(d, png))
   results = json.load(open(os.path.join(d, "results.json")))
-  assert results["workload"] == "digits-cnn" and results["quick"] is True
+  # The default workload: the scikit-learn model cascade (--quick: 2,400 test requests).
+  assert results["workload"] == "sklearn-cascade-6class" and results["quick"] is True
+  assert results["test_requests"] == 2400 and results["info"]["costs"] == "measured"
   rows = {r["policy"]: r for r in results["operating_points"]}
   assert set(rows) == set(compare.POLICIES)
   # The saved policy is the one cross-fitting chose on calibration, and its held-out
@@ -212,18 +216,32 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
   deployed, meta = tj.load_policy(os.path.join(d, "policy.npz"), with_metadata=True)
   selected = results["selected"]
   assert meta["user"]["chosen"] == selected["name"] and meta["lam"] == selected["solve_lam"]
-  # Which per-stage costs the policy was fitted on (the default: each stage timed alone).
   assert results["info"]["costs"] == meta["user"]["costs"] == "measured"
-  assert "costs: measured (the policies are fitted" in proc.stdout
-  assert "chosen by cross-fitting on the calibration split" in proc.stdout
   test = load_traces(os.path.join(d, "test_traces.npz"))
   ev = tj.evaluate(deployed, test, 0.5, num_resamples=10)
   assert float(ev.error) == pytest.approx(selected["test"]["error"], abs=1e-9)
   assert float(ev.cost_norm) == pytest.approx(selected["test"]["cost_norm"], abs=1e-9)
-  if selected["model_check"] is not None:
-    assert "modelled" in proc.stdout and "measured" in proc.stdout
+  # The answer comes first, right after the three header lines: the deployed policy
+  # against the best simple rule tuned on the same split, held out, with a sentence.
+  answer = results["answer"]
+  assert answer["deployed"]["name"] == selected["name"] and answer["mode"] == "tolerance"
+  assert answer["deployed"]["test"]["error"][0] == pytest.approx(selected["test"]["error"])
+  assert not answer["rule"]["ttamer"] and answer["verdict"] in ("better", "no better", "worse")
+  lines = proc.stdout.splitlines()
+  first = lines.index(next(l for l in lines if l.startswith("ttamer demo: ")))
+  assert lines[first + 4].startswith("The answer (held out; 95% intervals, paired bootstrap;")
+  assert f"  deployed (ttamer): {selected['name']}" in lines[first + 5]
+  verdict = next(l for l in lines if l.lstrip().startswith("=> "))
+  assert lines.index(verdict) < lines.index(next(l for l in lines if l.startswith("policy ")))
+  assert (answer["verdict"].capitalize() in verdict or "deploys that rule itself" in verdict)
+  # "(ttamer)" marks the deployed policy's family in the table, whatever family it is.
+  family = {"recall": "recall optimum", "no_recall": "no-recall optimum",
+            "confidence": "confidence threshold", "per_stage": "per-stage thresholds",
+            "patience": "patience", "fixed_exit": "fixed exit"}[selected["kind"]]
+  marked = [l for l in lines if "(ttamer)  " in l]
+  assert marked and all(l.startswith(family + " (ttamer)") for l in marked)
   # The heatmap shows the saved policy when it is a recall policy: its lam, and the optimum
-  # of the saved cascade there; else the recall family's operating point (8 states).
+  # of the saved cascade there; else the recall family's at its operating point (8 states).
   cascade = load_cascade(os.path.join(d, "cascade.npz"))
   assert 0 <= results["chosen_lam"] <= 1
   if isinstance(deployed.policy, tj.core.RecallPolicy):
@@ -232,20 +250,40 @@ def test_demo_writes_every_artefact_and_prints_the_comparison(world):
                                deployed.policy.index, rtol=1e-5)
   else:
     assert cascade.num_states == 8
+  # The compiled programs were kept in the cache the environment named.
+  assert os.listdir(os.path.join(world["cache"], "xla"))
+  report = open(os.path.join(d, "report.md")).read()
+  assert "## The answer\n\n```\nThe answer (held out" in report
+  assert "## Least held-out error within a latency budget" in report
+  assert "cost <= 25%" in proc.stdout and "mean error gap to the recall frontier" in proc.stdout
+
+
+def test_demo_on_the_digits_network_trains_serves_and_reports(world):
+  """The network path of the demo (--workload digits): trained into the cache, plain
+  progress lines on a pipe, the deployed policy served next to the full network."""
+  proc = _ok(world["runs"]["demo_digits"])
+  d = world["out"]("demo_digits")
+  results = json.load(open(os.path.join(d, "results.json")))
+  assert results["workload"] == "digits-cnn" and "pareto_plot" not in results["files"]
+  assert not any(name.endswith(".png") for name in os.listdir(d))
+  assert "costs: measured (the policies are fitted" in proc.stdout
+  assert "chosen by cross-fitting on the calibration split" in proc.stdout
+  assert results["answer"]["deployed"]["name"] == results["selected"]["name"]
+  served = results["selected"]["served"]
+  assert served["serve_seconds"] > 0 and served["full_seconds"] > 0
+  assert "Served on the test split" in proc.stdout
+  if results["selected"]["model_check"] is not None:
+    assert "modelled" in proc.stdout and "measured" in proc.stdout
   # The network was trained into the cache the environment named.
   assert "digits-cnn-seed0-steps150.npz" in os.listdir(world["cache"])
-  # ... and so were the compiled programs (a second demo loads instead of compiling).
-  assert os.listdir(os.path.join(world["cache"], "xla"))
   # stderr is a pipe, not a terminal: training progress is plain lines (step, ETA, loss),
   # never a bar redrawn with carriage returns.
   assert "\r" not in proc.stderr
   train = [l for l in proc.stderr.splitlines() if l.startswith("train EarlyExitCNN: ")]
   assert train and train[-1].startswith("train EarlyExitCNN: 150/150 (100%)") and "loss " in train[-1]
-  # The report shows where the fitted policies win: least error at each latency budget.
   report = open(os.path.join(d, "report.md")).read()
-  assert "## Least held-out error within a latency budget" in report
   assert "costs: measured (the policies are fitted" in report
-  assert "latency <= 25%" in proc.stdout and "mean error gap to the recall frontier" in proc.stdout
+  assert "latency <= 25%" in proc.stdout
 
 
 def test_fit_json_and_files(world):

@@ -154,3 +154,36 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
   with pytest.raises(RuntimeError):
     plotting.plot_pareto(_frontiers(), tmp_path / "p.png")
   assert os.listdir(tmp_path) == []
+
+
+def test_noise_bands_are_drawn_and_bound_the_paired_noise(tmp_path, figures):
+  """Issue 28 goal 5: with the number of requests, the gap panel shades each gap's 95% band
+  and the exit bars get 95% intervals; the band bounds the paired difference's noise."""
+  n = 2000
+  plotting.plot_pareto(_frontiers(), tmp_path / "p.png", num_requests=n)
+  gap = figures[-1].axes[1]
+  (band,) = [c for c in gap.collections if "noise band" in str(c.get_label())]
+  assert "2000 requests" in band.get_label()
+  # The band is +-Z95 sqrt((e_a + e_b) / N) around 0 (here e_a + e_b at the largest cost).
+  ys = band.get_paths()[0].vertices[:, 1]
+  e_sum = (0.3 - 0.2 * 1.0) + (0.25 - 0.2 * 1.0)
+  assert ys.min() <= -plotting.Z95 * np.sqrt(e_sum / n) + 1e-12
+  assert plotting.gap_noise(0.4, 100) == pytest.approx(1.959964 * np.sqrt(0.004))
+  # Var(l_a - l_b) <= e_a + e_b for losses in [0, 1] whatever their pairing: checked on 0/1
+  # losses that agree, disagree as much as possible, or are independent.
+  rng = np.random.default_rng(0)
+  for ea, eb in ((0.3, 0.25), (0.5, 0.5), (0.05, 0.6)):
+    u = rng.random(100000)
+    for a, b in ((u < ea, u < eb), (u < ea, u > 1 - eb), (u < ea, rng.random(u.size) < eb)):
+      d = a.astype(float) - b.astype(float)
+      assert d.var() <= a.mean() + b.mean() + 1e-12
+  # Exit histograms: each bar's 95% interval of a share of N requests.
+  stops = {"recall": [0.5, 0.3, 0.2], "patience": [0.1, 0.6, 0.3]}
+  plotting.plot_exit_histograms(stops, tmp_path / "e.png", num_requests=n)
+  top = figures[-1].axes[0]
+  (bars_r, bars_p) = [c for c in top.containers if hasattr(c, "errorbar") and c.errorbar]
+  segments = bars_r.errorbar.lines[2][0].get_segments()
+  half = [abs(s[1, 1] - s[0, 1]) / 2 for s in segments]
+  np.testing.assert_allclose(half, plotting.share_noise([0.5, 0.3, 0.2], n), rtol=1e-6)
+  np.testing.assert_allclose(plotting.share_noise(0.5, 100), 1.959964 * 0.05, rtol=1e-6)
+  assert "95% intervals" in top.texts[0].get_text()

@@ -46,11 +46,15 @@ def test_small_labels():
 
 def test_format_table_marks_the_best_deployable_policy():
   assert reports.format_table(POINTS, OBJECTIVES).splitlines() == [
-      "policy                   setting  latency  error  J(0.50)  J(0.90)",
-      "-----------------------  -------  -------  -----  -------  -------",
-      "recall optimum (ttamer)  lam=0.5    25.0%  10.0%  0.2000<  0.4000",
-      "confidence threshold     -              -      -  0.3000   0.3000<",
-      "hindsight oracle*        lam=0.2    10.0%   5.0%  0.1000   0.1000"]
+      "policy                setting  latency  error  J(0.50)  J(0.90)",
+      "--------------------  -------  -------  -----  -------  -------",
+      "recall optimum        lam=0.5    25.0%  10.0%  0.2000<  0.4000",
+      "confidence threshold  -              -      -  0.3000   0.3000<",
+      "hindsight oracle*     lam=0.2    10.0%   5.0%  0.1000   0.1000"]
+  # "(ttamer)" marks the family of the deployed policy, whatever family it is.
+  marked = reports.format_table(POINTS, OBJECTIVES, deployed="confidence").splitlines()
+  assert marked[2].startswith("recall optimum   ") and "(ttamer)" not in marked[2]
+  assert marked[3].startswith("confidence threshold (ttamer)  -")
 
 
 def test_table_legend():
@@ -63,10 +67,12 @@ def test_table_legend():
   assert text.splitlines()[2] == ("-: no setting of that family is within 2 points of the full "
                                   "model's error on calibration (see the budget table for what "
                                   "it reaches).")
+  marked = reports.table_legend(0.02, FULL_ERROR, "latency", POINTS, deployed="no_recall")
+  assert marked.splitlines()[3].startswith("(ttamer): the family of the policy ttamer deploys")
 
 
 def test_budget_table_legend_and_gaps():
-  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency").splitlines() == [
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency", "recall").splitlines() == [
       "policy                   latency <= 10%  latency <= 50%",
       "-----------------------  --------------  --------------",
       "recall optimum (ttamer)              -           10.0%<",
@@ -221,7 +227,9 @@ def demo_result():
                 fitted=dict(score="max_softmax"),
                 info=dict(loaded=False, train_seconds=20.4, test_accuracy=[0.9, 0.95],
                           stage_cost_share=[0.3, 0.7]),
-                selected=dict(name="recall[x]", ttamer=True, solve_lam=0.8, tolerance_met=True,
+                answer=None,
+                selected=dict(name="recall[x]", kind="recall", ttamer=True, solve_lam=0.8,
+                              tolerance_met=True,
                               cross_fitted=dict(error=0.12, cost_norm=0.38),
                               test=dict(error=0.1, error_ci=[0.09, 0.11], cost_norm=0.4,
                                         cost_norm_ci=[0.38, 0.42]),
@@ -244,8 +252,9 @@ def test_demo_text_and_report(demo_result):
   report = reports.demo_report(result, notes)
   assert report.startswith("# ttamer demo: digits-cnn, 2 exits\n\nnetwork trained")
   assert "no_recall +0.0100, confidence -0.0020." in report
-  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency") in report
-  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency") in text
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency", "recall") in report
+  assert reports.format_budgets(AT_BUDGETS, BUDGETS, "latency", "recall") in text
+  assert "| recall (ttamer) | 0.5000 |" in report
   assert reports.gaps_line(result["frontier_gaps"], "latency") in text
   assert "## The deployed policy\n\npolicy.npz: recall[x], chosen by cross-fitting" in report
   assert "Measured on the test split: error 10.0% [9.0%, 11.0%], cost 40.0%" in report
@@ -290,3 +299,68 @@ def test_demo_reports_the_deployed_policys_served_wall_time(demo_result):
           "97.0% served, 97.5% at the last exit.")
   assert line in reports.demo_report(result, notes) and line in reports.demo_text(result, notes)
   assert "Served on the test split" not in reports.demo_report(*demo_result)  # no network
+
+
+def _answer(diff_error, diff_cost, diff_j, mode="tolerance", same=False, best=None):
+  t = lambda v: [v, v - 0.01, v + 0.01]
+  side = dict(error=t(0.2), cost_norm=t(0.5), objective=t(0.3))
+  return dict(lam=0.9, mode=mode, tolerance=0.01 if mode == "tolerance" else None, level=0.95,
+              deployed=dict(name="no_recall[x]", ttamer=True, kind="no_recall", param=0.9,
+                            test=side),
+              rule=dict(name="confidence(max_softmax)", ttamer=False, kind="confidence",
+                        param=0.75, test=side),
+              diff=dict(error=diff_error, cost_norm=diff_cost, objective=diff_j),
+              verdict=None, same=same, best_ttamer=best)
+
+
+def test_verdict_of_paired_differences():
+  from ttamer_jax.app.compare import verdict
+  zero = [0.0, -0.01, 0.01]
+  # tolerance mode: the cost decides, the error must stay within the tolerance
+  assert verdict(dict(error=zero, cost_norm=[-0.3, -0.31, -0.29], objective=zero), 0.01) == "better"
+  assert verdict(dict(error=[0.02, 0.015, 0.03], cost_norm=[-0.3, -0.31, -0.29], objective=zero),
+                 0.01) == "worse"       # cheaper, but beyond the tolerance for certain
+  assert verdict(dict(error=[0.005, -0.002, 0.012], cost_norm=[-0.3, -0.31, -0.29],
+                      objective=zero), 0.01) == "no better"   # the error may exceed it
+  assert verdict(dict(error=zero, cost_norm=[-0.01, -0.03, 0.01], objective=zero), 0.01) == "no better"
+  assert verdict(dict(error=zero, cost_norm=[0.1, 0.05, 0.15], objective=zero), 0.01) == "worse"
+  # lam mode: J's interval
+  for j, word in (([-0.02, -0.03, -0.01], "better"), ([0.0, -0.01, 0.01], "no better"),
+                  ([0.02, 0.01, 0.03], "worse")):
+    assert verdict(dict(error=zero, cost_norm=zero, objective=j), None) == word
+
+
+def test_answer_lines_say_the_result_in_a_sentence():
+  a = _answer([-0.006, -0.012, 0.0], [-0.301, -0.309, -0.295], [-0.04, -0.05, -0.03])
+  a["verdict"] = "better"
+  lines = reports.answer_lines(a)
+  assert lines[0].startswith("The answer (held out; 95% intervals, paired bootstrap;")
+  assert lines[1] == "  deployed (ttamer): no_recall[x] (T-Tamer: the exact optimum of a fitted model)"
+  assert lines[2] == ("    error 20.0% [19.0%, 21.0%], cost 50.0% [49.0%, 51.0%] of every exit, "
+                      "J(0.9) 0.3000 [0.2900, 0.3100]")
+  assert lines[3] == ("  best simple rule tuned on the same calibration split: confidence(max_softmax)"
+                      " at the 75% quantile of the calibration scores")
+  assert lines[5] == ("  deployed - rule: error -0.6 points [-1.2, +0.0], cost -30.1 points "
+                      "[-30.9, -29.5], J -0.0400 [-0.0500, -0.0300]")
+  assert lines[6] == ("  => Better than confidence(max_softmax): 30.1 points less cost [29.5, 30.9], "
+                      "error -0.6 points [-1.2, +0.0] (the tolerance allows 1 point more).")
+  a["verdict"] = "no better"
+  a["diff"]["cost_norm"] = [-0.01, -0.03, 0.01]
+  assert reports.answer_lines(a)[-1] == (
+      "  => No better than confidence(max_softmax): the cost difference -1.0 points [-3.0, +1.0] "
+      "includes 0 (error -0.6 points [-1.2, +0.0]).")
+  lam = _answer([0.0] * 3, [0.0] * 3, [0.01, -0.002, 0.02], mode="lam")
+  lam["verdict"] = "no better"
+  assert reports.answer_lines(lam)[-1] == (
+      "  => No better than confidence(max_softmax): the difference in J(0.9) [-0.0020, +0.0200] "
+      "includes 0.")
+  # The rule deployed itself: said so, and the best T-Tamer design measured against it.
+  best = dict(name="recall[y]", ttamer=True, kind="recall", param=0.8, test=lam["deployed"]["test"],
+              diff=dict(error=[0.0] * 3, cost_norm=[0.0] * 3, objective=[-0.02, -0.03, -0.01]),
+              verdict="better")
+  same = _answer([0.0] * 3, [0.0] * 3, [0.0] * 3, mode="lam", same=True, best=best)
+  text = "\n".join(reports.answer_lines(same))
+  assert "=> ttamer deploys that rule itself: on cross-fitting no T-Tamer design was better by 3" in text
+  assert "the best T-Tamer design, recall[y], held out:" in text
+  assert text.endswith("Better than confidence(max_softmax) by 0.0200 in J(0.9) [-0.0300, -0.0100].")
+  assert reports.answer_lines(None)[0].startswith("(no simple rule among the candidates")

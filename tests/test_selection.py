@@ -316,3 +316,68 @@ def test_calibrator_newton_stops_at_convergence_with_the_optimum():
       hess = (x * (weights * q * (1 - q))[:, None]).T @ x + ridge + 1e-6 * np.eye(d)
       w = w - np.linalg.solve(hess, grad)
     np.testing.assert_allclose(got[k], w, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the demo's answer
+@pytest.mark.parametrize("lam", [0.8, None])
+def test_best_simple_rule_is_the_choice_among_the_rules_alone(lam):
+  """The baseline the demo compares with: what the selection deploys when only the rules
+  are candidates (same folds, same criterion), in lam and in tolerance mode."""
+  tr = _patience_world(1500, 11)
+  rules = [C("confidence", "max_softmax"), C("per_stage", "max_softmax"), C("patience"),
+           C("fixed_exit")]
+  kw = dict(tolerance=0.02) if lam is None else dict(lam=lam)
+  full = tj.fit_policy(tr, candidates=[C("recall", "max_softmax", 4)] + rules, num_resamples=50,
+                       **kw)
+  alone = tj.fit_policy(tr, candidates=rules, num_resamples=50, **kw)
+  assert S.best_simple_rule(full).candidate == alone.chosen.candidate
+  assert S.best_simple_rule(alone).candidate == alone.chosen.candidate
+  assert S.best_simple_rule(tj.fit_policy(tr, candidates=[C("recall", "max_softmax", 4)],
+                                          num_resamples=50, **kw)) is None
+
+
+def test_versus_best_rule_is_the_paired_held_out_difference():
+  """compare.versus_best_rule against an independent computation: both policies replayed on
+  the test traces, per-request differences, their means; intervals contain the means."""
+  from ttamer_jax.app import compare
+  c = tj.overthinking_cascade(4, 12)
+  cal = tj.workload_traces(jax.random.PRNGKey(8), c, 3000)
+  test = tj.workload_traces(jax.random.PRNGKey(9), c, 3000)
+  cands = [C("no_recall", "max_softmax", 8, answers="posterior"), C("confidence", "max_softmax"),
+           C("patience")]
+  sel = tj.fit_policy(cal, 0.9, candidates=cands, num_resamples=100)
+  assert sel.chosen.candidate == cands[0]
+  ans = compare.versus_best_rule(sel, test, lam=0.9, num_resamples=400)
+  rule = S.best_simple_rule(sel)
+  assert ans["rule"]["name"] == rule.name and not ans["same"] and ans["best_ttamer"] is None
+  full = float(test.full_cost())
+  a, b = tj.replay_traces(sel.deployed, test), tj.replay_traces(sel.refit_of(rule.candidate).deployed, test)
+  de = np.asarray(a.loss, np.float64) - np.asarray(b.loss, np.float64)
+  dc = (np.asarray(a.cost, np.float64) - np.asarray(b.cost, np.float64)) / full
+  np.testing.assert_allclose(ans["diff"]["error"][0], de.mean(), atol=1e-12)
+  np.testing.assert_allclose(ans["diff"]["cost_norm"][0], dc.mean(), rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(ans["diff"]["objective"][0], 0.9 * de.mean() + 0.1 * dc.mean(),
+                             rtol=1e-9, atol=1e-12)
+  ev = tj.evaluate(sel.deployed, test, 0.9)
+  np.testing.assert_allclose(ans["deployed"]["test"]["error"][0], float(ev.error), atol=1e-9)
+  np.testing.assert_allclose(ans["deployed"]["test"]["cost_norm"][0], float(ev.cost_norm), rtol=1e-6)
+  for side in (ans["deployed"]["test"], ans["rule"]["test"], ans["diff"]):
+    for v, lo, hi in side.values():
+      assert lo <= v <= hi
+  # The bootstrap interval of J's difference is about +-1.96 standard errors wide.
+  se = np.std(0.9 * de + 0.1 * dc, ddof=1) / np.sqrt(de.size)
+  _, lo, hi = ans["diff"]["objective"]
+  assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.2)
+  assert ans["verdict"] == compare.verdict(ans["diff"], None)
+  # The rule deployed itself (patience wins where scores are noise): the best T-Tamer
+  # design is measured against it instead.
+  cal, test = _patience_world(3000, 3), _patience_world(3000, 4)
+  sel = tj.fit_policy(cal, 0.9, candidates=[C("recall", "max_softmax", 4), C("patience"),
+                                            C("confidence", "max_softmax")], num_resamples=100)
+  assert sel.chosen.candidate == C("patience")
+  same = compare.versus_best_rule(sel, test, lam=0.9, num_resamples=100)
+  assert same["same"] and same["diff"]["objective"] == [0.0, 0.0, 0.0]
+  assert same["verdict"] == "no better" and same["rule"]["param"] == sel.refit_of(C("patience")).param
+  best = same["best_ttamer"]
+  assert best["name"] == "recall[max_softmax, 4 quantile states]"
+  assert best["verdict"] == "worse"   # on held-out traffic too, by its paired interval

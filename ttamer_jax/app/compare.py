@@ -20,7 +20,7 @@ from ttamer_jax.core.progress import progress_iter
 from ttamer_jax.data.discretise import PRIMARY_SCORE, trace_scores
 from ttamer_jax.data.fitting import FittedCascade, fit_cascade
 from ttamer_jax.data.traces import ExitTraces
-from ttamer_jax.evaluation import frontier, selection
+from ttamer_jax.evaluation import frontier, metrics, selection
 from ttamer_jax.evaluation.frontier import ReplaySweep
 
 POLICIES = ("recall", "no_recall", "confidence", "per_stage", "entropy", "patience",
@@ -255,3 +255,97 @@ def resolve_signals(traces: ExitTraces, score: str | None = None,
   for name in (score, confidence_score):
     trace_scores(traces, name)  # ValueError naming the missing signal
   return score, confidence_score, "entropy" if "entropy" in signals else None
+
+
+# ------------------------------------------------------------------ the answer
+def _held_out(policy, traces: ExitTraces) -> tuple[np.ndarray, np.ndarray]:
+  """Per-request ``(loss [N], cost share [N])`` of a deployed ``policy`` replayed on ``traces``."""
+  out = metrics.replay_traces(policy, traces)
+  return (np.asarray(out.loss, np.float64),
+          np.asarray(out.cost, np.float64) / float(traces.full_cost()))
+
+
+def _summary(loss: np.ndarray, cost: np.ndarray, lam: float, means: np.ndarray,
+             level: float) -> dict:
+  """Held-out error, cost share and ``J`` with intervals from resample means ``[R, 2]``."""
+  samples = np.stack([means[:, 0], means[:, 1], lam * means[:, 0] + (1 - lam) * means[:, 1]], 1)
+  ci = metrics.percentile_ci(samples, level)
+  value = [loss.mean(), cost.mean(), lam * loss.mean() + (1 - lam) * cost.mean()]
+  return {k: [float(v), float(lo), float(hi)]
+          for k, v, (lo, hi) in zip(("error", "cost_norm", "objective"), value, ci)}
+
+
+def verdict(diff: Mapping[str, list], tolerance: float | None) -> str:
+  """``"better"``, ``"no better"`` or ``"worse"`` from paired differences deployed - rule
+  (``[mean, lo, hi]`` of ``error``, ``cost_norm``, ``objective``): on ``J``'s interval
+  at a target ``lam``; in tolerance mode on the cost's, the error's staying within
+  ``tolerance`` of the rule's."""
+  if tolerance is None:
+    _, lo, hi = diff["objective"]
+    return "better" if hi < 0 else "worse" if lo > 0 else "no better"
+  _, lo, hi = diff["cost_norm"]
+  if hi < 0 and diff["error"][2] <= tolerance:
+    return "better"
+  if lo > 0 or diff["error"][1] > tolerance:
+    return "worse"
+  return "no better"
+
+
+def versus_best_rule(sel: selection.PolicySelection, test: ExitTraces, *, lam: float,
+                     key: Any = None, num_resamples: int = 1000, level: float = 0.95) -> dict:
+  """The demo's answer: the deployed policy against the best simple rule, held out.
+
+  The rule is the one ``sel`` would have deployed had only the simple rules been
+  candidates (:func:`~ttamer_jax.evaluation.selection.best_simple_rule`), refitted on
+  the same calibration split. Both are replayed on ``test``; the differences
+  (deployed - rule) are paired request by request, their intervals from one bootstrap.
+  When the selection deployed that rule itself, the best T-Tamer design (the highest
+  ranked) is measured against it too (``"best_ttamer"``), so the answer still says
+  what T-Tamer would have done.
+
+  Args:
+    sel: the selection whose policy is deployed.
+    test: held-out traces ``[N, n]``.
+    lam: weight of the error in the reported ``J = lam * error + (1 - lam) * cost``.
+    key, num_resamples, level: the paired bootstrap.
+
+  Returns:
+    A JSON-able dict: ``lam``, ``mode`` ("lam" / "tolerance"), ``tolerance``,
+    ``deployed`` and ``rule`` (``name``, ``ttamer``, ``kind``, ``param`` -- the solved
+    ``lam`` or the rule's parameter -- and ``test``: ``error``,
+    ``cost_norm``, ``objective`` as ``[value, lo, hi]``), ``diff`` (deployed - rule,
+    same keys), ``verdict`` (:func:`verdict`), ``same`` (the rule is the deployed
+    policy) and ``best_ttamer`` (``None`` unless ``same``: the same fields for the
+    best T-Tamer design against the rule), or ``None`` when ``sel`` scored no rule.
+  """
+  rule = selection.best_simple_rule(sel)
+  if rule is None:
+    return None
+  key = np.zeros(2, np.uint32) if key is None else key
+  same = rule.candidate == sel.chosen.candidate
+  others = [] if not same else [s for s in sel.scores if s.candidate.ttamer][:1]
+  names = [sel.chosen, rule] + others
+  refits = [None] + [sel.refit_of(s.candidate) for s in names[1:]]
+  policies = [sel.deployed] + [r.deployed for r in refits[1:]]
+  params = [sel.solve_lam if not same else refits[1].param] + [r.param for r in refits[1:]]
+  outcomes = [_held_out(p, test) for p in policies]
+  means = metrics.bootstrap_means(key, np.stack([c for o in outcomes for c in o], 1),
+                                  num_resamples).reshape(num_resamples, len(outcomes), 2)
+  summaries = [_summary(*o, lam, means[:, i], level) for i, o in enumerate(outcomes)]
+  tolerance = sel.tolerance if sel.lam is None else None
+
+  def against_rule(i):
+    d = [o - r for o, r in zip(outcomes[i], outcomes[1])]
+    out = _summary(*d, lam, means[:, i] - means[:, 1], level)
+    return out, verdict(out, tolerance)
+
+  described = lambda i: dict(name=names[i].name, ttamer=names[i].candidate.ttamer,
+                             kind=names[i].candidate.kind, param=params[i], test=summaries[i])
+  diff, word = against_rule(0)
+  best = None
+  if others:
+    best_diff, best_word = against_rule(2)
+    best = dict(described(2), diff=best_diff, verdict=best_word)
+  return dict(lam=float(lam), mode="lam" if sel.lam is not None else "tolerance",
+              tolerance=tolerance, level=level, deployed=described(0), rule=described(1),
+              diff=diff, verdict=word, same=same, best_ttamer=best)

@@ -36,6 +36,8 @@ _STYLE = {
 # LABELS (what each family is called) is shared with the text tables: reports.LABELS.
 # The families whose error gap to recall the Pareto plot's lower panel draws.
 GAP_FAMILIES = ("no_recall", "confidence")
+# Two-sided normal quantile of the 95% bands and error bars.
+Z95 = 1.959964
 # Image types suggested in messages (matplotlib writes more: see check_image_path).
 IMAGE_TYPES = (".png", ".pdf", ".svg")
 
@@ -87,14 +89,30 @@ def _front(cost, error):
 
 
 def _gap_curve(base, other):
-  """``(cost, error gap)`` of the staircase ``other - base`` over their common cost range."""
+  """``(cost, error gap, error sum)`` of the staircases ``other - base`` (and
+  ``other + base``) over their common cost range."""
   from ttamer_jax.evaluation.frontier import staircase
   bc, be = _front(base.cost_norm, base.error)
   oc, oe = _front(other.cost_norm, other.error)
   low, high = max(bc[0], oc[0]), max(bc[-1], oc[-1])
   cuts = np.unique(np.concatenate([[low, high], bc, oc]))
   cuts = cuts[(cuts >= low) & (cuts <= high)]
-  return cuts, staircase(oc, oe, cuts) - staircase(bc, be, cuts)
+  a, b = staircase(oc, oe, cuts), staircase(bc, be, cuts)
+  return cuts, a - b, a + b
+
+
+def gap_noise(error_sum: Any, num_requests: int) -> np.ndarray:
+  """Half-width of a conservative 95% band of the mean paired difference of two
+  policies' losses in ``[0, 1]`` on ``num_requests`` requests, from their mean
+  losses' sum ``e_a + e_b``: per request ``d^2 <= |d| <= l_a + l_b``, so
+  ``Var(d) <= e_a + e_b`` whatever the pairing (a gap outside it is more than noise)."""
+  return Z95 * np.sqrt(np.maximum(np.asarray(error_sum, np.float64), 0.0) / num_requests)
+
+
+def share_noise(share: Any, num_requests: int) -> np.ndarray:
+  """Half-width of the 95% normal interval of a share of ``num_requests`` requests."""
+  p = np.clip(np.asarray(share, np.float64), 0.0, 1.0)
+  return Z95 * np.sqrt(p * (1 - p) / num_requests)
 
 
 def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title: str = "",
@@ -102,7 +120,7 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
                 cost_label: str = "mean cost / cost of the full model",
                 full_error: float | None = None, tolerance: float = 0.01,
                 points: Mapping[str, Any] | None = None,
-                gaps: tuple = GAP_FAMILIES) -> str:
+                gaps: tuple = GAP_FAMILIES, num_requests: int | None = None) -> str:
   """Error vs normalised cost of every policy family, the recall frontier highlighted.
 
   The upper panel draws each family's Pareto staircase (its grid points that no
@@ -122,6 +140,9 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
     points: ``{name: (cost_norm, error)}`` operating points to mark (e.g. the
       settings chosen on calibration, measured on test); ``None`` entries skipped.
     gaps: the families whose gap to recall the lower panel draws.
+    num_requests: the requests the frontiers were measured on: the lower panel then
+      shades, around 0, each gap's conservative 95% noise band (:func:`gap_noise`, for
+      losses in ``[0, 1]``); a gap outside its band is a difference, not noise.
   """
   plt = _pyplot()
   gap_names = [g for g in gaps if g in frontiers and g != HIGHLIGHT] if HIGHLIGHT in frontiers else []
@@ -165,10 +186,15 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
     return _save(fig, path)
   gax.axhline(0.0, color="k", lw=0.8)
   for name in gap_names:
-    x, y = _gap_curve(frontiers[HIGHLIGHT], frontiers[name])
+    x, y, total = _gap_curve(frontiers[HIGHLIGHT], frontiers[name])
     style = _STYLE.get(name, {})
     gax.plot(x, y, drawstyle="steps-post", color=style.get("color"), lw=1.4,
              ls=style.get("ls", "-"), label=f"{LABELS.get(name, name)} - recall")
+    if num_requests:  # one grey band per gap (they nearly coincide), one legend entry
+      half = gap_noise(total, num_requests)
+      gax.fill_between(x, -half, half, step="post", color="0.5", alpha=0.12, lw=0,
+                       label=None if name != gap_names[0] else
+                       f"95% noise band of a gap\n(conservative; {num_requests} requests)")
   gax.set_xlabel(cost_label)
   gax.set_ylabel("error gap\nto recall")
   gax.grid(alpha=0.3)
@@ -176,6 +202,14 @@ def plot_pareto(frontiers: Mapping[str, Any], path: str | os.PathLike, *, title:
              title="above 0: recall more\naccurate at equal cost", title_fontsize=7.5,
              alignment="left")
   return _save(fig, path)
+
+
+def _error_bars(shares: np.ndarray, num_requests: int | None) -> dict:
+  """``bar()`` keywords of the shares' 95% intervals (none without ``num_requests``)."""
+  if not num_requests:
+    return {}
+  return dict(yerr=share_noise(shares, num_requests), error_kw=dict(lw=0.8, capsize=1.5,
+                                                                    ecolor="0.2"))
 
 
 def plot_index_heatmap(index: Any, path: str | os.PathLike, *, title: str = "dynamic index",
@@ -229,7 +263,8 @@ def plot_index_heatmap(index: Any, path: str | os.PathLike, *, title: str = "dyn
 
 def plot_exit_histograms(histograms: Mapping[str, Any], path: str | os.PathLike, *,
                          title: str = "where requests stop",
-                         recalled: Mapping[str, Any] | None = None) -> str:
+                         recalled: Mapping[str, Any] | None = None,
+                         num_requests: int | None = None) -> str:
   """Grouped bars: fraction of requests stopped after each exit, per policy.
 
   Args:
@@ -240,6 +275,8 @@ def plot_exit_histograms(histograms: Mapping[str, Any], path: str | os.PathLike,
       although a later exit was consulted (``ReplaySweep.recalled_histogram[i]``),
       drawn in a second panel: what recall does. A policy that answers with the last
       exit it consulted has no bar there; the legend gives each policy's total share.
+    num_requests: the requests the shares are of: each bar then gets its 95% interval
+      (:func:`share_noise`), so bars that differ by more than their noise show it.
   """
   plt = _pyplot()
   names = list(histograms)
@@ -254,7 +291,8 @@ def plot_exit_histograms(histograms: Mapping[str, Any], path: str | os.PathLike,
   top = axes[0, 0]
   for j, name in enumerate(names):
     h = np.asarray(histograms[name], np.float64)
-    top.bar(np.arange(h.shape[0]) + offset(j), h, width, label=LABELS.get(name, name), **style(name))
+    top.bar(np.arange(h.shape[0]) + offset(j), h, width, label=LABELS.get(name, name), **style(name),
+            **_error_bars(h, num_requests))
   top.set_ylabel("fraction stopped\nafter exit")
   top.set_ylim(0, 1.0)
   top.grid(axis="y", alpha=0.3)
@@ -269,7 +307,8 @@ def plot_exit_histograms(histograms: Mapping[str, Any], path: str | os.PathLike,
       total = float(h.sum())
       label = (f"{LABELS.get(name, name)}: {100 * total:.1f}%" if total > 0 else
                f"{LABELS.get(name, name)}: 0% (every answer from the last exit run)")
-      ax.bar(np.arange(n) + offset(j), h, width, label=label, **style(name))
+      ax.bar(np.arange(n) + offset(j), h, width, label=label, **style(name),
+             **_error_bars(h, num_requests))
     ax.set_ylabel("fraction answered by\nan EARLIER exit")
     ax.set_ylim(0, max(0.05, 1.25 * peak))
     if peak == 0:  # an empty panel is a result too: say it in words
@@ -281,5 +320,8 @@ def plot_exit_histograms(histograms: Mapping[str, Any], path: str | os.PathLike,
                  fontsize=9)
     ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
               title="share of requests", title_fontsize=7.5)
+  if num_requests:
+    top.text(1.01, 0.0, f"bars: 95% intervals\n({num_requests} requests)", transform=top.transAxes,
+             fontsize=7.5, va="bottom", color="0.3")
   axes[-1, 0].set_xticks(range(n), [f"exit {i}" for i in range(n)])
   return _save(fig, path)

@@ -35,11 +35,22 @@ class Run:
 
 # What each policy family is called in tables, legends and plots.
 LABELS = {
-    "recall": "recall optimum (ttamer)", "no_recall": "no-recall optimum",
+    "recall": "recall optimum", "no_recall": "no-recall optimum",
     "confidence": "confidence threshold", "per_stage": "per-stage thresholds",
     "entropy": "entropy threshold", "patience": "patience", "fixed_exit": "fixed exit",
     "hindsight": "hindsight oracle (not deployable)", "recall_agree": "recall, state x agreement",
 }
+
+
+# The mark of the family whose policy ttamer deploys (the demo's policy.npz).
+DEPLOYED_MARK = " (ttamer)"
+
+
+def row_label(name: str, deployed: str | None = None) -> str:
+  """A family's name in a text table: ``*`` for the oracle, :data:`DEPLOYED_MARK` on the
+  ``deployed`` family (a selection candidate's ``kind``)."""
+  return (LABELS.get(name, name).replace(" (not deployable)", "*")
+          + (DEPLOYED_MARK if name == deployed else ""))
 
 
 # ------------------------------------------------------------------ values
@@ -91,9 +102,11 @@ def setting_label(name: str, param) -> str:
 
 
 # ------------------------------------------------------------------ tables
-def format_table(points: list[dict], objectives: list[dict], cost_word: str = "latency") -> str:
+def format_table(points: list[dict], objectives: list[dict], cost_word: str = "latency",
+                 deployed: str | None = None) -> str:
   """Plain-text table: each family's operating point and held-out objectives (``-``: no
-  setting of the family within the tolerance, :func:`table_legend` says so)."""
+  setting of the family within the tolerance, :func:`table_legend` says so); the
+  ``deployed`` family's row is marked (:func:`row_label`)."""
   names = [r["policy"] for r in points]
   best = {}
   for row in objectives:  # best deployable value per lam (the oracle is not deployable)
@@ -102,8 +115,7 @@ def format_table(points: list[dict], objectives: list[dict], cost_word: str = "l
   rows = []
   for r in points:
     name = r["policy"]
-    label = LABELS.get(name, name).replace(" (not deployable)", "*")
-    cells = [label, setting_label(name, r["chosen_param"]), pct(r["chosen_cost"]),
+    cells = [row_label(name, deployed), setting_label(name, r["chosen_param"]), pct(r["chosen_cost"]),
              pct(r["chosen_error"])]
     for o in objectives:
       mark = "<" if name != "hindsight" and o[name] == best[o["lam"]] else " "
@@ -117,9 +129,9 @@ def format_table(points: list[dict], objectives: list[dict], cost_word: str = "l
 
 
 def table_legend(tolerance: float, full_error: Mapping[str, float], cost_word: str,
-                 points: list[dict] | None = None) -> str:
+                 points: list[dict] | None = None, deployed: str | None = None) -> str:
   """What the columns of :func:`format_table` mean (and its ``-`` cells, when the
-  operating ``points`` have any)."""
+  operating ``points`` have any; its mark, when a family is ``deployed``)."""
   dash = any(r["chosen_param"] is None for r in points or [])
   return (f"setting: cheapest grid point whose calibration error is within "
           f"{tolerance_text(tolerance)} of the full model's ({100 * full_error['calibration']:.2f}%); "
@@ -130,10 +142,14 @@ def table_legend(tolerance: float, full_error: Mapping[str, float], cost_word: s
           "*hindsight is the per-request oracle, not deployable."
           + (f"\n-: no setting of that family is within {tolerance_text(tolerance)} of the full "
              "model's error on calibration (see the budget table for what it reaches)."
-             if dash else ""))
+             if dash else "")
+          + (f"\n{DEPLOYED_MARK.strip()}: the family of the policy ttamer deploys (policy.npz, the "
+             "answer above); its row is the family's own operating point, with the table's "
+             "states." if deployed else ""))
 
 
-def format_budgets(rows: list[dict], budgets: list[float], cost_word: str = "cost") -> str:
+def format_budgets(rows: list[dict], budgets: list[float], cost_word: str = "cost",
+                   deployed: str | None = None) -> str:
   """Plain-text table of :func:`~ttamer_jax.app.compare.errors_at_budgets`: each
   family's least held-out error at each cost budget; ``<`` marks the least deployable
   error per budget, ``-`` a family with no point at or below that budget."""
@@ -145,7 +161,7 @@ def format_budgets(rows: list[dict], budgets: list[float], cost_word: str = "cos
   lines = []
   for r in rows:
     name = r["policy"]
-    cells = [LABELS.get(name, name).replace(" (not deployable)", "*")]
+    cells = [row_label(name, deployed)]
     for j, e in enumerate(r["error"]):
       mark = "<" if name != "hindsight" and e is not None and e == best[j] else " "
       cells.append(pct(e) + mark)
@@ -170,7 +186,7 @@ def gaps_line(gaps: Mapping[str, float], cost_word: str = "cost") -> str:
   """The mean error gap of each family to the recall frontier, as one line."""
   return (f"mean error gap to the recall frontier over the common {cost_word} range (positive: "
           "recall more accurate at equal cost): "
-          + ", ".join(f"{LABELS.get(k, k).replace(' (not deployable)', '*')} {v:+.4f}"
+          + ", ".join(f"{row_label(k)} {v:+.4f}"
                       for k, v in gaps.items()) + ".")
 
 
@@ -193,8 +209,9 @@ def _cell(v, pct_value=False):
 
 
 def format_operating_points(rows: list[dict], full_error: Mapping[str, float],
-                            tolerance: float = 0.01) -> str:
-  """Markdown table of :func:`~ttamer_jax.app.compare.operating_points`."""
+                            tolerance: float = 0.01, deployed: str | None = None) -> str:
+  """Markdown table of :func:`~ttamer_jax.app.compare.operating_points` (the ``deployed``
+  family marked)."""
   lines = [f"Full network: test error {100 * full_error['test']:.2f}% "
            f"(calibration {100 * full_error['calibration']:.2f}%); target: within "
            f"{100 * tolerance:.0f} point.",
@@ -203,7 +220,8 @@ def format_operating_points(rows: list[dict], full_error: Mapping[str, float],
            "test-frontier latency (optimistic) | its error |",
            "|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['policy']} | {_cell(r['chosen_param'])} | {_cell(r['chosen_cost'], True)} | "
+    mark = DEPLOYED_MARK if r["policy"] == deployed else ""
+    lines.append(f"| {r['policy']}{mark} | {_cell(r['chosen_param'])} | {_cell(r['chosen_cost'], True)} | "
                  f"{_cell(r['chosen_error'], True)} | {_cell(r['frontier_cost'], True)} | "
                  f"{_cell(r['frontier_error'], True)} |")
   if any(r["chosen_param"] is None or r["frontier_cost"] is None for r in rows):
@@ -382,14 +400,16 @@ def demo_report(result: Mapping, notes: Mapping) -> str:
   files = result["files"]
   header = demo_header(result, notes).split("\n")
   lines = [f"# ttamer demo: {result['workload']}, {notes['num_stages']} exits", "",
-           "  \n".join(header[1:]),
+           "  \n".join(header[1:]), "", "## The answer", "", "```",
+           *answer_lines(result.get("answer"), "latency"), "```",
            "", "## Latency to stay within the tolerance of the full network's accuracy", "",
            format_operating_points(result["operating_points"], result["full_error"],
-                                   notes["tolerance"]), "",
+                                   notes["tolerance"], result["selected"].get("kind")), "",
            "## Held-out objective lam * error + (1 - lam) * latency (setting tuned on calibration)",
            "", format_objectives(result["objectives"]), "",
            "## Least held-out error within a latency budget", "", "```",
-           format_budgets(result["errors_at_budgets"], result["budgets"], "latency"), "```", "",
+           format_budgets(result["errors_at_budgets"], result["budgets"], "latency",
+                          result["selected"].get("kind")), "```", "",
            budget_legend(result["errors_at_budgets"], "latency"), "",
            "Mean error gap to the recall frontier over the common latency range (positive: recall "
            "better): " + ", ".join(f"{k} {v:+.4f}" for k, v in result["frontier_gaps"].items()) + ".",
@@ -402,6 +422,96 @@ def demo_report(result: Mapping, notes: Mapping) -> str:
   lines.append(f"({result['seconds']:.0f} s; `ttamer demo"
                + (" --quick" if result["quick"] else "") + "`)")
   return "\n".join(lines) + "\n"
+
+
+def _points(v: float) -> str:
+  """A difference of shares in points: ``-0.268 -> "-26.8"``."""
+  return f"{100 * v:+.1f}"
+
+
+def _triple(name: str, t: list, as_points: bool = False) -> str:
+  """``error 32.4% [30.5%, 34.3%]`` (or in points, for differences)."""
+  f = _points if as_points else pct
+  unit = " points" if as_points else ""
+  return f"{name} {f(t[0])}{unit} [{f(t[1])}, {f(t[2])}]"
+
+
+def rule_setting(kind: str, param) -> str:
+  """A simple rule's tuned parameter as the selection grids it: the quantile level of
+  the calibration scores (thresholds), the patience, the exit."""
+  if param is None:
+    return ""
+  if kind in ("confidence", "per_stage"):
+    return f" at the {100 * param:.3g}% quantile of the calibration scores"
+  return f" (k={int(param)})" if kind == "patience" else f" (exit {int(param)})"
+
+
+def verdict_sentence(answer: Mapping, row: Mapping, diff: Mapping, word: str) -> str:
+  """The plain sentence of one comparison ``row`` - best simple rule."""
+  rule = answer["rule"]["name"]
+  if answer["mode"] == "lam":
+    d = diff["objective"]
+    ci = f"[{d[1]:+.4f}, {d[2]:+.4f}]"
+    if word == "better":
+      return f"Better than {rule} by {-d[0]:.4f} in J({answer['lam']:.3g}) {ci}."
+    if word == "worse":
+      return f"Worse than {rule} by {d[0]:.4f} in J({answer['lam']:.3g}) {ci}."
+    return f"No better than {rule}: the difference in J({answer['lam']:.3g}) {ci} includes 0."
+  cost, err = diff["cost_norm"], diff["error"]
+  tol = tolerance_text(answer["tolerance"])
+  errors = f"error {_points(err[0])} points [{_points(err[1])}, {_points(err[2])}]"
+  if word == "better":
+    return (f"Better than {rule}: {-100 * cost[0]:.1f} points less cost "
+            f"[{-100 * cost[2]:.1f}, {-100 * cost[1]:.1f}], {errors} (the tolerance allows "
+            f"{tol} more).")
+  if word == "worse":
+    why = (f"{100 * cost[0]:.1f} points more cost [{_points(cost[1])}, {_points(cost[2])}]"
+           if cost[1] > 0 else f"its {errors} may exceed the rule's by more than {tol}")
+    return f"Worse than {rule}: {why}."
+  return (f"No better than {rule}: the cost difference {_points(cost[0])} points "
+          f"[{_points(cost[1])}, {_points(cost[2])}] includes 0 ({errors}).")
+
+
+def answer_lines(answer: Mapping | None, cost_word: str = "cost") -> list[str]:
+  """The demo's answer, first: the deployed policy held out, the best simple rule tuned
+  on the same calibration split, their paired difference and a plain sentence
+  (:func:`~ttamer_jax.app.compare.versus_best_rule`)."""
+  if answer is None:
+    return ["(no simple rule among the candidates: nothing to compare the deployed policy with)"]
+  lam = answer["lam"]
+  level = f"{100 * answer['level']:g}%"
+
+  def measured(t):
+    return (f"{_triple('error', t['error'])}, {_triple(cost_word, t['cost_norm'])} of every exit, "
+            f"J({lam:.3g}) {t['objective'][0]:.4f} [{t['objective'][1]:.4f}, {t['objective'][2]:.4f}]")
+
+  def differences(d):
+    return (f"{_triple('error', d['error'], True)}, {_triple(cost_word, d['cost_norm'], True)}, "
+            f"J {d['objective'][0]:+.4f} [{d['objective'][1]:+.4f}, {d['objective'][2]:+.4f}]")
+
+  dep, rule = answer["deployed"], answer["rule"]
+  what = "T-Tamer: the exact optimum of a fitted model" if dep["ttamer"] else "a simple rule"
+  lines = [f"The answer (held out; {level} intervals, paired bootstrap; J = lam * error + "
+           f"(1 - lam) * {cost_word}, lam = {lam:.3g}):",
+           f"  deployed (ttamer): {dep['name']} ({what})",
+           f"    {measured(dep['test'])}",
+           f"  best simple rule tuned on the same calibration split: {rule['name']}"
+           f"{rule_setting(rule['kind'], rule['param'])}",
+           f"    {measured(rule['test'])}"]
+  if not answer["same"]:
+    lines += [f"  deployed - rule: {differences(answer['diff'])}",
+              "  => " + verdict_sentence(answer, dep, answer["diff"], answer["verdict"])]
+    return lines
+  how = ("cheaper within the tolerance" if answer["mode"] == "tolerance"
+         else "better by 3 paired standard errors")
+  lines.append(f"  => ttamer deploys that rule itself: on cross-fitting no T-Tamer design was {how}.")
+  best = answer["best_ttamer"]
+  if best is not None:
+    lines += [f"  the best T-Tamer design, {best['name']}, held out:",
+              f"    {measured(best['test'])}",
+              f"    minus the rule: {differences(best['diff'])}",
+              "    " + verdict_sentence(answer, best, best["diff"], best["verdict"])]
+  return lines
 
 
 def selected_lines(sel: Mapping, policy_file: str) -> list[str]:
@@ -439,11 +549,12 @@ def demo_text(result: Mapping, notes: Mapping) -> str:
   files = result["files"]
   cost_word = "latency" if notes["trained"] else "cost"
   q = lambda p: p if " " not in p else f'"{p}"'
-  lines = [demo_header(result, notes), "", format_table(result["operating_points"],
-                                                        result["objectives"], cost_word), "",
+  deployed = result["selected"].get("kind")
+  lines = [demo_header(result, notes), "", *answer_lines(result.get("answer"), cost_word), "",
+           format_table(result["operating_points"], result["objectives"], cost_word, deployed), "",
            table_legend(notes["tolerance"], result["full_error"], cost_word,
-                        result["operating_points"]), "",
-           format_budgets(result["errors_at_budgets"], result["budgets"], cost_word), "",
+                        result["operating_points"], deployed), "",
+           format_budgets(result["errors_at_budgets"], result["budgets"], cost_word, deployed), "",
            budget_legend(result["errors_at_budgets"], cost_word), "",
            gaps_line(result["frontier_gaps"], cost_word), "",
            *selected_lines(result["selected"], "policy.npz"),

@@ -520,12 +520,8 @@ def select(traces: ExitTraces, point: "OperatingPoint", *, folds: int = 5,
     chosen = one_se_choice(scores)
     order = sorted(scores, key=lambda s: s.objective)
   else:
-    ok = [s for s in scores if s.error <= reference + tolerance]
-    met = bool(ok)
-    if ok:
-      chosen = min(ok, key=lambda s: (s.cost_norm, not s.candidate.ttamer, s.error))
-    else:
-      chosen = min(scores, key=lambda s: (s.error, s.cost_norm))
+    chosen, met = cheapest_within_tolerance(scores, reference, tolerance)
+    if not met:
       notes.append(f"no candidate reaches the tolerance: the least cross-fitted error is "
                    f"{chosen.error:.4f}, the last exit's {reference:.4f} + tolerance "
                    f"{tolerance:g}; returning the most accurate validated policy")
@@ -614,6 +610,31 @@ def _model_check_of(score: CandidateScore, columns, resample_means, pred, lam: f
 
 # Simplicity of the simple rules (fewest fitted parameters first).
 RULE_ORDER = ("fixed_exit", "confidence", "patience", "per_stage")
+
+
+def cheapest_within_tolerance(scores: Sequence[CandidateScore], reference: float,
+                              tolerance: float) -> tuple[CandidateScore, bool]:
+  """Tolerance mode's choice: ``(the least cross-fitted cost whose cross-fitted error is
+  within tolerance of reference (ties: a T-Tamer design, then less error), True)``, or
+  ``(the most accurate, False)`` when none is."""
+  ok = [s for s in scores if s.error <= reference + tolerance]
+  if ok:
+    return min(ok, key=lambda s: (s.cost_norm, not s.candidate.ttamer, s.error)), True
+  return min(scores, key=lambda s: (s.error, s.cost_norm)), False
+
+
+def best_simple_rule(sel: PolicySelection) -> CandidateScore | None:
+  """The simple rule ``sel`` would have deployed had only the rules been candidates:
+  least cross-fitted ``J`` among them (``lam`` mode), or tolerance mode's choice among
+  them; ``None`` without rules. Deploy it with ``sel.refit_of(rule.candidate)`` -- the
+  baseline a careful user of thresholds would have tuned on the same calibration split.
+  """
+  rules = [s for s in sel.scores if not s.candidate.ttamer]
+  if not rules:
+    return None
+  if sel.lam is not None:
+    return min(rules, key=lambda s: s.objective)
+  return cheapest_within_tolerance(rules, sel.reference_error, sel.tolerance)[0]
 
 
 def simplicity(candidate: Candidate) -> tuple:
