@@ -2,6 +2,7 @@
 comparison -> operating points."""
 
 import os
+import pathlib
 import re
 
 import numpy as np
@@ -20,9 +21,10 @@ def synthetic():
 
 
 @pytest.fixture(scope="module")
-def digits_cache(tmp_path_factory):
-  """One checkpoint cache for this module's digits tests: the network is trained once."""
-  return tmp_path_factory.mktemp("digits_cache")
+def digits_cache(ttamer_cache):
+  """The run's checkpoint cache (conftest.py): the quick digits network is trained once per
+  run, by whichever of this module, the CLI's demo and the notebooks comes first."""
+  return pathlib.Path(ttamer_cache)
 
 
 def test_hindsight_sweep_matches_the_oracle_policy_replay(synthetic):
