@@ -349,6 +349,20 @@ def test_answer_lines_say_the_result_in_a_sentence():
   assert reports.answer_lines(a)[-1] == (
       "  => No better than confidence(max_softmax): the cost difference -1.0 points [-3.0, +1.0] "
       "includes 0 (error -0.6 points [-1.2, +0.0]).")
+  a["diff"]["cost_norm"] = [-0.107, -0.131, -0.085]   # cheaper for certain, error maybe not
+  a["diff"]["error"] = [0.003, -0.011, 0.014]
+  assert reports.answer_lines(a)[-1] == (
+      "  => No better than confidence(max_softmax) for certain: 10.7 points less cost [8.5, 13.1], "
+      "but its error +0.3 points [-1.1, +1.4] may exceed the rule's by more than the 1 point of "
+      "tolerance (too few held-out requests to tell).")
+  a["verdict"] = "worse"
+  a["diff"]["error"] = [0.03, 0.015, 0.045]
+  assert reports.answer_lines(a)[-1] == (
+      "  => Worse than confidence(max_softmax): its error +3.0 points [+1.5, +4.5] exceeds the "
+      "rule's by more than 1 point.")
+  a["diff"]["cost_norm"] = [0.05, 0.02, 0.08]
+  assert reports.answer_lines(a)[-1] == (
+      "  => Worse than confidence(max_softmax): 5.0 points more cost [+2.0, +8.0].")
   lam = _answer([0.0] * 3, [0.0] * 3, [0.01, -0.002, 0.02], mode="lam")
   lam["verdict"] = "no better"
   assert reports.answer_lines(lam)[-1] == (

@@ -466,8 +466,12 @@ def verdict_sentence(answer: Mapping, row: Mapping, diff: Mapping, word: str) ->
             f"{tol} more).")
   if word == "worse":
     why = (f"{100 * cost[0]:.1f} points more cost [{_points(cost[1])}, {_points(cost[2])}]"
-           if cost[1] > 0 else f"its {errors} may exceed the rule's by more than {tol}")
+           if cost[1] > 0 else f"its {errors} exceeds the rule's by more than {tol}")
     return f"Worse than {rule}: {why}."
+  if cost[2] < 0:  # cheaper, but the error may be beyond the tolerance
+    return (f"No better than {rule} for certain: {-100 * cost[0]:.1f} points less cost "
+            f"[{-100 * cost[2]:.1f}, {-100 * cost[1]:.1f}], but its {errors} may exceed the rule's "
+            f"by more than the {tol} of tolerance (too few held-out requests to tell).")
   return (f"No better than {rule}: the cost difference {_points(cost[0])} points "
           f"[{_points(cost[1])}, {_points(cost[2])}] includes 0 ({errors}).")
 
