@@ -339,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default $TTAMER_CACHE or ~/.cache/ttamer_jax; '' disables)")
   demo_cmd.add_argument("--out", default="ttamer_demo_out", help="output folder (default ./ttamer_demo_out)")
   demo_cmd.add_argument("--quick", action="store_true",
-                    help="train a tenth of the steps and serve with two bucket sizes (a smoke run; "
-                         "worse network)")
+                    help="a smoke run: a third of the requests (sklearn; synthetic: a tenth), or "
+                         "a tenth of the training steps and two serving bucket sizes (networks: "
+                         "a worse network)")
   demo_cmd.add_argument("--workload", default=demo.DEFAULT_WORKLOAD, choices=tuple(demo.WORKLOADS),
                     help=f"built-in workload (default {demo.DEFAULT_WORKLOAD}: a cascade of five "
                          "scikit-learn models; digits, sequences, mnist1d: early-exit networks; "

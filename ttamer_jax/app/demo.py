@@ -236,7 +236,8 @@ def prepare(workload: str, *, seed: int = 0, cache_dir: str | None = None, quick
     seed: seed of the split, the network and the training.
     cache_dir: where trained checkpoints are kept (default
       :func:`default_cache_dir`; ``""`` disables caching).
-    quick: train a tenth of the steps (tests, notebooks in a hurry).
+    quick: a smoke run (tests, notebooks in a hurry): a network trains a tenth of the
+      steps; ``sklearn`` generates a third of the requests, ``synthetic`` a tenth.
     progress: show the training progress bar.
     costs: per-stage costs of both splits (:data:`COST_OPTIONS`): ``"measured"``,
       each stage timed alone (:func:`~ttamer_jax.networks.profiling.collect_traces`);
