@@ -446,8 +446,9 @@ def rule_setting(kind: str, param) -> str:
   return f" (k={int(param)})" if kind == "patience" else f" (exit {int(param)})"
 
 
-def verdict_sentence(answer: Mapping, row: Mapping, diff: Mapping, word: str) -> str:
-  """The plain sentence of one comparison ``row`` - best simple rule."""
+def verdict_sentence(answer: Mapping, diff: Mapping, word: str) -> str:
+  """The plain sentence of one comparison (its paired ``diff`` to the best simple rule
+  and its ``word``, :func:`~ttamer_jax.app.compare.verdict`)."""
   rule = answer["rule"]["name"]
   if answer["mode"] == "lam":
     d = diff["objective"]
@@ -504,7 +505,7 @@ def answer_lines(answer: Mapping | None, cost_word: str = "cost") -> list[str]:
            f"    {measured(rule['test'])}"]
   if not answer["same"]:
     lines += [f"  deployed - rule: {differences(answer['diff'])}",
-              "  => " + verdict_sentence(answer, dep, answer["diff"], answer["verdict"])]
+              "  => " + verdict_sentence(answer, answer["diff"], answer["verdict"])]
     return lines
   how = ("cheaper within the tolerance" if answer["mode"] == "tolerance"
          else "better by 3 paired standard errors")
@@ -514,7 +515,7 @@ def answer_lines(answer: Mapping | None, cost_word: str = "cost") -> list[str]:
     lines += [f"  the best T-Tamer design, {best['name']}, held out:",
               f"    {measured(best['test'])}",
               f"    minus the rule: {differences(best['diff'])}",
-              "    " + verdict_sentence(answer, best, best["diff"], best["verdict"])]
+              "    " + verdict_sentence(answer, best["diff"], best["verdict"])]
   return lines
 
 
